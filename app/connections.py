@@ -1,0 +1,59 @@
+"""Opening and probing the two backing servers. Apps call these from their lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Literal
+
+import asyncpg
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from app.settings import Settings
+
+#: How long a readiness probe waits for each server.
+PROBE_TIMEOUT_S = 1.0
+
+Status = Literal["ok", "unavailable"]
+
+
+async def open_pool(settings: Settings, *, connect_timeout: float = 5.0) -> asyncpg.Pool:
+    """A PostgreSQL pool. It opens lazily (min_size=0) so a process can start, and answer
+    /readyz with 503, while PostgreSQL is down."""
+    pool = await asyncpg.create_pool(
+        settings.require_database(),
+        min_size=0,
+        max_size=settings.db_pool_size,
+        timeout=connect_timeout,
+        command_timeout=10,
+    )
+    assert pool is not None
+    return pool
+
+
+def open_redis(settings: Settings) -> aioredis.Redis:
+    """A Redis client (connections open on first use; redis-py reconnects by itself)."""
+    return aioredis.Redis.from_url(
+        settings.require_redis(),
+        socket_connect_timeout=1.0,
+        socket_timeout=2.0,
+        health_check_interval=10,
+    )
+
+
+async def probe_postgres(pool: asyncpg.Pool) -> Status:
+    try:
+        async with asyncio.timeout(PROBE_TIMEOUT_S):
+            await pool.fetchval("SELECT 1")
+        return "ok"
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        return "unavailable"
+
+
+async def probe_redis(client: aioredis.Redis) -> Status:
+    try:
+        async with asyncio.timeout(PROBE_TIMEOUT_S):
+            await client.ping()
+        return "ok"
+    except (OSError, TimeoutError, redis.exceptions.RedisError):
+        return "unavailable"

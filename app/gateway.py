@@ -1,0 +1,55 @@
+"""The gateway ASGI app: holds viewer connections and pushes each site's live events."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import asyncpg
+import redis.asyncio as aioredis
+from fastapi import FastAPI, Request
+from prometheus_client import CollectorRegistry
+
+from app.connections import Status, open_pool, open_redis, probe_postgres, probe_redis
+from app.health import Checks, health_router
+from app.settings import Settings
+
+
+@dataclass(slots=True)
+class GatewayState:
+    settings: Settings
+    pool: asyncpg.Pool
+    redis: aioredis.Redis
+
+    async def checks(self) -> dict[str, Status]:
+        return {"postgres": await probe_postgres(self.pool), "redis": await probe_redis(self.redis)}
+
+
+def create_app(settings: Settings) -> FastAPI:
+    registry = CollectorRegistry()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pool = await open_pool(settings)
+        client = open_redis(settings)
+        app.state.gateway = GatewayState(settings, pool, client)
+        try:
+            yield
+        finally:
+            await client.aclose()
+            await pool.close()
+
+    app = FastAPI(title="Sitewire gateway", lifespan=lifespan)
+
+    def checks() -> Checks:
+        state: GatewayState = app.state.gateway
+        return state.checks
+
+    app.include_router(health_router("gateway", checks, frozenset({"redis"}), registry))
+    return app
+
+
+def state_of(request: Request) -> GatewayState:
+    state: GatewayState = request.app.state.gateway
+    return state

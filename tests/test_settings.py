@@ -1,0 +1,69 @@
+import ipaddress
+import os
+import subprocess
+import sys
+
+import pytest
+
+from app.errors import SettingsError
+from app.settings import Settings
+
+
+def test_defaults_without_environment() -> None:
+    s = Settings.from_env({})
+    assert s.database_url is None and s.redis_url is None
+    assert s.key_prefix == "sw"
+    assert s.max_batch_events == 100
+
+
+def test_values_are_parsed() -> None:
+    s = Settings.from_env(
+        {
+            "DATABASE_URL": "postgresql://u@h/db",
+            "REDIS_URL": "redis://h:1/0",
+            "SITEWIRE_KEY_PREFIX": "prod-eu",
+            "SITEWIRE_SECRET": "s" * 40,
+            "SITEWIRE_COMMIT_MAX_DELAY_MS": "5.5",
+            "SITEWIRE_TRUSTED_PROXIES": "10.0.0.0/8, 127.0.0.1",
+            "SITEWIRE_LOG_LEVEL": "debug",
+        }
+    )
+    assert s.key_prefix == "prod-eu"
+    assert s.commit_max_delay_ms == 5.5
+    assert ipaddress.ip_address("10.1.2.3") in s.trusted_proxies[0]
+    assert s.log_level == "DEBUG"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "fragment"),
+    [
+        ("DATABASE_URL", "mysql://x", "must start with"),
+        ("REDIS_URL", "http://x", "must start with"),
+        ("SITEWIRE_KEY_PREFIX", "a:b*", "letters, digits"),
+        ("SITEWIRE_SECRET", "short", "at least 32"),
+        ("SITEWIRE_MAX_BATCH_EVENTS", "lots", "must be an integer"),
+        ("SITEWIRE_MAX_BATCH_EVENTS", "0", "at least 1"),
+        ("SITEWIRE_COMMIT_MAX_DELAY_MS", "-1", "at least 0"),
+        ("SITEWIRE_TRUSTED_PROXIES", "10.0.0.0/8,nope", "'nope' is not an IP"),
+        ("SITEWIRE_LOG_LEVEL", "LOUD", "must be DEBUG"),
+    ],
+)
+def test_bad_value_names_the_variable(variable: str, value: str, fragment: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({variable: value})
+    assert info.value.variable == variable
+    assert str(info.value).startswith(variable)
+    assert fragment in str(info.value)
+
+
+def test_cli_fails_fast_with_the_variable_name() -> None:
+    env = {**os.environ, "DATABASE_URL": "postgresql://x/y", "SITEWIRE_RATE_IP_PER_MIN": "many"}
+    result = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "ingest"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "SITEWIRE_RATE_IP_PER_MIN must be an integer" in result.stderr

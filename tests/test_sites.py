@@ -1,0 +1,86 @@
+import os
+import subprocess
+import sys
+
+import asyncpg
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from app.errors import InvalidSiteId
+from app.sites import SiteExists, create_site, get_site, is_valid_site_id, validate_site_id
+
+
+@pytest.mark.parametrize("site", ["example.com", "a.b-c.io", "x", "shop1.example.co.uk"])
+def test_valid_site_ids(site: str) -> None:
+    assert validate_site_id(site) == site
+
+
+@pytest.mark.parametrize(
+    "site",
+    [
+        "",
+        "Example.com",
+        "a*",
+        "a?b",
+        "[abc]",
+        "a:b",
+        "{a}",
+        "a b",
+        "-a.com",
+        "a-.com",
+        "a..b",
+        ".a",
+        "a/b",
+        "é.com",
+        "a" * 64 + ".com",
+        ("a." * 127) + "com",
+    ],
+)
+def test_invalid_site_ids(site: str) -> None:
+    with pytest.raises(InvalidSiteId):
+        validate_site_id(site)
+
+
+@given(st.text(max_size=80))
+def test_valid_ids_never_contain_pattern_or_key_characters(site: str) -> None:
+    if is_valid_site_id(site):
+        assert not set(site) & set("*?[]{}:\\ /")
+
+
+async def test_create_and_get(pool: asyncpg.Pool) -> None:
+    created = await create_site(pool, "create-test.example.org", ("www.other.org",))
+    assert created.next_offset == 1 and len(created.epoch) == 8
+    fetched = await get_site(pool, "create-test.example.org")
+    assert fetched == created
+    with pytest.raises(SiteExists):
+        await create_site(pool, "create-test.example.org")
+
+
+async def test_database_refuses_invalid_id_even_bypassing_python(pool: asyncpg.Pool) -> None:
+    with pytest.raises(asyncpg.CheckViolationError):
+        await pool.execute("INSERT INTO sites (id, epoch) VALUES ('a*b', 'e')")
+
+
+def _cli(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DATABASE_URL": database_url}
+    return subprocess.run(
+        [sys.executable, "-m", "workers.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_cli_create_and_list(database_url: str) -> None:
+    created = _cli(database_url, "sites", "create", "cli-site.example.net")
+    assert created.returncode == 0, created.stderr
+    assert "created site cli-site.example.net" in created.stdout
+    again = _cli(database_url, "sites", "create", "cli-site.example.net")
+    assert again.returncode == 1 and "already exists" in again.stderr
+    bad = _cli(database_url, "sites", "create", "Bad*Site")
+    assert bad.returncode == 2 and "invalid site id" in bad.stderr
+    listed = _cli(database_url, "sites", "list")
+    assert listed.returncode == 0 and "cli-site.example.net" in listed.stdout
+    assert "Bad*Site" not in listed.stdout

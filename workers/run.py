@@ -1,0 +1,171 @@
+"""`sitewire run`: the whole system on one machine, embedded servers by default.
+
+Starts PostgreSQL and Redis (embedded unless DATABASE_URL / REDIS_URL are set), migrates,
+registers a demo site, starts an ingest and a gateway process, optionally sends demo traffic,
+and stops everything it started on Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import asyncpg
+import httpx
+
+from app.migrate import migrate
+from app.settings import Settings
+from app.sites import SiteExists, create_site
+from workers.embedded import EmbeddedPostgres, EmbeddedRedis
+
+DEMO_SITE = "demo.sitewire.dev"
+DEMO_PATHS = ("/", "/pricing", "/blog/launch", "/docs", "/docs/api", "/signup")
+DEMO_REFERRERS = (None, "https://news.ycombinator.com/", "https://www.google.com/", None)
+
+
+class Stack:
+    def __init__(
+        self, settings: Settings, data_dir: str, ingest_port: int, gateway_port: int, demo: bool
+    ) -> None:
+        self.settings = settings
+        self.data_dir = Path(data_dir).resolve()
+        self.ingest_port = ingest_port
+        self.gateway_port = gateway_port
+        self.demo = demo
+        self._stoppers: list[EmbeddedPostgres | EmbeddedRedis] = []
+        self._children: list[subprocess.Popen[bytes]] = []
+
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            env = self._prepare()
+            self._start_children(env)
+            self._wait_ready()
+            self._banner()
+            asyncio.run(self._idle())
+        except KeyboardInterrupt:
+            print("\nstopping...", flush=True)
+        finally:
+            self._stop()
+
+    def _prepare(self) -> dict[str, str]:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        database_url = self.settings.database_url
+        if database_url is None:
+            print(f"starting embedded PostgreSQL in {self.data_dir / 'postgres'}", flush=True)
+            pg = EmbeddedPostgres(self.data_dir / "postgres")
+            self._stoppers.append(pg)
+            database_url = asyncio.run(_ensure_database(pg.dsn(), "sitewire"))
+        redis_url = self.settings.redis_url
+        if redis_url is None:
+            print(f"starting embedded Redis in {self.data_dir / 'redis'}", flush=True)
+            rd = EmbeddedRedis(self.data_dir / "redis")
+            self._stoppers.append(rd)
+            redis_url = rd.url
+        secret = self.settings.secret or self._stored_secret()
+        asyncio.run(_migrate_and_seed(database_url, self.demo))
+        env = dict(os.environ)
+        env.update(DATABASE_URL=database_url, REDIS_URL=redis_url, SITEWIRE_SECRET=secret)
+        return env
+
+    def _stored_secret(self) -> str:
+        path = self.data_dir / "secret"
+        if not path.exists():
+            path.write_text(secrets.token_urlsafe(32))
+            path.chmod(0o600)
+        return path.read_text().strip()
+
+    def _start_children(self, env: dict[str, str]) -> None:
+        for role, port in (("ingest", self.ingest_port), ("gateway", self.gateway_port)):
+            cmd = [sys.executable, "-m", "workers.cli", role, "--port", str(port)]
+            self._children.append(subprocess.Popen(cmd, env=env))
+
+    def _wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        for port in (self.ingest_port, self.gateway_port):
+            while True:
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                        break
+                if any(c.poll() is not None for c in self._children):
+                    raise SystemExit("a Sitewire process exited during start-up; see its log")
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"process on port {port} did not become ready")
+                time.sleep(0.2)
+
+    def _banner(self) -> None:
+        i, g = self.ingest_port, self.gateway_port
+        print(
+            "\nSitewire is running.\n"
+            f"  ingest   http://127.0.0.1:{i}  (POST /api/event, /readyz, /metrics)\n"
+            f"  gateway  http://127.0.0.1:{g}  (/readyz, /metrics)\n"
+            f"  demo site {DEMO_SITE}" + (" receiving demo traffic" if self.demo else "") + "\n"
+            "Press Ctrl-C to stop.\n",
+            flush=True,
+        )
+
+    async def _idle(self) -> None:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.ingest_port}") as client:
+            while all(c.poll() is None for c in self._children):
+                if self.demo:
+                    await _send_demo_event(client)
+                await asyncio.sleep(random.uniform(0.2, 1.0))
+        raise SystemExit("a Sitewire process exited; stopping the rest")
+
+    def _stop(self) -> None:
+        for child in self._children:
+            if child.poll() is None:
+                child.terminate()
+        for child in self._children:
+            try:
+                child.wait(15)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        for server in reversed(self._stoppers):
+            server.stop()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    # SIGTERM stops the stack the same way Ctrl-C does.
+    raise KeyboardInterrupt
+
+
+async def _ensure_database(admin_dsn: str, name: str) -> str:
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
+            await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return admin_dsn.replace("/postgres?", f"/{name}?", 1)
+
+
+async def _migrate_and_seed(dsn: str, demo: bool) -> None:
+    await migrate(dsn)
+    if demo:
+        conn = await asyncpg.connect(dsn)
+        try:
+            with contextlib.suppress(SiteExists):
+                await create_site(conn, DEMO_SITE)
+        finally:
+            await conn.close()
+
+
+async def _send_demo_event(client: httpx.AsyncClient) -> None:
+    event = {
+        "site": DEMO_SITE,
+        "name": random.choice(("pageview", "pageview", "pageview", "signup")),
+        "url": f"https://{DEMO_SITE}{random.choice(DEMO_PATHS)}",
+        "referrer": random.choice(DEMO_REFERRERS),
+    }
+    headers = {"User-Agent": "Mozilla/5.0 (X11; Linux x86_64) Firefox/130.0"}
+    with contextlib.suppress(httpx.HTTPError):
+        await client.post("/api/event", json=event, headers=headers)
