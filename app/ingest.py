@@ -1,19 +1,58 @@
-"""The ingest ASGI app: validates events, stores them durably, publishes them per site."""
+"""The ingest ASGI app: validates events, stores them durably, publishes them per site.
+
+Request path (docs/ingest.md): read a size-capped body -> validate (400) -> known site (404)
+-> allowed origin (403) -> bot check (202 dropped) -> rate limit (429) -> enrich -> group
+commit (202 only after COMMIT; 503 if PostgreSQL did not confirm) -> publish (best effort).
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import asyncpg
 import redis.asyncio as aioredis
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
 from prometheus_client import CollectorRegistry
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from uuid6 import uuid7
 
+from app import enrich
+from app.broker import Publisher
+from app.codes import ErrorCode
 from app.connections import Status, open_pool, open_redis, probe_postgres, probe_redis
+from app.errors import ApiError, StorageUnavailable
+from app.events import EventIn, check_media_type, decode_json, parse_batch, validate
 from app.health import Checks, health_router
+from app.metrics import IngestMetrics
+from app.names import Names
+from app.ratelimit import RateLimiter
+from app.responses import error_response, json_response
+from app.salts import SaltKeeper
 from app.settings import Settings
+from app.sites import Site, SiteCache
+from app.store import STORAGE_ERRORS, Committer, NewEvent, Outcome
+
+#: Response header naming why an event was dropped on purpose (still a 202).
+DROPPED_HEADER = "X-Sitewire-Dropped"
+#: Seconds a client should wait after a 503 before retrying.
+STORAGE_RETRY_AFTER = 2
+
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class Client:
+    """What ingest knows about the sender of one request. The IP never leaves this process."""
+
+    ip: str
+    user_agent: str
+    origin: str | None
 
 
 @dataclass(slots=True)
@@ -21,6 +60,12 @@ class IngestState:
     settings: Settings
     pool: asyncpg.Pool
     redis: aioredis.Redis
+    metrics: IngestMetrics
+    sites: SiteCache
+    salts: SaltKeeper
+    bots: enrich.BotDetector
+    limiter: RateLimiter
+    committer: Committer
 
     async def checks(self) -> dict[str, Status]:
         return {"postgres": await probe_postgres(self.pool), "redis": await probe_redis(self.redis)}
@@ -28,19 +73,41 @@ class IngestState:
 
 def create_app(settings: Settings) -> FastAPI:
     registry = CollectorRegistry()
+    metrics = IngestMetrics(registry)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        pool = await open_pool(settings)
+        pool = await open_pool(settings, connect_timeout=2.0)
         client = open_redis(settings)
-        app.state.ingest = IngestState(settings, pool, client)
+        names = Names(settings.key_prefix)
+        publisher = Publisher(client, names, settings.replay_window, metrics)
+        committer = Committer(
+            pool,
+            metrics,
+            max_events=settings.commit_max_events,
+            max_delay_s=settings.commit_max_delay_ms / 1000,
+            after_commit=publisher.publish,
+        )
+        app.state.ingest = IngestState(
+            settings=settings,
+            pool=pool,
+            redis=client,
+            metrics=metrics,
+            sites=SiteCache(pool),
+            salts=SaltKeeper(pool),
+            bots=enrich.BotDetector(),
+            limiter=RateLimiter(client, names, settings, metrics),
+            committer=committer,
+        )
+        committer.start()
         try:
             yield
         finally:
+            await committer.close()  # commit (and ack) what was accepted before stopping
             await client.aclose()
             await pool.close()
 
-    app = FastAPI(title="Sitewire ingest", lifespan=lifespan)
+    app = FastAPI(title="Sitewire ingest", lifespan=lifespan, docs_url=None, redoc_url=None)
 
     def checks() -> Checks:
         state: IngestState = app.state.ingest
@@ -48,4 +115,220 @@ def create_app(settings: Settings) -> FastAPI:
 
     # Ingest needs only PostgreSQL to acknowledge events; Redis is reported but optional.
     app.include_router(health_router("ingest", checks, frozenset({"postgres"}), registry))
+    _install_error_handlers(app, metrics)
+    _install_routes(app)
     return app
+
+
+def _install_error_handlers(app: FastAPI, metrics: IngestMetrics) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> Response:
+        metrics.rejected.labels(exc.code.code).inc()
+        return error_response(exc, _cors_headers(request))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        code = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}.get(
+            exc.status_code, ErrorCode.INVALID_REQUEST
+        )
+        return error_response(ApiError(code, str(exc.detail)))
+
+
+def _install_routes(app: FastAPI) -> None:
+    @app.post("/api/event", status_code=202)
+    async def post_event(request: Request) -> Response:
+        """One event. Body: a JSON object, sent as application/json or text/plain."""
+        state: IngestState = request.app.state.ingest
+        doc = await _read_json(request, state.settings.max_event_bytes)
+        event = validate(doc)
+        site = await _known_site(state, event.site)
+        client = _client(request, state.settings)
+        _check_origin(client, site)
+        headers = _cors_headers(request)
+        reason = state.bots.reason(client.user_agent)
+        if reason is not None:
+            state.metrics.dropped.labels(reason).inc()
+            return json_response(
+                {"ok": True, "dropped": reason}, 202, {**headers, DROPPED_HEADER: reason}
+            )
+        salt = await _salt(state)
+        await state.limiter.check(site.id, enrich.ip_key(salt, client.ip), 1)
+        [outcome] = await _store(state, [_enriched(event, client, salt)])
+        if outcome is None:
+            raise ApiError(ErrorCode.UNKNOWN_SITE, f"site {event.site} is not registered", "site")
+        body = {
+            "ok": True,
+            "id": str(outcome.event.event_id),
+            "cursor": f"{outcome.epoch}-{outcome.offset}",
+            "duplicate": outcome.duplicate,
+        }
+        return json_response(body, 202, headers)
+
+    @app.post("/api/events", status_code=202)
+    async def post_events(request: Request) -> Response:
+        """A batch: a JSON array of up to SITEWIRE_MAX_BATCH_EVENTS events, one result each."""
+        state: IngestState = request.app.state.ingest
+        doc = await _read_json(request, state.settings.max_batch_bytes)
+        items = parse_batch(doc, state.settings.max_batch_events)
+        client = _client(request, state.settings)
+        headers = _cors_headers(request)
+        reason = state.bots.reason(client.user_agent)
+        if reason is not None:
+            state.metrics.dropped.labels(reason).inc(len(items))
+            results: list[dict[str, Any]] = [{"status": 202, "dropped": reason}] * len(items)
+            return json_response({"results": results}, 202, {**headers, DROPPED_HEADER: reason})
+        return json_response({"results": await _store_batch(state, items, client)}, 202, headers)
+
+    @app.options("/api/event")
+    @app.options("/api/events")
+    async def preflight(request: Request) -> Response:
+        # The site is in the body, unknown at preflight: allow the method here and check the
+        # origin against the site's domains on the real request.
+        origin = request.headers.get("origin")
+        headers = {
+            "Access-Control-Allow-Methods": "POST",
+            "Access-Control-Allow-Headers": "Content-Type",
+            "Access-Control-Max-Age": "86400",
+            "Vary": "Origin",
+        }
+        if origin:
+            headers["Access-Control-Allow-Origin"] = origin
+        return Response(status_code=204, headers=headers)
+
+
+async def _store_batch(
+    state: IngestState, items: list[Any], client: Client
+) -> list[dict[str, Any]]:
+    """Validate each item on its own (one bad event never poisons the others), then store the
+    good ones in one submission."""
+    results: list[dict[str, Any] | None] = [None] * len(items)
+    good: list[tuple[int, EventIn]] = []
+    for i, item in enumerate(items):
+        try:
+            event = validate(item)
+            site = await _known_site(state, event.site)
+            _check_origin(client, site)
+            good.append((i, event))
+        except ApiError as exc:
+            state.metrics.rejected.labels(exc.code.code).inc()
+            results[i] = {"status": exc.code.status, **exc.body()}
+    if good:
+        salt = await _salt(state)
+        key = enrich.ip_key(salt, client.ip)
+        for site_id, count in Counter(e.site for _, e in good).items():
+            await state.limiter.check(site_id, key, count)
+        outcomes = await _store(state, [_enriched(e, client, salt) for _, e in good])
+        for (i, event), outcome in zip(good, outcomes, strict=True):
+            results[i] = _result(event, outcome)
+    return [r for r in results if r is not None]
+
+
+def _result(event: EventIn, outcome: Outcome) -> dict[str, Any]:
+    if outcome is None:
+        error = ApiError(ErrorCode.UNKNOWN_SITE, f"site {event.site} is not registered", "site")
+        return {"status": 404, **error.body()}
+    return {
+        "status": 202,
+        "id": str(outcome.event.event_id),
+        "cursor": f"{outcome.epoch}-{outcome.offset}",
+        "duplicate": outcome.duplicate,
+    }
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    """The body, refused before it is read in full when it is over `limit` bytes."""
+    check_media_type(request.headers.get("content-type"))
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise ApiError(ErrorCode.INVALID_REQUEST, "Content-Length is not a number")
+        if int(declared) > limit:
+            raise ApiError(ErrorCode.TOO_LARGE, f"body is over {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(ErrorCode.TOO_LARGE, f"body is over {limit} bytes")
+        chunks.append(chunk)
+    return decode_json(b"".join(chunks))
+
+
+async def _known_site(state: IngestState, site_id: str) -> Site:
+    site = await _guard_storage(state.sites.get(site_id))
+    if site is None:
+        raise ApiError(ErrorCode.UNKNOWN_SITE, f"site {site_id} is not registered", "site")
+    return site
+
+
+async def _salt(state: IngestState) -> bytes:
+    return await _guard_storage(state.salts.current())
+
+
+async def _store(state: IngestState, events: list[NewEvent]) -> list[Outcome]:
+    try:
+        return await state.committer.submit(events)
+    except StorageUnavailable:
+        raise _storage_unavailable() from None
+
+
+async def _guard_storage(step: Awaitable[T]) -> T:
+    try:
+        return await step
+    except STORAGE_ERRORS:
+        raise _storage_unavailable() from None
+
+
+def _storage_unavailable() -> ApiError:
+    return ApiError(
+        ErrorCode.STORAGE_UNAVAILABLE,
+        "storage is unavailable; the event was not stored, retry later",
+        retry_after=STORAGE_RETRY_AFTER,
+    )
+
+
+def _client(request: Request, settings: Settings) -> Client:
+    peer = request.client.host if request.client else None
+    return Client(
+        ip=enrich.client_ip(peer, request.headers.get("x-forwarded-for"), settings.trusted_proxies),
+        user_agent=request.headers.get("user-agent", "")[:1000],
+        origin=request.headers.get("origin"),
+    )
+
+
+def _check_origin(client: Client, site: Site) -> None:
+    """A browser page may post only for a site whose domains include the page's host.
+    Requests without an Origin (servers, curl, sendBeacon from old browsers) are allowed."""
+    if client.origin is None:
+        return
+    try:
+        host = urlsplit(client.origin).hostname
+    except ValueError:
+        host = None
+    if host is None or host.removeprefix("www.") not in site.origins_hosts:
+        raise ApiError(
+            ErrorCode.FORBIDDEN, f"origin {client.origin[:200]} may not post for {site.id}", "site"
+        )
+
+
+def _cors_headers(request: Request) -> dict[str, str]:
+    origin = request.headers.get("origin")
+    if not origin:
+        return {}
+    return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+
+
+def _enriched(event: EventIn, client: Client, salt: bytes) -> NewEvent:
+    return NewEvent(
+        site=event.site,
+        event_id=event.id or uuid7(),
+        name=event.name,
+        url=event.url,
+        path=event.path,
+        referrer=event.referrer,
+        referrer_host=event.referrer_host,
+        props=event.props,
+        visitor_id=enrich.visitor_id(salt, event.site, client.ip, client.user_agent),
+        device=enrich.device_class(client.user_agent),
+        ts=datetime.now(UTC),
+    )

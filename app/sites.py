@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import time
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -91,3 +92,28 @@ def _site(row: asyncpg.Record) -> Site:
         next_offset=row["next_offset"],
         created_at=row["created_at"],
     )
+
+
+class SiteCache:
+    """Read-through cache of the site registry for the ingest hot path.
+
+    Known sites are cached for `ttl` seconds, unknown ones for `negative_ttl` (short, so a
+    site registered a moment ago starts working quickly). Raises what asyncpg raises.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, ttl: float = 30.0, negative_ttl: float = 2.0) -> None:
+        self._pool = pool
+        self._ttl = ttl
+        self._negative_ttl = negative_ttl
+        self._entries: dict[str, tuple[float, Site | None]] = {}
+
+    async def get(self, site: str) -> Site | None:
+        now = time.monotonic()
+        hit = self._entries.get(site)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        found = await get_site(self._pool, site)
+        if len(self._entries) > 100_000:  # bounded: unknown ids come from the internet
+            self._entries.clear()
+        self._entries[site] = (now + (self._ttl if found else self._negative_ttl), found)
+        return found

@@ -49,6 +49,11 @@ class EmbeddedPostgres:
         uri: str = self._server.get_uri(database)
         return uri
 
+    @property
+    def pgdata(self) -> Path:
+        path: Path = self._server.pgdata
+        return path
+
     def stop(self) -> None:
         self._server.cleanup()
 
@@ -59,10 +64,16 @@ class EmbeddedRedis:
     def __init__(self, data_dir: Path, port: int | None = None, *, persist: bool = True) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
-        args = [str(redis_binary()), "--port", str(self.port), "--bind", "127.0.0.1"]
-        args += ["--dir", str(data_dir), "--save", "", "--daemonize", "no"]
-        args += ["--appendonly", "yes" if persist else "no", "--logfile", "redis.log"]
-        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._args = [str(redis_binary()), "--port", str(self.port), "--bind", "127.0.0.1"]
+        self._args += ["--dir", str(data_dir), "--save", "", "--daemonize", "no"]
+        self._args += ["--appendonly", "yes" if persist else "no", "--logfile", "redis.log"]
+        self.start()
+
+    def start(self) -> None:
+        """Start (or restart, on the same port) the server and wait until it answers."""
+        self._proc = subprocess.Popen(
+            self._args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         self._wait_ready()
 
     @property

@@ -1,0 +1,89 @@
+"""Server-side enrichment: client IP, bot detection, device class, cookieless visitor id.
+
+Privacy rules (docs/privacy.md): the raw IP is used only inside this process to compute a
+salted hash and is never stored, logged or published. The salt changes every UTC day and is
+deleted after 48 hours, so a visitor id cannot be linked across days.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from functools import lru_cache
+
+import user_agents
+from crawlerdetect import CrawlerDetect
+
+from app.settings import IPNetwork
+
+#: Automation that identifies itself but that crawler lists may miss.
+_AUTOMATION_MARKERS = ("headlesschrome", "phantomjs", "lighthouse", "puppeteer", "playwright")
+
+
+def client_ip(peer: str | None, forwarded_for: str | None, trusted: tuple[IPNetwork, ...]) -> str:
+    """The visitor's IP. X-Forwarded-For is believed only when the direct peer is a trusted
+    proxy; then the right-most address that is not itself a trusted proxy is the client."""
+    if peer is None:
+        return "0.0.0.0"
+    if not forwarded_for or not _is_trusted(peer, trusted):
+        return peer
+    for hop in reversed([h.strip() for h in forwarded_for.split(",")][:32]):
+        try:
+            ipaddress.ip_address(hop)
+        except ValueError:
+            return peer  # a garbled header: fall back to what we can see
+        if not _is_trusted(hop, trusted):
+            return hop
+    return peer
+
+
+def _is_trusted(address: str, trusted: tuple[IPNetwork, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in trusted)
+
+
+class BotDetector:
+    """Decides whether a request comes from a bot or automation; returns the drop reason."""
+
+    def __init__(self) -> None:
+        self._crawlers = CrawlerDetect()
+        self.reason = lru_cache(maxsize=8192)(self._reason)
+
+    def _reason(self, user_agent: str) -> str | None:
+        if not user_agent.strip():
+            return "no_user_agent"
+        lowered = user_agent.lower()
+        if any(marker in lowered for marker in _AUTOMATION_MARKERS):
+            return "automation"
+        if self._crawlers.isCrawler(user_agent):
+            return "bot"
+        return None
+
+
+@lru_cache(maxsize=8192)
+def device_class(user_agent: str) -> str:
+    """desktop, mobile, tablet or other."""
+    parsed = user_agents.parse(user_agent)
+    if parsed.is_tablet:
+        return "tablet"
+    if parsed.is_mobile:
+        return "mobile"
+    if parsed.is_pc:
+        return "desktop"
+    return "other"
+
+
+def visitor_id(salt: bytes, site: str, ip: str, user_agent: str) -> int:
+    """A signed 64-bit id: the same visitor on the same site on the same UTC day."""
+    digest = hashlib.blake2b(
+        f"{site}\x00{ip}\x00{user_agent}".encode(errors="replace"), key=salt, digest_size=8
+    ).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def ip_key(salt: bytes, ip: str) -> str:
+    """A salted hash of an IP, used to name its rate-limit counter without storing the IP."""
+    return hashlib.blake2b(ip.encode(), key=salt, digest_size=8, person=b"ratelim").hexdigest()

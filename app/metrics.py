@@ -1,0 +1,100 @@
+"""Prometheus metrics, one registry per app instance (no import-time globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class IngestMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.accepted = Counter(
+            "sitewire_ingest_accepted_events", "Events committed", registry=registry
+        )
+        self.duplicates = Counter(
+            "sitewire_ingest_duplicate_events",
+            "Retried events already stored (acknowledged, stored once)",
+            registry=registry,
+        )
+        self.dropped = Counter(
+            "sitewire_ingest_dropped_events",
+            "Events dropped on purpose (202, not stored)",
+            ["reason"],
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "sitewire_ingest_rejected_events",
+            "Events rejected with an error code",
+            ["code"],
+            registry=registry,
+        )
+        self.commit_batch = Histogram(
+            "sitewire_ingest_commit_batch_events",
+            "Events per group commit",
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000),
+            registry=registry,
+        )
+        self.commit_seconds = Histogram(
+            "sitewire_ingest_commit_seconds",
+            "Latency of one group commit",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=registry,
+        )
+        self.commit_failures = Counter(
+            "sitewire_ingest_commit_failures", "Group commits that failed", registry=registry
+        )
+        self.published = Counter(
+            "sitewire_ingest_published_events", "Events published to Redis", registry=registry
+        )
+        self.publish_gap = Counter(
+            "sitewire_ingest_publish_gap_events",
+            "Stored events that could not be published (Redis unavailable)",
+            registry=registry,
+        )
+        self.ratelimit_unavailable = Counter(
+            "sitewire_ingest_ratelimit_unavailable",
+            "Requests let through because the rate limiter could not reach Redis",
+            registry=registry,
+        )
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.connections = Gauge(
+            "sitewire_gateway_connections",
+            "Open viewer connections",
+            ["transport"],
+            registry=registry,
+        )
+        self.subscriptions = Gauge(
+            "sitewire_gateway_subscribed_sites", "Sites subscribed in Redis", registry=registry
+        )
+        self.queue_bytes = Gauge(
+            "sitewire_gateway_queue_bytes", "Bytes queued for all viewers", registry=registry
+        )
+        self.delivered = Counter(
+            "sitewire_gateway_delivered_events", "Events written to viewers", registry=registry
+        )
+        self.frames = Counter(
+            "sitewire_gateway_frames", "Frames written to viewers", registry=registry
+        )
+        self.closes = Counter(
+            "sitewire_gateway_closes",
+            "Viewer connections closed by the server",
+            ["reason"],
+            registry=registry,
+        )
+        self.auth_failures = Counter(
+            "sitewire_gateway_auth_failures", "Rejected viewer tokens", registry=registry
+        )
+        self.gaps = Counter(
+            "sitewire_gateway_gap_notices", "Gap notices sent to viewers", registry=registry
+        )
+        self.redis_reconnects = Counter(
+            "sitewire_gateway_redis_reconnects", "Pub/sub reconnections", registry=registry
+        )
+        self.latency = Histogram(
+            "sitewire_gateway_publish_to_send_seconds",
+            "From the event's server timestamp to its write on a viewer socket",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=registry,
+        )

@@ -1,0 +1,245 @@
+"""PostgreSQL event storage with group commit.
+
+`Committer.submit()` returns once the events are committed (a durable ack). Concurrent callers
+share one transaction: the flush loop takes whatever is queued when the batch fills
+(`commit_max_events`) or the oldest waiter has waited `commit_max_delay_ms`, and commits it
+with one COPY. Offsets are allocated inside that transaction under each site's row lock, so
+per site they are gapless and follow commit order, across every ingest replica
+(docs/ingest.md explains the choice and its cost).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import orjson
+
+from app.errors import StorageUnavailable
+from app.metrics import IngestMetrics
+from app.wire import encode_event
+
+log = logging.getLogger(__name__)
+
+#: Failures that mean "PostgreSQL did not confirm"; anything else is a bug and propagates.
+STORAGE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+_COLUMNS = (
+    "site", "site_offset", "event_id", "name", "url", "path", "referrer", "referrer_host",
+    "props", "visitor_id", "device", "ts",
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """A validated, enriched event waiting to be stored."""
+
+    site: str
+    event_id: uuid.UUID
+    name: str
+    url: str
+    path: str
+    referrer: str | None
+    referrer_host: str | None
+    props: dict[str, Any]
+    visitor_id: int
+    device: str
+    ts: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """The outcome of one submitted event: its offset, and whether it was a retry."""
+
+    event: NewEvent
+    epoch: str
+    offset: int
+    duplicate: bool
+    #: The wire bytes (app.wire), set for newly stored events only.
+    payload: bytes | None
+
+
+#: None means the site no longer exists (deleted between validation and commit).
+Outcome = Stored | None
+AfterCommit = Callable[[list[Stored]], Awaitable[None]]
+
+
+class Committer:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        metrics: IngestMetrics,
+        *,
+        max_events: int,
+        max_delay_s: float,
+        after_commit: AfterCommit,
+    ) -> None:
+        self._pool = pool
+        self._metrics = metrics
+        self._max_events = max_events
+        self._max_delay_s = max_delay_s
+        self._after_commit = after_commit
+        self._queue: list[tuple[NewEvent, asyncio.Future[Outcome]]] = []
+        self._oldest = 0.0
+        self._wakeup = asyncio.Event()
+        self._full = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="group-commit")
+
+    async def close(self) -> None:
+        """Commit what is queued, then stop."""
+        self._closing = True
+        self._wakeup.set()
+        self._full.set()
+        if self._task is not None:
+            await self._task
+
+    async def submit(self, events: Sequence[NewEvent]) -> list[Outcome]:
+        """Store `events`; raise StorageUnavailable if PostgreSQL did not confirm the commit."""
+        if self._closing:
+            raise StorageUnavailable("shutting down")
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in events]
+        if not self._queue:
+            self._oldest = time.monotonic()
+        self._queue.extend(zip(events, futures, strict=True))
+        self._wakeup.set()
+        if len(self._queue) >= self._max_events:
+            self._full.set()
+        return list(await asyncio.gather(*futures))
+
+    async def _run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            if not self._queue:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                continue
+            await self._wait_for_batch()
+            batch = self._queue[: self._max_events]
+            del self._queue[: self._max_events]
+            # Events left over from an overflowing batch have waited already: no extra delay.
+            self._oldest = time.monotonic() - self._max_delay_s
+            if len(self._queue) < self._max_events:
+                self._full.clear()
+            await self._flush(batch)
+
+    async def _wait_for_batch(self) -> None:
+        remaining = self._oldest + self._max_delay_s - time.monotonic()
+        if remaining > 0 and len(self._queue) < self._max_events:
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._full.wait()
+            except TimeoutError:
+                pass
+
+    async def _flush(self, batch: list[tuple[NewEvent, asyncio.Future[Outcome]]]) -> None:
+        started = time.perf_counter()
+        try:
+            outcomes = await commit(self._pool, [e for e, _ in batch])
+        except STORAGE_ERRORS as exc:
+            self._metrics.commit_failures.inc()
+            log.warning(
+                "group commit failed; nothing in it is acknowledged",
+                extra={"events": len(batch), "error": type(exc).__name__},
+            )
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(StorageUnavailable(str(exc)))
+            return
+        self._metrics.commit_seconds.observe(time.perf_counter() - started)
+        self._metrics.commit_batch.observe(len(batch))
+        for (_, fut), outcome in zip(batch, outcomes, strict=True):
+            if not fut.done():  # the client may have gone away; the event is stored anyway
+                fut.set_result(outcome)
+        fresh = [o for o in outcomes if o is not None and not o.duplicate]
+        self._metrics.accepted.inc(len(fresh))
+        self._metrics.duplicates.inc(sum(1 for o in outcomes if o is not None and o.duplicate))
+        if fresh:
+            await self._after_commit(fresh)
+
+
+async def commit(pool: asyncpg.Pool, events: Sequence[NewEvent]) -> list[Outcome]:
+    """Store `events` in one transaction; return an outcome per event, in order."""
+    async with pool.acquire() as conn, conn.transaction():
+        sites = sorted({e.site for e in events})
+        # Lock the site rows in a fixed order (no deadlock between replicas). Holding them
+        # makes the duplicate check below race-free and the offsets gapless.
+        rows = await conn.fetch(
+            "SELECT id, epoch, next_offset FROM sites WHERE id = ANY($1::text[]) "
+            "ORDER BY id FOR UPDATE",
+            sites,
+        )
+        epochs = {r["id"]: r["epoch"] for r in rows}
+        next_offset = {r["id"]: r["next_offset"] for r in rows}
+        known = [e for e in events if e.site in epochs]
+        seen: dict[tuple[str, uuid.UUID], int] = {
+            (r["site"], r["event_id"]): r["site_offset"]
+            for r in await conn.fetch(
+                "SELECT e.site, e.event_id, e.site_offset FROM events e "
+                "JOIN unnest($1::text[], $2::uuid[]) AS k(site, event_id) USING (site, event_id)",
+                [e.site for e in known],
+                [e.event_id for e in known],
+            )
+        }
+        outcomes: list[Outcome] = []
+        records: list[tuple[Any, ...]] = []
+        for e in events:
+            if e.site not in epochs:
+                outcomes.append(None)
+                continue
+            key = (e.site, e.event_id)
+            if key in seen:
+                outcomes.append(Stored(e, epochs[e.site], seen[key], True, None))
+                continue
+            offset = next_offset[e.site]
+            next_offset[e.site] = offset + 1
+            seen[key] = offset
+            payload = _payload(epochs[e.site], offset, e)
+            outcomes.append(Stored(e, epochs[e.site], offset, False, payload))
+            records.append(_record(offset, e))
+        if records:
+            await conn.copy_records_to_table("events", records=records, columns=_COLUMNS)
+            await conn.execute(
+                "UPDATE sites SET next_offset = v.next FROM unnest($1::text[], $2::bigint[]) "
+                "AS v(id, next) WHERE sites.id = v.id",
+                list(next_offset),
+                list(next_offset.values()),
+            )
+        return outcomes
+
+
+def _record(offset: int, e: NewEvent) -> tuple[Any, ...]:
+    return (
+        e.site, offset, e.event_id, e.name, e.url, e.path, e.referrer, e.referrer_host,
+        orjson.dumps(e.props).decode(), e.visitor_id, e.device, e.ts,
+    )  # fmt: skip
+
+
+def _payload(epoch: str, offset: int, e: NewEvent) -> bytes:
+    return encode_event(
+        epoch=epoch,
+        offset=offset,
+        event_id=e.event_id,
+        site=e.site,
+        name=e.name,
+        url=e.url,
+        path=e.path,
+        referrer=e.referrer,
+        referrer_host=e.referrer_host,
+        props=e.props,
+        visitor_id=e.visitor_id,
+        device=e.device,
+        ts=e.ts,
+    )

@@ -1,0 +1,192 @@
+"""Ingest as real processes: concurrency across replicas and server failures."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncpg
+import httpx
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from app.migrate import migrate
+from app.names import Names
+from app.settings import Settings
+from app.sites import create_site
+from tests.disposable import DisposablePostgres
+from tests.processes import AppProcess
+from tests.test_ingest import BROWSER, event
+from workers.embedded import EmbeddedRedis
+
+pytestmark = pytest.mark.slow
+NO_LIMITS = {"SITEWIRE_RATE_SITE_PER_SEC": "0", "SITEWIRE_RATE_IP_PER_MIN": "0"}
+
+
+@dataclass
+class Load:
+    """Posts events with client ids and remembers which were acknowledged."""
+
+    acked: set[str] = field(default_factory=set)
+    statuses: list[int] = field(default_factory=list)
+    retry_after: set[str] = field(default_factory=set)
+    stopped: bool = False
+
+    async def run(self, urls: list[str], site: str, count: int, concurrency: int = 20) -> None:
+        ids = iter([str(uuid.uuid4()) for _ in range(count)])
+        async with httpx.AsyncClient(headers={"User-Agent": BROWSER}, timeout=10) as client:
+
+            async def worker(n: int) -> None:
+                for i, event_id in enumerate(ids):
+                    if self.stopped:
+                        return
+                    url = urls[(n + i) % len(urls)]
+                    try:
+                        r = await client.post(f"{url}/api/event", json=event(site, id=event_id))
+                    except httpx.HTTPError:
+                        self.statuses.append(0)
+                        await asyncio.sleep(0.01)
+                        continue
+                    self.statuses.append(r.status_code)
+                    if r.status_code == 202:
+                        self.acked.add(event_id)
+                    elif "Retry-After" in r.headers:
+                        self.retry_after.add(r.headers["Retry-After"])
+
+            await asyncio.gather(*(worker(n) for n in range(concurrency)))
+
+
+async def stored_ids(dsn: str, site: str) -> list[tuple[int, str]]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT site_offset, event_id FROM events WHERE site = $1 ORDER BY site_offset", site
+        )
+    finally:
+        await conn.close()
+    return [(r["site_offset"], str(r["event_id"])) for r in rows]
+
+
+async def test_two_replicas_keep_offsets_strictly_increasing(
+    spawn: Callable[..., AppProcess], site: str, settings: Settings, names: Names
+) -> None:
+    a, b = spawn("ingest", **NO_LIMITS), spawn("ingest", **NO_LIMITS)
+    client = aioredis.Redis.from_url(settings.redis_url or "")
+    pubsub = client.pubsub()
+    await pubsub.subscribe(names.channel(site))
+    load = Load()
+    await load.run([a.url, b.url], site, 600, concurrency=30)
+    assert load.statuses.count(202) == 600
+    stored = await stored_ids(settings.database_url or "", site)
+    assert [o for o, _ in stored] == list(range(1, 601))  # gapless, unique, increasing
+    assert {i for _, i in stored} == load.acked
+    received: list[int] = []
+    deadline = time.monotonic() + 10
+    while len(received) < 600 and time.monotonic() < deadline:
+        m = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+        if m is not None:
+            received.append(orjson.loads(m["data"])["offset"])
+    assert sorted(received) == list(range(1, 601))  # each accepted event published once
+    window = await client.zrange(names.window(site), 0, -1, withscores=True)
+    assert [int(s) for _, s in window] == list(range(1, 601))
+    await pubsub.aclose()
+    await client.aclose()
+
+
+@pytest.fixture
+def private_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DisposablePostgres]:
+    pg = DisposablePostgres(tmp_path_factory.mktemp("pg"))
+    yield pg
+    pg.close()
+
+
+async def test_postgres_down_means_503_and_no_lost_ack(
+    private_postgres: DisposablePostgres, settings: Settings, tmp_path: Path
+) -> None:
+    dsn = private_postgres.dsn
+    await migrate(dsn)
+    conn = await asyncpg.connect(dsn)
+    await create_site(conn, "pgdown.example.com")
+    await conn.close()
+    from tests.conftest import env_for
+
+    proc = AppProcess("ingest", env_for(settings.with_(database_url=dsn), **NO_LIMITS), tmp_path)
+    proc.start()
+    try:
+        load = Load()
+        traffic = asyncio.create_task(load.run([proc.url], "pgdown.example.com", 3000, 10))
+        await asyncio.sleep(0.5)
+        await asyncio.to_thread(private_postgres.stop)
+        await asyncio.sleep(1.5)
+        down = await _post_one(proc.url, "pgdown.example.com")
+        await asyncio.to_thread(private_postgres.start)
+        await traffic
+        assert down.status_code == 503
+        assert down.json()["error"]["code"] == "storage_unavailable"
+        assert down.headers["Retry-After"] == "2"
+        assert 503 in load.statuses and load.retry_after == {"2"}
+        stored = {i for _, i in await stored_ids(dsn, "pgdown.example.com")}
+        assert load.acked <= stored, f"{len(load.acked - stored)} acknowledged events lost"
+        after = await _post_one(proc.url, "pgdown.example.com")
+        assert after.status_code == 202  # recovers by itself
+    finally:
+        proc.stop()
+
+
+async def _post_one(url: str, site: str) -> httpx.Response:
+    async with httpx.AsyncClient(headers={"User-Agent": BROWSER}, timeout=10) as client:
+        return await client.post(f"{url}/api/event", json=event(site))
+
+
+async def _get(url: str) -> httpx.Response:
+    async with httpx.AsyncClient(timeout=10) as client:
+        return await client.get(url)
+
+
+async def test_redis_down_still_stores_and_acknowledges(
+    settings: Settings, site: str, tmp_path: Path, pool: asyncpg.Pool
+) -> None:
+    from tests.conftest import env_for
+
+    redis_server = EmbeddedRedis(tmp_path / "redis", persist=False)
+    env = env_for(settings.with_(redis_url=redis_server.url), **NO_LIMITS)
+    proc = AppProcess("ingest", env, tmp_path).start()
+    try:
+        assert (await _post_one(proc.url, site)).status_code == 202
+        redis_server.stop()
+        for _ in range(5):
+            assert (await _post_one(proc.url, site)).status_code == 202
+        ready = await _get(f"{proc.url}/readyz")
+        assert ready.status_code == 200 and ready.json()["redis"] == "unavailable"
+        metrics = (await _get(f"{proc.url}/metrics")).text
+        assert "sitewire_ingest_publish_gap_events_total 5.0" in metrics
+        assert await pool.fetchval("SELECT count(*) FROM events WHERE site = $1", site) == 6
+        redis_server.start()
+        await asyncio.sleep(1.2)  # past the publisher's back-off
+        assert (await _post_one(proc.url, site)).status_code == 202
+        assert (
+            "sitewire_ingest_published_events_total 2.0" in (await _get(f"{proc.url}/metrics")).text
+        )
+    finally:
+        proc.stop()
+        redis_server.stop()
+
+
+async def test_killed_ingest_loses_only_unacknowledged_requests(
+    spawn: Callable[..., AppProcess], site: str, settings: Settings
+) -> None:
+    proc = spawn("ingest", **NO_LIMITS)
+    load = Load()
+    traffic = asyncio.create_task(load.run([proc.url], site, 100_000, 20))
+    await asyncio.sleep(1.5)
+    proc.kill()
+    load.stopped = True
+    await traffic
+    assert len(load.acked) > 50
+    stored = {i for _, i in await stored_ids(settings.database_url or "", site)}
+    assert load.acked <= stored
