@@ -8,12 +8,18 @@ retried publish re-adds the same member and viewers drop offsets they already ha
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import random
 import time
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from app.metrics import IngestMetrics
 from app.names import Names
@@ -34,6 +40,10 @@ end
 redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -tonumber(ARGV[2]) - 1)
 return n
 """
+
+#: Subscriber reconnect backoff: base * 2**attempt, capped, with full jitter.
+BACKOFF_BASE_S = 0.05
+BACKOFF_MAX_S = 5.0
 
 #: After a failed publish, skip Redis for this long instead of stalling every commit on it.
 BACKOFF_S = 1.0
@@ -80,3 +90,152 @@ class Publisher:
     def _gap(self, count: int, why: str) -> None:
         self._metrics.publish_gap.inc(count)
         log.warning("events stored but not published", extra={"events": count, "error": why})
+
+
+class Subscriber:
+    """The gateway's one Redis pub/sub connection, carrying every site it has viewers for.
+
+    It owns reconnection (docs/decisions.md): redis-py's own retries are disabled on this
+    connection because a silent reconnect hides a gap. On any connection error it waits with
+    exponential backoff and jitter, logs each attempt, opens a new connection, resubscribes every
+    channel it held, and calls `on_reconnect(sites)` so the gateway can repair and report the gap.
+    `subscribe` returns once Redis has confirmed the subscription.
+    """
+
+    def __init__(
+        self,
+        redis_url: str,
+        names: Names,
+        on_message: Callable[[str, bytes], None],
+        on_reconnect: Callable[[list[str]], Awaitable[None]],
+        on_reconnect_attempt: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._url = redis_url
+        self._names = names
+        self._on_message = on_message
+        self._on_reconnect = on_reconnect
+        self._on_attempt = on_reconnect_attempt
+        self._client = self._new_client()
+        self._pubsub = self._client.pubsub()
+        self._channels: dict[str, str] = {}  # channel -> site
+        self._confirm: dict[str, asyncio.Future[None]] = {}
+        self._connected = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    def _new_client(self) -> aioredis.Redis:
+        return aioredis.Redis.from_url(
+            self._url,
+            retry=Retry(NoBackoff(), 0),
+            socket_connect_timeout=2.0,
+            socket_keepalive=True,
+            health_check_interval=5,
+        )
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self._channels.values())
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._read_forever(), name="redis-subscriber")
+        self._task.add_done_callback(_log_crash)
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(*REDIS_ERRORS):
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        await self._client.aclose()
+
+    async def subscribe(self, site: str, confirm_within: float = 5.0) -> None:
+        """SUBSCRIBE to the site's channel and wait for Redis to confirm it."""
+        channel = self._names.channel(site)
+        self._channels[channel] = site
+        future = self._confirm.setdefault(channel, asyncio.get_running_loop().create_future())
+        try:
+            await self._pubsub.subscribe(channel)
+            self._connected.set()
+            async with asyncio.timeout(confirm_within):
+                await asyncio.shield(future)
+        except BaseException:
+            self._channels.pop(channel, None)
+            self._confirm.pop(channel, None)
+            raise
+
+    async def unsubscribe(self, site: str) -> None:
+        channel = self._names.channel(site)
+        self._channels.pop(channel, None)
+        self._confirm.pop(channel, None)
+        with contextlib.suppress(*REDIS_ERRORS):  # a dead connection unsubscribes everything
+            await self._pubsub.unsubscribe(channel)
+
+    async def _read_forever(self) -> None:
+        attempt = 0
+        while not self._closing:
+            if attempt:
+                delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** min(attempt, 10))
+                delay = random.uniform(delay / 2, delay)
+                log.warning(
+                    "redis pub/sub reconnecting",
+                    extra={"attempt": attempt, "delay_s": round(delay, 3)},
+                )
+                self._on_attempt()
+                await asyncio.sleep(delay)
+                attempt = 0 if await self._resubscribe() else attempt + 1
+                continue
+            try:
+                await self._connected.wait()
+                await self._read()
+            except REDIS_ERRORS as exc:
+                log.warning("redis pub/sub connection lost", extra={"error": repr(exc)})
+                attempt = 1
+
+    async def _read(self) -> None:
+        received = 0
+        while True:
+            message = await self._pubsub.get_message(timeout=1.0)
+            if message is None:
+                continue
+            received += 1
+            if received % 64 == 0:
+                # A burst already buffered is read without suspending; let writers drain.
+                await asyncio.sleep(0)
+            kind = message["type"]
+            channel = message["channel"].decode()
+            if kind == "message":
+                site = self._channels.get(channel)
+                if site is not None:
+                    self._on_message(site, message["data"])
+            elif kind == "subscribe":
+                future = self._confirm.pop(channel, None)
+                if future is not None and not future.done():
+                    future.set_result(None)
+
+    async def _resubscribe(self) -> bool:
+        """A fresh connection subscribed to every channel held; False if Redis is still down."""
+        with contextlib.suppress(*REDIS_ERRORS):
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        with contextlib.suppress(*REDIS_ERRORS):
+            await self._client.aclose()
+        self._client = self._new_client()
+        self._pubsub = self._client.pubsub()
+        sites = self.sites
+        if not self._channels:
+            self._connected.clear()  # nothing to read until the next subscribe
+            return True
+        try:
+            await self._pubsub.subscribe(*self._channels)
+        except REDIS_ERRORS as exc:
+            log.warning("redis resubscribe failed", extra={"error": repr(exc)})
+            return False
+        log.info("redis pub/sub reconnected", extra={"sites": len(sites)})
+        await self._on_reconnect(sites)
+        return True
+
+
+def _log_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.critical("redis subscriber stopped", exc_info=task.exception())

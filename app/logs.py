@@ -36,9 +36,18 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
+def _not_an_access_line(record: logging.LogRecord) -> bool:
+    """uvicorn logs each WebSocket handshake ('<ip>:<port> - "WebSocket /path?token=..."')
+    and every open/close on its error logger: that is an access log carrying client IPs and
+    viewer tokens. Drop those lines; the gateway's metrics count connections instead."""
+    message = record.getMessage()
+    return '"WebSocket ' not in message and message not in ("connection open", "connection closed")
+
+
 def configure(role: str, level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(role))
+    handler.addFilter(_not_an_access_line)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -56,6 +56,19 @@ class Settings:
     replay_window: int = 2000
     #: SITEWIRE_DB_POOL_SIZE: PostgreSQL connections per process.
     db_pool_size: int = 4
+    #: SITEWIRE_VIEWER_QUEUE_BYTES: bytes queued for one viewer before it is closed as slow.
+    viewer_queue_bytes: int = 1024 * 1024
+    #: SITEWIRE_WRITE_TIMEOUT_S: a write to one viewer taking longer closes it as slow.
+    write_timeout_s: float = 5.0
+    #: SITEWIRE_PING_INTERVAL_S / SITEWIRE_PING_TIMEOUT_S: WebSocket ping/pong liveness.
+    ping_interval_s: float = 20.0
+    ping_timeout_s: float = 20.0
+    #: SITEWIRE_UNSUBSCRIBE_DELAY_S: linger before unsubscribing a site with no viewers left.
+    unsubscribe_delay_s: float = 2.0
+    #: SITEWIRE_DRAIN_TIMEOUT_S: on SIGTERM, the longest a gateway waits for viewers to leave.
+    drain_timeout_s: float = 5.0
+    #: SITEWIRE_GAP_HOLD_MS: how long out-of-order events wait before a gap is repaired.
+    gap_hold_ms: float = 50.0
     #: SITEWIRE_LOG_LEVEL: DEBUG, INFO, WARNING or ERROR.
     log_level: str = "INFO"
 
@@ -81,6 +94,15 @@ class Settings:
             trusted_proxies=r.get("SITEWIRE_TRUSTED_PROXIES", (), _networks),
             replay_window=r.int("SITEWIRE_REPLAY_WINDOW", cls.replay_window, 10),
             db_pool_size=r.int("SITEWIRE_DB_POOL_SIZE", cls.db_pool_size, 1, 100),
+            viewer_queue_bytes=r.int("SITEWIRE_VIEWER_QUEUE_BYTES", cls.viewer_queue_bytes, 4096),
+            write_timeout_s=r.float("SITEWIRE_WRITE_TIMEOUT_S", cls.write_timeout_s, 0.05, 600),
+            ping_interval_s=r.float("SITEWIRE_PING_INTERVAL_S", cls.ping_interval_s, 0.1, 3600),
+            ping_timeout_s=r.float("SITEWIRE_PING_TIMEOUT_S", cls.ping_timeout_s, 0.1, 3600),
+            unsubscribe_delay_s=r.float(
+                "SITEWIRE_UNSUBSCRIBE_DELAY_S", cls.unsubscribe_delay_s, 0.0, 3600
+            ),
+            drain_timeout_s=r.float("SITEWIRE_DRAIN_TIMEOUT_S", cls.drain_timeout_s, 0.1, 600),
+            gap_hold_ms=r.float("SITEWIRE_GAP_HOLD_MS", cls.gap_hold_ms, 0.0, 10_000),
             log_level=r.get("SITEWIRE_LOG_LEVEL", cls.log_level, _log_level),
         )
         return settings

@@ -2,7 +2,8 @@
 
 An event is encoded once, at ingest, into the bytes every viewer receives
 (docs/protocol.md, "Event object"). History rows read from PostgreSQL are encoded by the same
-function so a replayed event is byte-identical to the live one.
+function so a replayed event has the same fields and values as the live one (only the key order
+inside `props` may differ: jsonb does not keep it).
 """
 
 from __future__ import annotations

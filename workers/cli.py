@@ -102,6 +102,26 @@ def sites_list() -> None:
         click.echo(f"{s.id}  events={s.next_offset - 1}  created={s.created_at:%Y-%m-%d}{extra}")
 
 
+@sites.command("token")
+@click.argument("site")
+@click.option(
+    "--ttl",
+    default=3600,
+    show_default=True,
+    type=click.IntRange(1, 366 * 86400),
+    help="Seconds until the token expires.",
+)
+def sites_token(site: str, ttl: int) -> None:
+    """Print a viewer token for SITE (signed with SITEWIRE_SECRET)."""
+    from app import tokens
+    from app.sites import is_valid_site_id
+
+    secret = _require(_settings().secret, "SITEWIRE_SECRET")
+    if not is_valid_site_id(site):
+        raise click.BadParameter(f"invalid site id {site!r}", param_hint="SITE")
+    click.echo(tokens.issue(secret, site, ttl))
+
+
 def _require(value: str | None, variable: str) -> str:
     if not value:
         raise click.ClickException(f"configuration error: {variable} is not set")

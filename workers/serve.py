@@ -1,38 +1,87 @@
-"""Run one role's ASGI app under uvicorn."""
+"""Run one role's ASGI app under uvicorn, with a gateway drain on SIGTERM."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import socket
+from collections.abc import Awaitable, Callable
 from types import FrameType
 from typing import Literal
 
 import uvicorn
+from fastapi import FastAPI
 
 from app import gateway, ingest, logs
 from app.settings import Settings
 
 Role = Literal["ingest", "gateway"]
+log = logging.getLogger(__name__)
 
 
 class _Server(uvicorn.Server):
+    """uvicorn's server, plus: a drain step before shutdown, and exit code 0 after a clean
+    stop (uvicorn re-raises the signal, so the process would otherwise "die" of SIGTERM)."""
+
+    def __init__(self, config: uvicorn.Config, drain: Callable[[], Awaitable[None]] | None) -> None:
+        super().__init__(config)
+        self._drain = drain
+        self._draining = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_task: asyncio.Task[None] | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._drain is not None and not self._draining and self._loop is not None:
+            # First signal: drain (tell viewers to reconnect elsewhere), then shut down.
+            self._draining = True
+            self._loop.call_soon_threadsafe(self._start_drain, sig)
+            return
+        self._exit(sig, frame)
+
+    def _start_drain(self, sig: int) -> None:
+        assert self._loop is not None
+        self._drain_task = self._loop.create_task(self._drain_then_exit(sig))
+
+    async def _drain_then_exit(self, sig: int) -> None:
+        assert self._drain is not None
+        try:
+            await self._drain()
+        except Exception:
+            log.exception("drain failed; shutting down anyway")
+        self._exit(sig, None)
+
+    def _exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)
-        # uvicorn re-raises the signal after a graceful shutdown, so the process "dies" of
-        # SIGTERM. A completed drain is a success: exit 0 so supervisors see a clean stop.
         self._captured_signals.clear()
 
 
 def serve(role: Role, settings: Settings, host: str, port: int) -> None:
     logs.configure(role, settings.log_level)
-    factory = ingest.create_app if role == "ingest" else gateway.create_app
+    app: FastAPI = ingest.create_app(settings) if role == "ingest" else gateway.create_app(settings)
     config = uvicorn.Config(
-        factory(settings),
+        app,
         host=host,
         port=port,
         log_config=None,
-        access_log=False,
+        access_log=False,  # access logs would record client IPs and viewer tokens
         # Per-message compression costs ~64 KiB per connection; off (docs/decisions.md).
         ws_per_message_deflate=False,
-        timeout_graceful_shutdown=10,
+        # Frames up to 16x the protocol limit reach the app (closed with FRAME_TOO_LARGE);
+        # larger ones are refused by the transport itself (1009).
+        ws_max_size=16 * gateway.MAX_CLIENT_FRAME,
+        ws_ping_interval=settings.ping_interval_s,
+        ws_ping_timeout=settings.ping_timeout_s,
+        timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5,
         server_header=False,
     )
-    _Server(config).run()
+    drain = None
+    if role == "gateway":
+
+        async def drain() -> None:
+            await app.state.gateway.drain()
+
+    _Server(config, drain).run()

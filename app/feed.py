@@ -1,0 +1,284 @@
+"""A gateway's live feeds, one per site it has viewers for.
+
+- Subscriptions are reference-counted: the first local viewer of a site subscribes (under a
+  per-site lock, rolled back on failure), the last one leaving schedules an unsubscribe after
+  `unsubscribe_delay_s` that checks the count again (a reconnecting viewer keeps it warm).
+- Each message is decoded once (to read its offset), put in order by the site's `Sequencer`,
+  and the same bytes are queued for every viewer by the hub.
+- Gaps (an offset skipped: out-of-order publication by two ingest replicas, or a message Redis
+  pub/sub dropped) are held for `gap_hold_ms`, then repaired from the Redis window, else from
+  PostgreSQL. Only when both fail do viewers get a `gap` notice with `recovered: false`.
+- A periodic position check compares each site's head in PostgreSQL with what was delivered,
+  which catches a lost *last* message that no later offset would reveal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+
+import asyncpg
+import orjson
+import redis.asyncio as aioredis
+
+from app.broker import REDIS_ERRORS, Subscriber
+from app.codes import CloseCode
+from app.history import Event, from_postgres, from_window, site_heads
+from app.hub import Hub, Sequencer, Viewer
+from app.metrics import GatewayMetrics
+from app.names import Names
+from app.settings import Settings
+from app.sites import get_site
+from app.store import STORAGE_ERRORS
+from app.wire import format_cursor
+
+log = logging.getLogger(__name__)
+
+#: Most events one repair step fetches; a longer gap is repaired in several steps.
+REPAIR_PAGE = 1000
+#: Seconds between position checks of every subscribed site.
+POSITION_CHECK_S = 2.0
+
+
+class Feeds:
+    def __init__(
+        self,
+        hub: Hub,
+        settings: Settings,
+        redis: aioredis.Redis,
+        pool: asyncpg.Pool,
+        metrics: GatewayMetrics,
+    ) -> None:
+        self.hub = hub
+        self._settings = settings
+        self._names = Names(settings.key_prefix)
+        self._redis = redis
+        self._pool = pool
+        self._metrics = metrics
+        self.subscriber = Subscriber(
+            settings.require_redis(),
+            self._names,
+            self.on_message,
+            self.on_reconnect,
+            metrics.redis_reconnects.inc,
+        )
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._seq: dict[str, Sequencer] = {}
+        self._epochs: dict[str, str] = {}
+        self._unsubscribes: dict[str, asyncio.Task[None]] = {}
+        self._repairs: dict[str, asyncio.Task[None]] = {}
+        self._checker: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.subscriber.start()
+        self._checker = asyncio.create_task(self._check_positions(), name="position-check")
+
+    async def close(self) -> None:
+        tasks = [self._checker, *self._unsubscribes.values(), *self._repairs.values()]
+        for task in tasks:
+            if task is not None:
+                task.cancel()
+        for task in tasks:
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self.subscriber.close()
+
+    # -- viewers come and go ---------------------------------------------------------------
+
+    async def join(self, viewer: Viewer) -> None:
+        """Add a viewer; subscribe to its site first if it is the first local viewer."""
+        site = viewer.site
+        self.hub.add(viewer)
+        pending = self._unsubscribes.pop(site, None)
+        if pending is not None:
+            pending.cancel()
+        try:
+            async with self._locks[site]:
+                if site not in self._seq:
+                    await self._subscribe(site, viewer.epoch)
+        except BaseException:
+            self.leave(viewer)
+            raise
+        self._metrics.subscriptions.set(len(self._seq))
+
+    async def _subscribe(self, site: str, epoch: str) -> None:
+        # Baseline: the site's head before subscribing, so an event published in between is
+        # seen as a gap (and repaired) rather than silently missed.
+        head = None
+        with contextlib.suppress(*STORAGE_ERRORS):
+            found = await get_site(self._pool, site)
+            head = found.next_offset - 1 if found else None
+        await self.subscriber.subscribe(site)
+        self._seq[site] = Sequencer(head)
+        self._epochs[site] = epoch
+
+    def leave(self, viewer: Viewer) -> None:
+        viewer.release()
+        if self.hub.remove(viewer) and viewer.site not in self._unsubscribes:
+            self._unsubscribes[viewer.site] = asyncio.create_task(
+                self._unsubscribe_later(viewer.site), name=f"unsubscribe {viewer.site}"
+            )
+
+    async def _unsubscribe_later(self, site: str) -> None:
+        await asyncio.sleep(self._settings.unsubscribe_delay_s)
+        async with self._locks[site]:
+            if self.hub.count(site) == 0 and site in self._seq:
+                await self.subscriber.unsubscribe(site)
+                del self._seq[site]
+                self._epochs.pop(site, None)
+                repair = self._repairs.pop(site, None)
+                if repair is not None:
+                    repair.cancel()
+        self._unsubscribes.pop(site, None)
+        self._locks.pop(site, None)
+        self._metrics.subscriptions.set(len(self._seq))
+
+    def head(self, site: str) -> int | None:
+        """The last offset delivered live for `site` on this gateway (None: not known yet)."""
+        seq = self._seq.get(site)
+        return None if seq is None else seq.last
+
+    # -- events arrive ----------------------------------------------------------------------
+
+    def on_message(self, site: str, payload: bytes) -> None:
+        seq = self._seq.get(site)
+        if seq is None:
+            return
+        try:
+            offset = orjson.loads(payload)["offset"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            log.error("dropped a malformed publication", extra={"site": site})
+            return
+        self._deliver(site, seq.offer(offset, payload))
+        if seq.missing() is not None and site not in self._repairs:
+            self._repairs[site] = asyncio.create_task(self._repair(site), name=f"repair {site}")
+
+    def _deliver(self, site: str, events: list[Event]) -> None:
+        for offset, payload in events:
+            for viewer in self.hub.publish(site, offset, payload):
+                self._metrics.closes.labels("slow_consumer").inc()
+                viewer.fail(CloseCode.SLOW_CONSUMER)
+
+    def notice(self, site: str, body: dict[str, object]) -> None:
+        frame = orjson.dumps(body)
+        for viewer in self.hub.notice(site, frame):
+            viewer.fail(CloseCode.SLOW_CONSUMER)
+
+    # -- gaps -------------------------------------------------------------------------------
+
+    async def _repair(self, site: str) -> None:
+        try:
+            await asyncio.sleep(self._settings.gap_hold_ms / 1000)
+            seq = self._seq.get(site)
+            while seq is not None and (gap := seq.missing()) is not None:
+                first, last = gap
+                last = min(last, first + REPAIR_PAGE - 1)
+                events = await self._fetch(site, first, last)
+                if not events:
+                    self._give_up(site, seq, first - 1)
+                    break
+                self._deliver(site, seq.fill(events))
+        finally:
+            self._repairs.pop(site, None)
+
+    async def _fetch(self, site: str, first: int, last: int) -> list[Event]:
+        """Offsets first..last, from the window when it has them all, else PostgreSQL."""
+        with contextlib.suppress(*REDIS_ERRORS):
+            events = await from_window(self._redis, self._names, site, first, last)
+            if events is not None:
+                return events
+        try:
+            return await from_postgres(
+                self._pool, site, self._epochs[site], first - 1, last - first + 1, until=last
+            )
+        except STORAGE_ERRORS:
+            return []
+
+    def _give_up(self, site: str, seq: Sequencer, after: int) -> None:
+        log.warning("could not repair a gap", extra={"site": site, "after": after})
+        self._metrics.gaps.inc()
+        epoch = self._epochs[site]
+        self.notice(site, {"type": "gap", "after": format_cursor(epoch, after), "recovered": False})
+        self._deliver(site, seq.skip())
+
+    async def catch_up(self, site: str, top: int | None = None) -> bool:
+        """Deliver whatever the site has beyond what was delivered (PostgreSQL is the truth).
+        Returns False when it could not be checked."""
+        seq = self._seq.get(site)
+        if seq is None or seq.last is None:
+            return True
+        after = seq.last
+        while True:
+            if top is not None and top <= after:
+                return True
+            events = await self._fetch_after(site, after, top)
+            if events is None:
+                return False
+            if not events:
+                return True
+            self._deliver(site, seq.fill(events))
+            after = events[-1][0]
+
+    async def _fetch_after(self, site: str, after: int, top: int | None) -> list[Event] | None:
+        if top is not None:
+            last = min(top, after + REPAIR_PAGE)
+            with contextlib.suppress(*REDIS_ERRORS):
+                events = await from_window(self._redis, self._names, site, after + 1, last)
+                if events is not None:
+                    return events
+        try:
+            return await from_postgres(self._pool, site, self._epochs[site], after, REPAIR_PAGE)
+        except STORAGE_ERRORS:
+            return None
+
+    async def on_reconnect(self, sites: list[str]) -> None:
+        """After pub/sub reconnected: whatever was published meanwhile was lost in transit.
+        Fill it from storage, then tell viewers their stream had a gap and whether it was
+        recovered."""
+        for site in sites:
+            if site not in self._seq:
+                continue
+            recovered = await self.catch_up(site)
+            self._metrics.gaps.inc()
+            seq = self._seq[site]
+            after = format_cursor(self._epochs[site], seq.last) if seq.last is not None else None
+            self.notice(
+                site,
+                {
+                    "type": "gap",
+                    "reason": "redis_reconnect",
+                    "after": after,
+                    "recovered": recovered,
+                },
+            )
+
+    async def _check_positions(self) -> None:
+        """Pub/sub can drop a message silently, and ingest cannot publish while Redis is down:
+        a lost *last* event is revealed by no later offset. PostgreSQL knows every site's head;
+        a site still behind a head seen one check earlier is caught up from storage (waiting
+        one period lets events in flight arrive live first)."""
+        suspects: dict[str, int] = {}
+        while True:
+            await asyncio.sleep(POSITION_CHECK_S)
+            sites = list(self._seq)
+            if not sites:
+                continue
+            try:
+                heads = await site_heads(self._pool, sites)
+            except STORAGE_ERRORS:
+                continue
+            for site, head in suspects.items():
+                seq = self._seq.get(site)
+                if seq is not None and seq.last is not None and seq.last < head:
+                    log.info("position check found missed events", extra={"site": site})
+                    await self.catch_up(site, head)
+            suspects = {
+                site: head
+                for site, head in heads.items()
+                if (seq := self._seq.get(site)) is not None
+                and seq.last is not None
+                and seq.last < head
+            }

@@ -1,0 +1,77 @@
+"""Reading a site's past events by offset: from the Redis window, else from PostgreSQL.
+
+Both return `(offset, payload)` pairs in offset order, in the wire format of app.wire.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import asyncpg
+import orjson
+import redis.asyncio as aioredis
+
+from app.names import Names
+from app.wire import encode_event
+
+Event = tuple[int, bytes]
+
+
+async def from_window(
+    client: aioredis.Redis, names: Names, site: str, first: int, last: int
+) -> list[Event] | None:
+    """Offsets first..last from the Redis window, or None unless every one of them is there
+    (the window is capped and Redis may have lost it: only a complete range is proof)."""
+    if last < first:
+        return []
+    members = cast(
+        list[tuple[bytes, float]],
+        await client.zrangebyscore(names.window(site), first, last, withscores=True),
+    )
+    events = [(int(score), payload) for payload, score in members]
+    if len(events) != last - first + 1 or (events and events[0][0] != first):
+        return None
+    return events
+
+
+async def site_heads(pool: asyncpg.Pool, sites: list[str]) -> dict[str, int]:
+    """The last committed offset of each site, in one query."""
+    rows = await pool.fetch(
+        "SELECT id, next_offset - 1 AS head FROM sites WHERE id = ANY($1::text[])", sites
+    )
+    return {r["id"]: r["head"] for r in rows}
+
+
+async def from_postgres(
+    pool: asyncpg.Pool, site: str, epoch: str, after: int, limit: int, until: int | None = None
+) -> list[Event]:
+    """Up to `limit` stored events with offset > after (and <= until), in order."""
+    rows = await pool.fetch(
+        "SELECT site_offset, event_id, name, url, path, referrer, referrer_host, props, "
+        "visitor_id, device, ts FROM events WHERE site = $1 AND site_offset > $2 "
+        "AND site_offset <= $3 ORDER BY site_offset LIMIT $4",
+        site,
+        after,
+        until if until is not None else 2**62,
+        limit,
+    )
+    return [(r["site_offset"], encode_row(site, epoch, r)) for r in rows]
+
+
+def encode_row(site: str, epoch: str, row: asyncpg.Record) -> bytes:
+    props: Any = row["props"]
+    return encode_event(
+        epoch=epoch,
+        offset=row["site_offset"],
+        event_id=row["event_id"],
+        site=site,
+        name=row["name"],
+        url=row["url"],
+        path=row["path"],
+        referrer=row["referrer"],
+        referrer_host=row["referrer_host"],
+        props=orjson.loads(props) if isinstance(props, str) else props,
+        visitor_id=row["visitor_id"],
+        device=row["device"],
+        ts=row["ts"],
+    )

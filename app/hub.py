@@ -1,0 +1,254 @@
+"""The fanout core, free of I/O: viewers, their bounded queues, per-site order, frames.
+
+Everything here is plain Python driven by method calls, so it is tested synchronously. The
+gateway wires it to sockets (a writer task per viewer) and to Redis (one reader task).
+
+- `Viewer` holds one connection's queue, capped in bytes. `push` never blocks: when the cap
+  would be exceeded it returns False and the caller closes the viewer as a slow consumer.
+- `Hub` maps sites to viewers (a viewer's first arrival and last departure are what the
+  gateway subscribes and unsubscribes on) and fans one payload out to all of a site's viewers:
+  the same bytes object, never re-encoded.
+- `Sequencer` puts a site's events in offset order, drops duplicates and reports gaps.
+- `ws_frames` / `sse_chunk` turn a drained queue into as few writes as possible.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Callable, Iterator
+
+import orjson
+
+#: Queue item kinds.
+EVENT = 0
+NOTICE = 1
+
+#: Largest coalesced WebSocket frame; more pending events are split over several frames.
+MAX_FRAME_BYTES = 256 * 1024
+
+_ids = itertools.count(1)
+
+
+class Viewer:
+    """One connected viewer's bounded queue. `wake` is called when the queue goes non-empty."""
+
+    __slots__ = (
+        "_items", "after", "close_code", "closed", "epoch", "id", "max_bytes", "queued_bytes",
+        "site", "wake",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        site: str,
+        epoch: str,
+        max_bytes: int,
+        wake: Callable[[], None],
+        after: int = 0,
+    ) -> None:
+        self.id = next(_ids)
+        self.site = site
+        self.epoch = epoch
+        self.max_bytes = max_bytes
+        self.wake = wake
+        #: Offset of the last event queued; events at or below it are duplicates and skipped.
+        self.after = after
+        self.queued_bytes = 0
+        self.closed = False
+        #: Set by `fail`: the connection must be closed with this code.
+        self.close_code: int | None = None
+        self._items: deque[tuple[int, int, bytes]] = deque()
+
+    def push(self, offset: int, payload: bytes) -> bool:
+        """Queue an event. False means the cap would be exceeded: close this viewer as slow."""
+        if offset <= self.after:
+            return True
+        if not self._append(EVENT, offset, payload):
+            return False
+        self.after = offset
+        return True
+
+    def push_notice(self, frame: bytes) -> bool:
+        return self._append(NOTICE, 0, frame)
+
+    def _append(self, kind: int, offset: int, data: bytes) -> bool:
+        if self.closed:
+            return True
+        if self.queued_bytes + len(data) > self.max_bytes:
+            return False
+        was_empty = not self._items
+        self._items.append((kind, offset, data))
+        self.queued_bytes += len(data)
+        if was_empty:
+            self.wake()
+        return True
+
+    def take(self) -> list[tuple[int, int, bytes]]:
+        """Everything queued, oldest first; the queue is empty afterwards."""
+        items = list(self._items)
+        self._items.clear()
+        self.queued_bytes = 0
+        return items
+
+    def fail(self, code: int) -> None:
+        """Ask the connection to close with `code` (slow consumer, drain, protocol error)."""
+        if self.close_code is None:
+            self.close_code = code
+        self.release()
+        self.wake()
+
+    def release(self) -> None:
+        """Drop the queue (the connection is gone) so its memory is freed at once."""
+        self.closed = True
+        self._items.clear()
+        self.queued_bytes = 0
+
+
+class Hub:
+    def __init__(self) -> None:
+        self._sites: dict[str, dict[int, Viewer]] = {}
+
+    def add(self, viewer: Viewer) -> bool:
+        """Register a viewer; True when it is the site's first (subscribe now)."""
+        viewers = self._sites.setdefault(viewer.site, {})
+        viewers[viewer.id] = viewer
+        return len(viewers) == 1
+
+    def remove(self, viewer: Viewer) -> bool:
+        """Unregister a viewer; True when it was the site's last (unsubscribe soon)."""
+        viewers = self._sites.get(viewer.site)
+        if viewers is None or viewers.pop(viewer.id, None) is None:
+            return False
+        if viewers:
+            return False
+        del self._sites[viewer.site]
+        return True
+
+    def count(self, site: str) -> int:
+        return len(self._sites.get(site, ()))
+
+    def sites(self) -> list[str]:
+        return list(self._sites)
+
+    def viewers(self, site: str | None = None) -> Iterator[Viewer]:
+        if site is not None:
+            yield from list(self._sites.get(site, {}).values())
+            return
+        for viewers in list(self._sites.values()):
+            yield from list(viewers.values())
+
+    def publish(self, site: str, offset: int, payload: bytes) -> list[Viewer]:
+        """Queue one event for every viewer of `site`; return the viewers that overflowed."""
+        slow = []
+        for viewer in self._sites.get(site, {}).values():
+            if not viewer.push(offset, payload):
+                slow.append(viewer)
+        return slow
+
+    def notice(self, site: str, frame: bytes) -> list[Viewer]:
+        slow = []
+        for viewer in self._sites.get(site, {}).values():
+            if not viewer.push_notice(frame):
+                slow.append(viewer)
+        return slow
+
+    def queued_bytes(self) -> int:
+        return sum(v.queued_bytes for v in self.viewers())
+
+
+class Sequencer:
+    """Delivers a site's events in offset order, exactly once, and spots gaps.
+
+    Offsets are gapless per site (app.store), so a jump from N to N+3 means two events were
+    published out of order (two ingest replicas) or lost (Redis pub/sub drops messages across
+    reconnects). They are held until the gap is filled (`fill`) or abandoned (`skip`).
+    """
+
+    def __init__(self, last: int | None = None, max_held: int = 10_000) -> None:
+        #: The last offset released; None until the first event fixes the baseline.
+        self.last = last
+        self.max_held = max_held
+        self._held: dict[int, bytes] = {}
+
+    def offer(self, offset: int, payload: bytes) -> list[tuple[int, bytes]]:
+        if self.last is None:
+            self.last = offset - 1
+        if offset <= self.last or offset in self._held:
+            return []
+        self._held[offset] = payload
+        ready = self._release()
+        if len(self._held) > self.max_held:  # never hold without bound: give the gap up
+            ready += self.skip()
+        return ready
+
+    def fill(self, events: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+        """Add events fetched to repair a gap; return what can now be released."""
+        for offset, payload in events:
+            if self.last is None or offset > self.last:
+                self._held.setdefault(offset, payload)
+        return self._release()
+
+    def missing(self) -> tuple[int, int] | None:
+        """(first, last) missing offsets while events wait behind a gap, else None."""
+        if not self._held or self.last is None:
+            return None
+        return self.last + 1, min(self._held) - 1
+
+    def skip(self) -> list[tuple[int, bytes]]:
+        """Give up the current gap: release what is held from its lowest offset on."""
+        if not self._held:
+            return []
+        self.last = min(self._held) - 1
+        return self._release()
+
+    def _release(self) -> list[tuple[int, bytes]]:
+        ready = []
+        assert self.last is not None
+        while (self.last + 1) in self._held:
+            self.last += 1
+            ready.append((self.last, self._held.pop(self.last)))
+        return ready
+
+
+def ws_frames(items: list[tuple[int, int, bytes]]) -> list[bytes]:
+    """Coalesce queued items into WebSocket text frames: runs of events become one
+    `{"type":"events","events":[...]}` frame (split at MAX_FRAME_BYTES); notices stay alone."""
+    frames: list[bytes] = []
+    run: list[bytes] = []
+    size = 0
+
+    def flush() -> None:
+        nonlocal size
+        if run:
+            frames.append(b'{"type":"events","events":[' + b",".join(run) + b"]}")
+            run.clear()
+            size = 0
+
+    for kind, _, data in items:
+        if kind == NOTICE:
+            flush()
+            frames.append(data)
+            continue
+        if size + len(data) > MAX_FRAME_BYTES:
+            flush()
+        run.append(data)
+        size += len(data) + 1
+    flush()
+    return frames
+
+
+def sse_chunk(items: list[tuple[int, int, bytes]], epoch: str) -> bytes:
+    """All queued items as one SSE write. Events use the default `message` type with the
+    cursor as `id:` (so a browser's Last-Event-ID resumes); notices carry their own type."""
+    parts: list[bytes] = []
+    for kind, offset, data in items:
+        if kind == EVENT:
+            parts.append(b"id: %s-%d\ndata: %s\n\n" % (epoch.encode(), offset, data))
+        else:  # notices are rare: reading their type back is cheaper than carrying it
+            kind_name = orjson.loads(data)["type"].encode()
+            parts.append(b"event: %s\ndata: %s\n\n" % (kind_name, data))
+    return b"".join(parts)
+
+
+def event_count(items: list[tuple[int, int, bytes]]) -> int:
+    return sum(1 for kind, _, _ in items if kind == EVENT)

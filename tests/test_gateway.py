@@ -1,0 +1,343 @@
+"""The gateway as real processes, with real WebSocket and SSE clients."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from app import tokens
+from app.broker import PUBLISH_SCRIPT
+from app.codes import CloseCode
+from app.names import Names
+from app.settings import Settings
+from app.sites import create_site
+from tests.clients import SseViewer, WsViewer, post_events
+from tests.conftest import SECRET, env_for
+from tests.processes import AppProcess
+from workers.embedded import EmbeddedRedis
+
+pytestmark = pytest.mark.slow
+FAST = {
+    "SITEWIRE_RATE_SITE_PER_SEC": "0",
+    "SITEWIRE_RATE_IP_PER_MIN": "0",
+    "SITEWIRE_UNSUBSCRIBE_DELAY_S": "0.3",
+}
+
+
+def token(site: str, ttl: int = 600) -> str:
+    return tokens.issue(SECRET, site, ttl)
+
+
+async def other_site(pool: asyncpg.Pool) -> str:
+    site_id = f"o{secrets.token_hex(4)}.example.org"
+    await create_site(pool, site_id)
+    return site_id
+
+
+async def test_events_reach_every_viewer_of_the_site_on_every_gateway_and_no_other(
+    spawn: Callable[..., AppProcess], site: str, pool: asyncpg.Pool
+) -> None:
+    other = await other_site(pool)
+    ingest = spawn("ingest", **FAST)
+    g1, g2 = spawn("gateway", **FAST), spawn("gateway", **FAST)
+    viewers = [
+        await WsViewer.open(g1.ws_url, site, token(site)),
+        await WsViewer.open(g2.ws_url, site, token(site)),
+        await SseViewer.open(g2.url, site, token(site)),
+    ]
+    bystander = await WsViewer.open(g1.ws_url, other, token(other))
+    cursors = await post_events(ingest.url, site, 50)
+    for v in viewers:
+        await v.wait_for(50)
+        assert v.offsets == list(range(1, 51))  # per-site order, each once
+        assert [e["cursor"] for e in v.events] == cursors
+        assert v.notices[0]["type"] == "welcome" and v.notices[0]["site"] == site
+    sse = viewers[2]
+    assert isinstance(sse, SseViewer) and sse.ids == cursors  # SSE id: is the cursor
+    await asyncio.sleep(0.3)
+    assert bystander.events == []
+    for v in [*viewers, bystander]:
+        await v.close()
+    for process in (g1, g2):  # tokens and client addresses never reach the logs
+        assert token(site).split(".")[0] not in process.log()
+        assert "127.0.0.1:" not in process.log().replace(f"127.0.0.1:{process.port}", "")
+
+
+async def test_subscriptions_are_reference_counted(
+    spawn: Callable[..., AppProcess], site: str, rclient: aioredis.Redis, names: Names
+) -> None:
+    gateway = spawn("gateway", **FAST)
+    channel = names.channel(site)
+
+    async def numsub() -> int:
+        [(_, count)] = await rclient.pubsub_numsub(channel)
+        return int(count)
+
+    assert await numsub() == 0
+    a = await WsViewer.open(gateway.ws_url, site, token(site))
+    await a.wait_notice("welcome")
+    assert await numsub() == 1  # subscribed before the viewer got its welcome
+    b = await SseViewer.open(gateway.url, site, token(site))
+    await b.wait_notice("welcome")
+    assert await numsub() == 1  # one subscription per gateway, not per viewer
+    await a.close()
+    await asyncio.sleep(0.6)
+    assert await numsub() == 1  # b still watches
+    await b.close()
+    await asyncio.sleep(0.1)
+    assert await numsub() == 1  # lingering: a quick reconnect keeps it
+    await asyncio.sleep(0.8)
+    assert await numsub() == 0
+    c = await WsViewer.open(gateway.ws_url, site, token(site))
+    await c.wait_notice("welcome")
+    assert await numsub() == 1
+    await c.close()
+    patterns = await rclient.execute_command("PUBSUB", "NUMPAT")
+    assert patterns == 0  # never a pattern subscription
+
+
+@pytest.mark.parametrize(
+    ("make_token", "code"),
+    [
+        (lambda site: None, CloseCode.UNAUTHORIZED),
+        (lambda site: "not.a.jwt", CloseCode.UNAUTHORIZED),
+        (lambda site: tokens.issue("another-secret-" + "y" * 32, site), CloseCode.UNAUTHORIZED),
+        (lambda site: tokens.issue(SECRET, site, ttl_s=-60), CloseCode.UNAUTHORIZED),
+        (lambda site: tokens.issue(SECRET, "other.example.com"), CloseCode.UNAUTHORIZED),
+    ],
+    ids=["missing", "malformed", "forged", "expired", "other-site"],
+)
+async def test_auth_failures(
+    spawn: Callable[..., AppProcess],
+    site: str,
+    make_token: Callable[[str], str | None],
+    code: CloseCode,
+) -> None:
+    gateway = spawn("gateway", **FAST)
+    ingest = spawn("ingest", **FAST)
+    ws = await WsViewer.open(gateway.ws_url, site, make_token(site))
+    assert await ws.wait_closed() == code
+    assert not code.reconnect
+    sse = await SseViewer.open(gateway.url, site, make_token(site))
+    assert sse.status == 401 and sse.notices[0]["error"]["code"] == "unauthorized"
+    await post_events(ingest.url, site, 3)
+    await asyncio.sleep(0.2)
+    assert ws.events == [] and sse.events == []
+    await sse.close()
+
+
+async def test_unknown_and_invalid_sites(spawn: Callable[..., AppProcess]) -> None:
+    gateway = spawn("gateway", **FAST)
+    ws = await WsViewer.open(gateway.ws_url, "nosuch.example.com", token("nosuch.example.com"))
+    assert await ws.wait_closed() == CloseCode.UNKNOWN_SITE
+    sse = await SseViewer.open(gateway.url, "nosuch.example.com", token("nosuch.example.com"))
+    assert sse.status == 404
+    await sse.close()
+    bad = await SseViewer.open(gateway.url, "Bad%2A", token("Bad*"))
+    assert bad.status == 401
+    await bad.close()
+
+
+async def test_header_token_is_accepted(spawn: Callable[..., AppProcess], site: str) -> None:
+    gateway = spawn("gateway", **FAST)
+    sse = await SseViewer.open(
+        gateway.url, site, None, headers={"Authorization": f"Bearer {token(site)}"}
+    )
+    assert sse.status == 200
+    await sse.wait_notice("welcome")
+    await sse.close()
+
+
+async def test_protocol_abuse_closes_with_documented_codes(
+    spawn: Callable[..., AppProcess], site: str
+) -> None:
+    gateway = spawn("gateway", **FAST)
+    ping = await WsViewer.open(gateway.ws_url, site, token(site))
+    await ping.send('{"type":"ping"}')
+    assert (await ping.wait_notice("pong"))["type"] == "pong"
+    await ping.close()
+    for payload, code in (
+        ('{"type":"subscribe","site":"other.example.com"}', CloseCode.PROTOCOL),
+        ("not json", CloseCode.PROTOCOL),
+        ("x" * 10_000, CloseCode.FRAME_TOO_LARGE),
+        ("x" * 200_000, 1009),  # over the transport's hard limit: "message too big"
+    ):
+        v = await WsViewer.open(gateway.ws_url, site, token(site))
+        await v.send(payload)
+        assert await v.wait_closed() == code
+
+
+async def metric(url: str, name: str) -> float:
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(f"{url}/metrics")).text
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+async def wait_metric(url: str, name: str, value: float, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while await metric(url, name) != value and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert await metric(url, name) == value
+
+
+def _stalled_client(port: int, site: str) -> socket.socket:
+    """A WebSocket client that completes the handshake and then never reads."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    request = (
+        f"GET /v1/sites/{site}/stream?token={token(site)} HTTP/1.1\r\n"
+        f"Host: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    sock.sendall(request.encode())
+    assert b" 101 " in sock.recv(1024)
+    return sock
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+async def _publish(
+    rclient: aioredis.Redis, names: Names, site: str, first: int, count: int
+) -> None:
+    """Publish `count` ~2 KiB events with consecutive offsets, as ingest would."""
+    script = rclient.register_script(PUBLISH_SCRIPT)
+    pad = "x" * 2000
+    args: list[str | int] = []
+    for offset in range(first, first + count):
+        args += [offset, f'{{"offset":{offset},"cursor":"e-{offset}","pad":"{pad}"}}']
+    await script(keys=[names.window(site)], args=[names.channel(site), 100, *args])
+
+
+async def test_stalled_viewer_is_closed_as_slow_and_others_are_unaffected(
+    spawn: Callable[..., AppProcess], site: str, rclient: aioredis.Redis, names: Names
+) -> None:
+    gateway = spawn(
+        "gateway",
+        **FAST,
+        SITEWIRE_VIEWER_QUEUE_BYTES=str(256 * 1024),
+        SITEWIRE_WRITE_TIMEOUT_S="1",
+    )
+    healthy = await WsViewer.open(gateway.ws_url, site, token(site))
+    await healthy.wait_notice("welcome")
+    stalled = _stalled_client(gateway.port, site)
+    await asyncio.sleep(0.2)
+    assert gateway.proc is not None
+    rss_before = _rss_kib(gateway.proc.pid)
+    total = 0
+    for _ in range(80):  # ~8 MB through the gateway, sustained, in 100 KiB bursts
+        await _publish(rclient, names, site, total + 1, 50)
+        total += 50
+        await asyncio.sleep(0.01)
+    await healthy.wait_for(total, timeout=20)
+    assert healthy.close_code is None, healthy.close_reason
+    assert healthy.offsets == list(range(1, total + 1))
+    assert healthy.close_code is None
+    slow = await metric(gateway.url, 'sitewire_gateway_closes_total{reason="slow_consumer"}')
+    timed_out = await metric(gateway.url, 'sitewire_gateway_closes_total{reason="write_timeout"}')
+    assert slow + timed_out == 1.0
+    # The stalled socket cannot even take a close frame; it is dropped within a bound.
+    await wait_metric(gateway.url, 'sitewire_gateway_connections{transport="websocket"}', 1.0)
+    growth_kib = _rss_kib(gateway.proc.pid) - rss_before
+    assert growth_kib < 16 * 1024, f"gateway grew by {growth_kib} KiB with a stalled viewer"
+    stalled.close()
+    await healthy.close()
+
+
+async def test_dead_connections_are_removed_within_the_ping_timeout(
+    spawn: Callable[..., AppProcess], site: str
+) -> None:
+    gateway = spawn(
+        "gateway", **FAST, SITEWIRE_PING_INTERVAL_S="0.3", SITEWIRE_PING_TIMEOUT_S="0.3"
+    )
+    stalled = _stalled_client(gateway.port, site)  # never answers pings: half-open
+    name = 'sitewire_gateway_connections{transport="websocket"}'
+    await wait_metric(gateway.url, name, 1.0)
+    started = time.monotonic()
+    await wait_metric(gateway.url, name, 0.0, timeout=5)
+    assert time.monotonic() - started < 2.0  # interval + timeout + scheduling slack
+    stalled.close()
+
+
+async def test_sigterm_drains_viewers_with_the_reconnect_code(
+    spawn: Callable[..., AppProcess], site: str
+) -> None:
+    gateway = spawn("gateway", **FAST, SITEWIRE_DRAIN_TIMEOUT_S="3")
+    ws = [await WsViewer.open(gateway.ws_url, site, token(site)) for _ in range(3)]
+    sse = await SseViewer.open(gateway.url, site, token(site))
+    started = time.monotonic()
+    gateway.signal(15)
+    for v in ws:
+        assert await v.wait_closed() == CloseCode.SHUTTING_DOWN
+    await sse.wait_closed()
+    assert sse.close_code == CloseCode.SHUTTING_DOWN
+    assert CloseCode.SHUTTING_DOWN.reconnect
+    assert gateway.proc is not None
+    code = await asyncio.to_thread(gateway.proc.wait, 15)
+    assert code == 0
+    assert time.monotonic() - started < 8
+    await sse.close()
+
+
+async def test_redis_restart_resubscribes_and_tells_viewers(
+    settings: Settings, site: str, tmp_path: Path
+) -> None:
+    redis_server = EmbeddedRedis(tmp_path / "redis", persist=False)
+    env = env_for(settings.with_(redis_url=redis_server.url), **FAST)
+    ingest = AppProcess("ingest", env, tmp_path).start()
+    gateway = AppProcess("gateway", env, tmp_path).start()
+    try:
+        viewer = await WsViewer.open(gateway.ws_url, site, token(site))
+        await post_events(ingest.url, site, 5)
+        await viewer.wait_for(5)
+        redis_server.stop()
+        await post_events(ingest.url, site, 5, start=5)  # stored, not published
+        await asyncio.sleep(0.5)
+        redis_server.start()  # empty: its data is lost
+        gap = await viewer.wait_notice("gap", timeout=15)
+        assert gap["reason"] == "redis_reconnect" and gap["recovered"] is True
+        await post_events(ingest.url, site, 5, start=10)
+        await viewer.wait_for(15)
+        assert viewer.offsets == list(range(1, 16))  # the missed five came from PostgreSQL
+        assert viewer.close_code is None
+        await viewer.close()
+    finally:
+        gateway.stop()
+        ingest.stop()
+        redis_server.stop()
+
+
+def test_token_command(database_url: str) -> None:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SITEWIRE_SECRET": SECRET}
+    out = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "sites", "token", "example.com", "--ttl", "60"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.strip()
+    tokens.verify(SECRET, out, "example.com")
+    with pytest.raises(tokens.InvalidToken):
+        tokens.verify(SECRET, out, "other.com")

@@ -1,0 +1,137 @@
+"""The fanout core, synchronously, without sockets or Redis."""
+
+import orjson
+import pytest
+
+from app.codes import CloseCode
+from app.hub import MAX_FRAME_BYTES, Hub, Sequencer, Viewer, event_count, sse_chunk, ws_frames
+
+
+def viewer(site: str = "a.com", max_bytes: int = 1000) -> tuple[Viewer, list[int]]:
+    wakes: list[int] = []
+    v = Viewer(site, "e1e2e3e4", max_bytes, lambda: wakes.append(1))
+    return v, wakes
+
+
+def test_viewer_queue_is_capped_in_bytes() -> None:
+    v, wakes = viewer(max_bytes=100)
+    assert v.push(1, b"x" * 60)
+    assert wakes == [1]  # woken once when the queue becomes non-empty
+    assert v.push(2, b"y" * 30)
+    assert wakes == [1]
+    assert not v.push(3, b"z" * 20)  # would exceed the cap: the caller closes it as slow
+    assert v.queued_bytes == 90
+    assert [o for _, o, _ in v.take()] == [1, 2]
+    assert v.queued_bytes == 0
+
+
+def test_viewer_skips_what_it_already_has() -> None:
+    v, _ = viewer()
+    v.after = 5
+    assert v.push(5, b"old") and v.push(6, b"new")
+    assert [o for _, o, _ in v.take()] == [6]
+
+
+def test_fail_releases_memory_and_wakes_the_writer() -> None:
+    v, wakes = viewer()
+    v.push(1, b"x" * 500)
+    wakes.clear()
+    v.fail(CloseCode.SLOW_CONSUMER)
+    assert v.close_code == CloseCode.SLOW_CONSUMER and v.queued_bytes == 0 and wakes == [1]
+    assert v.push(2, b"y")  # ignored once closed
+    assert v.take() == []
+
+
+def test_hub_refcounts_sites_and_shares_bytes() -> None:
+    hub = Hub()
+    a, _ = viewer()
+    b, _ = viewer()
+    other, _ = viewer("b.com")
+    assert hub.add(a) is True  # first viewer: subscribe
+    assert hub.add(b) is False
+    assert hub.add(other) is True
+    payload = b'{"offset":1}'
+    assert hub.publish("a.com", 1, payload) == []
+    assert a.take()[0][2] is payload and b.take()[0][2] is payload  # encoded once, shared
+    assert other.take() == []
+    assert hub.remove(a) is False
+    assert hub.remove(b) is True  # last viewer: unsubscribe
+    assert hub.remove(b) is False
+    assert hub.sites() == ["b.com"]
+
+
+def test_hub_reports_slow_viewers_without_slowing_others() -> None:
+    hub = Hub()
+    slow, _ = viewer(max_bytes=10)
+    fast, _ = viewer(max_bytes=10_000)
+    hub.add(slow)
+    hub.add(fast)
+    overflowed = []
+    for offset in range(1, 6):
+        overflowed += hub.publish("a.com", offset, b"x" * 8)
+    assert overflowed and all(v is slow for v in overflowed)
+    assert len(fast.take()) == 5
+
+
+def test_sequencer_orders_dedupes_and_reports_gaps() -> None:
+    seq = Sequencer(last=0)
+    assert seq.offer(1, b"1") == [(1, b"1")]
+    assert seq.offer(1, b"1") == []  # duplicate
+    assert seq.offer(3, b"3") == []  # held behind a gap
+    assert seq.missing() == (2, 2)
+    assert seq.offer(2, b"2") == [(2, b"2"), (3, b"3")]
+    assert seq.missing() is None
+    assert seq.offer(6, b"6") == []
+    assert seq.fill([(4, b"4")]) == [(4, b"4")]
+    assert seq.missing() == (5, 5)
+    assert seq.skip() == [(6, b"6")]
+    assert seq.last == 6
+
+
+def test_sequencer_without_baseline_starts_at_the_first_event() -> None:
+    seq = Sequencer()
+    assert seq.offer(41, b"x") == [(41, b"x")]
+    assert seq.offer(40, b"old") == []
+
+
+def test_sequencer_holds_a_bounded_amount() -> None:
+    seq = Sequencer(last=0, max_held=3)
+    for offset in range(3, 6):
+        assert seq.offer(offset, b"") == []
+    assert [o for o, _ in seq.offer(6, b"")] == [3, 4, 5, 6]  # gap abandoned, not grown
+
+
+def test_ws_frames_coalesce_events_and_keep_notices_apart() -> None:
+    items = [(0, 1, b'{"offset":1}'), (0, 2, b'{"offset":2}'), (1, 0, b'{"type":"gap"}'),
+             (0, 3, b'{"offset":3}')]  # fmt: skip
+    frames = [orjson.loads(f) for f in ws_frames(items)]
+    assert frames == [
+        {"type": "events", "events": [{"offset": 1}, {"offset": 2}]},
+        {"type": "gap"},
+        {"type": "events", "events": [{"offset": 3}]},
+    ]
+    assert event_count(items) == 3
+
+
+def test_ws_frames_split_large_runs() -> None:
+    big = b'{"pad":"' + b"x" * 100_000 + b'"}'
+    frames = ws_frames([(0, i, big) for i in range(1, 6)])
+    assert len(frames) >= 2
+    assert all(len(f) <= MAX_FRAME_BYTES + len(big) + 64 for f in frames)
+    assert sum(len(orjson.loads(f)["events"]) for f in frames) == 5
+
+
+def test_sse_chunk_uses_the_cursor_as_id() -> None:
+    chunk = sse_chunk(
+        [(0, 7, b'{"offset":7}'), (1, 0, b'{"type":"gap","recovered":true}')], "ab12cd34"
+    )
+    assert chunk == (
+        b'id: ab12cd34-7\ndata: {"offset":7}\n\n'
+        b'event: gap\ndata: {"type":"gap","recovered":true}\n\n'
+    )
+
+
+@pytest.mark.parametrize("code", list(CloseCode))
+def test_close_code_ranges(code: CloseCode) -> None:
+    assert 4000 <= code < 5000
+    assert code.reconnect == (code < 4500)
