@@ -11,9 +11,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import asyncpg
 import orjson
@@ -24,22 +25,29 @@ from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocketDisconnect
 
 from app import tokens
+from app.broker import REDIS_ERRORS
 from app.codes import CloseCode, ErrorCode
 from app.connections import Status, open_pool, open_redis, probe_postgres, probe_redis
 from app.errors import ApiError
 from app.feed import Feeds
 from app.health import Checks, health_router
-from app.hub import Hub, Viewer, event_count, sse_chunk, ws_frames
+from app.history import page_after
+from app.hub import EVENT, Hub, Viewer, event_age_s, event_count, sse_chunk, ws_frames
 from app.metrics import GatewayMetrics
+from app.names import Names
+from app.replay import BadStart, Replayer, Start, StartRequest, parse_start, run_replay, welcome
 from app.responses import error_response
 from app.settings import Settings
 from app.sites import Site, SiteCache, is_valid_site_id
 from app.store import STORAGE_ERRORS
+from app.wire import format_cursor, parse_cursor
 
 log = logging.getLogger(__name__)
 
 #: Largest frame a viewer may send; viewers only ever send tiny control messages.
 MAX_CLIENT_FRAME = 4096
+#: Most events one history page returns.
+HISTORY_MAX_LIMIT = 1000
 #: SSE comment line sent when a stream is idle, so proxies and dead peers are noticed.
 SSE_HEARTBEAT_S = 15.0
 
@@ -53,6 +61,7 @@ class GatewayState:
     hub: Hub
     feeds: Feeds
     sites: SiteCache
+    replayer: Replayer
     draining: bool = False
     writers: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -89,7 +98,8 @@ def create_app(settings: Settings) -> FastAPI:
         client = open_redis(settings)
         hub = Hub()
         feeds = Feeds(hub, settings, client, pool, metrics)
-        state = GatewayState(settings, pool, client, metrics, hub, feeds, SiteCache(pool))
+        replayer = Replayer(client, pool, Names(settings.key_prefix), metrics)
+        state = GatewayState(settings, pool, client, metrics, hub, feeds, SiteCache(pool), replayer)
         metrics.queue_bytes.set_function(hub.queued_bytes)
         app.state.gateway = state
         feeds.start()
@@ -125,9 +135,77 @@ def create_app(settings: Settings) -> FastAPI:
             request.headers.get("authorization")
         )
         site_info = await _authorize(state, secret, site, token)
-        return SseStream(state, site_info)
+        query = request.query_params
+        since = request.headers.get("last-event-id") or query.get("since")
+        try:
+            req = parse_start(since, None if since else query.get("last"), query.get("minutes"))
+        except BadStart as exc:
+            raise ApiError(ErrorCode.INVALID_REQUEST, str(exc), "since") from None
+        return SseStream(state, site_info, req)
+
+    @app.get("/v1/sites/{site}/history")
+    async def history(request: Request, site: str) -> Response:
+        """Stored events, paged by cursor (`after`) or starting at a time (`from`)."""
+        state: GatewayState = app.state.gateway
+        token = request.query_params.get("token") or tokens.bearer(
+            request.headers.get("authorization")
+        )
+        site_info = await _authorize(state, secret, site, token)
+        return await _history_page(state, site_info, request.query_params)
 
     return app
+
+
+async def _history_page(state: GatewayState, site: Site, query: Mapping[str, str]) -> Response:
+    try:
+        limit = int(query.get("limit", "100"))
+        if not 1 <= limit <= HISTORY_MAX_LIMIT:
+            raise ValueError
+    except ValueError:
+        raise ApiError(
+            ErrorCode.INVALID_REQUEST, f"limit is 1..{HISTORY_MAX_LIMIT}", "limit"
+        ) from None
+    after = 0
+    before = _timestamp(query, "to")
+    try:
+        if "after" in query:
+            epoch, after = parse_cursor(query["after"])
+            if epoch != site.epoch:
+                raise ApiError(ErrorCode.INVALID_REQUEST, "cursor is for another epoch", "after")
+        elif "from" in query:
+            start = _timestamp(query, "from")
+            assert start is not None
+            first = await state.replayer.offset_at(site.id, start)
+            after = (first - 1) if first is not None else 2**62
+        events = await page_after(state.pool, site.id, site.epoch, after, limit, before)
+    except ValueError as exc:
+        raise ApiError(ErrorCode.INVALID_REQUEST, str(exc), "after") from None
+    except STORAGE_ERRORS:
+        raise ApiError(
+            ErrorCode.STORAGE_UNAVAILABLE, "history is unavailable", retry_after=2
+        ) from None
+    next_cursor = format_cursor(site.epoch, events[-1][0]) if len(events) == limit else None
+    body = (
+        b'{"events":['
+        + b",".join(p for _, p in events)
+        + b'],"next":'
+        + orjson.dumps(next_cursor)
+        + b"}"
+    )
+    return Response(body, media_type="application/json")
+
+
+def _timestamp(query: Mapping[str, str], name: str) -> datetime | None:
+    raw = query.get(name)
+    if raw is None:
+        return None
+    try:
+        value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        raise ApiError(
+            ErrorCode.INVALID_REQUEST, f"{name} must be an ISO 8601 time", name
+        ) from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 class Refused(Exception):
@@ -175,8 +253,32 @@ async def _check_viewer(state: GatewayState, secret: str, site: str, token: str 
     return found
 
 
-def _welcome(site: Site) -> bytes:
-    return orjson.dumps({"type": "welcome", "site": site.id, "epoch": site.epoch})
+async def _join(
+    state: GatewayState, site: Site, req: StartRequest, wake: asyncio.Event
+) -> tuple[Viewer, Start]:
+    """Add a viewer to the live feed (holding live events), decide where its stream starts,
+    and queue its welcome. Raises what subscribing raises."""
+    viewer = Viewer(site.id, site.epoch, state.settings.viewer_queue_bytes, wake.set)
+    viewer.start_replay()
+    await state.feeds.join(viewer)
+    start = await state.replayer.resolve(site.id, site.epoch, state.feeds.head(site.id), req)
+    viewer.push_notice(welcome(site.id, site.epoch, start))
+    return viewer, start
+
+
+def _gap_notice(viewer: Viewer, after: int) -> None:
+    cursor = format_cursor(viewer.epoch, after)
+    viewer.push_notice(orjson.dumps({"type": "gap", "after": cursor, "recovered": False}))
+
+
+async def _replay(
+    state: GatewayState, viewer: Viewer, start: Start, drained: asyncio.Event
+) -> None:
+    try:
+        await run_replay(state.replayer, viewer, start, drained, _gap_notice)
+    except Exception:
+        log.exception("replay failed", extra={"site": viewer.site})
+        viewer.fail(CloseCode.INTERNAL)
 
 
 # -- WebSocket ----------------------------------------------------------------------------
@@ -187,21 +289,25 @@ async def _serve_websocket(state: GatewayState, secret: str, ws: WebSocket, site
     token = ws.query_params.get("token") or tokens.bearer(ws.headers.get("authorization"))
     try:
         site_info = await _check_viewer(state, secret, site, token)
+        q = ws.query_params
+        req = parse_start(q.get("since"), q.get("last"), q.get("minutes"))
     except Refused as exc:
         await ws.close(exc.close, exc.error.message[:120])
         return
-    wake = asyncio.Event()
-    viewer = Viewer(site, site_info.epoch, state.settings.viewer_queue_bytes, wake.set)
+    except BadStart as exc:
+        await ws.close(CloseCode.BAD_REQUEST, str(exc)[:120])
+        return
+    wake, drained = asyncio.Event(), asyncio.Event()
     try:
-        await state.feeds.join(viewer)
-    except (TimeoutError, *STORAGE_ERRORS) as exc:
+        viewer, start = await _join(state, site_info, req, wake)
+    except (TimeoutError, *REDIS_ERRORS, *STORAGE_ERRORS) as exc:
         log.warning("could not subscribe", extra={"site": site, "error": repr(exc)})
         await ws.close(CloseCode.INTERNAL, "subscription failed, reconnect")
         return
     state.metrics.connections.labels("websocket").inc()
-    viewer.push_notice(_welcome(site_info))
     reader = asyncio.create_task(_ws_reader(ws, viewer))
-    writer = asyncio.create_task(_ws_writer(state, ws, viewer, wake))
+    writer = asyncio.create_task(_ws_writer(state, ws, viewer, wake, drained))
+    replay = asyncio.create_task(_replay(state, viewer, start, drained))
     try:
         await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
         if not writer.done():
@@ -213,9 +319,9 @@ async def _serve_websocket(state: GatewayState, secret: str, ws: WebSocket, site
                 await asyncio.wait_for(asyncio.shield(writer), 2.0)
     finally:
         state.feeds.leave(viewer)
-        for task in (reader, writer):
+        for task in (reader, writer, replay):
             task.cancel()
-        await asyncio.gather(reader, writer, return_exceptions=True)
+        await asyncio.gather(reader, writer, replay, return_exceptions=True)
         state.metrics.connections.labels("websocket").dec()
 
 
@@ -241,7 +347,7 @@ async def _ws_reader(ws: WebSocket, viewer: Viewer) -> None:
 
 
 async def _ws_writer(
-    state: GatewayState, ws: WebSocket, viewer: Viewer, wake: asyncio.Event
+    state: GatewayState, ws: WebSocket, viewer: Viewer, wake: asyncio.Event, drained: asyncio.Event
 ) -> None:
     timeout = state.settings.write_timeout_s
     try:
@@ -258,7 +364,8 @@ async def _ws_writer(
                 for frame in ws_frames(items):
                     await ws.send_text(frame.decode())
                     state.metrics.frames.inc()
-            state.metrics.delivered.inc(event_count(items))
+            drained.set()
+            _count_delivery(state, items)
     except TimeoutError:
         state.metrics.closes.labels("write_timeout").inc()
         viewer.fail(CloseCode.SLOW_CONSUMER)
@@ -267,6 +374,16 @@ async def _ws_writer(
                 await ws.close(CloseCode.SLOW_CONSUMER, "write timeout")
     except (WebSocketDisconnect, RuntimeError, OSError):
         viewer.release()  # the socket went away while writing
+
+
+def _count_delivery(state: GatewayState, items: list[tuple[int, int, bytes]]) -> None:
+    """Count delivered events and sample latency once per write (the newest event in it)."""
+    state.metrics.delivered.inc(event_count(items))
+    newest = next((data for kind, _, data in reversed(items) if kind == EVENT), None)
+    if newest is not None:
+        age = event_age_s(newest, time.time())
+        if age is not None:
+            state.metrics.latency.observe(max(age, 0.0))
 
 
 async def _ws_close(state: GatewayState, ws: WebSocket, code: int) -> None:
@@ -290,18 +407,18 @@ class SseStream(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, state: GatewayState, site: Site) -> None:
+    def __init__(self, state: GatewayState, site: Site, req: StartRequest) -> None:
         super().__init__(status_code=200, media_type=self.media_type)
         self.state = state
         self.site = site
+        self.req = req
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         state = self.state
-        wake = asyncio.Event()
-        viewer = Viewer(self.site.id, self.site.epoch, state.settings.viewer_queue_bytes, wake.set)
+        wake, drained = asyncio.Event(), asyncio.Event()
         try:
-            await state.feeds.join(viewer)
-        except (TimeoutError, *STORAGE_ERRORS):
+            viewer, start = await _join(state, self.site, self.req, wake)
+        except (TimeoutError, *REDIS_ERRORS, *STORAGE_ERRORS):
             error = ApiError(ErrorCode.STORAGE_UNAVAILABLE, "subscription failed", retry_after=1)
             await error_response(error)(scope, receive, send)
             return
@@ -318,17 +435,21 @@ class SseStream(Response):
                     ],
                 }
             )
-            viewer.push_notice(_welcome(self.site))
             disconnected = asyncio.create_task(_wait_disconnect(receive, viewer))
+            replay = asyncio.create_task(_replay(state, viewer, start, drained))
             try:
-                await self._write(send, viewer, wake, b"retry: 2000\n\n")
+                await self._write(send, viewer, wake, drained, b"retry: 2000\n\n")
             finally:
                 disconnected.cancel()
+                replay.cancel()
+                await asyncio.gather(disconnected, replay, return_exceptions=True)
         finally:
             state.feeds.leave(viewer)
             state.metrics.connections.labels("sse").dec()
 
-    async def _write(self, send: Send, viewer: Viewer, wake: asyncio.Event, first: bytes) -> None:
+    async def _write(
+        self, send: Send, viewer: Viewer, wake: asyncio.Event, drained: asyncio.Event, first: bytes
+    ) -> None:
         state = self.state
         timeout = state.settings.write_timeout_s
         pending = first
@@ -339,6 +460,7 @@ class SseStream(Response):
                         await send(
                             {"type": "http.response.body", "body": pending, "more_body": True}
                         )
+                    drained.set()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(SSE_HEARTBEAT_S):
                         await wake.wait()
@@ -350,8 +472,8 @@ class SseStream(Response):
                     return
                 items = viewer.take()
                 pending = sse_chunk(items, viewer.epoch) if items else b": ping\n\n"
-                state.metrics.delivered.inc(event_count(items))
                 if items:
+                    _count_delivery(state, items)
                     state.metrics.frames.inc()
         except TimeoutError:
             state.metrics.closes.labels("write_timeout").inc()

@@ -5,6 +5,7 @@ Both return `(offset, payload)` pairs in offset order, in the wire format of app
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, cast
 
 import asyncpg
@@ -75,3 +76,20 @@ def encode_row(site: str, epoch: str, row: asyncpg.Record) -> bytes:
         device=row["device"],
         ts=row["ts"],
     )
+
+
+async def page_after(
+    pool: asyncpg.Pool, site: str, epoch: str, after: int, limit: int, before: datetime | None
+) -> list[Event]:
+    """One history page: events with offset > after (and ts < before), by offset. Served by
+    the primary key (site, site_offset), so a page costs the same on any size of site."""
+    rows = await pool.fetch(
+        "SELECT site_offset, event_id, name, url, path, referrer, referrer_host, props, "
+        "visitor_id, device, ts FROM events WHERE site = $1 AND site_offset > $2 "
+        "AND ($3::timestamptz IS NULL OR ts < $3) ORDER BY site_offset LIMIT $4",
+        site,
+        after,
+        before,
+        limit,
+    )
+    return [(r["site_offset"], encode_row(site, epoch, r)) for r in rows]

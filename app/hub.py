@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from collections.abc import Callable, Iterator
+from datetime import datetime
 
 import orjson
 
@@ -34,8 +35,8 @@ class Viewer:
     """One connected viewer's bounded queue. `wake` is called when the queue goes non-empty."""
 
     __slots__ = (
-        "_items", "after", "close_code", "closed", "epoch", "id", "max_bytes", "queued_bytes",
-        "site", "wake",
+        "_held", "_items", "after", "close_code", "closed", "epoch", "held_bytes", "id",
+        "max_bytes", "queued_bytes", "site", "wake",
     )  # fmt: skip
 
     def __init__(
@@ -58,9 +59,25 @@ class Viewer:
         #: Set by `fail`: the connection must be closed with this code.
         self.close_code: int | None = None
         self._items: deque[tuple[int, int, bytes]] = deque()
+        #: Live events that arrived while the viewer was still replaying (None once live).
+        self._held: list[tuple[int, bytes]] | None = None
+        self.held_bytes = 0
 
     def push(self, offset: int, payload: bytes) -> bool:
-        """Queue an event. False means the cap would be exceeded: close this viewer as slow."""
+        """Queue a live event. False means the cap would be exceeded: close this viewer as
+        slow. While replaying, live events are held aside (within the same cap)."""
+        if offset <= self.after:
+            return True
+        if self._held is not None:
+            if self.queued_bytes + self.held_bytes + len(payload) > self.max_bytes:
+                return False
+            self._held.append((offset, payload))
+            self.held_bytes += len(payload)
+            return True
+        return self.push_replay(offset, payload)
+
+    def push_replay(self, offset: int, payload: bytes) -> bool:
+        """Queue an event read from storage (in offset order)."""
         if offset <= self.after:
             return True
         if not self._append(EVENT, offset, payload):
@@ -68,13 +85,39 @@ class Viewer:
         self.after = offset
         return True
 
+    def start_replay(self) -> None:
+        """From now on live events are held until `go_live` (call before joining the hub)."""
+        self._held = []
+
+    @property
+    def replaying(self) -> bool:
+        return self._held is not None
+
+    def go_live(self) -> int | None:
+        """Move held live events behind the replayed ones. Returns None when the viewer is
+        live, or the first held offset when storage must be read up to just before it (the
+        replay has not reached the live stream yet)."""
+        if self._held is None:
+            return None
+        for index, (offset, payload) in enumerate(self._held):
+            if offset <= self.after:
+                continue
+            if offset != self.after + 1:
+                del self._held[:index]
+                self.held_bytes = sum(len(p) for _, p in self._held)
+                return offset
+            self.push_replay(offset, payload)
+        self._held = None
+        self.held_bytes = 0
+        return None
+
     def push_notice(self, frame: bytes) -> bool:
         return self._append(NOTICE, 0, frame)
 
     def _append(self, kind: int, offset: int, data: bytes) -> bool:
         if self.closed:
             return True
-        if self.queued_bytes + len(data) > self.max_bytes:
+        if self.queued_bytes + self.held_bytes + len(data) > self.max_bytes:
             return False
         was_empty = not self._items
         self._items.append((kind, offset, data))
@@ -102,6 +145,8 @@ class Viewer:
         self.closed = True
         self._items.clear()
         self.queued_bytes = 0
+        self._held = None
+        self.held_bytes = 0
 
 
 class Hub:
@@ -252,3 +297,16 @@ def sse_chunk(items: list[tuple[int, int, bytes]], epoch: str) -> bytes:
 
 def event_count(items: list[tuple[int, int, bytes]]) -> int:
     return sum(1 for kind, _, _ in items if kind == EVENT)
+
+
+def event_age_s(payload: bytes, now: float) -> float | None:
+    """Seconds since the event's server timestamp (`ts`, the last field app.wire writes),
+    for the publish-to-send latency histogram; None if it cannot be read."""
+    at = payload.rfind(b'"ts":"')
+    if at < 0:
+        return None
+    try:
+        ts = datetime.fromisoformat(payload[at + 6 : at + 30].decode())
+    except ValueError:
+        return None
+    return now - ts.timestamp()

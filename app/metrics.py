@@ -92,6 +92,12 @@ class GatewayMetrics:
         self.redis_reconnects = Counter(
             "sitewire_gateway_redis_reconnects", "Pub/sub reconnections", registry=registry
         )
+        self.replay_reads = Counter(
+            "sitewire_gateway_replay_reads",
+            "Replay page reads by source (shared: joined an identical read in flight)",
+            ["source"],
+            registry=registry,
+        )
         self.latency = Histogram(
             "sitewire_gateway_publish_to_send_seconds",
             "From the event's server timestamp to its write on a viewer socket",

@@ -135,3 +135,49 @@ def test_sse_chunk_uses_the_cursor_as_id() -> None:
 def test_close_code_ranges(code: CloseCode) -> None:
     assert 4000 <= code < 5000
     assert code.reconnect == (code < 4500)
+
+
+def test_event_age_reads_the_wire_timestamp() -> None:
+    from datetime import UTC, datetime
+
+    from app.hub import event_age_s
+
+    ts = datetime(2026, 1, 1, tzinfo=UTC)
+    payload = orjson.dumps({"offset": 1, "ts": "2026-01-01T00:00:00.000Z"})
+    age = event_age_s(payload, ts.timestamp() + 0.25)
+    assert age is not None and abs(age - 0.25) < 1e-6
+    assert event_age_s(b'{"offset":1}', 0) is None
+
+
+def test_replay_then_live_has_no_gap_and_no_duplicate_at_the_seam() -> None:
+    v, _ = viewer(max_bytes=10_000)
+    v.after = 10
+    v.start_replay()
+    for offset in (13, 14, 15):  # live events arrive while storage is still being read
+        assert v.push(offset, b"live%d" % offset)
+    for offset in (11, 12, 13):  # the replay overlaps the live stream by one
+        assert v.push_replay(offset, b"stored%d" % offset)
+    assert v.go_live() is None and not v.replaying
+    assert v.push(16, b"live16")
+    items = v.take()
+    assert [o for _, o, _ in items] == [11, 12, 13, 14, 15, 16]
+    assert items[2][2] == b"stored13"
+
+
+def test_go_live_asks_for_more_replay_when_live_is_ahead() -> None:
+    v, _ = viewer(max_bytes=10_000)
+    v.start_replay()
+    v.push(5, b"5")
+    v.push_replay(1, b"1")
+    assert v.go_live() == 5  # read storage up to 4 first
+    for offset in (2, 3, 4):
+        v.push_replay(offset, b"%d" % offset)
+    assert v.go_live() is None
+    assert [o for _, o, _ in v.take()] == [1, 2, 3, 4, 5]
+
+
+def test_held_events_count_against_the_cap() -> None:
+    v, _ = viewer(max_bytes=100)
+    v.start_replay()
+    assert v.push(1, b"x" * 60)
+    assert not v.push(2, b"x" * 60)

@@ -1,0 +1,123 @@
+"""A resuming viewer client, written from docs/protocol.md alone.
+
+It connects to one of several gateways, remembers the cursor of the last event it handled,
+and on any disconnect in the reconnect range (or a dropped connection) reconnects, to the next
+gateway, with jittered exponential backoff, resuming with `?since=`. `sitewire tail` is built
+on it, and so are the end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlencode
+
+import orjson
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from app.codes import CloseCode
+
+Handler = Callable[[dict[str, Any]], None]
+
+
+class StreamClosed(Exception):
+    """The server closed the stream with a do-not-reconnect code."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"stream closed: {code} {reason}")
+        self.code = code
+        self.reason = reason
+
+
+@dataclass
+class StreamClient:
+    gateways: list[str]  # base URLs, ws:// or wss://
+    site: str
+    token: str
+    on_event: Handler
+    on_notice: Handler = lambda notice: None
+    #: Where to start the first connection: {"since": cursor} | {"last": "N"} | {"minutes": "T"}.
+    start: dict[str, str] = field(default_factory=dict)
+    backoff_base_s: float = 0.2
+    backoff_max_s: float = 10.0
+    #: The cursor of the last event handled; reconnects resume after it.
+    cursor: str | None = None
+    connections: int = 0
+
+    def _url(self, attempt: int) -> str:
+        base = self.gateways[attempt % len(self.gateways)].rstrip("/")
+        params = {"token": self.token}
+        if self.cursor is not None:
+            params["since"] = self.cursor
+        else:
+            params.update(self.start)
+        return f"{base}/v1/sites/{self.site}/stream?{urlencode(params)}"
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Stream until `stop` is set; raise StreamClosed on a do-not-reconnect close."""
+        stop = stop or asyncio.Event()
+        failures = 0
+        attempt = 0
+        while not stop.is_set():
+            try:
+                await self._session(self._url(attempt), stop)
+                failures = 0
+            except StreamClosed as closed:
+                if not reconnectable(closed.code):
+                    raise
+                failures += 1
+            except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed):
+                failures += 1
+            except InvalidURI:
+                raise
+            attempt += 1
+            if stop.is_set():
+                return
+            delay = min(self.backoff_max_s, self.backoff_base_s * 2 ** min(failures, 8))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), random.uniform(delay / 2, delay))
+
+    async def _session(self, url: str, stop: asyncio.Event) -> None:
+        async with connect(url, max_size=None, open_timeout=5, close_timeout=1) as ws:
+            self.connections += 1
+            stopper = asyncio.create_task(stop.wait())
+            try:
+                while True:
+                    receive = asyncio.create_task(ws.recv())
+                    done, _ = await asyncio.wait(
+                        {receive, stopper}, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    if receive not in done:
+                        receive.cancel()
+                        return
+                    try:
+                        raw = receive.result()
+                    except ConnectionClosed:
+                        code = ws.close_code
+                        if code is not None and code >= 4000:
+                            raise StreamClosed(code, ws.close_reason or "") from None
+                        raise
+                    self._handle(orjson.loads(raw))
+            finally:
+                stopper.cancel()
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        if message["type"] == "events":
+            for event in message["events"]:
+                self.cursor = event["cursor"]
+                self.on_event(event)
+            return
+        if message["type"] == "welcome" and self.cursor is None and message.get("cursor"):
+            # Even before the first event, a reconnect must resume from where we started.
+            self.cursor = message["cursor"]
+        self.on_notice(message)
+
+
+def reconnectable(code: int) -> bool:
+    """Close codes 4000-4499 ask the client to reconnect; 4500-4999 to stop (app.codes)."""
+    return CloseCode.SHUTTING_DOWN <= code < CloseCode.UNAUTHORIZED

@@ -1,0 +1,255 @@
+"""Resuming viewers: where a stream starts, and the paged replay up to the live stream.
+
+A viewer says where it wants to start: after a cursor (`?since=`, SSE `Last-Event-ID`), the
+last N events (`?last=N`), the last T minutes (`?minutes=T`), or now. The gateway joins it to
+the live feed first (live events are held aside), then replays storage from the start position
+page by page, each page only once the viewer's queue has room, and finally moves the held live
+events behind the replay with no gap and no duplicate (`Viewer.go_live`).
+
+Pages come from the Redis window when it holds the whole page, else from PostgreSQL. Identical
+PostgreSQL reads in flight are shared (a reconnect storm after a gateway restart asks for the
+same pages many times), and at most `MAX_CONCURRENT_READS` run at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TypeVar, cast
+
+import asyncpg
+import orjson
+import redis.asyncio as aioredis
+
+from app.broker import REDIS_ERRORS
+from app.codes import CloseCode
+from app.history import Event, from_postgres, from_window
+from app.hub import Viewer
+from app.metrics import GatewayMetrics
+from app.names import Names
+from app.store import STORAGE_ERRORS
+from app.wire import format_cursor, parse_cursor
+
+T = TypeVar("T")
+
+#: Events per replay page.
+PAGE = 200
+#: PostgreSQL replay reads allowed at once per gateway.
+MAX_CONCURRENT_READS = 4
+#: Most events `?last=` may ask for, and most minutes `?minutes=` may.
+MAX_LAST = 10_000
+MAX_MINUTES = 24 * 60
+
+
+class BadStart(ValueError):
+    """A malformed `since`, `last` or `minutes`; the message is safe to show."""
+
+
+@dataclass(frozen=True, slots=True)
+class StartRequest:
+    since: tuple[str, int] | None = None
+    last: int | None = None
+    minutes: float | None = None
+
+
+def parse_start(since: str | None, last: str | None, minutes: str | None) -> StartRequest:
+    given = [x for x in (since, last, minutes) if x]
+    if len(given) > 1:
+        raise BadStart("give at most one of since, last and minutes")
+    try:
+        if since:
+            return StartRequest(since=parse_cursor(since))
+        if last:
+            n = int(last)
+            if not 0 <= n <= MAX_LAST:
+                raise ValueError
+            return StartRequest(last=n)
+        if minutes:
+            m = float(minutes)
+            if not 0 < m <= MAX_MINUTES:
+                raise ValueError
+            return StartRequest(minutes=m)
+    except ValueError as exc:
+        detail = str(exc) if since else f"last is 0..{MAX_LAST}, minutes 0..{MAX_MINUTES}"
+        raise BadStart(f"bad start position: {detail}") from None
+    return StartRequest()
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    #: Replay everything after this offset; None means "start live, no replay".
+    after: int | None
+    #: None: not a resume. True: every event after the cursor will be delivered.
+    recovered: bool | None
+    reason: str | None = None
+    #: The site's last offset when the viewer joined: replay at least up to here.
+    head: int = 0
+
+
+class Replayer:
+    def __init__(
+        self, redis: aioredis.Redis, pool: asyncpg.Pool, names: Names, metrics: GatewayMetrics
+    ) -> None:
+        self._redis = redis
+        self._pool = pool
+        self._names = names
+        self._metrics = metrics
+        self._inflight: dict[tuple[object, ...], asyncio.Future[object]] = {}
+        self._reads = asyncio.Semaphore(MAX_CONCURRENT_READS)
+
+    async def _shared(self, key: tuple[object, ...], read: Callable[[], Awaitable[T]]) -> T:
+        """Run `read` once for all concurrent callers with the same key."""
+        pending = self._inflight.get(key)
+        if pending is not None:
+            self._metrics.replay_reads.labels("shared").inc()
+            return cast(T, await asyncio.shield(pending))
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            async with self._reads:
+                result = await read()
+            future.set_result(result)
+            return result
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: the waiters, if any, re-raise it
+            raise
+        finally:
+            del self._inflight[key]
+
+    async def page(self, site: str, epoch: str, after: int, until: int) -> list[Event]:
+        """Events after..until (at most PAGE), window first, then PostgreSQL."""
+        last = min(until, after + PAGE)
+        with contextlib.suppress(*REDIS_ERRORS):
+            events = await from_window(self._redis, self._names, site, after + 1, last)
+            if events is not None:
+                self._metrics.replay_reads.labels("redis").inc()
+                return events
+
+        async def read() -> list[Event]:
+            self._metrics.replay_reads.labels("postgres").inc()
+            return await from_postgres(self._pool, site, epoch, after, PAGE, until=last)
+
+        return await self._shared(("page", site, after, last), read)
+
+    async def head(self, site: str) -> int | None:
+        async def read() -> int | None:
+            value = await self._pool.fetchval(
+                "SELECT next_offset - 1 FROM sites WHERE id = $1", site
+            )
+            return None if value is None else int(value)
+
+        return await self._shared(("head", site), read)
+
+    async def stored(self, site: str, offset: int) -> bool:
+        """Whether the event at `offset` can still be read (window or PostgreSQL)."""
+        with contextlib.suppress(*REDIS_ERRORS):
+            if await from_window(self._redis, self._names, site, offset, offset):
+                return True
+        found = await self._pool.fetchval(
+            "SELECT 1 FROM events WHERE site = $1 AND site_offset = $2", site, offset
+        )
+        return found is not None
+
+    async def offset_at(self, site: str, when: datetime) -> int | None:
+        """The first offset stored at or after `when` (None if none)."""
+        value = await self._pool.fetchval(
+            "SELECT site_offset FROM events WHERE site = $1 AND ts >= $2 ORDER BY ts LIMIT 1",
+            site,
+            when,
+        )
+        return None if value is None else int(value)
+
+    async def resolve(
+        self, site: str, epoch: str, live_head: int | None, req: StartRequest
+    ) -> Start:
+        """Turn a start request into an offset to replay after, and whether a resume is
+        complete. Never raises on storage trouble: the viewer then starts live."""
+        try:
+            head = live_head if live_head is not None else await self.head(site)
+            if head is None:
+                raise ConnectionError("site head unknown")
+            if req.since is not None:
+                return await self._resume(site, epoch, head, *req.since)
+            if req.last is not None:
+                return Start(max(0, head - req.last), None, head=head)
+            if req.minutes is not None:
+                since = datetime.now(UTC) - timedelta(minutes=req.minutes)
+                first = await self.offset_at(site, since)
+                return Start(head if first is None else first - 1, None, head=head)
+            return Start(head, None, head=head)
+        except (ConnectionError, *STORAGE_ERRORS):
+            recovered = False if req.since is not None else None
+            return Start(None, recovered, "storage_unavailable" if recovered is False else None)
+
+    async def _resume(
+        self, site: str, epoch: str, head: int, cursor_epoch: str, since: int
+    ) -> Start:
+        if cursor_epoch != epoch:
+            return Start(head, False, "epoch_changed", head)
+        if since > head:
+            return Start(head, False, "cursor_ahead", head)
+        if since == head or await self.stored(site, since + 1):
+            return Start(since, True, head=head)
+        return Start(since, False, "expired", head)  # retention removed the missed events
+
+
+async def run_replay(
+    replayer: Replayer,
+    viewer: Viewer,
+    start: Start,
+    drained: asyncio.Event,
+    on_gap: Callable[[Viewer, int], None],
+) -> None:
+    """Replay from `start` until the viewer is live. Runs beside the viewer's writer."""
+    if start.after is None:
+        _go_live_now(viewer)
+        return
+    viewer.after = start.after
+    target: int | None = start.head
+    while target is not None:
+        while viewer.after < target and not viewer.closed:
+            try:
+                page = await replayer.page(viewer.site, viewer.epoch, viewer.after, target)
+            except STORAGE_ERRORS:
+                page = []
+            if not page:  # storage unavailable, or retention removed them: say so, skip
+                on_gap(viewer, viewer.after)
+                viewer.after = target
+                break
+            if page[0][0] != viewer.after + 1:
+                on_gap(viewer, viewer.after)
+            for offset, payload in page:
+                if not viewer.push_replay(offset, payload):
+                    viewer.fail(CloseCode.SLOW_CONSUMER)
+                    return
+            await _wait_for_room(viewer, drained)
+        if viewer.closed:
+            return
+        missing = viewer.go_live()
+        target = None if missing is None else missing - 1
+
+
+def _go_live_now(viewer: Viewer) -> None:
+    held_from = viewer.go_live()
+    while held_from is not None:
+        viewer.after = held_from - 1
+        held_from = viewer.go_live()
+
+
+async def _wait_for_room(viewer: Viewer, drained: asyncio.Event) -> None:
+    while viewer.queued_bytes > viewer.max_bytes // 4 and not viewer.closed:
+        drained.clear()
+        await drained.wait()
+
+
+def welcome(site: str, epoch: str, start: Start) -> bytes:
+    body: dict[str, object] = {"type": "welcome", "site": site, "epoch": epoch}
+    body["cursor"] = None if start.after is None else format_cursor(epoch, start.after)
+    body["recovered"] = start.recovered
+    if start.reason:
+        body["reason"] = start.reason
+    return orjson.dumps(body)

@@ -1,0 +1,374 @@
+"""Viewers never miss an event: resume across disconnects, gateway kills and restarts, Redis
+trouble, windows and protocols. Every test counts what was ingested and what each viewer got."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from app.client import StreamClient
+from app.settings import Settings
+from app.sites import get_site
+from tests.clients import SseViewer, WsViewer, post_events
+from tests.conftest import env_for
+from tests.processes import AppProcess
+from tests.test_gateway import FAST, metric, token
+from tests.test_ingest import BROWSER
+from workers.embedded import EmbeddedRedis
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class Steady:
+    """Posts events to a site at a steady rate until stopped; remembers every cursor."""
+
+    ingest_url: str
+    site: str
+    rate: float = 100.0
+    cursors: list[str] = field(default_factory=list)
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _task: asyncio.Task[None] | None = None
+
+    def start(self) -> Steady:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def _run(self) -> None:
+        async with httpx.AsyncClient(headers={"User-Agent": BROWSER}, timeout=10) as client:
+            i = 0
+            while not self._stop.is_set():
+                body = {"site": self.site, "name": "pageview", "url": f"https://{self.site}/{i}"}
+                r = await client.post(f"{self.ingest_url}/api/event", json=body)
+                assert r.status_code == 202, r.text
+                self.cursors.append(r.json()["cursor"])
+                i += 1
+                await asyncio.sleep(1 / self.rate)
+
+    async def stop(self) -> int:
+        self._stop.set()
+        assert self._task is not None
+        await self._task
+        return len(self.cursors)
+
+
+@dataclass
+class Watcher:
+    """A resuming client (app.client) that records every event and notice."""
+
+    client: StreamClient
+    events: list[dict[str, Any]] = field(default_factory=list)
+    notices: list[dict[str, Any]] = field(default_factory=list)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def start(cls, gateways: list[str], site: str, **start: str) -> Watcher:
+        w = cls(StreamClient(gateways, site, token(site), lambda e: None, start=start))
+        w.client.on_event = w.events.append
+        w.client.on_notice = w.notices.append
+        w.client.backoff_base_s = 0.05
+        w.task = asyncio.create_task(w.client.run(w.stop))
+        return w
+
+    @property
+    def offsets(self) -> list[int]:
+        return [e["offset"] for e in self.events]
+
+    async def wait_for_offset(self, offset: int, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while (
+            not self.events or self.events[-1]["offset"] < offset
+        ) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert self.events and self.events[-1]["offset"] >= offset, (
+            f"reached {self.offsets[-1:] or None} of {offset}; notices {self.notices[-3:]}"
+        )
+
+    async def wait_welcome(self, count: int = 1) -> None:
+        deadline = time.monotonic() + 10
+        while sum(n["type"] == "welcome" for n in self.notices) < count:
+            assert time.monotonic() < deadline, self.notices
+            await asyncio.sleep(0.01)
+
+    async def close(self) -> None:
+        self.stop.set()
+        if self.task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+
+
+async def epoch_of(pool: asyncpg.Pool, site: str) -> str:
+    found = await get_site(pool, site)
+    assert found is not None
+    return found.epoch
+
+
+async def test_viewer_resumes_on_another_gateway_after_a_disconnect(
+    spawn: Callable[..., AppProcess], site: str, pool: asyncpg.Pool
+) -> None:
+    ingest = spawn("ingest", **FAST)
+    g1, g2 = spawn("gateway", **FAST), spawn("gateway", **FAST)
+    epoch = await epoch_of(pool, site)
+    first = Watcher.start([g1.ws_url], site, since=f"{epoch}-0")
+    await first.wait_welcome()
+    steady = Steady(ingest.url, site).start()
+    await asyncio.sleep(0.8)
+    await first.close()  # gone for a while, under steady ingest
+    await asyncio.sleep(1.0)
+    second = Watcher.start([g2.ws_url], site, since=first.client.cursor or "")
+    await asyncio.sleep(0.5)
+    total = await steady.stop()
+    await second.wait_for_offset(total)
+    combined = first.offsets + second.offsets
+    assert combined == list(range(1, total + 1))  # no loss, no duplicate, in order
+    assert second.notices[0]["recovered"] is True
+    await second.close()
+
+
+async def test_gateways_killed_and_restarted_under_load(
+    spawn: Callable[..., AppProcess], site: str, pool: asyncpg.Pool
+) -> None:
+    ingest = spawn("ingest", **FAST)
+    g1, g2, g3 = (spawn("gateway", **FAST) for _ in range(3))
+    epoch = await epoch_of(pool, site)
+    urls = [g1.ws_url, g2.ws_url, g3.ws_url]
+    # Every viewer starts on g1, then moves to g2 (g1 killed), then g3 (g2 drained).
+    watchers = [Watcher.start(urls, site, since=f"{epoch}-0") for _ in range(6)]
+    for w in watchers:
+        await w.wait_welcome()
+    steady = Steady(ingest.url, site, rate=150).start()
+    await asyncio.sleep(1.0)
+    g1.kill()  # SIGKILL: no close frame, no drain
+    await asyncio.sleep(1.5)
+    assert g2.stop(timeout=15) == 0  # SIGTERM: drained with 4000, reconnect elsewhere
+    await asyncio.sleep(1.0)
+    total = await steady.stop()
+    for w in watchers:
+        await w.wait_for_offset(total)
+        assert w.offsets == list(range(1, total + 1))
+        assert w.client.connections >= 3
+        assert all(n.get("recovered") is not False for n in w.notices)
+    for w in watchers:
+        await w.close()
+
+
+async def test_resume_older_than_the_redis_window_comes_from_postgres(
+    spawn: Callable[..., AppProcess], site: str, pool: asyncpg.Pool
+) -> None:
+    ingest = spawn("ingest", **FAST, SITEWIRE_REPLAY_WINDOW="10")
+    gateway = spawn("gateway", **FAST)
+    await post_events(ingest.url, site, 60)
+    epoch = await epoch_of(pool, site)
+    viewer = await WsViewer.open(gateway.ws_url, site, token(site), f"&since={epoch}-5")
+    await viewer.wait_for(55)
+    assert viewer.offsets == list(range(6, 61))
+    assert viewer.notices[0]["recovered"] is True and viewer.notices[0]["cursor"] == f"{epoch}-5"
+    assert await metric(gateway.url, 'sitewire_gateway_replay_reads_total{source="postgres"}') > 0
+    await post_events(ingest.url, site, 5, start=60)
+    await viewer.wait_for(60)  # then live, seamlessly
+    assert viewer.offsets == list(range(6, 66))
+    # Within the window, the replay comes from Redis.
+    recent = await WsViewer.open(gateway.ws_url, site, token(site), f"&since={epoch}-60")
+    await recent.wait_for(5)
+    assert recent.offsets == list(range(61, 66))
+    assert await metric(gateway.url, 'sitewire_gateway_replay_reads_total{source="redis"}') > 0
+    await viewer.close()
+    await recent.close()
+
+
+async def test_resume_after_redis_lost_its_data(
+    settings: Settings, site: str, tmp_path: Path, pool: asyncpg.Pool
+) -> None:
+    redis_server = EmbeddedRedis(tmp_path / "redis", persist=False)
+    env = env_for(settings.with_(redis_url=redis_server.url), **FAST)
+    ingest = AppProcess("ingest", env, tmp_path).start()
+    gateway = AppProcess("gateway", env, tmp_path).start()
+    epoch = await epoch_of(pool, site)
+    try:
+        await post_events(ingest.url, site, 10)
+        redis_server.stop()
+        await post_events(ingest.url, site, 10, start=10)  # stored, never published
+        redis_server.start()  # empty window, epoch of the offsets unchanged (PostgreSQL)
+        await asyncio.to_thread(gateway.wait_ready)
+        viewer = await WsViewer.open(gateway.ws_url, site, token(site), f"&since={epoch}-3")
+        await viewer.wait_for(17)
+        assert viewer.offsets == list(range(4, 21))
+        assert viewer.notices[0]["recovered"] is True
+        await viewer.close()
+    finally:
+        gateway.stop()
+        ingest.stop()
+        redis_server.stop()
+
+
+async def test_sse_resumes_with_last_event_id(spawn: Callable[..., AppProcess], site: str) -> None:
+    ingest = spawn("ingest", **FAST)
+    gateway = spawn("gateway", **FAST)
+    cursors = await post_events(ingest.url, site, 20)
+    sse = await SseViewer.open(
+        gateway.url, site, token(site), headers={"Last-Event-ID": cursors[11]}
+    )
+    await sse.wait_for(8)
+    assert sse.offsets == list(range(13, 21))
+    assert sse.ids == cursors[12:]
+    welcome = await sse.wait_notice("welcome")
+    assert welcome["recovered"] is True and welcome["cursor"] == cursors[11]
+    await sse.close()
+
+
+async def test_last_n_and_last_minutes_then_live(
+    spawn: Callable[..., AppProcess], site: str
+) -> None:
+    ingest = spawn("ingest", **FAST)
+    gateway = spawn("gateway", **FAST)
+    await post_events(ingest.url, site, 30)
+    last5 = await WsViewer.open(gateway.ws_url, site, token(site), "&last=5")
+    recent = await WsViewer.open(gateway.ws_url, site, token(site), "&minutes=5")
+    await last5.wait_for(5)
+    await recent.wait_for(30)
+    await post_events(ingest.url, site, 2, start=30)
+    await last5.wait_for(7)
+    await recent.wait_for(32)
+    assert last5.offsets == list(range(26, 33))
+    assert recent.offsets == list(range(1, 33))
+    assert last5.notices[0]["recovered"] is None
+    bad = await WsViewer.open(gateway.ws_url, site, token(site), "&last=many")
+    assert await bad.wait_closed() == 4502
+    for v in (last5, recent):
+        await v.close()
+
+
+async def test_incomplete_recovery_is_explicit(
+    spawn: Callable[..., AppProcess], site: str, pool: asyncpg.Pool
+) -> None:
+    ingest = spawn("ingest", **FAST, SITEWIRE_REPLAY_WINDOW="10")
+    gateway = spawn("gateway", **FAST)
+    await post_events(ingest.url, site, 40)
+    epoch = await epoch_of(pool, site)
+    wrong = await WsViewer.open(gateway.ws_url, site, token(site), "&since=00000000-3")
+    welcome = await wrong.wait_notice("welcome")
+    assert welcome["recovered"] is False and welcome["reason"] == "epoch_changed"
+    # Retention removed offsets 1-20: a resume from 5 cannot be complete, and says so.
+    await pool.execute("DELETE FROM events WHERE site = $1 AND site_offset <= 20", site)
+    expired = await WsViewer.open(gateway.ws_url, site, token(site), f"&since={epoch}-5")
+    welcome = await expired.wait_notice("welcome")
+    assert welcome["recovered"] is False and welcome["reason"] == "expired"
+    await expired.wait_for(20)
+    assert expired.offsets == list(range(21, 41))
+    gap = await expired.wait_notice("gap")
+    assert gap == {"type": "gap", "after": f"{epoch}-5", "recovered": False}
+    for v in (wrong, expired):
+        await v.close()
+
+
+async def test_replay_is_paged_within_the_viewer_queue(
+    spawn: Callable[..., AppProcess], site: str, pool: asyncpg.Pool
+) -> None:
+    ingest = spawn("ingest", **FAST, SITEWIRE_REPLAY_WINDOW="10")
+    gateway = spawn("gateway", **FAST, SITEWIRE_VIEWER_QUEUE_BYTES=str(64 * 1024))
+    async with httpx.AsyncClient(headers={"User-Agent": BROWSER}, timeout=30) as client:
+        for batch in range(30):
+            events = [
+                {"site": site, "name": "pageview", "url": f"https://{site}/{batch}/{i}"}
+                for i in range(100)
+            ]
+            r = await client.post(f"{ingest.url}/api/events", json=events)
+            assert r.status_code == 202
+    epoch = await epoch_of(pool, site)
+    # 3,000 events (~1 MB) replayed through a 64 KiB queue: paged, never closed as slow.
+    viewer = await WsViewer.open(gateway.ws_url, site, token(site), f"&since={epoch}-0")
+    await viewer.wait_for(3000, timeout=30)
+    assert viewer.offsets == list(range(1, 3001))
+    assert viewer.close_code is None
+    assert await metric(gateway.url, 'sitewire_gateway_closes_total{reason="slow_consumer"}') == 0
+    await viewer.close()
+
+
+async def test_reconnect_storm_shares_postgres_reads(
+    spawn: Callable[..., AppProcess], site: str, pool: asyncpg.Pool
+) -> None:
+    ingest = spawn("ingest", **FAST, SITEWIRE_REPLAY_WINDOW="10")
+    gateway = spawn("gateway", **FAST)
+    await post_events(ingest.url, site, 300)
+    epoch = await epoch_of(pool, site)
+    viewers = await asyncio.gather(
+        *(WsViewer.open(gateway.ws_url, site, token(site), f"&since={epoch}-0") for _ in range(40))
+    )
+    for v in viewers:
+        await v.wait_for(300)
+        assert v.offsets == list(range(1, 301))
+    reads = await metric(gateway.url, 'sitewire_gateway_replay_reads_total{source="postgres"}')
+    shared = await metric(gateway.url, 'sitewire_gateway_replay_reads_total{source="shared"}')
+    # 40 viewers x 2 pages each would be 80 reads without sharing.
+    assert shared > 0 and reads < 80, (reads, shared)
+    for v in viewers:
+        await v.close()
+
+
+async def test_history_pages_by_cursor_and_time(
+    spawn: Callable[..., AppProcess], site: str, pool: asyncpg.Pool
+) -> None:
+    ingest = spawn("ingest", **FAST)
+    gateway = spawn("gateway", **FAST)
+    cursors = await post_events(ingest.url, site, 25)
+    url = f"{gateway.url}/v1/sites/{site}/history"
+    async with httpx.AsyncClient() as client:
+        seen: list[int] = []
+        params: dict[str, str] = {"token": token(site), "limit": "10"}
+        while True:
+            page = (await client.get(url, params=params)).json()
+            seen += [e["offset"] for e in page["events"]]
+            if page["next"] is None:
+                break
+            params["after"] = page["next"]
+        assert seen == list(range(1, 26))
+        ts = (await client.get(url, params={"token": token(site), "after": cursors[19]})).json()
+        when = ts["events"][0]["ts"]
+        by_time = (await client.get(url, params={"token": token(site), "from": when})).json()
+        assert by_time["events"][0]["offset"] <= 21 and by_time["events"][-1]["offset"] == 25
+        header = await client.get(url, headers={"Authorization": f"Bearer {token(site)}"})
+        assert header.status_code == 200 and len(header.json()["events"]) == 25
+        assert (await client.get(url)).status_code == 401
+        other = await client.get(url, params={"token": token("other.example.com")})
+        assert other.status_code == 401
+        bad = await client.get(url, params={"token": token(site), "limit": "0"})
+        assert bad.status_code == 400 and bad.json()["error"]["field"] == "limit"
+        bad = await client.get(url, params={"token": token(site), "after": "nope"})
+        assert bad.status_code == 400
+
+
+async def test_history_page_is_indexed_on_a_big_site(pool: asyncpg.Pool, site: str) -> None:
+    await pool.execute(
+        """INSERT INTO events (site, site_offset, event_id, name, url, path, visitor_id, device, ts)
+           SELECT $1, g, gen_random_uuid(), 'pageview', 'https://x/', '/', 0, 'desktop',
+                  now() - interval '1 second' * (300000 - g)
+           FROM generate_series(1, 300000) AS g""",
+        site,
+    )
+    await pool.execute("ANALYZE events")
+    from app.history import page_after
+
+    plan = "\n".join(
+        r[0]
+        for r in await pool.fetch(
+            "EXPLAIN SELECT * FROM events WHERE site = $1 AND site_offset > $2 "
+            "AND ($3::timestamptz IS NULL OR ts < $3) ORDER BY site_offset LIMIT 100",
+            site,
+            150000,
+            None,
+        )
+    )
+    assert "Index Scan using events_pkey" in plan and "Sort" not in plan, plan
+    page = await page_after(pool, site, "e", 250000, 100, None)
+    assert [o for o, _ in page] == list(range(250001, 250101))
+    await pool.execute("DELETE FROM events WHERE site = $1", site)
