@@ -372,3 +372,48 @@ async def test_history_page_is_indexed_on_a_big_site(pool: asyncpg.Pool, site: s
     page = await page_after(pool, site, "e", 250000, 100, None)
     assert [o for o, _ in page] == list(range(250001, 250101))
     await pool.execute("DELETE FROM events WHERE site = $1", site)
+
+
+async def _lose_one_publication(pool: asyncpg.Pool, rclient: Any, names: Any, site: str) -> int:
+    """Store an event and put it in the window, but never PUBLISH it: what Redis pub/sub does
+    silently to a subscriber across a reconnect."""
+    from app.history import encode_row
+
+    epoch = await epoch_of(pool, site)
+    async with pool.acquire() as conn, conn.transaction():
+        offset = await conn.fetchval(
+            "UPDATE sites SET next_offset = next_offset + 1 WHERE id = $1 "
+            "RETURNING next_offset - 1",
+            site,
+        )
+        row = await conn.fetchrow(
+            """INSERT INTO events (site, site_offset, event_id, name, url, path, visitor_id,
+                                   device, ts)
+               VALUES ($1, $2, gen_random_uuid(), 'lost', 'https://x/', '/', 0, 'desktop', now())
+               RETURNING *""",
+            site,
+            offset,
+        )
+    await rclient.zadd(names.window(site), {encode_row(site, epoch, row): offset})
+    return int(offset)
+
+
+async def test_a_silently_lost_publication_is_repaired(
+    spawn: Callable[..., AppProcess], site: str, pool: asyncpg.Pool, rclient: Any, names: Any
+) -> None:
+    ingest = spawn("ingest", **FAST)
+    gateway = spawn("gateway", **FAST)
+    viewer = await WsViewer.open(gateway.ws_url, site, token(site))
+    await viewer.wait_notice("welcome")
+    await post_events(ingest.url, site, 2)
+    lost = await _lose_one_publication(pool, rclient, names, site)
+    await post_events(ingest.url, site, 2, start=3)  # offset 4 reveals that 3 never came
+    await viewer.wait_for(5)
+    assert lost == 3 and viewer.offsets == [1, 2, 3, 4, 5]
+    assert viewer.events[2]["name"] == "lost"
+    # A lost *last* publication has no successor to reveal it: the position check finds it.
+    await _lose_one_publication(pool, rclient, names, site)
+    await viewer.wait_for(6, timeout=10)
+    assert viewer.offsets == [1, 2, 3, 4, 5, 6]
+    assert [n["type"] for n in viewer.notices] == ["welcome"]  # repaired, nothing to report
+    await viewer.close()
