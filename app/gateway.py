@@ -25,6 +25,7 @@ from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocketDisconnect
 
 from app import tokens
+from app.assets import Asset
 from app.broker import REDIS_ERRORS
 from app.codes import CloseCode, ErrorCode
 from app.connections import Status, open_pool, open_redis, probe_postgres, probe_redis
@@ -142,6 +143,17 @@ def create_app(settings: Settings) -> FastAPI:
         except BadStart as exc:
             raise ApiError(ErrorCode.INVALID_REQUEST, str(exc), "since") from None
         return SseStream(state, site_info, req)
+
+    dashboard = Asset.load("dashboard.html", "text/html; charset=utf-8", max_age=300)
+
+    @app.get("/dashboard/{site}", include_in_schema=False)
+    async def dashboard_page(request: Request, site: str) -> Response:
+        """The live dashboard; it reads its token from its own ?token= and connects back."""
+        response = dashboard.response(request)
+        # The page carries a token in its URL: never send it on as a Referer.
+        response.headers["Referrer-Policy"] = "no-referrer"
+        response.headers["X-Frame-Options"] = "DENY"
+        return response
 
     @app.get("/v1/sites/{site}/history")
     async def history(request: Request, site: str) -> Response:

@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from uuid6 import uuid7
 
 from app import enrich
+from app.assets import Asset
 from app.broker import Publisher
 from app.codes import ErrorCode
 from app.connections import Status, open_pool, open_redis, probe_postgres, probe_redis
@@ -135,6 +136,13 @@ def _install_error_handlers(app: FastAPI, metrics: IngestMetrics) -> None:
 
 
 def _install_routes(app: FastAPI) -> None:
+    script = Asset.load("script.js", "application/javascript; charset=utf-8", max_age=3600)
+
+    @app.get("/script.js", include_in_schema=False)
+    async def tracking_script(request: Request) -> Response:
+        """The tracking script, served first-party from the ingest host."""
+        return script.response(request)
+
     @app.post("/api/event", status_code=202)
     async def post_event(request: Request) -> Response:
         """One event. Body: a JSON object, sent as application/json or text/plain."""

@@ -71,6 +71,10 @@ class Settings:
     gap_hold_ms: float = 50.0
     #: SITEWIRE_LOG_LEVEL: DEBUG, INFO, WARNING or ERROR.
     log_level: str = "INFO"
+    #: SITEWIRE_GATEWAY: comma-separated gateway URLs `sitewire tail` connects to.
+    gateways: tuple[str, ...] = ("ws://127.0.0.1:8001",)
+    #: SITEWIRE_TOKEN: viewer token for `sitewire tail`.
+    viewer_token: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -104,6 +108,8 @@ class Settings:
             drain_timeout_s=r.float("SITEWIRE_DRAIN_TIMEOUT_S", cls.drain_timeout_s, 0.1, 600),
             gap_hold_ms=r.float("SITEWIRE_GAP_HOLD_MS", cls.gap_hold_ms, 0.0, 10_000),
             log_level=r.get("SITEWIRE_LOG_LEVEL", cls.log_level, _log_level),
+            gateways=r.get("SITEWIRE_GATEWAY", cls.gateways, _gateway_urls),
+            viewer_token=r.get("SITEWIRE_TOKEN", None, str),
         )
         return settings
 
@@ -206,3 +212,21 @@ def _log_level(raw: str) -> str:
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
     return level
+
+
+def _gateway_urls(raw: str) -> tuple[str, ...]:
+    urls = tuple(gateway_url(part) for part in raw.split(",") if part.strip())
+    if not urls:
+        raise ValueError("must name at least one gateway URL")
+    return urls
+
+
+def gateway_url(raw: str) -> str:
+    """A gateway base URL as a WebSocket URL (http:// and https:// are accepted too)."""
+    url = raw.strip().rstrip("/")
+    for http, ws in (("http://", "ws://"), ("https://", "wss://")):
+        if url.startswith(http):
+            url = ws + url[len(http) :]
+    if not url.startswith(("ws://", "wss://")):
+        raise ValueError(f"{raw.strip()!r} is not a ws://, wss://, http:// or https:// URL")
+    return url

@@ -19,9 +19,11 @@ ROOT = Path(__file__).resolve().parent.parent
 class AppProcess:
     """One `sitewire ROLE` process. Its output goes to a log file shown when it fails."""
 
-    def __init__(self, role: str, env: dict[str, str], log_dir: Path) -> None:
+    def __init__(
+        self, role: str, env: dict[str, str], log_dir: Path, port: int | None = None
+    ) -> None:
         self.role = role
-        self.port = free_port()
+        self.port = port or free_port()
         self.env = env
         self.log_path = log_dir / f"{role}-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -75,6 +77,10 @@ class AppProcess:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+    def restarted(self) -> AppProcess:
+        """A new process of the same role on the same port (after this one stopped)."""
+        return AppProcess(self.role, self.env, self.log_path.parent, self.port).start()
 
     def kill(self) -> None:
         assert self.proc is not None

@@ -150,6 +150,50 @@ main.add_command(_serve_command("gateway", 8001))
 
 
 @main.command()
+@click.argument("site")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--since", help="Resume after a cursor, or start a duration ago (10m, 2h).")
+@click.option("--last", type=click.IntRange(0, 10_000), help="Start with the last N events.")
+@click.option("--filter", "text_filter", help="Only events whose name or path contains this.")
+@click.option(
+    "--gateway",
+    "gateways",
+    multiple=True,
+    help="Gateway URL (repeatable; default SITEWIRE_GATEWAY or ws://127.0.0.1:8001).",
+)
+@click.option("--token", help="Viewer token (default SITEWIRE_TOKEN).")
+def tail(
+    site: str,
+    as_json: bool,
+    since: str | None,
+    last: int | None,
+    text_filter: str | None,
+    gateways: tuple[str, ...],
+    token: str | None,
+) -> None:
+    """Print SITE's live events; reconnects and resumes by itself. Ctrl-C to stop."""
+    from app import tokens
+    from app.client import StreamClient
+    from app.settings import gateway_url
+    from workers import tail as tailing
+
+    settings = _settings()
+    token = token or settings.viewer_token
+    if not token and settings.secret:
+        token = tokens.issue(settings.secret, site, 12 * 3600)  # operators holding the secret
+    if not token:
+        raise click.UsageError(
+            "a viewer token is needed: --token, SITEWIRE_TOKEN or SITEWIRE_SECRET"
+        )
+    try:
+        urls = [gateway_url(g) for g in gateways] or list(settings.gateways)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--gateway") from None
+    client = StreamClient(urls, site, token, lambda e: None, start=tailing.start_from(since, last))
+    sys.exit(tailing.run(client, tailing.default_printer(as_json, text_filter)))
+
+
+@main.command()
 @click.option("--data-dir", default=".sitewire", show_default=True, help="Embedded data folder.")
 @click.option("--ingest-port", default=8000, show_default=True, type=int)
 @click.option("--gateway-port", default=8001, show_default=True, type=int)

@@ -21,6 +21,7 @@ from pathlib import Path
 import asyncpg
 import httpx
 
+from app import tokens
 from app.migrate import migrate
 from app.settings import Settings
 from app.sites import SiteExists, create_site
@@ -49,7 +50,7 @@ class Stack:
             env = self._prepare()
             self._start_children(env)
             self._wait_ready()
-            self._banner()
+            self._banner(env["SITEWIRE_SECRET"])
             asyncio.run(self._idle())
         except KeyboardInterrupt:
             print("\nstopping...", flush=True)
@@ -101,14 +102,18 @@ class Stack:
                     raise SystemExit(f"process on port {port} did not become ready")
                 time.sleep(0.2)
 
-    def _banner(self) -> None:
+    def _banner(self, secret: str) -> None:
         i, g = self.ingest_port, self.gateway_port
+        token = tokens.issue(secret, DEMO_SITE, 7 * 86400)
         print(
             "\nSitewire is running.\n"
-            f"  ingest   http://127.0.0.1:{i}  (POST /api/event, /readyz, /metrics)\n"
-            f"  gateway  http://127.0.0.1:{g}  (/readyz, /metrics)\n"
+            f"  ingest    http://127.0.0.1:{i}  (POST /api/event, /script.js, /metrics)\n"
+            f"  gateway   http://127.0.0.1:{g}  (/v1/sites/SITE/stream, /events, /history)\n"
             f"  demo site {DEMO_SITE}" + (" receiving demo traffic" if self.demo else "") + "\n"
-            "Press Ctrl-C to stop.\n",
+            f"\n  dashboard http://127.0.0.1:{g}/dashboard/{DEMO_SITE}?token={token}\n"
+            f"  tail      sitewire tail {DEMO_SITE} --gateway http://127.0.0.1:{g} "
+            f"--token {token}\n"
+            "\nPress Ctrl-C to stop.\n",
             flush=True,
         )
 

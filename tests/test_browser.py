@@ -1,0 +1,276 @@
+"""The tracking script and the dashboard in a real browser (Debian's Chromium via Playwright),
+against real ingest and gateway processes."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import http.server
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from app.assets import Asset
+from app.sites import create_site
+from tests.clients import post_events
+from tests.processes import ROOT, AppProcess
+from tests.test_gateway import FAST, token
+from workers.embedded import free_port
+
+pytestmark = pytest.mark.slow
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = ROOT / "test-artifacts"
+# A real desktop Chrome: the headless UA would (rightly) be dropped as automation.
+DESKTOP_UA = (
+    "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/131.0.0.0 Safari/537.36"
+)
+if shutil.which(CHROMIUM) is None:
+    pytest.skip("Chromium is not installed (apt-get install -y chromium)", allow_module_level=True)
+
+from playwright.async_api import Browser, Page, async_playwright  # noqa: E402
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as p:
+        b = await p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                # A visitor's browser: navigator.webdriver is false, as for a person.
+                "--disable-blink-features=AutomationControlled",
+            ],
+        )  # fmt: skip
+        yield b
+        await b.close()
+
+
+class CustomerPages:
+    """Serves the customer's test pages on their own origin (127.0.0.1:<port>)."""
+
+    def __init__(self, pages: dict[str, str]) -> None:
+        self.pages = pages
+        self.port = free_port()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = outer.pages.get(self.path.split("?")[0].split("#")[0], outer.pages["/"])
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.end_headers()
+                self.wfile.write(body.encode())
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> CustomerPages:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def snippet(site: str, ingest: str, extra: str = "data-allow-localhost") -> str:
+    return f"""<!doctype html><html><head><title>Shop</title>
+<script>window.sitewire=window.sitewire||function(){{(sitewire.q=sitewire.q||[]).push(arguments)}};
+sitewire("Early", {{props: {{when: "before-load"}}}});</script>
+<script defer data-site="{site}" data-api="{ingest}/api/event" {extra}
+        data-outbound data-downloads src="{ingest}/script.js"></script></head>
+<body><h1>Shop</h1>
+<a id="out" href="https://partner.example.org/deal" onclick="event.preventDefault()">partner</a>
+<a id="dl" href="/files/price-list.pdf" onclick="event.preventDefault()">price list</a>
+</body></html>"""
+
+
+@pytest.fixture
+async def shop(pool: asyncpg.Pool) -> str:
+    site_id = f"shop{secrets.token_hex(3)}.example.com"
+    await create_site(pool, site_id, ("127.0.0.1",))  # the test page's origin
+    return site_id
+
+
+async def stored(pool: asyncpg.Pool, site: str, count: int, timeout: float = 15) -> list[Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = await pool.fetch(
+            "SELECT name, path, props, event_id FROM events WHERE site = $1 ORDER BY site_offset",
+            site,
+        )
+        if len(rows) >= count or time.monotonic() > deadline:
+            return rows
+        await asyncio.sleep(0.1)
+
+
+@pytest.fixture
+def artifacts() -> Iterator[Path]:
+    ARTIFACTS.mkdir(exist_ok=True)
+    yield ARTIFACTS
+
+
+async def test_tracking_script_pageviews_spa_navigation_and_custom_events(
+    spawn: Callable[..., AppProcess], browser: Browser, pool: asyncpg.Pool, shop: str
+) -> None:
+    ingest = spawn("ingest", **FAST)
+    with CustomerPages({"/": snippet(shop, ingest.url)}) as pages:
+        context = await browser.new_context(user_agent=DESKTOP_UA)
+        page = await context.new_page()
+        await page.goto(pages.url + "/")
+        await page.wait_for_function("typeof window.sitewire === 'function' && !window.sitewire.q")
+        await page.evaluate("history.pushState({}, '', '/pricing')")
+        await page.evaluate("history.replaceState({}, '', '/pricing')")  # same URL: no pageview
+        await page.evaluate("location.hash = '#/plans'")  # hash routing
+        await page.wait_for_function("location.hash === '#/plans'")
+        await page.evaluate("sitewire('Signup', {props: {plan: 'pro', seats: 3}})")
+        await page.click("#out")
+        await page.click("#dl")
+        rows = await stored(pool, shop, 7)
+        await context.close()
+    names = [(r["name"], r["path"]) for r in rows]
+    assert sorted(names) == sorted(
+        [
+            ("Early", "/"),
+            ("pageview", "/"),
+            ("pageview", "/pricing"),
+            ("pageview", "/pricing#/plans"),
+            ("Signup", "/pricing#/plans"),
+            ("Outbound Link: Click", "/pricing#/plans"),
+            ("File Download", "/pricing#/plans"),
+        ]
+    )
+    assert len({r["event_id"] for r in rows}) == len(rows) == 7  # each arrived once
+    props = {r["name"]: r["props"] for r in rows}
+    assert '"plan": "pro"' in props["Signup"] and '"before-load"' in props["Early"]
+
+
+async def test_script_skips_automation_localhost_and_opted_out_visitors(
+    spawn: Callable[..., AppProcess], browser: Browser, pool: asyncpg.Pool, shop: str
+) -> None:
+    ingest = spawn("ingest", **FAST)
+    pages = {
+        "/": snippet(shop, ingest.url, extra=""),  # no data-allow-localhost: local page
+        "/allowed": snippet(shop, ingest.url),
+    }
+    with CustomerPages(pages) as site_pages:
+        context = await browser.new_context(user_agent=DESKTOP_UA)
+        page = await context.new_page()
+        await page.goto(site_pages.url + "/")
+        await page.evaluate("sitewire('Signup')")
+        # Opted out on this device:
+        await page.evaluate("localStorage.setItem('sitewire_ignore', 'true')")
+        await page.goto(site_pages.url + "/allowed")
+        await page.evaluate("sitewire('Signup')")
+        # Driven by automation (navigator.webdriver):
+        await page.evaluate("localStorage.removeItem('sitewire_ignore')")
+        await context.add_init_script(
+            "Object.defineProperty(navigator, 'webdriver', {get: () => true})"
+        )
+        automated = await context.new_page()
+        await automated.goto(site_pages.url + "/allowed")
+        await automated.evaluate("sitewire('Signup')")
+        await asyncio.sleep(1.0)
+        await context.close()
+    assert await pool.fetchval("SELECT count(*) FROM events WHERE site = $1", shop) == 0
+
+
+async def test_script_is_small_and_served_first_party(spawn: Callable[..., AppProcess]) -> None:
+    ingest = spawn("ingest", **FAST)
+    asset = Asset.load("script.js", "application/javascript", 0)
+    assert len(gzip.compress(asset.body, 9)) < 2048, "the tracking script must stay under 2 KB gz"
+    async with httpx.AsyncClient() as client:
+        r = await client.get(f"{ingest.url}/script.js", headers={"Accept-Encoding": "gzip"})
+    assert r.status_code == 200 and r.headers["content-encoding"] == "gzip"
+    assert r.headers["content-type"].startswith("application/javascript")
+    assert r.content == asset.body
+
+
+async def wait_rows(page: Page, count: int, timeout: float = 15) -> list[str]:
+    await page.wait_for_function(
+        f"document.querySelectorAll('[data-testid=rows] tr').length >= {count}",
+        timeout=timeout * 1000,
+    )
+    names: list[str] = await page.eval_on_selector_all(
+        "[data-testid=rows] tr td.path", "tds => tds.map(td => td.textContent)"
+    )
+    return names
+
+
+async def test_dashboard_shows_live_events_and_resumes_after_a_cut(
+    spawn: Callable[..., AppProcess],
+    browser: Browser,
+    pool: asyncpg.Pool,
+    shop: str,
+    artifacts: Path,
+) -> None:
+    ingest = spawn("ingest", **FAST)
+    gateway = spawn("gateway", **FAST)
+    with CustomerPages({"/": snippet(shop, ingest.url)}) as pages:
+        visitor = await browser.new_context(user_agent=DESKTOP_UA)
+        viewer = await browser.new_context(viewport={"width": 1100, "height": 700})
+        dashboard = await viewer.new_page()
+        await dashboard.goto(f"{gateway.url}/dashboard/{shop}?token={token(shop)}")
+        await dashboard.wait_for_selector("[data-testid=status][data-state=live]")
+        page = await visitor.new_page()
+        await page.goto(pages.url + "/")
+        await page.evaluate("history.pushState({}, '', '/checkout')")
+        paths = await wait_rows(dashboard, 3)
+        assert paths[0] == "/checkout"  # newest first
+        assert await dashboard.inner_text("[data-testid=visitors]") == "1"
+
+        # Cut the dashboard's connection: the gateway dies; events keep coming meanwhile.
+        gateway.kill()
+        await dashboard.wait_for_selector("[data-testid=status][data-state=connecting]")
+        await post_events(ingest.url, shop, 3)
+        replacement = await asyncio.to_thread(gateway.restarted)
+        try:
+            paths = await wait_rows(dashboard, 6, timeout=30)
+            await dashboard.wait_for_selector("[data-testid=status][data-state=live]")
+            assert paths[:3] == ["/p/2", "/p/1", "/p/0"]  # resumed: nothing missed
+            assert len(paths) == 6  # and nothing twice
+            await dashboard.fill("[data-testid=filter]", "checkout")
+            assert await wait_rows(dashboard, 1) == ["/checkout"]
+            await dashboard.fill("[data-testid=filter]", "")
+            await dashboard.screenshot(path=str(artifacts / "dashboard.png"))
+            await dashboard.set_viewport_size({"width": 390, "height": 800})
+            await dashboard.screenshot(path=str(artifacts / "dashboard-phone.png"))
+        finally:
+            replacement.stop()
+        await visitor.close()
+        await viewer.close()
+
+
+async def test_dashboard_explains_a_missing_or_expired_token(
+    spawn: Callable[..., AppProcess], browser: Browser, shop: str
+) -> None:
+    from app import tokens
+    from tests.conftest import SECRET
+
+    gateway = spawn("gateway", **FAST)
+    context = await browser.new_context()
+    page = await context.new_page()
+    await page.goto(f"{gateway.url}/dashboard/{shop}")
+    assert "needs a viewer token" in await page.inner_text("[data-testid=banner]")
+    expired = tokens.issue(SECRET, shop, ttl_s=-10)
+    await page.goto(f"{gateway.url}/dashboard/{shop}?token={expired}")
+    await page.wait_for_selector("[data-testid=status][data-state=error]")
+    assert "invalid or expired" in await page.inner_text("[data-testid=banner]")
+    await context.close()

@@ -1,0 +1,151 @@
+"""`sitewire tail` against real processes, as a real subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import asyncpg
+import orjson
+import pytest
+
+from app.sites import get_site
+from tests.clients import post_events
+from tests.processes import ROOT, AppProcess
+from tests.test_gateway import FAST, token
+from workers.tail import Printer, start_from
+
+pytestmark = pytest.mark.slow
+
+
+class TailProcess:
+    def __init__(self, *args: str) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SITEWIRE_")}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "workers.cli", "tail", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=ROOT,
+        )
+        self.lines: list[str] = []
+        self._reader = asyncio.create_task(asyncio.to_thread(self._read))
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.decode())
+
+    async def wait_lines(self, count: int, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.lines) < count and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert len(self.lines) >= count, f"{len(self.lines)} of {count} lines"
+
+    async def interrupt(self) -> tuple[int, str]:
+        self.proc.send_signal(signal.SIGINT)
+        return await self.finish()
+
+    async def finish(self) -> tuple[int, str]:
+        """Wait for the exit; return its code and what it printed on stderr."""
+        code = await asyncio.to_thread(self.proc.wait, 20)
+        await self._reader
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        err = self.proc.stderr.read().decode()
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+        return code, err
+
+
+async def test_tail_json_resumes_after_a_gateway_restart(
+    spawn: Callable[..., AppProcess], site: str, pool: asyncpg.Pool
+) -> None:
+    ingest = spawn("ingest", **FAST)
+    gateway = spawn("gateway", **FAST)
+    found = await get_site(pool, site)
+    assert found is not None
+    tail = TailProcess(
+        site, "--json", "--gateway", gateway.url, "--token", token(site),
+        "--since", f"{found.epoch}-0",
+    )  # fmt: skip
+    await post_events(ingest.url, site, 10)
+    await tail.wait_lines(10)
+    gateway.kill()
+    await post_events(ingest.url, site, 10, start=10)  # while no gateway is up
+    replacement = await asyncio.to_thread(gateway.restarted)
+    try:
+        await post_events(ingest.url, site, 5, start=20)
+        await tail.wait_lines(25)
+        code, err = await tail.interrupt()
+    finally:
+        replacement.stop()
+    assert code == 0, err
+    events = [orjson.loads(line) for line in tail.lines]
+    assert [e["offset"] for e in events] == list(range(1, 26))  # resumed, nothing twice
+    assert events[0]["site"] == site and events[0]["path"] == "/p/0"
+
+
+async def test_tail_refuses_a_bad_token(spawn: Callable[..., AppProcess], site: str) -> None:
+    gateway = spawn("gateway", **FAST)
+    tail = TailProcess(site, "--gateway", gateway.url, "--token", "forged")
+    code, err = await tail.finish()
+    assert code == 1 and "code 4500" in err
+
+
+def test_tail_needs_a_token() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SITEWIRE_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "tail", "example.com"],
+        env=env, capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 2 and "viewer token is needed" in result.stderr
+
+
+EVENT = {
+    "cursor": "ab12cd34-7", "offset": 7, "id": "x", "site": "a.com", "name": "Signup",
+    "url": "https://a.com/pricing", "path": "/pricing", "referrer": None,
+    "referrer_host": "news.ycombinator.com", "props": {}, "visitor": "5c1f0e9a7b3d2a11",
+    "device": "mobile", "ts": "2026-11-26T18:47:02.123Z",
+}  # fmt: skip
+
+
+def test_readable_lines_are_aligned_and_filtered() -> None:
+    out, err = io.StringIO(), io.StringIO()
+    printer = Printer(out, err, as_json=False, colour=False, filter="pric")
+    printer.event(EVENT)
+    printer.event({**EVENT, "name": "pageview", "path": "/blog"})  # filtered out
+    [line] = out.getvalue().splitlines()
+    assert line.split()[1:] == ["Signup", "/pricing", "news.ycombinator.com", "mobile", "5c1f0e9a"]
+    assert printer.printed == 1
+
+
+def test_incomplete_recovery_is_visible() -> None:
+    out, err = io.StringIO(), io.StringIO()
+    printer = Printer(out, err, as_json=True, colour=True)
+    printer.notice({"type": "welcome", "recovered": False, "reason": "expired"})
+    printer.notice({"type": "gap", "after": "ab12cd34-9", "recovered": False})
+    printer.notice({"type": "gap", "after": "ab12cd34-9", "recovered": True})
+    lines = err.getvalue().splitlines()
+    assert len(lines) == 2 and "resume incomplete (expired)" in lines[0]
+    assert "\033[33m" in lines[0]  # coloured on a terminal
+
+
+@pytest.mark.parametrize(
+    ("since", "last", "expected"),
+    [
+        (None, None, {}),
+        ("ab12cd34-9", None, {"since": "ab12cd34-9"}),
+        ("10m", None, {"minutes": "10.0"}),
+        ("2h", None, {"minutes": "120.0"}),
+        ("30s", None, {"minutes": "0.5"}),
+        (None, 50, {"last": "50"}),
+    ],
+)
+def test_start_positions(since: str | None, last: int | None, expected: dict[str, str]) -> None:
+    assert start_from(since, last) == expected

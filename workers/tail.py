@@ -1,0 +1,103 @@
+"""`sitewire tail SITE`: a site's live events in the terminal.
+
+Readable by default (aligned columns, colour on a terminal), `--json` for one JSON object per
+line. It reconnects and resumes by itself (app.client), prints a visible notice when a
+recovery was incomplete, and exits cleanly on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TextIO
+
+import orjson
+
+from app.client import StreamClient, StreamClosed
+
+COLOURS = {"name": "\033[36m", "dim": "\033[2m", "warn": "\033[33m", "reset": "\033[0m"}
+
+
+@dataclass
+class Printer:
+    out: TextIO
+    err: TextIO
+    as_json: bool
+    colour: bool
+    filter: str | None = None
+    printed: int = 0
+
+    def _c(self, key: str, text: str) -> str:
+        return f"{COLOURS[key]}{text}{COLOURS['reset']}" if self.colour else text
+
+    def event(self, event: dict[str, Any]) -> None:
+        if self.filter and not any(
+            self.filter.lower() in str(event.get(k, "")).lower() for k in ("name", "path")
+        ):
+            return
+        if self.as_json:
+            self.out.write(orjson.dumps(event).decode() + "\n")
+        else:
+            when = datetime.fromisoformat(event["ts"].replace("Z", "+00:00")).astimezone()
+            name = f"{event['name'][:24]:<24}"
+            self.out.write(
+                f"{self._c('dim', when.strftime('%H:%M:%S'))}  "
+                f"{self._c('name', name)}  "
+                f"{event['path'][:40]:<40}  "
+                f"{(event.get('referrer_host') or '-')[:24]:<24}  "
+                f"{event['device']:<7}  "
+                f"{self._c('dim', event['visitor'][:8])}\n"
+            )
+        self.out.flush()
+        self.printed += 1
+
+    def notice(self, notice: dict[str, Any]) -> None:
+        kind = notice["type"]
+        if kind == "welcome":
+            if notice.get("recovered") is False:
+                self._warn(f"resume incomplete ({notice.get('reason')}): some events are missing")
+            return
+        if kind == "gap" and notice.get("recovered") is False:
+            self._warn(f"gap after {notice.get('after')}: some events may be missing")
+
+    def _warn(self, text: str) -> None:
+        self.err.write(self._c("warn", f"! {text}") + "\n")
+        self.err.flush()
+
+
+def start_from(since: str | None, last: int | None) -> dict[str, str]:
+    """--since CURSOR or a duration like 10m / 2h / 30s; --last N."""
+    if last is not None:
+        return {"last": str(last)}
+    if not since:
+        return {}
+    units = {"s": 1 / 60, "m": 1, "h": 60, "d": 1440}
+    if since[-1:] in units and since[:-1].replace(".", "", 1).isdigit():
+        return {"minutes": str(float(since[:-1]) * units[since[-1]])}
+    return {"since": since}
+
+
+def run(client: StreamClient, printer: Printer) -> int:
+    client.on_event = printer.event
+    client.on_notice = printer.notice
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await client.run(stop)
+        except StreamClosed as closed:
+            printer.err.write(f"sitewire tail: {closed.reason or 'closed'} (code {closed.code})\n")
+            return 1
+        return 0
+
+    return asyncio.run(main())
+
+
+def default_printer(as_json: bool, text_filter: str | None) -> Printer:
+    return Printer(sys.stdout, sys.stderr, as_json, sys.stdout.isatty(), text_filter)
