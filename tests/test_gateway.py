@@ -233,7 +233,7 @@ async def test_stalled_viewer_is_closed_as_slow_and_others_are_unaffected(
     gateway = spawn(
         "gateway",
         **FAST,
-        SITEWIRE_VIEWER_QUEUE_BYTES=str(256 * 1024),
+        SITEWIRE_VIEWER_QUEUE_BYTES=str(512 * 1024),
         SITEWIRE_WRITE_TIMEOUT_S="1",
     )
     healthy = await WsViewer.open(gateway.ws_url, site, token(site))
@@ -243,10 +243,10 @@ async def test_stalled_viewer_is_closed_as_slow_and_others_are_unaffected(
     assert gateway.proc is not None
     rss_before = _rss_kib(gateway.proc.pid)
     total = 0
-    for _ in range(80):  # ~8 MB through the gateway, sustained, in 100 KiB bursts
-        await _publish(rclient, names, site, total + 1, 50)
-        total += 50
-        await asyncio.sleep(0.01)
+    for _ in range(160):  # ~8 MB through the gateway, sustained, in 50 KiB bursts
+        await _publish(rclient, names, site, total + 1, 25)
+        total += 25
+        await asyncio.sleep(0.005)
     await healthy.wait_for(total, timeout=20)
     assert healthy.close_code is None, healthy.close_reason
     assert healthy.offsets == list(range(1, total + 1))
