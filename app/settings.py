@@ -71,6 +71,11 @@ class Settings:
     gap_hold_ms: float = 50.0
     #: SITEWIRE_LOG_LEVEL: DEBUG, INFO, WARNING or ERROR.
     log_level: str = "INFO"
+    #: SITEWIRE_RETENTION_DAYS: events older than this are deleted by `sitewire worker`
+    #: (0 keeps them forever).
+    retention_days: int = 400
+    #: SITEWIRE_WORKER_INTERVAL_S: seconds between two passes of the background jobs.
+    worker_interval_s: float = 3600.0
     #: SITEWIRE_GATEWAY: comma-separated gateway URLs `sitewire tail` connects to.
     gateways: tuple[str, ...] = ("ws://127.0.0.1:8001",)
     #: SITEWIRE_TOKEN: viewer token for `sitewire tail`.
@@ -108,6 +113,10 @@ class Settings:
             drain_timeout_s=r.float("SITEWIRE_DRAIN_TIMEOUT_S", cls.drain_timeout_s, 0.1, 600),
             gap_hold_ms=r.float("SITEWIRE_GAP_HOLD_MS", cls.gap_hold_ms, 0.0, 10_000),
             log_level=r.get("SITEWIRE_LOG_LEVEL", cls.log_level, _log_level),
+            retention_days=r.int("SITEWIRE_RETENTION_DAYS", cls.retention_days, 0, 36500),
+            worker_interval_s=r.float(
+                "SITEWIRE_WORKER_INTERVAL_S", cls.worker_interval_s, 1, 86400
+            ),
             gateways=r.get("SITEWIRE_GATEWAY", cls.gateways, _gateway_urls),
             viewer_token=r.get("SITEWIRE_TOKEN", None, str),
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -147,6 +148,31 @@ def _serve_command(role: str, default_port: int) -> click.Command:
 
 main.add_command(_serve_command("ingest", 8000))
 main.add_command(_serve_command("gateway", 8001))
+
+
+@main.command()
+@click.option("--once", is_flag=True, help="Run one pass and exit.")
+def worker(once: bool) -> None:
+    """Run background jobs: event retention and salt expiry."""
+    from app import logs
+    from workers import retention
+
+    settings = _settings()
+    _require(settings.database_url, "DATABASE_URL")
+    logs.configure("worker", settings.log_level)
+    if once:
+
+        async def one() -> None:
+            pool = await asyncpg.create_pool(settings.require_database(), min_size=0, max_size=2)
+            try:
+                await retention.run_once(pool, settings)
+            finally:
+                await pool.close()
+
+        _run(one)
+        return
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(retention.run_forever(settings))
 
 
 @main.command()

@@ -1,0 +1,61 @@
+"""Retention and salt expiry (`sitewire worker`)."""
+
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+
+from app.salts import get_or_create
+from app.settings import Settings
+from tests.processes import ROOT
+from workers.retention import expire_events, run_once
+
+
+async def _fill(pool: asyncpg.Pool, site: str, old: int, new: int) -> None:
+    await pool.execute(
+        """INSERT INTO events (site, site_offset, event_id, name, url, path, visitor_id, device, ts)
+           SELECT $1, g, gen_random_uuid(), 'pageview', 'https://x/', '/', 0, 'desktop',
+                  CASE WHEN g <= $2::int THEN now() - interval '500 days' ELSE now() END
+           FROM generate_series(1, $2::int + $3::int) AS g""",
+        site,
+        old,
+        new,
+    )
+    await pool.execute("UPDATE sites SET next_offset = $2 WHERE id = $1", site, old + new + 1)
+
+
+async def test_old_events_are_deleted_in_batches_oldest_first(
+    pool: asyncpg.Pool, site: str
+) -> None:
+    await _fill(pool, site, old=2500, new=40)
+    report = await expire_events(pool, datetime.now(UTC) - timedelta(days=400), batch=1000)
+    assert report.deleted_events >= 2500 and report.batches >= 3  # never one huge transaction
+    offsets = [r[0] for r in await pool.fetch(
+        "SELECT site_offset FROM events WHERE site = $1 ORDER BY site_offset", site)]  # fmt: skip
+    assert offsets == list(range(2501, 2541))  # one contiguous range remains
+
+
+async def test_salts_expire_after_48_hours(pool: asyncpg.Pool, settings: Settings) -> None:
+    today = datetime.now(UTC).date()
+    await get_or_create(pool, today - timedelta(days=3))
+    await pool.execute(
+        "UPDATE salts SET created_at = now() - interval '49 hours' WHERE day = $1",
+        today - timedelta(days=3),
+    )
+    await get_or_create(pool, today)
+    report = await run_once(pool, settings.with_(retention_days=0))
+    assert report.deleted_salts >= 1
+    days = {r[0] for r in await pool.fetch("SELECT day FROM salts")}
+    assert today in days and today - timedelta(days=3) not in days
+
+
+def test_worker_command_runs_one_pass(database_url: str) -> None:
+    env = {**os.environ, "DATABASE_URL": database_url, "SITEWIRE_RETENTION_DAYS": "30"}
+    result = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "worker", "--once"],
+        env=env, capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "background pass done" in result.stderr
