@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Awaitable, Callable
 
 from fastapi import APIRouter, Response
@@ -25,10 +27,12 @@ def health_router(
     """`checks()` returns the probe coroutine function of the running app (resolved per request
     because the resources only exist once the lifespan has started)."""
     router = APIRouter()
+    # Which replica answered: several may share one port (SO_REUSEPORT) or one Service.
+    instance = f"{socket.gethostname()}:{os.getpid()}"
 
     @router.get("/healthz", include_in_schema=False)
     async def healthz() -> Response:
-        return json_response({"status": "ok", "role": role})
+        return json_response({"status": "ok", "role": role, "instance": instance})
 
     @router.get("/readyz", include_in_schema=False)
     async def readyz() -> Response:

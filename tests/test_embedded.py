@@ -52,6 +52,12 @@ def test_sitewire_run_on_embedded_servers(tmp_path: Path) -> None:
         assert len(ready) == 2, (tmp_path / "run.log").read_text()
         for body in ready.values():
             assert body["postgres"] == "ok" and body["redis"] == "ok"
+        # Two gateway replicas share one port (SO_REUSEPORT): connections reach both.
+        instances: set[str] = set()
+        while len(instances) < 2 and time.monotonic() < deadline:
+            r = httpx.get(f"http://127.0.0.1:{gateway}/healthz", timeout=1)
+            instances.add(r.json()["instance"])
+        assert len(instances) == 2
     finally:
         proc.send_signal(signal.SIGINT)
         code = proc.wait(60)

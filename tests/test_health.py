@@ -8,7 +8,8 @@ from tests.processes import AppProcess
 def test_both_roles_answer_health_and_readiness(spawn: Callable[..., AppProcess]) -> None:
     for role in ("ingest", "gateway"):
         proc = spawn(role)
-        assert httpx.get(f"{proc.url}/healthz").json() == {"status": "ok", "role": role}
+        health = httpx.get(f"{proc.url}/healthz").json()
+        assert health["status"] == "ok" and health["role"] == role and health["instance"]
         ready = httpx.get(f"{proc.url}/readyz")
         assert ready.status_code == 200
         assert ready.json() == {"status": "ready", "role": role, "postgres": "ok", "redis": "ok"}

@@ -133,7 +133,8 @@ def _serve_command(role: str, default_port: int) -> click.Command:
     @click.command(role, help=f"Run an {role} process." if role == "ingest" else f"Run a {role}.")
     @click.option("--host", default="127.0.0.1", show_default=True)
     @click.option("--port", default=default_port, show_default=True, type=int)
-    def command(host: str, port: int) -> None:
+    @click.option("--reuse-port", is_flag=True, help="Share the port with other replicas.")
+    def command(host: str, port: int, reuse_port: bool) -> None:
         from workers.serve import serve
 
         settings = _settings()
@@ -141,7 +142,7 @@ def _serve_command(role: str, default_port: int) -> click.Command:
         _require(settings.redis_url, "REDIS_URL")
         if role == "gateway":
             _require(settings.secret, "SITEWIRE_SECRET")
-        serve("ingest" if role == "ingest" else "gateway", settings, host, port)
+        serve("ingest" if role == "ingest" else "gateway", settings, host, port, reuse_port)
 
     return command
 
@@ -219,16 +220,40 @@ def tail(
     sys.exit(tailing.run(client, tailing.default_printer(as_json, text_filter)))
 
 
+def _stack_options(command: Callable[..., None]) -> Callable[..., None]:
+    options = [
+        click.option("--data-dir", default=".sitewire", show_default=True,
+                     help="Folder for embedded servers' data."),
+        click.option("--ingest-port", default=8000, show_default=True, type=int),
+        click.option("--gateway-port", default=8001, show_default=True, type=int),
+        click.option("--ingests", default=1, show_default=True, type=click.IntRange(1, 16),
+                     help="Ingest replicas sharing the ingest port."),
+        click.option("--gateways", default=2, show_default=True, type=click.IntRange(1, 16),
+                     help="Gateway replicas sharing the gateway port."),
+        click.option("--demo/--no-demo", default=True, help="Send demo traffic to a demo site."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.command()
-@click.option("--data-dir", default=".sitewire", show_default=True, help="Embedded data folder.")
-@click.option("--ingest-port", default=8000, show_default=True, type=int)
-@click.option("--gateway-port", default=8001, show_default=True, type=int)
-@click.option("--demo/--no-demo", default=True, help="Send demo traffic to a demo site.")
-def run(data_dir: str, ingest_port: int, gateway_port: int, demo: bool) -> None:
-    """Run everything locally: servers (embedded unless configured), ingest, gateway, demo."""
+@_stack_options
+def up(
+    data_dir: str, ingest_port: int, gateway_port: int, ingests: int, gateways: int, demo: bool
+) -> None:
+    """Run everything locally: servers (embedded unless configured), replicas, demo traffic."""
     from workers.run import Stack
 
-    Stack(_settings(), data_dir, ingest_port, gateway_port, demo).run()
+    Stack(_settings(), data_dir, ingest_port, gateway_port, demo, ingests, gateways).run()
+
+
+@main.command()
+@_stack_options
+@click.pass_context
+def run(ctx: click.Context, /, **options: Any) -> None:
+    """Same as `up` (what `make run` calls)."""
+    ctx.invoke(up, **options)
 
 
 if __name__ == "__main__":

@@ -34,13 +34,21 @@ DEMO_REFERRERS = (None, "https://news.ycombinator.com/", "https://www.google.com
 
 class Stack:
     def __init__(
-        self, settings: Settings, data_dir: str, ingest_port: int, gateway_port: int, demo: bool
+        self,
+        settings: Settings,
+        data_dir: str,
+        ingest_port: int,
+        gateway_port: int,
+        demo: bool,
+        ingests: int = 1,
+        gateways: int = 1,
     ) -> None:
         self.settings = settings
         self.data_dir = Path(data_dir).resolve()
         self.ingest_port = ingest_port
         self.gateway_port = gateway_port
         self.demo = demo
+        self.replicas = {"ingest": ingests, "gateway": gateways}
         self._stoppers: list[EmbeddedPostgres | EmbeddedRedis] = []
         self._children: list[subprocess.Popen[bytes]] = []
 
@@ -87,7 +95,10 @@ class Stack:
     def _start_children(self, env: dict[str, str]) -> None:
         for role, port in (("ingest", self.ingest_port), ("gateway", self.gateway_port)):
             cmd = [sys.executable, "-m", "workers.cli", role, "--port", str(port)]
-            self._children.append(subprocess.Popen(cmd, env=env))
+            if self.replicas[role] > 1:
+                cmd.append("--reuse-port")  # the kernel spreads connections over replicas
+            for _ in range(self.replicas[role]):
+                self._children.append(subprocess.Popen(cmd, env=env))
 
     def _wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -109,6 +120,8 @@ class Stack:
             "\nSitewire is running.\n"
             f"  ingest    http://127.0.0.1:{i}  (POST /api/event, /script.js, /metrics)\n"
             f"  gateway   http://127.0.0.1:{g}  (/v1/sites/SITE/stream, /events, /history)\n"
+            f"  replicas  {self.replicas['ingest']} ingest, {self.replicas['gateway']} gateway "
+            "(each role shares one port: SO_REUSEPORT)\n"
             f"  demo site {DEMO_SITE}" + (" receiving demo traffic" if self.demo else "") + "\n"
             f"\n  dashboard http://127.0.0.1:{g}/dashboard/{DEMO_SITE}?token={token}\n"
             f"  tail      sitewire tail {DEMO_SITE} --gateway http://127.0.0.1:{g} "

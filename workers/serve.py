@@ -59,7 +59,21 @@ class _Server(uvicorn.Server):
         self._captured_signals.clear()
 
 
-def serve(role: Role, settings: Settings, host: str, port: int) -> None:
+def listening_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
+    """The listening socket. With `reuse_port`, several processes bind the same port and the
+    kernel spreads new connections across them: replicas behind one port, no proxy."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(4096)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(role: Role, settings: Settings, host: str, port: int, reuse_port: bool = False) -> None:
     logs.configure(role, settings.log_level)
     app: FastAPI = ingest.create_app(settings) if role == "ingest" else gateway.create_app(settings)
     config = uvicorn.Config(
@@ -84,4 +98,4 @@ def serve(role: Role, settings: Settings, host: str, port: int) -> None:
         async def drain() -> None:
             await app.state.gateway.drain()
 
-    _Server(config, drain).run()
+    _Server(config, drain).run(sockets=[listening_socket(host, port, reuse_port)])
