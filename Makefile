@@ -33,5 +33,8 @@ fmt: $(STAMP)
 	$(BIN)/ruff check --fix app workers tests bench
 	$(BIN)/ruff format app workers tests bench
 
+bench: $(STAMP)
+	$(BIN)/python -m bench.run
+
 clean:
 	rm -rf $(VENV) .sitewire .pytest_cache .mypy_cache .ruff_cache

@@ -120,6 +120,10 @@ class Subscriber:
         self._channels: dict[str, str] = {}  # channel -> site
         self._confirm: dict[str, asyncio.Future[None]] = {}
         self._connected = asyncio.Event()
+        # Commands on the one pub/sub connection must not interleave: redis-py opens the
+        # connection lazily, and two first SUBSCRIBEs at once would open two (one orphaned,
+        # its confirmation never read).
+        self._commands = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -156,7 +160,8 @@ class Subscriber:
         self._channels[channel] = site
         future = self._confirm.setdefault(channel, asyncio.get_running_loop().create_future())
         try:
-            await self._pubsub.subscribe(channel)
+            async with self._commands:
+                await self._pubsub.subscribe(channel)
             self._connected.set()
             async with asyncio.timeout(confirm_within):
                 await asyncio.shield(future)
@@ -170,7 +175,8 @@ class Subscriber:
         self._channels.pop(channel, None)
         self._confirm.pop(channel, None)
         with contextlib.suppress(*REDIS_ERRORS):  # a dead connection unsubscribes everything
-            await self._pubsub.unsubscribe(channel)
+            async with self._commands:
+                await self._pubsub.unsubscribe(channel)
 
     async def _read_forever(self) -> None:
         attempt = 0
@@ -227,7 +233,8 @@ class Subscriber:
             self._connected.clear()  # nothing to read until the next subscribe
             return True
         try:
-            await self._pubsub.subscribe(*self._channels)
+            async with self._commands:
+                await self._pubsub.subscribe(*self._channels)
         except REDIS_ERRORS as exc:
             log.warning("redis resubscribe failed", extra={"error": repr(exc)})
             return False

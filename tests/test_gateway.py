@@ -341,3 +341,20 @@ def test_token_command(database_url: str) -> None:
     tokens.verify(SECRET, out, "example.com")
     with pytest.raises(tokens.InvalidToken):
         tokens.verify(SECRET, out, "other.com")
+
+
+async def test_many_sites_subscribing_at_once(
+    spawn: Callable[..., AppProcess], pool: asyncpg.Pool, rclient: aioredis.Redis, names: Names
+) -> None:
+    """First viewers of many sites arriving together: every subscription is confirmed."""
+    gateway = spawn("gateway", **FAST)
+    sites = [await other_site(pool) for _ in range(12)]
+    viewers = await asyncio.gather(
+        *(WsViewer.open(gateway.ws_url, s, token(s)) for s in sites for _ in range(2))
+    )
+    for v in viewers:
+        assert (await v.wait_notice("welcome", timeout=10))["type"] == "welcome"
+    counts = dict(await rclient.pubsub_numsub(*(names.channel(s) for s in sites)))
+    assert all(int(c) == 1 for c in counts.values()), counts
+    for v in viewers:
+        await v.close()

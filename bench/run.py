@@ -1,0 +1,487 @@
+"""`make bench`: start real processes on this machine, measure, print one results table.
+
+    python -m bench.run            # the full suite (several minutes)
+    python -m bench.run --quick    # a smoke run (seconds; part of `make test`)
+
+Servers: DATABASE_URL / REDIS_URL, else TEST_DATABASE_URL / TEST_REDIS_URL, else embedded.
+The server under test is pinned to core 0, the load generator to core 1 (when there are two).
+Results go to stdout and to bench/results/latest.md (+ .json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import secrets
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import redis.asyncio as aioredis
+
+from app import tokens
+from app.broker import PUBLISH_SCRIPT
+from app.migrate import migrate
+from app.names import Names
+from app.sites import create_site
+from bench.loadgen import paced_post
+from workers.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+SECRET = "bench-secret-" + "b" * 32
+PAD = "x" * 60  # brings an event to ~300 bytes
+CORES = os.cpu_count() or 1
+
+
+def pinned(core: int) -> list[str]:
+    return ["taskset", "-c", str(core)] if CORES >= 2 else []
+
+
+@dataclass
+class Row:
+    scenario: str
+    metric: str
+    ours: float
+    naive: float | None = None
+    target: str = ""
+    met: bool | None = None
+
+    @property
+    def ratio(self) -> str:
+        if self.naive in (None, 0) or self.naive != self.naive:
+            return ""
+        return f"{self.ours / self.naive:.2f}x"
+
+
+@dataclass
+class Env:
+    database_url: str
+    redis_url: str
+    prefix: str
+    logs: Path
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def environ(self, **extra: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            DATABASE_URL=self.database_url,
+            REDIS_URL=self.redis_url,
+            SITEWIRE_KEY_PREFIX=self.prefix,
+            SITEWIRE_SECRET=SECRET,
+            SITEWIRE_RATE_SITE_PER_SEC="0",
+            SITEWIRE_RATE_IP_PER_MIN="0",
+            SITEWIRE_LOG_LEVEL="WARNING",
+            **extra,
+        )
+        return env
+
+    def start(self, argv: list[str], port: int, core: int, **extra: str) -> subprocess.Popen[bytes]:
+        log = (self.logs / f"{argv[0]}-{port}.log").open("wb")
+        cmd = [*pinned(core), sys.executable, "-m", *argv]
+        proc = subprocess.Popen(cmd, env=self.environ(**extra), stdout=log, stderr=log, cwd=ROOT)
+        self.procs.append(proc)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                path = "/readyz" if argv[0] == "workers.cli" else "/docs"
+                if httpx.get(f"http://127.0.0.1:{port}{path}", timeout=1).status_code < 500:
+                    return proc
+            if proc.poll() is not None:
+                raise RuntimeError(f"{argv} exited; see {log.name}")
+            time.sleep(0.1)
+        raise RuntimeError(f"{argv} did not start")
+
+    def role(self, role: str, core: int = 0, **extra: str) -> tuple[subprocess.Popen[bytes], int]:
+        port = free_port()
+        return self.start(["workers.cli", role, "--port", str(port)], port, core, **extra), port
+
+    def naive(self, core: int = 0) -> tuple[subprocess.Popen[bytes], int]:
+        port = free_port()
+        argv = ["bench.naive", "--port", str(port), "--redis", self.redis_url]
+        return self.start([*argv, "--prefix", self.prefix], port, core), port
+
+    def stop(self, proc: subprocess.Popen[bytes]) -> None:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            self.stop(proc)
+
+
+class LoadGen:
+    """The viewers process (bench.loadgen), pinned to core 1."""
+
+    def __init__(self, urls: list[str], count: int) -> None:
+        args = [*pinned(1), sys.executable, "-m", "bench.loadgen", "viewers", "--count", str(count)]
+        for url in urls:
+            args += ["--url", url]
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT)
+        self.ready = self._read()
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("load generator exited")
+        result: dict[str, Any] = json.loads(line)
+        return result
+
+    def command(self, text: str) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(text.encode() + b"\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError):
+            self.proc.stdin.write(b"quit\n")
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def event(offset: int, site: str) -> str:
+    now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return (
+        f'{{"offset":{offset},"t0":{time.time_ns()},"cursor":"bench000-{offset}",'
+        f'"id":"{uuid.uuid4()}","site":"{site}","name":"pageview",'
+        f'"url":"https://{site}/page/{offset}","path":"/page/{offset}","pad":"{PAD}",'
+        f'"device":"desktop","ts":"{now}"}}'
+    )
+
+
+class Publisher:
+    """Publishes synthetic events the way ingest does (same Lua script), at a steady rate."""
+
+    def __init__(self, env: Env, sites: list[str]) -> None:
+        self.client = aioredis.Redis.from_url(env.redis_url)
+        self.names = Names(env.prefix)
+        self.script = self.client.register_script(PUBLISH_SCRIPT)
+        self.sites = sites
+        self.offsets = dict.fromkeys(sites, 0)
+
+    async def run(self, rate: float, seconds: float) -> int:
+        """Publish `rate` events/s in total (spread over the sites) for `seconds`."""
+        tick = 0.01
+        per_tick = rate * tick
+        sent = 0.0
+        published = 0
+        started = time.perf_counter()
+        i = 0
+        while (elapsed := time.perf_counter() - started) < seconds:
+            due = int(rate * elapsed) - published
+            async with self.client.pipeline(transaction=False) as pipe:
+                for _ in range(max(0, due)):
+                    site = self.sites[i % len(self.sites)]
+                    i += 1
+                    self.offsets[site] += 1
+                    offset = self.offsets[site]
+                    await self.script(
+                        keys=[self.names.window(site)],
+                        args=[self.names.channel(site), 2000, offset, event(offset, site)],
+                        client=pipe,
+                    )
+                    published += 1
+                await pipe.execute()
+            sent += per_tick
+            await asyncio.sleep(tick)
+        return published
+
+
+async def new_sites(env: Env, count: int) -> list[str]:
+    conn = await asyncpg.connect(env.database_url)
+    try:
+        sites = [f"b{secrets.token_hex(3)}-{i}.bench.example" for i in range(count)]
+        for site in sites:
+            await create_site(conn, site)
+        return sites
+    finally:
+        await conn.close()
+
+
+def stream_urls(port: int, sites: list[str]) -> list[str]:
+    return [
+        f"ws://127.0.0.1:{port}/v1/sites/{s}/stream?token={tokens.issue(SECRET, s, 86400)}"
+        for s in sites
+    ]
+
+
+async def measure_rate(
+    publisher: Publisher, load: LoadGen, rate: float, seconds: float, viewers_per_event: int
+) -> dict[str, Any]:
+    load.command("reset")
+    published = await publisher.run(rate, seconds)
+    await asyncio.sleep(1.5)  # let the tail arrive
+    stats = load.command("report")
+    expected = published * viewers_per_event
+    stats["delivered"] = stats["events"] / expected if expected else 0.0
+    stats["deliveries_per_s"] = stats["events"] / seconds
+    stats["rate"] = rate
+    print(f"  rate {rate}/s: {json.dumps(stats)}", file=sys.stderr, flush=True)
+    return stats
+
+
+async def fanout(env: Env, quick: bool, sites_count: int, server: str) -> dict[str, Any]:
+    """Scenario 2 for one server ("ours" or "naive")."""
+    viewers = 50 if quick else 1000
+    sites = await new_sites(env, sites_count)
+    proc, port = env.role("gateway") if server == "ours" else env.naive()
+    publisher = Publisher(env, sites)
+    load = LoadGen(stream_urls(port, sites), viewers)
+    per_event = viewers // sites_count
+    try:
+        await asyncio.sleep(1.0)
+        low = await measure_rate(publisher, load, 100, 1 if quick else 5, per_event)
+        best: dict[str, Any] | None = None
+        ladder = [200] if quick else [100, 200, 400, 700, 1000, 1300, 1600, 2000, 2500]
+        if server == "naive" and not quick:
+            ladder = [50, 100, 150, 200, 300, 400]
+        for rate in ladder:
+            result = await measure_rate(publisher, load, rate, 1 if quick else 4, per_event)
+            if result["delivered"] >= 0.99 and result["p99_ms"] < 250:
+                best = result
+            else:
+                break
+        return {"low": low, "best": best, "rss_kib": rss_kib(proc.pid)}
+    finally:
+        load.close()
+        env.stop(proc)
+
+
+async def idle(env: Env, quick: bool) -> dict[str, Any]:
+    count = 300 if quick else 10_000
+    [site] = await new_sites(env, 1)
+    proc, port = env.role("gateway")
+    await asyncio.sleep(0.5)
+    before = rss_kib(proc.pid)
+    load = LoadGen(stream_urls(port, [site]), count)
+    await asyncio.sleep(2.0)
+    after = rss_kib(proc.pid)
+    load.close()
+    env.stop(proc)
+    return {
+        "connections": count,
+        "kib_per_connection": (after - before) / count,
+        "connect_rate": load.ready["connect_rate"],
+    }
+
+
+async def ingest(env: Env, quick: bool, batch: int) -> dict[str, Any]:
+    [site] = await new_sites(env, 1)
+    proc, port = env.role("ingest")
+    one = {"site": site, "name": "pageview", "url": f"https://{site}/pricing", "props": {"p": PAD}}
+    body = json.dumps([one] * batch if batch > 1 else one)
+    path = "/api/events" if batch > 1 else "/api/event"
+    args = [*pinned(1), sys.executable, "-m", "bench.loadgen", "ingest", "--port", str(port)]
+    args += ["--path", path, "--body", body, "--duration", "1" if quick else "8"]
+    args += ["--connections", "16" if batch > 1 else "64"]
+    done = await asyncio.to_thread(subprocess.run, args, capture_output=True, check=True, cwd=ROOT)
+    result: dict[str, Any] = json.loads(done.stdout)
+    conn = await asyncpg.connect(env.database_url)
+    stored = await conn.fetchval("SELECT count(*) FROM events WHERE site = $1", site)
+    await conn.close()
+    env.stop(proc)
+    result["events_per_s"] = result["requests_ok"] * batch / result["seconds"]
+    result["stored"] = stored
+    result["acked"] = result["requests_ok"] * batch
+    return result
+
+
+async def end_to_end(env: Env, quick: bool) -> dict[str, Any]:
+    """Scenario 1: ingest HTTP request -> viewer frame, 1000 events/s, 100 viewers, 2 gateways."""
+    [site] = await new_sites(env, 1)
+    ing, ingest_port = env.role("ingest", core=0)
+    g1, p1 = env.role("gateway", core=0)
+    g2, p2 = env.role("gateway", core=1)
+    viewers = 20 if quick else 100
+    load = LoadGen(stream_urls(p1, [site]) + stream_urls(p2, [site]), viewers)
+    rate, seconds = (200, 1.0) if quick else (1000, 8.0)
+    await asyncio.sleep(1.0)
+    load.command("reset")
+
+    def body() -> bytes:
+        props = {"t0": time.time_ns(), "p": PAD[:40]}
+        return json.dumps({"site": site, "name": "pageview", "url": f"https://{site}/",
+                           "props": props}).encode()  # fmt: skip
+
+    sent = await paced_post("127.0.0.1", ingest_port, body, rate, seconds, 16)
+    await asyncio.sleep(1.0)
+    stats = load.command("report")
+    load.close()
+    for proc in (ing, g1, g2):
+        env.stop(proc)
+    stats["sent"] = sent
+    stats["delivered"] = stats["events"] / (sent * viewers) if sent else 0
+    return stats
+
+
+@contextlib.contextmanager
+def servers(scratch: Path) -> Iterator[tuple[str, str]]:
+    db = os.environ.get("DATABASE_URL") or os.environ.get("TEST_DATABASE_URL")
+    rd = os.environ.get("REDIS_URL") or os.environ.get("TEST_REDIS_URL")
+    with contextlib.ExitStack() as stack:
+        if not db:
+            pg = EmbeddedPostgres(scratch / "postgres")
+            stack.callback(pg.stop)
+            db = pg.dsn()
+        if not rd:
+            er = EmbeddedRedis(scratch / "redis", persist=False)
+            stack.callback(er.stop)
+            rd = er.url
+        yield db, rd
+
+
+async def fresh_database(admin_dsn: str) -> str:
+    from tests.servers import create_database
+
+    return await create_database(admin_dsn, "sw_bench")
+
+
+async def run(quick: bool, out: Path, only: set[str]) -> list[Row]:
+    scratch = RESULTS / "scratch"
+    scratch.mkdir(parents=True, exist_ok=True)
+    rows: list[Row] = []
+    with servers(scratch) as (admin_dsn, redis_url):
+        dsn = await fresh_database(admin_dsn)
+        await migrate(dsn)
+        env = Env(dsn, redis_url, f"bench{secrets.token_hex(3)}", scratch)
+        try:
+            rows += await _scenarios(env, quick, only)
+        finally:
+            env.stop_all()
+            from tests.servers import drop_database
+
+            await drop_database(admin_dsn, dsn)
+    write(rows, out, quick)
+    return rows
+
+
+async def _scenarios(env: Env, quick: bool, only: set[str]) -> list[Row]:
+    rows: list[Row] = []
+    if not only or "1" in only:
+        rows += await _end_to_end_rows(env, quick)
+    if not only or "2" in only:
+        rows += await _fanout_rows(env, quick)
+    if not only or "3" in only:
+        rows += await _idle_rows(env, quick)
+    if not only or "4" in only:
+        rows += await _ingest_rows(env, quick)
+    return rows
+
+
+async def _end_to_end_rows(env: Env, quick: bool) -> list[Row]:
+    e2e = await end_to_end(env, quick)
+    return [
+        Row("1 end-to-end", "p50 ms", e2e["p50_ms"], target="<= 3", met=e2e["p50_ms"] <= 3),
+        Row("1 end-to-end", "p99 ms", e2e["p99_ms"], target="<= 10", met=e2e["p99_ms"] <= 10),
+        Row("1 end-to-end", "max ms", e2e["max_ms"]),
+        Row("1 end-to-end", "delivered", e2e["delivered"], target=">= 0.99",
+            met=e2e["delivered"] >= 0.99),
+    ]  # fmt: skip
+
+
+async def _fanout_rows(env: Env, quick: bool) -> list[Row]:
+    rows: list[Row] = []
+    for sites, label in ((1, "1 site"), (100 if not quick else 5, "100 sites")):
+        ours = await fanout(env, quick, sites, "ours")
+        naive = await fanout(env, quick, sites, "naive")
+        best_ours = ours["best"]["deliveries_per_s"] if ours["best"] else 0.0
+        best_naive = naive["best"]["deliveries_per_s"] if naive["best"] else 0.0
+        goal = 1_000_000 if sites == 1 else 500_000
+        rows += [
+            Row(f"2a fanout {label}", "p99 ms @100 ev/s", ours["low"]["p99_ms"],
+                naive["low"]["p99_ms"], "<= 20", ours["low"]["p99_ms"] <= 20),
+            Row(f"2b fanout {label}", "max deliveries/s", best_ours, best_naive,
+                f">= {goal:,}", best_ours >= goal),
+            Row(f"2 fanout {label}", "loadgen CPU s (2a)", ours["low"]["cpu_s"]),
+        ]  # fmt: skip
+    return rows
+
+
+async def _idle_rows(env: Env, quick: bool) -> list[Row]:
+    idle_stats = await idle(env, quick)
+    return [
+        Row("3 idle", "KiB per connection", idle_stats["kib_per_connection"], target="<= 16",
+            met=idle_stats["kib_per_connection"] <= 16),
+        Row("3 idle", "connects/s", idle_stats["connect_rate"]),
+    ]  # fmt: skip
+
+
+async def _ingest_rows(env: Env, quick: bool) -> list[Row]:
+    rows: list[Row] = []
+    single = await ingest(env, quick, 1)
+    batch = await ingest(env, quick, 50)
+    for label, result, goal in (("single", single, 3000), ("batch 50", batch, 20000)):
+        rows += [
+            Row(f"4 ingest {label}", "durable events/s", result["events_per_s"],
+                target=f">= {goal:,}", met=result["events_per_s"] >= goal),
+            Row(f"4 ingest {label}", "p99 request ms", result["p99_ms"]),
+            Row(f"4 ingest {label}", "acked == stored", float(result["acked"] <= result["stored"])),
+        ]  # fmt: skip
+    return rows
+
+
+def write(rows: list[Row], out: Path, quick: bool) -> None:
+    head = (
+        f"Sitewire bench ({'quick' if quick else 'full'}) {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; "
+        f"{platform.node()}, {CORES} cores, Python {platform.python_version()}, "
+        f"{platform.system()} {platform.release()}"
+    )
+    lines = [head, "", "| scenario | metric | ours | naive | ratio | target | met |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        naive = "" if r.naive is None else f"{r.naive:,.2f}"
+        met = "" if r.met is None else ("yes" if r.met else "NO")
+        cells = [r.scenario, r.metric, f"{r.ours:,.2f}", naive, r.ratio, r.target, met]
+        lines.append("| " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    out.with_suffix(".json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS / "latest.md")
+    parser.add_argument("--only", default="", help="Comma-separated scenario numbers (1,2,3,4).")
+    args = parser.parse_args()
+    asyncio.run(run(args.quick, args.out, {s for s in args.only.split(",") if s}))
+
+
+if __name__ == "__main__":
+    main()
