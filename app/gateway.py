@@ -10,21 +10,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import unquote
 
 import asyncpg
 import orjson
 import redis.asyncio as aioredis
-from fastapi import FastAPI, Request, Response, WebSocket
+from fastapi import FastAPI, Request, Response
 from prometheus_client import CollectorRegistry
 from starlette.types import Message, Receive, Scope, Send
-from starlette.websockets import WebSocketDisconnect
 
-from app import tokens
+from app import tokens, viewers
 from app.assets import Asset
 from app.broker import REDIS_ERRORS
 from app.codes import CloseCode, ErrorCode
@@ -33,20 +35,23 @@ from app.errors import ApiError
 from app.feed import Feeds
 from app.health import Checks, health_router
 from app.history import page_after
-from app.hub import EVENT, Hub, Viewer, event_age_s, event_count, sse_chunk, ws_frames
-from app.metrics import GatewayMetrics
+from app.hub import Hub, Viewer, sse_chunk
+from app.metrics import DeliveryStats, GatewayMetrics
 from app.names import Names
-from app.replay import BadStart, Replayer, Start, StartRequest, parse_start, run_replay, welcome
+from app.replay import BadStart, Replayer, StartRequest, parse_start
 from app.responses import error_response
 from app.settings import Settings
-from app.sites import Site, SiteCache, is_valid_site_id
+from app.sites import Site, SiteCache
 from app.store import STORAGE_ERRORS
+from app.websocket import Connection, RawWebSocket, serve_stream, sweep_writes
 from app.wire import format_cursor, parse_cursor
 
 log = logging.getLogger(__name__)
 
-#: Largest frame a viewer may send; viewers only ever send tiny control messages.
-MAX_CLIENT_FRAME = 4096
+#: The WebSocket stream endpoint: GET /v1/sites/{site}/stream.
+STREAM_PATH = re.compile(r"^/v1/sites/([^/]+)/stream$")
+#: Seconds between two housekeeping passes (write timeouts, metrics).
+HOUSEKEEPING_S = 0.5
 #: Most events one history page returns.
 HISTORY_MAX_LIMIT = 1000
 #: SSE comment line sent when a stream is idle, so proxies and dead peers are noticed.
@@ -63,8 +68,18 @@ class GatewayState:
     feeds: Feeds
     sites: SiteCache
     replayer: Replayer
+    stats: DeliveryStats
     draining: bool = False
-    writers: set[asyncio.Task[None]] = field(default_factory=set)
+    connections: set[Connection] = field(default_factory=set)
+
+    async def housekeeping(self) -> None:
+        """Twice a second: close viewers whose write is stuck, fold hot-path counters into
+        the Prometheus metrics."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_S)
+            sweep_writes(self, loop.time(), self.settings.write_timeout_s)
+            self.stats.flush()
 
     async def checks(self) -> dict[str, Status]:
         results = {
@@ -88,7 +103,29 @@ class GatewayState:
         log.info("drained", extra={"left": sum(1 for _ in self.hub.viewers())})
 
 
-def create_app(settings: Settings) -> FastAPI:
+class GatewayApp:
+    """The gateway's ASGI entry: WebSocket streams are served as raw ASGI (the hot path, see
+    app.websocket); everything else goes to the FastAPI app."""
+
+    def __init__(self, api: FastAPI, secret: str) -> None:
+        self.api = api
+        self.secret = secret
+
+    @property
+    def state(self) -> Any:
+        return self.api.state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            match = STREAM_PATH.match(scope["path"])
+            if match is not None:
+                ws = RawWebSocket(scope, receive, send)
+                await serve_stream(self.api.state.gateway, self.secret, ws, unquote(match[1]))
+                return
+        await self.api(scope, receive, send)
+
+
+def create_app(settings: Settings) -> GatewayApp:
     registry = CollectorRegistry()
     metrics = GatewayMetrics(registry)
     secret = settings.require_secret()
@@ -100,15 +137,20 @@ def create_app(settings: Settings) -> FastAPI:
         hub = Hub()
         feeds = Feeds(hub, settings, client, pool, metrics)
         replayer = Replayer(client, pool, Names(settings.key_prefix), metrics)
-        state = GatewayState(settings, pool, client, metrics, hub, feeds, SiteCache(pool), replayer)
+        state = GatewayState(
+            settings, pool, client, metrics, hub, feeds, SiteCache(pool), replayer,
+            DeliveryStats(metrics),
+        )  # fmt: skip
         metrics.queue_bytes.set_function(hub.queued_bytes)
         app.state.gateway = state
         feeds.start()
+        housekeeping = asyncio.create_task(state.housekeeping(), name="housekeeping")
         try:
             yield
         finally:
             if not state.draining:
                 await state.drain()
+            housekeeping.cancel()
             await feeds.close()
             await client.aclose()
             await pool.close()
@@ -125,17 +167,13 @@ def create_app(settings: Settings) -> FastAPI:
     async def api_error(request: Request, exc: ApiError) -> Response:
         return error_response(exc)
 
-    @app.websocket("/v1/sites/{site}/stream")
-    async def stream(websocket: WebSocket, site: str) -> None:
-        await _serve_websocket(app.state.gateway, secret, websocket, site)
-
     @app.get("/v1/sites/{site}/events")
     async def events(request: Request, site: str) -> Response:
         state: GatewayState = app.state.gateway
         token = request.query_params.get("token") or tokens.bearer(
             request.headers.get("authorization")
         )
-        site_info = await _authorize(state, secret, site, token)
+        site_info = await viewers.authorize(state, secret, site, token)
         query = request.query_params
         since = request.headers.get("last-event-id") or query.get("since")
         try:
@@ -162,10 +200,10 @@ def create_app(settings: Settings) -> FastAPI:
         token = request.query_params.get("token") or tokens.bearer(
             request.headers.get("authorization")
         )
-        site_info = await _authorize(state, secret, site, token)
+        site_info = await viewers.authorize(state, secret, site, token)
         return await _history_page(state, site_info, request.query_params)
 
-    return app
+    return GatewayApp(app, secret)
 
 
 async def _history_page(state: GatewayState, site: Site, query: Mapping[str, str]) -> Response:
@@ -220,193 +258,6 @@ def _timestamp(query: Mapping[str, str], name: str) -> datetime | None:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-class Refused(Exception):
-    """A viewer refused before it joins: carries the close code and the HTTP error."""
-
-    def __init__(self, close: CloseCode, error: ApiError) -> None:
-        super().__init__(error.message)
-        self.close = close
-        self.error = error
-
-
-async def _authorize(state: GatewayState, secret: str, site: str, token: str | None) -> Site:
-    try:
-        return await _check_viewer(state, secret, site, token)
-    except Refused as exc:
-        raise exc.error from None
-
-
-async def _check_viewer(state: GatewayState, secret: str, site: str, token: str | None) -> Site:
-    """Who may watch: a valid token for exactly this site, of a registered site."""
-    if state.draining:
-        raise Refused(
-            CloseCode.SHUTTING_DOWN,
-            ApiError(ErrorCode.STORAGE_UNAVAILABLE, "gateway is shutting down", retry_after=1),
-        )
-    try:
-        if not is_valid_site_id(site):
-            raise tokens.InvalidToken("the token is not valid for this site")
-        tokens.verify(secret, token, site)
-    except tokens.InvalidToken as exc:
-        state.metrics.auth_failures.inc()
-        raise Refused(CloseCode.UNAUTHORIZED, ApiError(ErrorCode.UNAUTHORIZED, str(exc))) from None
-    try:
-        found = await state.sites.get(site)
-    except STORAGE_ERRORS:
-        raise Refused(
-            CloseCode.INTERNAL,
-            ApiError(ErrorCode.STORAGE_UNAVAILABLE, "site registry unavailable", retry_after=2),
-        ) from None
-    if found is None:
-        raise Refused(
-            CloseCode.UNKNOWN_SITE,
-            ApiError(ErrorCode.UNKNOWN_SITE, f"site {site} is not registered", "site"),
-        )
-    return found
-
-
-async def _join(
-    state: GatewayState, site: Site, req: StartRequest, wake: asyncio.Event
-) -> tuple[Viewer, Start]:
-    """Add a viewer to the live feed (holding live events), decide where its stream starts,
-    and queue its welcome. Raises what subscribing raises."""
-    viewer = Viewer(site.id, site.epoch, state.settings.viewer_queue_bytes, wake.set)
-    viewer.start_replay()
-    await state.feeds.join(viewer)
-    start = await state.replayer.resolve(site.id, site.epoch, state.feeds.head(site.id), req)
-    viewer.push_notice(welcome(site.id, site.epoch, start))
-    return viewer, start
-
-
-def _gap_notice(viewer: Viewer, after: int) -> None:
-    cursor = format_cursor(viewer.epoch, after)
-    viewer.push_notice(orjson.dumps({"type": "gap", "after": cursor, "recovered": False}))
-
-
-async def _replay(
-    state: GatewayState, viewer: Viewer, start: Start, drained: asyncio.Event
-) -> None:
-    try:
-        await run_replay(state.replayer, viewer, start, drained, _gap_notice)
-    except Exception:
-        log.exception("replay failed", extra={"site": viewer.site})
-        viewer.fail(CloseCode.INTERNAL)
-
-
-# -- WebSocket ----------------------------------------------------------------------------
-
-
-async def _serve_websocket(state: GatewayState, secret: str, ws: WebSocket, site: str) -> None:
-    await ws.accept()
-    token = ws.query_params.get("token") or tokens.bearer(ws.headers.get("authorization"))
-    try:
-        site_info = await _check_viewer(state, secret, site, token)
-        q = ws.query_params
-        req = parse_start(q.get("since"), q.get("last"), q.get("minutes"))
-    except Refused as exc:
-        await ws.close(exc.close, exc.error.message[:120])
-        return
-    except BadStart as exc:
-        await ws.close(CloseCode.BAD_REQUEST, str(exc)[:120])
-        return
-    wake, drained = asyncio.Event(), asyncio.Event()
-    try:
-        viewer, start = await _join(state, site_info, req, wake)
-    except (TimeoutError, *REDIS_ERRORS, *STORAGE_ERRORS) as exc:
-        log.warning("could not subscribe", extra={"site": site, "error": repr(exc)})
-        await ws.close(CloseCode.INTERNAL, "subscription failed, reconnect")
-        return
-    state.metrics.connections.labels("websocket").inc()
-    reader = asyncio.create_task(_ws_reader(ws, viewer))
-    writer = asyncio.create_task(_ws_writer(state, ws, viewer, wake, drained))
-    replay = asyncio.create_task(_replay(state, viewer, start, drained))
-    try:
-        await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
-        if not writer.done():
-            # The peer left, or broke the protocol (the writer then sends the close code).
-            if viewer.close_code is None:
-                viewer.release()
-            wake.set()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(writer), 2.0)
-    finally:
-        state.feeds.leave(viewer)
-        for task in (reader, writer, replay):
-            task.cancel()
-        await asyncio.gather(reader, writer, replay, return_exceptions=True)
-        state.metrics.connections.labels("websocket").dec()
-
-
-async def _ws_reader(ws: WebSocket, viewer: Viewer) -> None:
-    """Viewers send only `{"type":"ping"}`; anything else is a protocol error."""
-    while viewer.close_code is None:
-        message = await ws.receive()
-        if message["type"] == "websocket.disconnect":
-            return
-        data = message.get("text") or message.get("bytes") or b""
-        if len(data) > MAX_CLIENT_FRAME:
-            viewer.fail(CloseCode.FRAME_TOO_LARGE)
-            return
-        try:
-            kind = orjson.loads(data).get("type")
-        except (orjson.JSONDecodeError, AttributeError):
-            kind = None
-        if kind == "ping":
-            viewer.push_notice(b'{"type":"pong"}')
-        else:
-            viewer.fail(CloseCode.PROTOCOL)
-            return
-
-
-async def _ws_writer(
-    state: GatewayState, ws: WebSocket, viewer: Viewer, wake: asyncio.Event, drained: asyncio.Event
-) -> None:
-    timeout = state.settings.write_timeout_s
-    try:
-        while True:
-            await wake.wait()
-            wake.clear()
-            if viewer.close_code is not None:
-                await _ws_close(state, ws, viewer.close_code)
-                return
-            if viewer.closed:
-                return
-            items = viewer.take()
-            async with asyncio.timeout(timeout):
-                for frame in ws_frames(items):
-                    await ws.send_text(frame.decode())
-                    state.metrics.frames.inc()
-            drained.set()
-            _count_delivery(state, items)
-    except TimeoutError:
-        state.metrics.closes.labels("write_timeout").inc()
-        viewer.fail(CloseCode.SLOW_CONSUMER)
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(0.5):
-                await ws.close(CloseCode.SLOW_CONSUMER, "write timeout")
-    except (WebSocketDisconnect, RuntimeError, OSError):
-        viewer.release()  # the socket went away while writing
-
-
-def _count_delivery(state: GatewayState, items: list[tuple[int, int, bytes]]) -> None:
-    """Count delivered events and sample latency once per write (the newest event in it)."""
-    state.metrics.delivered.inc(event_count(items))
-    newest = next((data for kind, _, data in reversed(items) if kind == EVENT), None)
-    if newest is not None:
-        age = event_age_s(newest, time.time())
-        if age is not None:
-            state.metrics.latency.observe(max(age, 0.0))
-
-
-async def _ws_close(state: GatewayState, ws: WebSocket, code: int) -> None:
-    reason = CloseCode(code).name.lower()
-    if code == CloseCode.SHUTTING_DOWN:
-        state.metrics.closes.labels("shutting_down").inc()
-    with contextlib.suppress(Exception):
-        async with asyncio.timeout(1.0):
-            await ws.close(code, reason)
-
-
 # -- Server-Sent Events -------------------------------------------------------------------
 
 
@@ -429,7 +280,7 @@ class SseStream(Response):
         state = self.state
         wake, drained = asyncio.Event(), asyncio.Event()
         try:
-            viewer, start = await _join(state, self.site, self.req, wake)
+            viewer, start = await viewers.join(state, self.site, self.req, wake)
         except (TimeoutError, *REDIS_ERRORS, *STORAGE_ERRORS):
             error = ApiError(ErrorCode.STORAGE_UNAVAILABLE, "subscription failed", retry_after=1)
             await error_response(error)(scope, receive, send)
@@ -448,7 +299,7 @@ class SseStream(Response):
                 }
             )
             disconnected = asyncio.create_task(_wait_disconnect(receive, viewer))
-            replay = asyncio.create_task(_replay(state, viewer, start, drained))
+            replay = asyncio.create_task(viewers.replay(state, viewer, start, drained))
             try:
                 await self._write(send, viewer, wake, drained, b"retry: 2000\n\n")
             finally:
@@ -485,8 +336,8 @@ class SseStream(Response):
                 items = viewer.take()
                 pending = sse_chunk(items, viewer.epoch) if items else b": ping\n\n"
                 if items:
-                    _count_delivery(state, items)
-                    state.metrics.frames.inc()
+                    state.stats.count(items)
+                    state.stats.frames += 1
         except TimeoutError:
             state.metrics.closes.labels("write_timeout").inc()
             viewer.fail(CloseCode.SLOW_CONSUMER)

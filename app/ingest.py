@@ -8,7 +8,7 @@ commit (202 only after COMMIT; 503 if PostgreSQL did not confirm) -> publish (be
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -16,10 +16,12 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import asyncpg
+import orjson
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 from uuid6 import uuid7
 
 from app import enrich
@@ -33,7 +35,7 @@ from app.health import Checks, health_router
 from app.metrics import IngestMetrics
 from app.names import Names
 from app.ratelimit import RateLimiter
-from app.responses import error_response, json_response
+from app.responses import error_response
 from app.salts import SaltKeeper
 from app.settings import Settings
 from app.sites import Site, SiteCache
@@ -72,12 +74,12 @@ class IngestState:
         return {"postgres": await probe_postgres(self.pool), "redis": await probe_redis(self.redis)}
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings) -> IngestApp:
     registry = CollectorRegistry()
     metrics = IngestMetrics(registry)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(_: object) -> AsyncIterator[None]:
         pool = await open_pool(settings, connect_timeout=2.0)
         client = open_redis(settings)
         names = Names(settings.key_prefix)
@@ -89,7 +91,7 @@ def create_app(settings: Settings) -> FastAPI:
             max_delay_s=settings.commit_max_delay_ms / 1000,
             after_commit=publisher.publish,
         )
-        app.state.ingest = IngestState(
+        api.state.ingest = IngestState(
             settings=settings,
             pool=pool,
             redis=client,
@@ -108,25 +110,46 @@ def create_app(settings: Settings) -> FastAPI:
             await client.aclose()
             await pool.close()
 
-    app = FastAPI(title="Sitewire ingest", lifespan=lifespan, docs_url=None, redoc_url=None)
+    api = FastAPI(title="Sitewire ingest", lifespan=lifespan, docs_url=None, redoc_url=None)
 
     def checks() -> Checks:
-        state: IngestState = app.state.ingest
+        state: IngestState = api.state.ingest
         return state.checks
 
     # Ingest needs only PostgreSQL to acknowledge events; Redis is reported but optional.
-    app.include_router(health_router("ingest", checks, frozenset({"postgres"}), registry))
-    _install_error_handlers(app, metrics)
-    _install_routes(app)
-    return app
+    api.include_router(health_router("ingest", checks, frozenset({"postgres"}), registry))
+    _install_error_handlers(api)
+    _install_routes(api)
+    return IngestApp(api)
 
 
-def _install_error_handlers(app: FastAPI, metrics: IngestMetrics) -> None:
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError) -> Response:
-        metrics.rejected.labels(exc.code.code).inc()
-        return error_response(exc, _cors_headers(request))
+class IngestApp:
+    """The ingest ASGI entry. `POST /api/event` and `POST /api/events` are served as raw ASGI:
+    they are the whole point of the process, and FastAPI's routing and middleware cost three
+    times the handler itself (profiled; docs/performance.md). Everything else (preflight, the
+    script, health, metrics, 404s) goes to the FastAPI app."""
 
+    def __init__(self, api: FastAPI) -> None:
+        self.api = api
+
+    @property
+    def state(self) -> Any:
+        return self.api.state
+
+    @property
+    def router(self) -> Any:
+        return self.api.router
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            handler = _POSTS.get(scope["path"])
+            if handler is not None:
+                await _serve_post(self.api.state.ingest, handler, Incoming(scope, receive), send)
+                return
+        await self.api(scope, receive, send)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         code = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}.get(
@@ -143,50 +166,6 @@ def _install_routes(app: FastAPI) -> None:
         """The tracking script, served first-party from the ingest host."""
         return script.response(request)
 
-    @app.post("/api/event", status_code=202)
-    async def post_event(request: Request) -> Response:
-        """One event. Body: a JSON object, sent as application/json or text/plain."""
-        state: IngestState = request.app.state.ingest
-        doc = await _read_json(request, state.settings.max_event_bytes)
-        event = validate(doc)
-        site = await _known_site(state, event.site)
-        client = _client(request, state.settings)
-        _check_origin(client, site)
-        headers = _cors_headers(request)
-        reason = state.bots.reason(client.user_agent)
-        if reason is not None:
-            state.metrics.dropped.labels(reason).inc()
-            return json_response(
-                {"ok": True, "dropped": reason}, 202, {**headers, DROPPED_HEADER: reason}
-            )
-        salt = await _salt(state)
-        await state.limiter.check(site.id, enrich.ip_key(salt, client.ip), 1)
-        [outcome] = await _store(state, [_enriched(event, client, salt)])
-        if outcome is None:
-            raise ApiError(ErrorCode.UNKNOWN_SITE, f"site {event.site} is not registered", "site")
-        body = {
-            "ok": True,
-            "id": str(outcome.event.event_id),
-            "cursor": f"{outcome.epoch}-{outcome.offset}",
-            "duplicate": outcome.duplicate,
-        }
-        return json_response(body, 202, headers)
-
-    @app.post("/api/events", status_code=202)
-    async def post_events(request: Request) -> Response:
-        """A batch: a JSON array of up to SITEWIRE_MAX_BATCH_EVENTS events, one result each."""
-        state: IngestState = request.app.state.ingest
-        doc = await _read_json(request, state.settings.max_batch_bytes)
-        items = parse_batch(doc, state.settings.max_batch_events)
-        client = _client(request, state.settings)
-        headers = _cors_headers(request)
-        reason = state.bots.reason(client.user_agent)
-        if reason is not None:
-            state.metrics.dropped.labels(reason).inc(len(items))
-            results: list[dict[str, Any]] = [{"status": 202, "dropped": reason}] * len(items)
-            return json_response({"results": results}, 202, {**headers, DROPPED_HEADER: reason})
-        return json_response({"results": await _store_batch(state, items, client)}, 202, headers)
-
     @app.options("/api/event")
     @app.options("/api/events")
     async def preflight(request: Request) -> Response:
@@ -202,6 +181,83 @@ def _install_routes(app: FastAPI) -> None:
         if origin:
             headers["Access-Control-Allow-Origin"] = origin
         return Response(status_code=204, headers=headers)
+
+
+class Incoming:
+    """The parts of an ASGI request the ingest handlers read."""
+
+    __slots__ = ("headers", "peer", "receive")
+
+    def __init__(self, scope: Scope, receive: Receive) -> None:
+        self.headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        client = scope.get("client")
+        self.peer: str | None = client[0] if client else None
+        self.receive = receive
+
+
+Reply = tuple[int, Any, dict[str, str]]
+
+
+async def _serve_post(
+    state: IngestState,
+    handler: Callable[[IngestState, Incoming], Awaitable[Reply]],
+    incoming: Incoming,
+    send: Send,
+) -> None:
+    cors = _cors_headers(incoming)
+    try:
+        status, body, headers = await handler(state, incoming)
+        headers = {**cors, **headers}
+    except ApiError as exc:
+        state.metrics.rejected.labels(exc.code.code).inc()
+        status, body, headers = exc.code.status, exc.body(), dict(cors)
+        if exc.retry_after is not None:
+            headers["Retry-After"] = str(exc.retry_after)
+    payload = orjson.dumps(body)
+    raw_headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", b"%d" % len(payload)),
+    ]
+    raw_headers += [(k.lower().encode(), v.encode("latin-1")) for k, v in headers.items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": payload})
+
+
+async def post_event(state: IngestState, incoming: Incoming) -> Reply:
+    """One event. Body: a JSON object, sent as application/json or text/plain."""
+    doc = await _read_json(incoming, state.settings.max_event_bytes)
+    event = validate(doc)
+    site = await _known_site(state, event.site)
+    client = _client(incoming, state.settings)
+    _check_origin(client, site)
+    reason = state.bots.reason(client.user_agent)
+    if reason is not None:
+        state.metrics.dropped.labels(reason).inc()
+        return 202, {"ok": True, "dropped": reason}, {DROPPED_HEADER: reason}
+    salt = await _salt(state)
+    await state.limiter.check(site.id, enrich.ip_key(salt, client.ip), 1)
+    [outcome] = await _store(state, [_enriched(event, client, salt)])
+    result = _result(event, outcome)
+    if result["status"] != 202:
+        raise ApiError(ErrorCode.UNKNOWN_SITE, f"site {event.site} is not registered", "site")
+    del result["status"]
+    return 202, {"ok": True, **result}, {}
+
+
+async def post_events(state: IngestState, incoming: Incoming) -> Reply:
+    """A batch: a JSON array of up to SITEWIRE_MAX_BATCH_EVENTS events, one result each."""
+    doc = await _read_json(incoming, state.settings.max_batch_bytes)
+    items = parse_batch(doc, state.settings.max_batch_events)
+    client = _client(incoming, state.settings)
+    reason = state.bots.reason(client.user_agent)
+    if reason is not None:
+        state.metrics.dropped.labels(reason).inc(len(items))
+        results: list[dict[str, Any]] = [{"status": 202, "dropped": reason}] * len(items)
+        return 202, {"results": results}, {DROPPED_HEADER: reason}
+    return 202, {"results": await _store_batch(state, items, client)}, {}
+
+
+_POSTS = {"/api/event": post_event, "/api/events": post_events}
 
 
 async def _store_batch(
@@ -243,10 +299,10 @@ def _result(event: EventIn, outcome: Outcome) -> dict[str, Any]:
     }
 
 
-async def _read_json(request: Request, limit: int) -> Any:
+async def _read_json(incoming: Incoming, limit: int) -> Any:
     """The body, refused before it is read in full when it is over `limit` bytes."""
-    check_media_type(request.headers.get("content-type"))
-    declared = request.headers.get("content-length")
+    check_media_type(incoming.headers.get("content-type"))
+    declared = incoming.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
             raise ApiError(ErrorCode.INVALID_REQUEST, "Content-Length is not a number")
@@ -254,11 +310,17 @@ async def _read_json(request: Request, limit: int) -> Any:
             raise ApiError(ErrorCode.TOO_LARGE, f"body is over {limit} bytes")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        message = await incoming.receive()
+        if message["type"] == "http.disconnect":
+            raise ApiError(ErrorCode.INVALID_REQUEST, "the client went away")
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise ApiError(ErrorCode.TOO_LARGE, f"body is over {limit} bytes")
         chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
     return decode_json(b"".join(chunks))
 
 
@@ -295,12 +357,14 @@ def _storage_unavailable() -> ApiError:
     )
 
 
-def _client(request: Request, settings: Settings) -> Client:
-    peer = request.client.host if request.client else None
+def _client(incoming: Incoming, settings: Settings) -> Client:
+    headers = incoming.headers
     return Client(
-        ip=enrich.client_ip(peer, request.headers.get("x-forwarded-for"), settings.trusted_proxies),
-        user_agent=request.headers.get("user-agent", "")[:1000],
-        origin=request.headers.get("origin"),
+        ip=enrich.client_ip(
+            incoming.peer, headers.get("x-forwarded-for"), settings.trusted_proxies
+        ),
+        user_agent=headers.get("user-agent", "")[:1000],
+        origin=headers.get("origin"),
     )
 
 
@@ -319,8 +383,8 @@ def _check_origin(client: Client, site: Site) -> None:
         )
 
 
-def _cors_headers(request: Request) -> dict[str, str]:
-    origin = request.headers.get("origin")
+def _cors_headers(incoming: Incoming) -> dict[str, str]:
+    origin = incoming.headers.get("origin")
     if not origin:
         return {}
     return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from app.hub import EVENT, event_age_s, event_count
 
 
 class IngestMetrics:
@@ -104,3 +108,33 @@ class GatewayMetrics:
             buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             registry=registry,
         )
+
+
+class DeliveryStats:
+    """Hot-path counters kept as plain ints and folded into Prometheus twice a second: a
+    Prometheus increment per frame cost more than the frame's own bookkeeping."""
+
+    #: Latency is sampled on one write in this many.
+    SAMPLE_EVERY = 8
+
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self._metrics = metrics
+        self.frames = 0
+        self.delivered = 0
+        self._writes = 0
+
+    def count(self, items: list[tuple[int, int, bytes]]) -> None:
+        self.delivered += event_count(items)
+        self._writes += 1
+        if self._writes % self.SAMPLE_EVERY:
+            return
+        newest = next((data for kind, _, data in reversed(items) if kind == EVENT), None)
+        if newest is not None:
+            age = event_age_s(newest, time.time())
+            if age is not None:
+                self._metrics.latency.observe(max(age, 0.0))
+
+    def flush(self) -> None:
+        self._metrics.frames.inc(self.frames)
+        self._metrics.delivered.inc(self.delivered)
+        self.frames = self.delivered = 0

@@ -24,6 +24,7 @@ def create_app(redis_url: str, prefix: str) -> FastAPI:
     sockets: defaultdict[str, set[WebSocket]] = defaultdict(set)
     client = aioredis.Redis.from_url(redis_url)
     pubsub = client.pubsub()
+    subscribing = asyncio.Lock()  # even the naive version needs this, or subscriptions get lost
 
     async def listen() -> None:
         while True:
@@ -50,9 +51,10 @@ def create_app(redis_url: str, prefix: str) -> FastAPI:
     @app.websocket("/v1/sites/{site}/stream")
     async def stream(ws: WebSocket, site: str) -> None:
         await ws.accept()
-        if not sockets[site]:
-            await pubsub.subscribe(names.channel(site))
-        sockets[site].add(ws)
+        async with subscribing:
+            if not sockets[site]:
+                await pubsub.subscribe(names.channel(site))
+            sockets[site].add(ws)
         try:
             while True:
                 await ws.receive_text()

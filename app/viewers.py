@@ -1,0 +1,95 @@
+"""Admitting a viewer: who may watch (token, site), and joining it to the live feed with its
+start position. Shared by the WebSocket and SSE endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+import orjson
+
+from app import tokens
+from app.codes import CloseCode, ErrorCode
+from app.errors import ApiError
+from app.hub import Viewer
+from app.replay import Start, StartRequest, run_replay, welcome
+from app.sites import Site, is_valid_site_id
+from app.store import STORAGE_ERRORS
+from app.wire import format_cursor
+
+if TYPE_CHECKING:
+    from app.gateway import GatewayState
+
+log = logging.getLogger(__name__)
+
+
+class Refused(Exception):
+    """A viewer refused before it joins: carries the close code and the HTTP error."""
+
+    def __init__(self, close: CloseCode, error: ApiError) -> None:
+        super().__init__(error.message)
+        self.close = close
+        self.error = error
+
+
+async def authorize(state: GatewayState, secret: str, site: str, token: str | None) -> Site:
+    try:
+        return await check_viewer(state, secret, site, token)
+    except Refused as exc:
+        raise exc.error from None
+
+
+async def check_viewer(state: GatewayState, secret: str, site: str, token: str | None) -> Site:
+    """Who may watch: a valid token for exactly this site, of a registered site."""
+    if state.draining:
+        raise Refused(
+            CloseCode.SHUTTING_DOWN,
+            ApiError(ErrorCode.STORAGE_UNAVAILABLE, "gateway is shutting down", retry_after=1),
+        )
+    try:
+        if not is_valid_site_id(site):
+            raise tokens.InvalidToken("the token is not valid for this site")
+        tokens.verify(secret, token, site)
+    except tokens.InvalidToken as exc:
+        state.metrics.auth_failures.inc()
+        raise Refused(CloseCode.UNAUTHORIZED, ApiError(ErrorCode.UNAUTHORIZED, str(exc))) from None
+    try:
+        found = await state.sites.get(site)
+    except STORAGE_ERRORS:
+        raise Refused(
+            CloseCode.INTERNAL,
+            ApiError(ErrorCode.STORAGE_UNAVAILABLE, "site registry unavailable", retry_after=2),
+        ) from None
+    if found is None:
+        raise Refused(
+            CloseCode.UNKNOWN_SITE,
+            ApiError(ErrorCode.UNKNOWN_SITE, f"site {site} is not registered", "site"),
+        )
+    return found
+
+
+async def join(
+    state: GatewayState, site: Site, req: StartRequest, wake: asyncio.Event
+) -> tuple[Viewer, Start]:
+    """Add a viewer to the live feed (holding live events), decide where its stream starts,
+    and queue its welcome. Raises what subscribing raises."""
+    viewer = Viewer(site.id, site.epoch, state.settings.viewer_queue_bytes, wake.set)
+    viewer.start_replay()
+    await state.feeds.join(viewer)
+    start = await state.replayer.resolve(site.id, site.epoch, state.feeds.head(site.id), req)
+    viewer.push_notice(welcome(site.id, site.epoch, start))
+    return viewer, start
+
+
+def gap_notice(viewer: Viewer, after: int) -> None:
+    cursor = format_cursor(viewer.epoch, after)
+    viewer.push_notice(orjson.dumps({"type": "gap", "after": cursor, "recovered": False}))
+
+
+async def replay(state: GatewayState, viewer: Viewer, start: Start, drained: asyncio.Event) -> None:
+    try:
+        await run_replay(state.replayer, viewer, start, drained, gap_notice)
+    except Exception:
+        log.exception("replay failed", extra={"site": viewer.site})
+        viewer.fail(CloseCode.INTERNAL)
