@@ -15,6 +15,7 @@ import random
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -24,6 +25,9 @@ from redis.backoff import NoBackoff
 from app.metrics import IngestMetrics
 from app.names import Names
 from app.store import Stored
+
+if TYPE_CHECKING:
+    from app.shards import RedisShards
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +58,13 @@ class Publisher:
     counted as a gap (viewers recover it from history) and never reaches the client."""
 
     def __init__(
-        self, client: aioredis.Redis, names: Names, window: int, metrics: IngestMetrics
+        self, shards: RedisShards, names: Names, window: int, metrics: IngestMetrics
     ) -> None:
-        self._client = client
+        self._shards = shards
         self._names = names
         self._window = window
         self._metrics = metrics
-        self._script = client.register_script(PUBLISH_SCRIPT)
+        self._scripts = [c.register_script(PUBLISH_SCRIPT) for c in shards.clients]
         self._skip_until = 0.0
 
     async def publish(self, stored: list[Stored]) -> None:
@@ -71,16 +75,19 @@ class Publisher:
         for s in stored:
             assert s.payload is not None
             by_site[s.event.site] += [s.offset, s.payload]
+        by_shard: dict[int, list[str]] = defaultdict(list)
+        for site in by_site:
+            by_shard[self._shards.index(site)].append(site)
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for site, args in by_site.items():
-                    channel = self._names.channel(site)
-                    await self._script(
-                        keys=[self._names.window(site)],
-                        args=[channel, self._window, *args],
-                        client=pipe,
-                    )
-                await pipe.execute()
+            for index, sites in by_shard.items():
+                async with self._shards.clients[index].pipeline(transaction=False) as pipe:
+                    for site in sites:
+                        await self._scripts[index](
+                            keys=[self._names.window(site)],
+                            args=[self._names.channel(site), self._window, *by_site[site]],
+                            client=pipe,
+                        )
+                    await pipe.execute()
         except REDIS_ERRORS as exc:
             self._skip_until = time.monotonic() + BACKOFF_S
             self._gap(len(stored), type(exc).__name__)

@@ -31,16 +31,6 @@ async def open_pool(settings: Settings, *, connect_timeout: float = 5.0) -> asyn
     return pool
 
 
-def open_redis(settings: Settings) -> aioredis.Redis:
-    """A Redis client (connections open on first use; redis-py reconnects by itself)."""
-    return aioredis.Redis.from_url(
-        settings.require_redis(),
-        socket_connect_timeout=1.0,
-        socket_timeout=2.0,
-        health_check_interval=10,
-    )
-
-
 async def probe_postgres(pool: asyncpg.Pool) -> Status:
     try:
         async with asyncio.timeout(PROBE_TIMEOUT_S):

@@ -21,7 +21,6 @@ from collections import defaultdict
 
 import asyncpg
 import orjson
-import redis.asyncio as aioredis
 
 from app.broker import REDIS_ERRORS, Subscriber
 from app.codes import CloseCode
@@ -30,6 +29,7 @@ from app.hub import Hub, Sequencer, Viewer
 from app.metrics import GatewayMetrics
 from app.names import Names
 from app.settings import Settings
+from app.shards import RedisShards
 from app.sites import get_site
 from app.store import STORAGE_ERRORS
 from app.wire import format_cursor
@@ -47,23 +47,22 @@ class Feeds:
         self,
         hub: Hub,
         settings: Settings,
-        redis: aioredis.Redis,
+        shards: RedisShards,
         pool: asyncpg.Pool,
         metrics: GatewayMetrics,
     ) -> None:
         self.hub = hub
         self._settings = settings
         self._names = Names(settings.key_prefix)
-        self._redis = redis
+        self._shards = shards
         self._pool = pool
         self._metrics = metrics
-        self.subscriber = Subscriber(
-            settings.require_redis(),
-            self._names,
-            self.on_message,
-            self.on_reconnect,
-            metrics.redis_reconnects.inc,
-        )
+        # One pub/sub connection per Redis server, carrying every site of that server.
+        self.subscribers = [
+            Subscriber(url, self._names, self.on_message, self.on_reconnect,
+                       metrics.redis_reconnects.inc)
+            for url in shards.urls
+        ]  # fmt: skip
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._seq: dict[str, Sequencer] = {}
         self._epochs: dict[str, str] = {}
@@ -72,7 +71,8 @@ class Feeds:
         self._checker: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self.subscriber.start()
+        for subscriber in self.subscribers:
+            subscriber.start()
         self._checker = asyncio.create_task(self._check_positions(), name="position-check")
 
     async def close(self) -> None:
@@ -84,7 +84,8 @@ class Feeds:
             if task is not None:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        await self.subscriber.close()
+        for subscriber in self.subscribers:
+            await subscriber.close()
 
     # -- viewers come and go ---------------------------------------------------------------
 
@@ -111,7 +112,7 @@ class Feeds:
         with contextlib.suppress(*STORAGE_ERRORS):
             found = await get_site(self._pool, site)
             head = found.next_offset - 1 if found else None
-        await self.subscriber.subscribe(site)
+        await self.subscriber(site).subscribe(site)
         self._seq[site] = Sequencer(head)
         self._epochs[site] = epoch
 
@@ -126,7 +127,7 @@ class Feeds:
         await asyncio.sleep(self._settings.unsubscribe_delay_s)
         async with self._locks[site]:
             if self.hub.count(site) == 0 and site in self._seq:
-                await self.subscriber.unsubscribe(site)
+                await self.subscriber(site).unsubscribe(site)
                 del self._seq[site]
                 self._epochs.pop(site, None)
                 repair = self._repairs.pop(site, None)
@@ -135,6 +136,9 @@ class Feeds:
         self._unsubscribes.pop(site, None)
         self._locks.pop(site, None)
         self._metrics.subscriptions.set(len(self._seq))
+
+    def subscriber(self, site: str) -> Subscriber:
+        return self.subscribers[self._shards.index(site)]
 
     def head(self, site: str) -> int | None:
         """The last offset delivered live for `site` on this gateway (None: not known yet)."""
@@ -187,7 +191,7 @@ class Feeds:
     async def _fetch(self, site: str, first: int, last: int) -> list[Event]:
         """Offsets first..last, from the window when it has them all, else PostgreSQL."""
         with contextlib.suppress(*REDIS_ERRORS):
-            events = await from_window(self._redis, self._names, site, first, last)
+            events = await from_window(self._shards.for_site(site), self._names, site, first, last)
             if events is not None:
                 return events
         try:
@@ -226,7 +230,8 @@ class Feeds:
         if top is not None:
             last = min(top, after + REPAIR_PAGE)
             with contextlib.suppress(*REDIS_ERRORS):
-                events = await from_window(self._redis, self._names, site, after + 1, last)
+                client = self._shards.for_site(site)
+                events = await from_window(client, self._names, site, after + 1, last)
                 if events is not None:
                     return events
         try:

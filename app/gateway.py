@@ -21,7 +21,6 @@ from urllib.parse import unquote
 
 import asyncpg
 import orjson
-import redis.asyncio as aioredis
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CollectorRegistry
 from starlette.types import Message, Receive, Scope, Send
@@ -30,7 +29,7 @@ from app import tokens, viewers
 from app.assets import Asset
 from app.broker import REDIS_ERRORS
 from app.codes import CloseCode, ErrorCode
-from app.connections import Status, open_pool, open_redis, probe_postgres, probe_redis
+from app.connections import Status, open_pool, probe_postgres
 from app.errors import ApiError
 from app.feed import Feeds
 from app.health import Checks, health_router
@@ -41,6 +40,7 @@ from app.names import Names
 from app.replay import BadStart, Replayer, StartRequest, parse_start
 from app.responses import error_response
 from app.settings import Settings
+from app.shards import RedisShards
 from app.sites import Site, SiteCache
 from app.store import STORAGE_ERRORS
 from app.websocket import Connection, RawWebSocket, serve_stream, sweep_writes
@@ -62,7 +62,7 @@ SSE_HEARTBEAT_S = 15.0
 class GatewayState:
     settings: Settings
     pool: asyncpg.Pool
-    redis: aioredis.Redis
+    redis: RedisShards
     metrics: GatewayMetrics
     hub: Hub
     feeds: Feeds
@@ -84,7 +84,7 @@ class GatewayState:
     async def checks(self) -> dict[str, Status]:
         results = {
             "postgres": await probe_postgres(self.pool),
-            "redis": await probe_redis(self.redis),
+            "redis": await self.redis.probe(),
         }
         if self.draining:
             results["draining"] = "unavailable"
@@ -133,7 +133,7 @@ def create_app(settings: Settings) -> GatewayApp:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool = await open_pool(settings)
-        client = open_redis(settings)
+        client = RedisShards(settings.require_redis())
         hub = Hub()
         feeds = Feeds(hub, settings, client, pool, metrics)
         replayer = Replayer(client, pool, Names(settings.key_prefix), metrics)

@@ -17,7 +17,6 @@ from urllib.parse import urlsplit
 
 import asyncpg
 import orjson
-import redis.asyncio as aioredis
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -28,7 +27,7 @@ from app import enrich
 from app.assets import Asset
 from app.broker import Publisher
 from app.codes import ErrorCode
-from app.connections import Status, open_pool, open_redis, probe_postgres, probe_redis
+from app.connections import Status, open_pool, probe_postgres
 from app.errors import ApiError, StorageUnavailable
 from app.events import EventIn, check_media_type, decode_json, parse_batch, validate
 from app.health import Checks, health_router
@@ -38,6 +37,7 @@ from app.ratelimit import RateLimiter
 from app.responses import error_response
 from app.salts import SaltKeeper
 from app.settings import Settings
+from app.shards import RedisShards
 from app.sites import Site, SiteCache
 from app.store import STORAGE_ERRORS, Committer, NewEvent, Outcome
 
@@ -62,7 +62,7 @@ class Client:
 class IngestState:
     settings: Settings
     pool: asyncpg.Pool
-    redis: aioredis.Redis
+    redis: RedisShards
     metrics: IngestMetrics
     sites: SiteCache
     salts: SaltKeeper
@@ -71,7 +71,7 @@ class IngestState:
     committer: Committer
 
     async def checks(self) -> dict[str, Status]:
-        return {"postgres": await probe_postgres(self.pool), "redis": await probe_redis(self.redis)}
+        return {"postgres": await probe_postgres(self.pool), "redis": await self.redis.probe()}
 
 
 def create_app(settings: Settings) -> IngestApp:
@@ -81,7 +81,7 @@ def create_app(settings: Settings) -> IngestApp:
     @asynccontextmanager
     async def lifespan(_: object) -> AsyncIterator[None]:
         pool = await open_pool(settings, connect_timeout=2.0)
-        client = open_redis(settings)
+        client = RedisShards(settings.require_redis())
         names = Names(settings.key_prefix)
         publisher = Publisher(client, names, settings.replay_window, metrics)
         committer = Committer(

@@ -11,14 +11,13 @@ from __future__ import annotations
 import logging
 import time
 
-import redis.asyncio as aioredis
-
 from app.broker import REDIS_ERRORS
 from app.codes import ErrorCode
 from app.errors import ApiError
 from app.metrics import IngestMetrics
 from app.names import Names
 from app.settings import Settings
+from app.shards import RedisShards
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +46,14 @@ return 0
 
 class RateLimiter:
     def __init__(
-        self, client: aioredis.Redis, names: Names, settings: Settings, metrics: IngestMetrics
+        self, shards: RedisShards, names: Names, settings: Settings, metrics: IngestMetrics
     ) -> None:
         self._names = names
         self._site_limit = settings.rate_site_per_sec
         self._ip_limit = settings.rate_ip_per_min
         self._metrics = metrics
-        self._script = client.register_script(CHECK_SCRIPT)
+        self._shards = shards
+        self._scripts = [c.register_script(CHECK_SCRIPT) for c in shards.clients]
 
     @property
     def enabled(self) -> bool:
@@ -66,7 +66,10 @@ class RateLimiter:
         now = time.time()
         keys = [self._names.rate_site(site, int(now)), self._names.rate_ip(ip_key, int(now // 60))]
         try:
-            verdict = await self._script(keys=keys, args=[n, self._site_limit, self._ip_limit])
+            # Both counters live on the site's server (one script, one round trip); with several
+            # servers the per-IP limit therefore applies per server.
+            script = self._scripts[self._shards.index(site)]
+            verdict = await script(keys=keys, args=[n, self._site_limit, self._ip_limit])
         except REDIS_ERRORS:
             self._metrics.ratelimit_unavailable.inc()
             return

@@ -22,7 +22,6 @@ from typing import TypeVar, cast
 
 import asyncpg
 import orjson
-import redis.asyncio as aioredis
 
 from app.broker import REDIS_ERRORS
 from app.codes import CloseCode
@@ -30,6 +29,7 @@ from app.history import Event, from_postgres, from_window
 from app.hub import Viewer
 from app.metrics import GatewayMetrics
 from app.names import Names
+from app.shards import RedisShards
 from app.store import STORAGE_ERRORS
 from app.wire import format_cursor, parse_cursor
 
@@ -91,9 +91,9 @@ class Start:
 
 class Replayer:
     def __init__(
-        self, redis: aioredis.Redis, pool: asyncpg.Pool, names: Names, metrics: GatewayMetrics
+        self, shards: RedisShards, pool: asyncpg.Pool, names: Names, metrics: GatewayMetrics
     ) -> None:
-        self._redis = redis
+        self._shards = shards
         self._pool = pool
         self._names = names
         self._metrics = metrics
@@ -124,7 +124,8 @@ class Replayer:
         """Events after..until (at most PAGE), window first, then PostgreSQL."""
         last = min(until, after + PAGE)
         with contextlib.suppress(*REDIS_ERRORS):
-            events = await from_window(self._redis, self._names, site, after + 1, last)
+            client = self._shards.for_site(site)
+            events = await from_window(client, self._names, site, after + 1, last)
             if events is not None:
                 self._metrics.replay_reads.labels("redis").inc()
                 return events
@@ -147,7 +148,7 @@ class Replayer:
     async def stored(self, site: str, offset: int) -> bool:
         """Whether the event at `offset` can still be read (window or PostgreSQL)."""
         with contextlib.suppress(*REDIS_ERRORS):
-            if await from_window(self._redis, self._names, site, offset, offset):
+            if await from_window(self._shards.for_site(site), self._names, site, offset, offset):
                 return True
         found = await self._pool.fetchval(
             "SELECT 1 FROM events WHERE site = $1 AND site_offset = $2", site, offset

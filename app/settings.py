@@ -30,7 +30,8 @@ class Settings:
     #: DATABASE_URL: PostgreSQL DSN. None means "not configured" (only `sitewire run` accepts
     #: that, and starts an embedded server).
     database_url: str | None = None
-    #: REDIS_URL: Redis URL (redis:// or unix://).
+    #: REDIS_URL: Redis URL (redis:// or unix://), or several comma-separated: independent
+    #: servers, each site on one of them (app/shards.py).
     redis_url: str | None = None
     #: SITEWIRE_KEY_PREFIX: prefix of every Redis key and channel; isolates deployments/tests.
     key_prefix: str = "sw"
@@ -88,7 +89,7 @@ class Settings:
         r = _Reader(env)
         settings = cls(
             database_url=r.url("DATABASE_URL", ("postgres://", "postgresql://")),
-            redis_url=r.url("REDIS_URL", ("redis://", "rediss://", "unix://")),
+            redis_url=r.url("REDIS_URL", ("redis://", "rediss://", "unix://"), many=True),
             key_prefix=r.get("SITEWIRE_KEY_PREFIX", cls.key_prefix, _prefix),
             secret=r.get("SITEWIRE_SECRET", None, _secret),
             max_event_bytes=r.int("SITEWIRE_MAX_EVENT_BYTES", cls.max_event_bytes, 256),
@@ -131,10 +132,11 @@ class Settings:
             raise SettingsError("DATABASE_URL", "is not set")
         return self.database_url
 
-    def require_redis(self) -> str:
+    def require_redis(self) -> tuple[str, ...]:
+        """The Redis server URLs (one, or several independent shards)."""
         if not self.redis_url:
             raise SettingsError("REDIS_URL", "is not set")
-        return self.redis_url
+        return tuple(self.redis_url.split(","))
 
     def require_secret(self) -> str:
         if not self.secret:
@@ -157,11 +159,13 @@ class _Reader:
         except ValueError as exc:
             raise SettingsError(name, f"{exc} (got {raw!r})") from None
 
-    def url(self, name: str, schemes: tuple[str, ...]) -> str | None:
+    def url(self, name: str, schemes: tuple[str, ...], many: bool = False) -> str | None:
         def parse(raw: str) -> str:
-            if not raw.startswith(schemes):
-                raise ValueError(f"must start with one of {', '.join(schemes)}")
-            return raw
+            parts = [p.strip() for p in raw.split(",")] if many else [raw]
+            for part in parts:
+                if not part.startswith(schemes):
+                    raise ValueError(f"must start with one of {', '.join(schemes)}")
+            return ",".join(parts)
 
         return self.get(name, None, parse)
 
