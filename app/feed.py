@@ -26,7 +26,7 @@ from app.broker import REDIS_ERRORS, Subscriber
 from app.codes import CloseCode
 from app.history import Event, from_postgres, from_window, site_heads
 from app.hub import Hub, Sequencer, Viewer
-from app.metrics import GatewayMetrics
+from app.metrics import DeliveryStats, GatewayMetrics
 from app.names import Names
 from app.settings import Settings
 from app.shards import RedisShards
@@ -50,8 +50,10 @@ class Feeds:
         shards: RedisShards,
         pool: asyncpg.Pool,
         metrics: GatewayMetrics,
+        stats: DeliveryStats,
     ) -> None:
         self.hub = hub
+        self.stats = stats
         self._settings = settings
         self._names = Names(settings.key_prefix)
         self._shards = shards
@@ -69,6 +71,7 @@ class Feeds:
         self._unsubscribes: dict[str, asyncio.Task[None]] = {}
         self._repairs: dict[str, asyncio.Task[None]] = {}
         self._checker: asyncio.Task[None] | None = None
+        self._pending: dict[str, list[Event]] = {}
 
     def start(self) -> None:
         for subscriber in self.subscribers:
@@ -156,15 +159,33 @@ class Feeds:
         except (orjson.JSONDecodeError, KeyError, TypeError):
             log.error("dropped a malformed publication", extra={"site": site})
             return
-        self._deliver(site, seq.offer(offset, payload))
+        ready = seq.offer(offset, payload)
+        if ready:
+            # Messages read in one burst are delivered together at the end of this loop
+            # iteration: one frame per viewer for the burst, not one per event.
+            pending = self._pending.get(site)
+            if pending is None:
+                self._pending[site] = ready
+                asyncio.get_running_loop().call_soon(self._flush_pending, site)
+            else:
+                pending.extend(ready)
         if seq.missing() is not None and site not in self._repairs:
             self._repairs[site] = asyncio.create_task(self._repair(site), name=f"repair {site}")
 
+    def _flush_pending(self, site: str) -> None:
+        events = self._pending.pop(site, None)
+        if events:
+            self._deliver(site, events)
+
     def _deliver(self, site: str, events: list[Event]) -> None:
-        for offset, payload in events:
-            for viewer in self.hub.publish(site, offset, payload):
-                self._metrics.closes.labels("slow_consumer").inc()
-                viewer.fail(CloseCode.SLOW_CONSUMER)
+        pending = self._pending.pop(site, None)
+        if pending:  # keep offset order with a burst not yet flushed
+            events = pending + events
+        slow, direct = self.hub.publish_many(site, events)
+        self.stats.direct(direct, events)
+        for viewer in slow:
+            self._metrics.closes.labels("slow_consumer").inc()
+            viewer.fail(CloseCode.SLOW_CONSUMER)
 
     def notice(self, site: str, body: dict[str, object]) -> None:
         frame = orjson.dumps(body)

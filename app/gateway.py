@@ -135,11 +135,11 @@ def create_app(settings: Settings) -> GatewayApp:
         pool = await open_pool(settings)
         client = RedisShards(settings.require_redis())
         hub = Hub()
-        feeds = Feeds(hub, settings, client, pool, metrics)
+        stats = DeliveryStats(metrics)
+        feeds = Feeds(hub, settings, client, pool, metrics, stats)
         replayer = Replayer(client, pool, Names(settings.key_prefix), metrics)
         state = GatewayState(
-            settings, pool, client, metrics, hub, feeds, SiteCache(pool), replayer,
-            DeliveryStats(metrics),
+            settings, pool, client, metrics, hub, feeds, SiteCache(pool), replayer, stats,
         )  # fmt: skip
         metrics.queue_bytes.set_function(hub.queued_bytes)
         app.state.gateway = state

@@ -36,7 +36,7 @@ class Viewer:
 
     __slots__ = (
         "_held", "_items", "after", "close_code", "closed", "epoch", "held_bytes", "id",
-        "max_bytes", "queued_bytes", "site", "wake",
+        "max_bytes", "queued_bytes", "sink", "site", "wake",
     )  # fmt: skip
 
     def __init__(
@@ -62,6 +62,9 @@ class Viewer:
         #: Live events that arrived while the viewer was still replaying (None once live).
         self._held: list[tuple[int, bytes]] | None = None
         self.held_bytes = 0
+        #: Writes a ready WebSocket frame straight to the connection; False when it cannot
+        #: take it now (flow control). None for viewers that always go through the queue.
+        self.sink: Callable[[bytes], bool] | None = None
 
     def push(self, offset: int, payload: bytes) -> bool:
         """Queue a live event. False means the cap would be exceeded: close this viewer as
@@ -111,6 +114,17 @@ class Viewer:
         self.held_bytes = 0
         return None
 
+    def can_take_direct(self, first_offset: int) -> bool:
+        """True when a frame starting at `first_offset` may bypass the queue: nothing queued,
+        nothing held, live, and exactly next in line (order and exactly-once preserved)."""
+        return (
+            self.sink is not None
+            and not self._items
+            and self._held is None
+            and not self.closed
+            and self.after == first_offset - 1
+        )
+
     def push_notice(self, frame: bytes) -> bool:
         return self._append(NOTICE, 0, frame)
 
@@ -143,6 +157,7 @@ class Viewer:
     def release(self) -> None:
         """Drop the queue (the connection is gone) so its memory is freed at once."""
         self.closed = True
+        self.sink = None
         self._items.clear()
         self.queued_bytes = 0
         self._held = None
@@ -184,11 +199,32 @@ class Hub:
 
     def publish(self, site: str, offset: int, payload: bytes) -> list[Viewer]:
         """Queue one event for every viewer of `site`; return the viewers that overflowed."""
-        slow = []
+        return self.publish_many(site, [(offset, payload)])[0]
+
+    def publish_many(self, site: str, events: list[tuple[int, bytes]]) -> tuple[list[Viewer], int]:
+        """Deliver consecutive events to every viewer of `site`. Viewers that are caught up get
+        one ready WebSocket frame, built once and written as the same bytes to each of them;
+        the others get the events queued. Returns (viewers that overflowed, events written
+        directly)."""
+        slow: list[Viewer] = []
+        if not events:
+            return slow, 0
+        first = events[0][0]
+        frame: bytes | None = None
+        direct = 0
         for viewer in self._sites.get(site, {}).values():
-            if not viewer.push(offset, payload):
-                slow.append(viewer)
-        return slow
+            if viewer.can_take_direct(first):
+                if frame is None:
+                    frame = ws_broadcast_frame([p for _, p in events])
+                if frame and viewer.sink is not None and viewer.sink(frame):
+                    viewer.after = events[-1][0]
+                    direct += len(events)
+                    continue
+            for offset, payload in events:
+                if not viewer.push(offset, payload):
+                    slow.append(viewer)
+                    break
+        return slow, direct
 
     def notice(self, site: str, frame: bytes) -> list[Viewer]:
         slow = []
@@ -280,6 +316,23 @@ def ws_frames(items: list[tuple[int, int, bytes]]) -> list[bytes]:
         size += len(data) + 1
     flush()
     return frames
+
+
+def ws_broadcast_frame(payloads: list[bytes]) -> bytes:
+    """One complete server-to-client WebSocket text frame carrying an `events` message.
+    Server frames are unmasked and we never compress, so these bytes are valid on every
+    connection. Empty when too large for one frame (those go through the queues)."""
+    body = b'{"type":"events","events":[' + b",".join(payloads) + b"]}"
+    size = len(body)
+    if size > MAX_FRAME_BYTES:
+        return b""
+    if size < 126:
+        header = bytes((0x81, size))
+    elif size < 65536:
+        header = bytes((0x81, 126)) + size.to_bytes(2, "big")
+    else:
+        header = bytes((0x81, 127)) + size.to_bytes(8, "big")
+    return header + body
 
 
 def sse_chunk(items: list[tuple[int, int, bytes]], epoch: str) -> bytes:

@@ -134,6 +134,18 @@ class DeliveryStats:
             if age is not None:
                 self._metrics.latency.observe(max(age, 0.0))
 
+    def direct(self, count: int, events: list[tuple[int, bytes]]) -> None:
+        """Events written straight to caught-up viewers (one shared frame per burst)."""
+        if not count:
+            return
+        self.delivered += count
+        self.frames += 1
+        self._writes += 1
+        if self._writes % self.SAMPLE_EVERY == 0:
+            age = event_age_s(events[-1][1], time.time())
+            if age is not None:
+                self._metrics.latency.observe(max(age, 0.0))
+
     def flush(self) -> None:
         self._metrics.frames.inc(self.frames)
         self._metrics.delivered.inc(self.delivered)

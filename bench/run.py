@@ -264,9 +264,12 @@ async def fanout(env: Env, quick: bool, sites_count: int, server: str) -> dict[s
         await asyncio.sleep(1.0)
         low = await measure_rate(publisher, load, 100, 1 if quick else 5, per_event)
         best: dict[str, Any] | None = None
-        ladder = [200] if quick else [100, 200, 400, 700, 1000, 1300, 1600, 2000, 2500]
+        # Total events/s to try; deliveries/s = rate x viewers per site.
+        ladder = [200] if quick else [100, 200, 400, 700, 1000, 1300, 1600, 2000, 2500, 3000]
+        if sites_count > 1 and not quick:
+            ladder = [1000, 2000, 3000, 4000, 6000, 8000, 12000]
         if server == "naive" and not quick:
-            ladder = [50, 100, 150, 200, 300, 400]
+            ladder = [50, 100, 150, 200, 300, 400, 600, 1000, 2000]
         for rate in ladder:
             result = await measure_rate(publisher, load, rate, 1 if quick else 4, per_event)
             if result["delivered"] >= 0.99 and result["p99_ms"] < 250:
@@ -389,6 +392,8 @@ async def run(quick: bool, out: Path, only: set[str]) -> list[Row]:
 
 async def _scenarios(env: Env, quick: bool, only: set[str]) -> list[Row]:
     rows: list[Row] = []
+    if not only or "0" in only:
+        rows += await _self_check_rows(quick)
     if not only or "1" in only:
         rows += await _end_to_end_rows(env, quick)
     if not only or "2" in only:
@@ -398,6 +403,41 @@ async def _scenarios(env: Env, quick: bool, only: set[str]) -> list[Row]:
     if not only or "4" in only:
         rows += await _ingest_rows(env, quick)
     return rows
+
+
+async def self_check(quick: bool, per_frame: int) -> dict[str, Any]:
+    """How many frames and events per second the load generator takes in (bench.blaster
+    pinned to core 0 sends as fast as it can; the loadgen on core 1 counts)."""
+    port = free_port()
+    blaster = subprocess.Popen(  # noqa: ASYNC220 (a benchmark driver; blocking is fine)
+        [*pinned(0), sys.executable, "-m", "bench.blaster", str(port), str(per_frame)],
+        stdout=subprocess.PIPE, cwd=ROOT,
+    )  # fmt: skip
+    assert blaster.stdout is not None
+    blaster.stdout.readline()
+    load = LoadGen([f"ws://127.0.0.1:{port}/"], 100)
+    seconds = 1.0 if quick else 3.0
+    load.command("reset")
+    await asyncio.sleep(seconds)
+    stats = load.command("report")
+    load.close()
+    blaster.terminate()
+    blaster.wait()
+    blaster.stdout.close()
+    return {
+        "frames_per_s": stats["frames"] / seconds,
+        "events_per_s": stats["events"] / seconds,
+        "cpu_share": stats["cpu_s"] / seconds,
+    }
+
+
+async def _self_check_rows(quick: bool) -> list[Row]:
+    one = await self_check(quick, 1)
+    many = await self_check(quick, 20)
+    return [
+        Row("0 loadgen self-check", "frames/s taken in (1 event/frame)", one["frames_per_s"]),
+        Row("0 loadgen self-check", "events/s taken in (20 events/frame)", many["events_per_s"]),
+    ]
 
 
 async def _end_to_end_rows(env: Env, quick: bool) -> list[Row]:

@@ -181,3 +181,45 @@ def test_held_events_count_against_the_cap() -> None:
     v.start_replay()
     assert v.push(1, b"x" * 60)
     assert not v.push(2, b"x" * 60)
+
+
+def test_caught_up_viewers_get_one_shared_frame_others_the_queue() -> None:
+    from app.hub import ws_broadcast_frame
+
+    hub = Hub()
+    written: list[bytes] = []
+    live, _ = viewer()
+    live.sink = lambda frame: written.append(frame) or True
+    behind, _ = viewer()
+    behind.sink = lambda frame: written.append(frame) or True
+    behind.push_notice(b'{"type":"welcome"}')  # something still queued: must stay in order
+    paused, _ = viewer()
+    paused.sink = lambda frame: False  # flow control: the transport cannot take more now
+    for v in (live, behind, paused):
+        hub.add(v)
+    events = [(1, b'{"offset":1}'), (2, b'{"offset":2}')]
+    slow, direct = hub.publish_many("a.com", events)
+    assert slow == [] and direct == 2
+    assert written == [ws_broadcast_frame([b'{"offset":1}', b'{"offset":2}'])]
+    assert live.after == 2 and live.take() == []
+    assert [o for _, o, _ in behind.take()] == [0, 1, 2]
+    assert [o for _, o, _ in paused.take()] == [1, 2]
+
+
+def test_broadcast_frame_is_a_valid_unmasked_text_frame() -> None:
+    from websockets.frames import Frame, Opcode
+    from websockets.streams import StreamReader
+
+    from app.hub import ws_broadcast_frame
+
+    for size in (10, 200, 70_000):
+        frame = ws_broadcast_frame([b'{"pad":"' + b"x" * size + b'"}'])
+        reader = StreamReader()
+        reader.feed_data(frame)
+        parser = Frame.parse(reader.read_exact, mask=False)
+        try:
+            next(parser)
+        except StopIteration as done:
+            parsed = done.value
+        assert parsed.opcode is Opcode.TEXT and parsed.fin
+        assert orjson.loads(parsed.data)["type"] == "events"
