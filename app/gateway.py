@@ -170,10 +170,7 @@ def create_app(settings: Settings) -> GatewayApp:
     @app.get("/v1/sites/{site}/events")
     async def events(request: Request, site: str) -> Response:
         state: GatewayState = app.state.gateway
-        token = request.query_params.get("token") or tokens.bearer(
-            request.headers.get("authorization")
-        )
-        site_info = await viewers.authorize(state, secret, site, token)
+        site_info = await viewers.authorize(state, secret, site, _token(request))
         query = request.query_params
         since = request.headers.get("last-event-id") or query.get("since")
         try:
@@ -197,13 +194,16 @@ def create_app(settings: Settings) -> GatewayApp:
     async def history(request: Request, site: str) -> Response:
         """Stored events, paged by cursor (`after`) or starting at a time (`from`)."""
         state: GatewayState = app.state.gateway
-        token = request.query_params.get("token") or tokens.bearer(
-            request.headers.get("authorization")
-        )
-        site_info = await viewers.authorize(state, secret, site, token)
+        site_info = await viewers.authorize(state, secret, site, _token(request))
         return await _history_page(state, site_info, request.query_params)
 
     return GatewayApp(app, secret)
+
+
+def _token(request: Request) -> str | None:
+    """Browsers send the token in the query (EventSource cannot set headers); others may use
+    an Authorization header."""
+    return request.query_params.get("token") or tokens.bearer(request.headers.get("authorization"))
 
 
 async def _history_page(state: GatewayState, site: Site, query: Mapping[str, str]) -> Response:

@@ -123,6 +123,17 @@ def report(stats: Stats, cpu_s: float) -> dict[str, Any]:
 # -- HTTP poster ----------------------------------------------------------------------------
 
 
+async def read_response(reader: asyncio.StreamReader) -> bytes:
+    """Read one HTTP/1.1 response (Content-Length framed); return its status line."""
+    status = await reader.readline()
+    length = 0
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    await reader.readexactly(length)
+    return status
+
+
 async def post_loop(
     host: str, port: int, body: bytes, path: str, duration: float, latencies: list[int]
 ) -> int:
@@ -138,12 +149,7 @@ async def post_loop(
     while time.monotonic() < deadline:
         t = time.perf_counter_ns()
         writer.write(request)
-        status = await reader.readline()
-        length = 0
-        while (line := await reader.readline()) not in (b"\r\n", b""):
-            if line.lower().startswith(b"content-length:"):
-                length = int(line.split(b":")[1])
-        await reader.readexactly(length)
+        status = await read_response(reader)
         latencies.append((time.perf_counter_ns() - t) // 1000)
         if b" 202 " in status:
             ok += 1
@@ -176,12 +182,7 @@ async def paced_post(
                 ).encode()
                 + body
             )
-            status = await reader.readline()
-            length = 0
-            while (line := await reader.readline()) not in (b"\r\n", b""):
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":")[1])
-            await reader.readexactly(length)
+            status = await read_response(reader)
             ok += b" 202 " in status
             i += 1
         writer.close()
