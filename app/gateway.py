@@ -1,8 +1,10 @@
 """The gateway ASGI app: holds viewer connections and pushes each site's live events.
 
-Endpoints (docs/protocol.md): `GET /v1/sites/{site}/stream` (WebSocket) and
-`GET /v1/sites/{site}/events` (Server-Sent Events). Each connection is a `Viewer` in the hub
-with a writer task draining its bounded queue; the fanout never awaits a socket.
+Endpoints (docs/protocol.md): `GET /v1/sites/{site}/stream` (WebSocket, served as raw ASGI by
+app.websocket), `GET /v1/sites/{site}/events` (Server-Sent Events), `/history`, `/dashboard`.
+Each connection is a `Viewer` in the hub. Caught-up WebSocket viewers get each burst as one
+shared frame written straight to their transport; a viewer that is behind (or on SSE) has a
+byte-capped queue drained by its writer task. The fanout never awaits a socket.
 """
 
 from __future__ import annotations

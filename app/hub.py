@@ -6,8 +6,9 @@ gateway wires it to sockets (a writer task per viewer) and to Redis (one reader 
 - `Viewer` holds one connection's queue, capped in bytes. `push` never blocks: when the cap
   would be exceeded it returns False and the caller closes the viewer as a slow consumer.
 - `Hub` maps sites to viewers (a viewer's first arrival and last departure are what the
-  gateway subscribes and unsubscribes on) and fans one payload out to all of a site's viewers:
-  the same bytes object, never re-encoded.
+  gateway subscribes and unsubscribes on) and fans events out to all of a site's viewers:
+  caught-up viewers get one ready WebSocket frame, built once per burst and written as the
+  same bytes through their `sink`; the others get the same payload objects queued.
 - `Sequencer` puts a site's events in offset order, drops duplicates and reports gaps.
 - `ws_frames` / `sse_chunk` turn a drained queue into as few writes as possible.
 """
