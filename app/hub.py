@@ -37,7 +37,7 @@ class Viewer:
 
     __slots__ = (
         "_held", "_items", "after", "close_code", "closed", "epoch", "held_bytes", "id",
-        "max_bytes", "queued_bytes", "sink", "site", "wake",
+        "max_bytes", "queued_bytes", "sink", "site", "wake", "writing",
     )  # fmt: skip
 
     def __init__(
@@ -66,6 +66,9 @@ class Viewer:
         #: Writes a ready WebSocket frame straight to the connection; False when it cannot
         #: take it now (flow control). None for viewers that always go through the queue.
         self.sink: Callable[[bytes], bool] | None = None
+        #: True while the writer task is sending what it took from the queue; a direct write
+        #: then would overtake those frames on the wire.
+        self.writing = False
 
     def push(self, offset: int, payload: bytes) -> bool:
         """Queue a live event. False means the cap would be exceeded: close this viewer as
@@ -121,6 +124,7 @@ class Viewer:
         return (
             self.sink is not None
             and not self._items
+            and not self.writing
             and self._held is None
             and not self.closed
             and self.after == first_offset - 1

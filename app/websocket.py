@@ -174,9 +174,11 @@ async def _write(
                 return
             items = viewer.take()
             conn.write_started = loop.time()
+            viewer.writing = True  # no direct frame may overtake these (app.hub)
             for frame in ws_frames(items):
                 await send({"type": "websocket.send", "text": frame.decode()})
                 state.stats.frames += 1
+            viewer.writing = False
             conn.write_started = 0.0
             drained.set()
             state.stats.count(items)

@@ -223,3 +223,19 @@ def test_broadcast_frame_is_a_valid_unmasked_text_frame() -> None:
             parsed = done.value
         assert parsed.opcode is Opcode.TEXT and parsed.fin
         assert orjson.loads(parsed.data)["type"] == "events"
+
+
+def test_no_direct_frame_overtakes_frames_the_writer_is_still_sending() -> None:
+    hub = Hub()
+    written: list[bytes] = []
+    v, _ = viewer()
+    v.sink = lambda frame: written.append(frame) or True
+    hub.add(v)
+    v.push(1, b'{"offset":1}')
+    assert [o for _, o, _ in v.take()] == [1]
+    v.writing = True  # the writer took offset 1 and is waiting on flow control to send it
+    hub.publish_many("a.com", [(2, b'{"offset":2}')])
+    assert written == [] and [o for _, o, _ in v.take()] == [2]  # queued behind it instead
+    v.writing = False
+    hub.publish_many("a.com", [(3, b'{"offset":3}')])
+    assert len(written) == 1 and v.after == 3
