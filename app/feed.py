@@ -22,12 +22,13 @@ from collections import defaultdict
 import asyncpg
 import orjson
 
-from app.broker import REDIS_ERRORS, Subscriber
+from app.broker import Subscriber
 from app.codes import CloseCode
-from app.history import Event, from_postgres, from_window, site_heads
+from app.history import Event, site_heads
 from app.hub import Hub, Sequencer, Viewer
 from app.metrics import DeliveryStats, GatewayMetrics
 from app.names import Names
+from app.replay import Replayer
 from app.settings import Settings
 from app.shards import RedisShards
 from app.sites import get_site
@@ -36,8 +37,8 @@ from app.wire import format_cursor
 
 log = logging.getLogger(__name__)
 
-#: Most events one repair step fetches; a longer gap is repaired in several steps.
-REPAIR_PAGE = 1000
+#: "No upper bound" for a catch-up read: up to whatever PostgreSQL holds.
+UNBOUNDED = 2**62
 #: Seconds between position checks of every subscribed site.
 POSITION_CHECK_S = 2.0
 
@@ -51,9 +52,11 @@ class Feeds:
         pool: asyncpg.Pool,
         metrics: GatewayMetrics,
         stats: DeliveryStats,
+        replayer: Replayer,
     ) -> None:
         self.hub = hub
         self.stats = stats
+        self._replayer = replayer
         self._settings = settings
         self._names = Names(settings.key_prefix)
         self._shards = shards
@@ -200,8 +203,7 @@ class Feeds:
             seq = self._seq.get(site)
             while seq is not None and (gap := seq.missing()) is not None:
                 first, last = gap
-                last = min(last, first + REPAIR_PAGE - 1)
-                events = await self._fetch(site, first, last)
+                events = await self._read(site, first - 1, last)
                 if not events:
                     self._give_up(site, seq, first - 1)
                     break
@@ -209,18 +211,13 @@ class Feeds:
         finally:
             self._repairs.pop(site, None)
 
-    async def _fetch(self, site: str, first: int, last: int) -> list[Event]:
-        """Offsets first..last, from the window when it has them all, else PostgreSQL."""
-        with contextlib.suppress(*REDIS_ERRORS):
-            events = await from_window(self._shards.for_site(site), self._names, site, first, last)
-            if events is not None:
-                return events
+    async def _read(self, site: str, after: int, until: int) -> list[Event] | None:
+        """A page of stored events after..until (window, else PostgreSQL: app.replay); None
+        when storage could not be read."""
         try:
-            return await from_postgres(
-                self._pool, site, self._epochs[site], first - 1, last - first + 1, until=last
-            )
+            return await self._replayer.page(site, self._epochs[site], after, until)
         except STORAGE_ERRORS:
-            return []
+            return None
 
     def _give_up(self, site: str, seq: Sequencer, after: int) -> None:
         log.warning("could not repair a gap", extra={"site": site, "after": after})
@@ -239,26 +236,13 @@ class Feeds:
         while True:
             if top is not None and top <= after:
                 return True
-            events = await self._fetch_after(site, after, top)
+            events = await self._read(site, after, UNBOUNDED if top is None else top)
             if events is None:
                 return False
             if not events:
                 return True
             self._deliver(site, seq.fill(events))
             after = events[-1][0]
-
-    async def _fetch_after(self, site: str, after: int, top: int | None) -> list[Event] | None:
-        if top is not None:
-            last = min(top, after + REPAIR_PAGE)
-            with contextlib.suppress(*REDIS_ERRORS):
-                client = self._shards.for_site(site)
-                events = await from_window(client, self._names, site, after + 1, last)
-                if events is not None:
-                    return events
-        try:
-            return await from_postgres(self._pool, site, self._epochs[site], after, REPAIR_PAGE)
-        except STORAGE_ERRORS:
-            return None
 
     async def on_reconnect(self, sites: list[str]) -> None:
         """After pub/sub reconnected: whatever was published meanwhile was lost in transit.

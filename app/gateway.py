@@ -35,7 +35,7 @@ from app.connections import Status, open_pool, probe_postgres
 from app.errors import ApiError
 from app.feed import Feeds
 from app.health import Checks, health_router
-from app.history import page_after
+from app.history import from_postgres
 from app.hub import Hub, Viewer, sse_chunk
 from app.metrics import DeliveryStats, GatewayMetrics
 from app.names import Names
@@ -138,8 +138,8 @@ def create_app(settings: Settings) -> GatewayApp:
         client = RedisShards(settings.require_redis())
         hub = Hub()
         stats = DeliveryStats(metrics)
-        feeds = Feeds(hub, settings, client, pool, metrics, stats)
         replayer = Replayer(client, pool, Names(settings.key_prefix), metrics)
+        feeds = Feeds(hub, settings, client, pool, metrics, stats, replayer)
         state = GatewayState(
             settings, pool, client, metrics, hub, feeds, SiteCache(pool), replayer, stats,
         )  # fmt: skip
@@ -229,7 +229,7 @@ async def _history_page(state: GatewayState, site: Site, query: Mapping[str, str
             assert start is not None
             first = await state.replayer.offset_at(site.id, start)
             after = (first - 1) if first is not None else 2**62
-        events = await page_after(state.pool, site.id, site.epoch, after, limit, before)
+        events = await from_postgres(state.pool, site.id, site.epoch, after, limit, before=before)
     except ValueError as exc:
         raise ApiError(ErrorCode.INVALID_REQUEST, str(exc), "after") from None
     except STORAGE_ERRORS:

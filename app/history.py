@@ -43,19 +43,29 @@ async def site_heads(pool: asyncpg.Pool, sites: list[str]) -> dict[str, int]:
     return {r["id"]: r["head"] for r in rows}
 
 
+#: Stored events of a site after an offset, optionally up to an offset and before a time.
+#: Served by the primary key (site, site_offset), so a page costs the same on any size of site.
+EVENTS_AFTER_SQL = (
+    "SELECT site_offset, event_id, name, url, path, referrer, referrer_host, props, "
+    "visitor_id, device, ts FROM events WHERE site = $1 AND site_offset > $2 "
+    "AND site_offset <= $3 AND ($4::timestamptz IS NULL OR ts < $4) "
+    "ORDER BY site_offset LIMIT $5"
+)
+
+
 async def from_postgres(
-    pool: asyncpg.Pool, site: str, epoch: str, after: int, limit: int, until: int | None = None
+    pool: asyncpg.Pool,
+    site: str,
+    epoch: str,
+    after: int,
+    limit: int,
+    until: int | None = None,
+    before: datetime | None = None,
 ) -> list[Event]:
-    """Up to `limit` stored events with offset > after (and <= until), in order."""
-    rows = await pool.fetch(
-        "SELECT site_offset, event_id, name, url, path, referrer, referrer_host, props, "
-        "visitor_id, device, ts FROM events WHERE site = $1 AND site_offset > $2 "
-        "AND site_offset <= $3 ORDER BY site_offset LIMIT $4",
-        site,
-        after,
-        until if until is not None else 2**62,
-        limit,
-    )
+    """Up to `limit` stored events with offset > after (and <= until, and ts < before), in
+    offset order: replay pages, gap repairs and history pages alike."""
+    bound = until if until is not None else 2**62
+    rows = await pool.fetch(EVENTS_AFTER_SQL, site, after, bound, before, limit)
     return [(r["site_offset"], encode_row(site, epoch, r)) for r in rows]
 
 
@@ -76,20 +86,3 @@ def encode_row(site: str, epoch: str, row: asyncpg.Record) -> bytes:
         device=row["device"],
         ts=row["ts"],
     )
-
-
-async def page_after(
-    pool: asyncpg.Pool, site: str, epoch: str, after: int, limit: int, before: datetime | None
-) -> list[Event]:
-    """One history page: events with offset > after (and ts < before), by offset. Served by
-    the primary key (site, site_offset), so a page costs the same on any size of site."""
-    rows = await pool.fetch(
-        "SELECT site_offset, event_id, name, url, path, referrer, referrer_host, props, "
-        "visitor_id, device, ts FROM events WHERE site = $1 AND site_offset > $2 "
-        "AND ($3::timestamptz IS NULL OR ts < $3) ORDER BY site_offset LIMIT $4",
-        site,
-        after,
-        before,
-        limit,
-    )
-    return [(r["site_offset"], encode_row(site, epoch, r)) for r in rows]

@@ -202,10 +202,6 @@ class Hub:
         for viewers in list(self._sites.values()):
             yield from list(viewers.values())
 
-    def publish(self, site: str, offset: int, payload: bytes) -> list[Viewer]:
-        """Queue one event for every viewer of `site`; return the viewers that overflowed."""
-        return self.publish_many(site, [(offset, payload)])[0]
-
     def publish_many(self, site: str, events: list[tuple[int, bytes]]) -> tuple[list[Viewer], int]:
         """Deliver consecutive events to every viewer of `site`. Viewers that are caught up get
         one ready WebSocket frame, built once and written as the same bytes to each of them;

@@ -98,7 +98,8 @@ class GatewayMetrics:
         )
         self.replay_reads = Counter(
             "sitewire_gateway_replay_reads",
-            "Replay page reads by source (shared: joined an identical read in flight)",
+            "Storage reads for replays and gap repairs, by source "
+            "(shared: joined an identical read in flight)",
             ["source"],
             registry=registry,
         )
@@ -124,15 +125,10 @@ class DeliveryStats:
         self._writes = 0
 
     def count(self, items: list[tuple[int, int, bytes]]) -> None:
+        """Items a writer task sent from a viewer's queue."""
         self.delivered += event_count(items)
-        self._writes += 1
-        if self._writes % self.SAMPLE_EVERY:
-            return
         newest = next((data for kind, _, data in reversed(items) if kind == EVENT), None)
-        if newest is not None:
-            age = event_age_s(newest, time.time())
-            if age is not None:
-                self._metrics.latency.observe(max(age, 0.0))
+        self._sample(newest)
 
     def direct(self, count: int, events: list[tuple[int, bytes]]) -> None:
         """Events written straight to caught-up viewers (one shared frame per burst)."""
@@ -140,11 +136,16 @@ class DeliveryStats:
             return
         self.delivered += count
         self.frames += 1
+        self._sample(events[-1][1])
+
+    def _sample(self, newest: bytes | None) -> None:
+        """Observe the publish-to-send latency of one write in SAMPLE_EVERY."""
         self._writes += 1
-        if self._writes % self.SAMPLE_EVERY == 0:
-            age = event_age_s(events[-1][1], time.time())
-            if age is not None:
-                self._metrics.latency.observe(max(age, 0.0))
+        if newest is None or self._writes % self.SAMPLE_EVERY:
+            return
+        age = event_age_s(newest, time.time())
+        if age is not None:
+            self._metrics.latency.observe(max(age, 0.0))
 
     def flush(self) -> None:
         self._metrics.frames.inc(self.frames)

@@ -51,7 +51,7 @@ def test_hub_refcounts_sites_and_shares_bytes() -> None:
     assert hub.add(b) is False
     assert hub.add(other) is True
     payload = b'{"offset":1}'
-    assert hub.publish("a.com", 1, payload) == []
+    assert hub.publish_many("a.com", [(1, payload)]) == ([], 0)
     assert a.take()[0][2] is payload and b.take()[0][2] is payload  # encoded once, shared
     assert other.take() == []
     assert hub.remove(a) is False
@@ -68,7 +68,7 @@ def test_hub_reports_slow_viewers_without_slowing_others() -> None:
     hub.add(fast)
     overflowed = []
     for offset in range(1, 6):
-        overflowed += hub.publish("a.com", offset, b"x" * 8)
+        overflowed += hub.publish_many("a.com", [(offset, b"x" * 8)])[0]
     assert overflowed and all(v is slow for v in overflowed)
     assert len(fast.take()) == 5
 
