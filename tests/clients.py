@@ -126,10 +126,10 @@ class SseViewer(Viewer):
         try:
             async with self.client.stream("GET", url, params=params, headers=headers) as r:
                 self.status = r.status_code
-                ready.set()
                 if r.status_code != 200:
                     self.notices.append(orjson.loads(await r.aread()))
                     return
+                ready.set()
                 kind, data, event_id = "message", b"", None
                 async for line in r.aiter_lines():
                     if line.startswith("event: "):
