@@ -365,6 +365,17 @@ def servers(scratch: Path) -> Iterator[tuple[str, str]]:
         yield db, rd
 
 
+async def delete_keys(redis_url: str, prefix: str) -> None:
+    """Leave the Redis server as we found it: every key of this run's prefix goes."""
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        keys = [k async for k in client.scan_iter(match=Names(prefix).pattern(), count=1000)]
+        for i in range(0, len(keys), 1000):
+            await client.delete(*keys[i : i + 1000])
+    finally:
+        await client.aclose()
+
+
 async def fresh_database(admin_dsn: str) -> str:
     from tests.servers import create_database
 
@@ -386,6 +397,7 @@ async def run(quick: bool, out: Path, only: set[str]) -> list[Row]:
             from tests.servers import drop_database
 
             await drop_database(admin_dsn, dsn)
+            await delete_keys(redis_url, env.prefix)
     write(rows, out, quick)
     return rows
 
