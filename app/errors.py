@@ -72,5 +72,10 @@ class ApiError(SitewireError):
         return {"error": error}
 
 
+def unknown_site(site: str) -> ApiError:
+    """The one wording of "no such site", for ingest and the gateway alike."""
+    return ApiError(ErrorCode.UNKNOWN_SITE, f"site {site} is not registered", "site")
+
+
 class StorageUnavailable(SitewireError):
     """PostgreSQL did not confirm a commit; the events in it must not be acknowledged."""

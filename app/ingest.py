@@ -28,7 +28,7 @@ from app.assets import Asset
 from app.broker import Publisher
 from app.codes import ErrorCode
 from app.connections import Status, open_pool, probe_postgres
-from app.errors import ApiError, StorageUnavailable
+from app.errors import ApiError, StorageUnavailable, unknown_site
 from app.events import EventIn, check_media_type, decode_json, parse_batch, validate
 from app.health import Checks, health_router
 from app.metrics import IngestMetrics
@@ -39,7 +39,8 @@ from app.salts import SaltKeeper
 from app.settings import Settings
 from app.shards import RedisShards
 from app.sites import Site, SiteCache
-from app.store import STORAGE_ERRORS, Committer, NewEvent, Outcome
+from app.store import STORAGE_ERRORS, Committer, NewEvent, Outcome, Stored
+from app.wire import format_cursor
 
 #: Response header naming why an event was dropped on purpose (still a 202).
 DROPPED_HEADER = "X-Sitewire-Dropped"
@@ -237,11 +238,9 @@ async def post_event(state: IngestState, incoming: Incoming) -> Reply:
     salt = await _salt(state)
     await state.limiter.check(site.id, enrich.ip_key(salt, client.ip), 1)
     [outcome] = await _store(state, [_enriched(event, client, salt)])
-    result = _result(event, outcome)
-    if result["status"] != 202:
-        raise ApiError(ErrorCode.UNKNOWN_SITE, f"site {event.site} is not registered", "site")
-    del result["status"]
-    return 202, {"ok": True, **result}, {}
+    if outcome is None:
+        raise unknown_site(event.site)
+    return 202, {"ok": True, **_accepted(outcome)}, {}
 
 
 async def post_events(state: IngestState, incoming: Incoming) -> Reply:
@@ -289,12 +288,14 @@ async def _store_batch(
 
 def _result(event: EventIn, outcome: Outcome) -> dict[str, Any]:
     if outcome is None:
-        error = ApiError(ErrorCode.UNKNOWN_SITE, f"site {event.site} is not registered", "site")
-        return {"status": 404, **error.body()}
+        return {"status": 404, **unknown_site(event.site).body()}
+    return {"status": 202, **_accepted(outcome)}
+
+
+def _accepted(outcome: Stored) -> dict[str, Any]:
     return {
-        "status": 202,
         "id": str(outcome.event.event_id),
-        "cursor": f"{outcome.epoch}-{outcome.offset}",
+        "cursor": format_cursor(outcome.epoch, outcome.offset),
         "duplicate": outcome.duplicate,
     }
 
@@ -327,7 +328,7 @@ async def _read_json(incoming: Incoming, limit: int) -> Any:
 async def _known_site(state: IngestState, site_id: str) -> Site:
     site = await _guard_storage(state.sites.get(site_id))
     if site is None:
-        raise ApiError(ErrorCode.UNKNOWN_SITE, f"site {site_id} is not registered", "site")
+        raise unknown_site(site_id)
     return site
 
 

@@ -11,7 +11,7 @@ import orjson
 
 from app import tokens
 from app.codes import CloseCode, ErrorCode
-from app.errors import ApiError
+from app.errors import ApiError, unknown_site
 from app.hub import Viewer
 from app.replay import Start, StartRequest, run_replay, welcome
 from app.sites import Site, is_valid_site_id
@@ -62,10 +62,7 @@ async def check_viewer(state: GatewayState, secret: str, site: str, token: str |
             ApiError(ErrorCode.STORAGE_UNAVAILABLE, "site registry unavailable", retry_after=2),
         ) from None
     if found is None:
-        raise Refused(
-            CloseCode.UNKNOWN_SITE,
-            ApiError(ErrorCode.UNKNOWN_SITE, f"site {site} is not registered", "site"),
-        )
+        raise Refused(CloseCode.UNKNOWN_SITE, unknown_site(site))
     return found
 
 
