@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import asyncpg
@@ -26,16 +26,21 @@ def _settings() -> Settings:
         raise click.ClickException(f"configuration error: {exc}") from None
 
 
-def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
-    async def main() -> T:
-        return await coro_fn()
-
+def _run(coro: Coroutine[Any, Any, T]) -> T:
     try:
-        return asyncio.run(main())
+        return asyncio.run(coro)
     except SettingsError as exc:
         raise click.ClickException(f"configuration error: {exc}") from None
     except (OSError, asyncpg.PostgresError) as exc:
         raise click.ClickException(f"database error: {exc}") from None
+
+
+async def _with_connection(dsn: str, use: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await use(conn)
+    finally:
+        await conn.close()
 
 
 @click.group()
@@ -48,11 +53,8 @@ def migrate() -> None:
     """Apply pending database migrations."""
     dsn = _require(_settings().database_url, "DATABASE_URL")
 
-    async def go() -> list[str]:
-        return await migrations.migrate(dsn)
-
     try:
-        applied = _run(go)
+        applied = _run(migrations.migrate(dsn))
     except MigrationError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"applied {len(applied)} migration(s)" + "".join(f"\n  {n}" for n in applied))
@@ -70,15 +72,8 @@ def sites_create(site: str, domains: tuple[str, ...]) -> None:
     """Register SITE (a lowercase domain such as example.com)."""
     dsn = _require(_settings().database_url, "DATABASE_URL")
 
-    async def go() -> Any:
-        conn = await asyncpg.connect(dsn)
-        try:
-            return await create_site(conn, site, domains)
-        finally:
-            await conn.close()
-
     try:
-        created = _run(go)
+        created = _run(_with_connection(dsn, lambda conn: create_site(conn, site, domains)))
     except InvalidSiteId as exc:
         raise click.BadParameter(str(exc), param_hint="SITE") from None
     except SiteExists:
@@ -91,14 +86,7 @@ def sites_list() -> None:
     """List registered sites."""
     dsn = _require(_settings().database_url, "DATABASE_URL")
 
-    async def go() -> Any:
-        conn = await asyncpg.connect(dsn)
-        try:
-            return await list_sites(conn)
-        finally:
-            await conn.close()
-
-    for s in _run(go):
+    for s in _run(_with_connection(dsn, list_sites)):
         extra = f"  domains={','.join(s.domains)}" if s.domains else ""
         click.echo(f"{s.id}  events={s.next_offset - 1}  created={s.created_at:%Y-%m-%d}{extra}")
 
@@ -162,18 +150,10 @@ def worker(once: bool) -> None:
     _require(settings.database_url, "DATABASE_URL")
     logs.configure("worker", settings.log_level)
     if once:
-
-        async def one() -> None:
-            pool = await asyncpg.create_pool(settings.require_database(), min_size=0, max_size=2)
-            try:
-                await retention.run_once(pool, settings)
-            finally:
-                await pool.close()
-
-        _run(one)
+        _run(retention.run(settings, once=True))
         return
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(retention.run_forever(settings))
+        asyncio.run(retention.run(settings))
 
 
 @main.command()

@@ -73,10 +73,15 @@ async def run_once(
     return report
 
 
-async def run_forever(settings: Settings) -> None:
+async def run(settings: Settings, once: bool = False) -> None:
+    """One pass (`once`: a failure propagates), or a pass every SITEWIRE_WORKER_INTERVAL_S
+    until cancelled (a failed pass is logged and retried next time)."""
     pool = await asyncpg.create_pool(settings.require_database(), min_size=0, max_size=2)
     assert pool is not None
     try:
+        if once:
+            await run_once(pool, settings)
+            return
         while True:
             try:
                 await run_once(pool, settings)
