@@ -18,6 +18,7 @@ from app.settings import Settings
 from app.sites import create_site
 from tests.processes import AppProcess
 from tests.servers import Servers, choose_servers, create_database, drop_database
+from workers.embedded import EmbeddedRedis
 
 SECRET = "test-secret-" + "x" * 32
 _chosen: list[str] = []
@@ -89,6 +90,15 @@ async def site(pool: asyncpg.Pool) -> str:
     site_id = f"t{secrets.token_hex(4)}.example.com"
     await create_site(pool, site_id)
     return site_id
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    """A Redis server of this test's own, which it may stop and restart (empty: no data is
+    kept). Never the shared one."""
+    server = EmbeddedRedis(tmp_path / "private-redis", persist=False)
+    yield server
+    server.stop()
 
 
 def env_for(settings: Settings, **extra: str) -> dict[str, str]:

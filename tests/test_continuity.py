@@ -187,18 +187,17 @@ async def test_resume_older_than_the_redis_window_comes_from_postgres(
 
 
 async def test_resume_after_redis_lost_its_data(
-    settings: Settings, site: str, tmp_path: Path, pool: asyncpg.Pool
+    settings: Settings, site: str, tmp_path: Path, pool: asyncpg.Pool, private_redis: EmbeddedRedis
 ) -> None:
-    redis_server = EmbeddedRedis(tmp_path / "redis", persist=False)
-    env = env_for(settings.with_(redis_url=redis_server.url), **FAST)
+    env = env_for(settings.with_(redis_url=private_redis.url), **FAST)
     ingest = AppProcess("ingest", env, tmp_path).start()
     gateway = AppProcess("gateway", env, tmp_path).start()
     epoch = await epoch_of(pool, site)
     try:
         await post_events(ingest.url, site, 10)
-        redis_server.stop()
+        private_redis.stop()
         await post_events(ingest.url, site, 10, start=10)  # stored, never published
-        redis_server.start()  # empty window, epoch of the offsets unchanged (PostgreSQL)
+        private_redis.start()  # empty window, epoch of the offsets unchanged (PostgreSQL)
         await asyncio.to_thread(gateway.wait_ready)
         viewer = await WsViewer.open(gateway.ws_url, site, token(site), f"&since={epoch}-3")
         await viewer.wait_for(17)
@@ -208,7 +207,6 @@ async def test_resume_after_redis_lost_its_data(
     finally:
         gateway.stop()
         ingest.stop()
-        redis_server.stop()
 
 
 async def test_sse_resumes_with_last_event_id(spawn: Callable[..., AppProcess], site: str) -> None:

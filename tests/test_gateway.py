@@ -298,20 +298,19 @@ async def test_sigterm_drains_viewers_with_the_reconnect_code(
 
 
 async def test_redis_restart_resubscribes_and_tells_viewers(
-    settings: Settings, site: str, tmp_path: Path
+    settings: Settings, site: str, tmp_path: Path, private_redis: EmbeddedRedis
 ) -> None:
-    redis_server = EmbeddedRedis(tmp_path / "redis", persist=False)
-    env = env_for(settings.with_(redis_url=redis_server.url), **FAST)
+    env = env_for(settings.with_(redis_url=private_redis.url), **FAST)
     ingest = AppProcess("ingest", env, tmp_path).start()
     gateway = AppProcess("gateway", env, tmp_path).start()
     try:
         viewer = await WsViewer.open(gateway.ws_url, site, token(site))
         await post_events(ingest.url, site, 5)
         await viewer.wait_for(5)
-        redis_server.stop()
+        private_redis.stop()
         await post_events(ingest.url, site, 5, start=5)  # stored, not published
         await asyncio.sleep(0.5)
-        redis_server.start()  # empty: its data is lost
+        private_redis.start()  # empty: its data is lost
         gap = await viewer.wait_notice("gap", timeout=15)
         assert gap["reason"] == "redis_reconnect" and gap["recovered"] is True
         await post_events(ingest.url, site, 5, start=10)
@@ -322,7 +321,6 @@ async def test_redis_restart_resubscribes_and_tells_viewers(
     finally:
         gateway.stop()
         ingest.stop()
-        redis_server.stop()
 
 
 def test_token_command(database_url: str) -> None:

@@ -149,16 +149,15 @@ async def _get(url: str) -> httpx.Response:
 
 
 async def test_redis_down_still_stores_and_acknowledges(
-    settings: Settings, site: str, tmp_path: Path, pool: asyncpg.Pool
+    settings: Settings, site: str, tmp_path: Path, pool: asyncpg.Pool, private_redis: EmbeddedRedis
 ) -> None:
     from tests.conftest import env_for
 
-    redis_server = EmbeddedRedis(tmp_path / "redis", persist=False)
-    env = env_for(settings.with_(redis_url=redis_server.url), **NO_LIMITS)
+    env = env_for(settings.with_(redis_url=private_redis.url), **NO_LIMITS)
     proc = AppProcess("ingest", env, tmp_path).start()
     try:
         assert (await _post_one(proc.url, site)).status_code == 202
-        redis_server.stop()
+        private_redis.stop()
         for _ in range(5):
             assert (await _post_one(proc.url, site)).status_code == 202
         ready = await _get(f"{proc.url}/readyz")
@@ -166,7 +165,7 @@ async def test_redis_down_still_stores_and_acknowledges(
         metrics = (await _get(f"{proc.url}/metrics")).text
         assert "sitewire_ingest_publish_gap_events_total 5.0" in metrics
         assert await pool.fetchval("SELECT count(*) FROM events WHERE site = $1", site) == 6
-        redis_server.start()
+        private_redis.start()
         await asyncio.sleep(1.2)  # past the publisher's back-off
         assert (await _post_one(proc.url, site)).status_code == 202
         assert (
@@ -174,7 +173,6 @@ async def test_redis_down_still_stores_and_acknowledges(
         )
     finally:
         proc.stop()
-        redis_server.stop()
 
 
 async def test_killed_ingest_loses_only_unacknowledged_requests(
