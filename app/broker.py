@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -34,28 +35,41 @@ log = logging.getLogger(__name__)
 REDIS_ERRORS = (OSError, TimeoutError, redis.exceptions.RedisError)
 
 #: KEYS[1] = window; ARGV[1] = channel, ARGV[2] = window size, then offset/payload pairs.
-PUBLISH_SCRIPT = """
+#: The channel shares the window's hash tag, so in a Cluster both are in the script's slot.
+_SCRIPT = """
 local n = 0
 for i = 3, #ARGV, 2 do
   redis.call('ZADD', KEYS[1], ARGV[i], ARGV[i + 1])
-  redis.call('PUBLISH', ARGV[1], ARGV[i + 1])
+  redis.call('%s', ARGV[1], ARGV[i + 1])
   n = n + 1
 end
 redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -tonumber(ARGV[2]) - 1)
 return n
 """
+PUBLISH_SCRIPT = _SCRIPT % "PUBLISH"
+#: In a Cluster, classic PUBLISH is broadcast to every node; SPUBLISH stays in the slot's shard.
+SHARDED_PUBLISH_SCRIPT = _SCRIPT % "SPUBLISH"
 
 #: Subscriber reconnect backoff: base * 2**attempt, capped, with full jitter.
 BACKOFF_BASE_S = 0.05
 BACKOFF_MAX_S = 5.0
 
-#: After a failed publish, skip Redis for this long instead of stalling every commit on it.
+#: After a failed publish, skip a site's Redis for this long instead of stalling every commit.
 BACKOFF_S = 1.0
+
+#: A site's events of one commit, as the publish script's ARGV tail: offset, payload, ...
+Pairs = dict[str, list[bytes | int]]
 
 
 class Publisher:
     """Best-effort publisher: events are already durable when they get here. A failure is
-    counted as a gap (viewers recover it from history) and never reaches the client."""
+    counted as a gap (viewers recover it from history) and never reaches the client.
+
+    A commit's sites are published in groups, concurrently: one pipeline per server, or in a
+    Cluster one script call per site (redis-py cannot pipeline scripts there, and each call
+    must follow its own slot's MOVED/ASK redirections). A failed group marks its sites as
+    skipped for BACKOFF_S, so one dead server or node does not hold up the others' sites.
+    """
 
     def __init__(
         self, shards: RedisShards, names: Names, window: int, metrics: IngestMetrics
@@ -64,35 +78,70 @@ class Publisher:
         self._names = names
         self._window = window
         self._metrics = metrics
-        self._scripts = [c.register_script(PUBLISH_SCRIPT) for c in shards.clients]
-        self._skip_until = 0.0
+        script = SHARDED_PUBLISH_SCRIPT if shards.cluster else PUBLISH_SCRIPT
+        self._scripts = [c.register_script(script) for c in shards.clients]
+        self._skip_until: dict[str, float] = {}
 
     async def publish(self, stored: list[Stored]) -> None:
-        if time.monotonic() < self._skip_until:
-            self._gap(len(stored), "redis marked unavailable")
-            return
-        by_site: dict[str, list[bytes | int]] = defaultdict(list)
+        by_site: Pairs = defaultdict(list)
         for s in stored:
             assert s.payload is not None
             by_site[s.event.site] += [s.offset, s.payload]
+        skipped = self._take_skipped(by_site)
+        if skipped:
+            self._gap(skipped, "redis marked unavailable")
+        groups = self._groups(by_site)
+        results = await asyncio.gather(
+            *(self._publish_group(group, by_site) for group in groups), return_exceptions=True
+        )
+        failed, published, why = 0, 0, ""
+        for group, result in zip(groups, results, strict=True):
+            events = sum(len(by_site[site]) // 2 for site in group)
+            if result is None:
+                published += events
+                continue
+            if not isinstance(result, REDIS_ERRORS):
+                raise result
+            failed, why = failed + events, type(result).__name__
+            for site in group:
+                self._skip_until[site] = time.monotonic() + BACKOFF_S
+        self._metrics.published.inc(published)
+        if failed:
+            self._gap(failed, why)
+
+    def _take_skipped(self, by_site: Pairs) -> int:
+        """Drop the sites still marked unavailable; return how many events that left out."""
+        now, skipped = time.monotonic(), 0
+        for site, until in list(self._skip_until.items()):
+            if until <= now:
+                del self._skip_until[site]
+            elif site in by_site:
+                skipped += len(by_site.pop(site)) // 2
+        return skipped
+
+    def _groups(self, by_site: Pairs) -> list[list[str]]:
+        if self._shards.cluster:
+            return [[site] for site in by_site]
         by_shard: dict[int, list[str]] = defaultdict(list)
         for site in by_site:
             by_shard[self._shards.index(site)].append(site)
-        try:
-            for index, sites in by_shard.items():
-                async with self._shards.clients[index].pipeline(transaction=False) as pipe:
-                    for site in sites:
-                        await self._scripts[index](
-                            keys=[self._names.window(site)],
-                            args=[self._names.channel(site), self._window, *by_site[site]],
-                            client=pipe,
-                        )
-                    await pipe.execute()
-        except REDIS_ERRORS as exc:
-            self._skip_until = time.monotonic() + BACKOFF_S
-            self._gap(len(stored), type(exc).__name__)
+        return list(by_shard.values())
+
+    async def _publish_group(self, sites: list[str], by_site: Pairs) -> None:
+        index = self._shards.index(sites[0])
+        client, script = self._shards.clients[index], self._scripts[index]
+        if isinstance(client, RedisCluster):
+            site = sites[0]
+            await script(keys=[self._names.window(site)], args=self._args(site, by_site))
             return
-        self._metrics.published.inc(len(stored))
+        async with client.pipeline(transaction=False) as pipe:
+            for site in sites:
+                keys = [self._names.window(site)]
+                await script(keys=keys, args=self._args(site, by_site), client=pipe)
+            await pipe.execute()
+
+    def _args(self, site: str, by_site: Pairs) -> list[bytes | int | str]:
+        return [self._names.channel(site), self._window, *by_site[site]]
 
     def _gap(self, count: int, why: str) -> None:
         self._metrics.publish_gap.inc(count)

@@ -8,6 +8,7 @@ from typing import Literal
 import asyncpg
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.cluster import RedisCluster
 
 from app.settings import Settings
 
@@ -15,6 +16,9 @@ from app.settings import Settings
 PROBE_TIMEOUT_S = 1.0
 
 Status = Literal["ok", "unavailable"]
+
+#: A client for a site's Redis data: a plain server or a Cluster (same command API).
+RedisClient = aioredis.Redis | RedisCluster
 
 
 async def open_pool(settings: Settings, *, connect_timeout: float = 5.0) -> asyncpg.Pool:
@@ -40,7 +44,7 @@ async def probe_postgres(pool: asyncpg.Pool) -> Status:
         return "unavailable"
 
 
-async def probe_redis(client: aioredis.Redis) -> Status:
+async def probe_redis(client: RedisClient) -> Status:
     try:
         async with asyncio.timeout(PROBE_TIMEOUT_S):
             await client.ping()

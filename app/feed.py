@@ -22,7 +22,7 @@ from collections import defaultdict
 import asyncpg
 import orjson
 
-from app.broker import Subscriber
+from app.cluster import Subscriptions, subscribers
 from app.codes import CloseCode
 from app.history import Event, site_heads
 from app.hub import Hub, Sequencer, Viewer
@@ -62,12 +62,11 @@ class Feeds:
         self._shards = shards
         self._pool = pool
         self._metrics = metrics
-        # One pub/sub connection per Redis server, carrying every site of that server.
-        self.subscribers = [
-            Subscriber(url, self._names, self.on_message, self.on_reconnect,
-                       metrics.redis_reconnects.inc)
-            for url in shards.urls
-        ]  # fmt: skip
+        # One pub/sub connection per Redis server, carrying every site of that server (in a
+        # Cluster: one per node, app/cluster.py).
+        self.subscribers = subscribers(
+            shards, self._names, self.on_message, self.on_reconnect, metrics.redis_reconnects.inc
+        )
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._seq: dict[str, Sequencer] = {}
         self._epochs: dict[str, str] = {}
@@ -143,7 +142,7 @@ class Feeds:
         self._locks.pop(site, None)
         self._metrics.subscriptions.set(len(self._seq))
 
-    def subscriber(self, site: str) -> Subscriber:
+    def subscriber(self, site: str) -> Subscriptions:
         return self.subscribers[self._shards.index(site)]
 
     def head(self, site: str) -> int | None:

@@ -135,7 +135,7 @@ def create_app(settings: Settings) -> GatewayApp:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool = await open_pool(settings)
-        client = RedisShards(settings.require_redis())
+        client = RedisShards.from_settings(settings)
         hub = Hub()
         stats = DeliveryStats(metrics)
         replayer = Replayer(client, pool, Names(settings.key_prefix), metrics)

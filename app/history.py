@@ -10,8 +10,8 @@ from typing import Any, cast
 
 import asyncpg
 import orjson
-import redis.asyncio as aioredis
 
+from app.connections import RedisClient
 from app.names import Names
 from app.wire import encode_event
 
@@ -19,7 +19,7 @@ Event = tuple[int, bytes]
 
 
 async def from_window(
-    client: aioredis.Redis, names: Names, site: str, first: int, last: int
+    client: RedisClient, names: Names, site: str, first: int, last: int
 ) -> list[Event] | None:
     """Offsets first..last from the Redis window, or None unless every one of them is there
     (the window is capped and Redis may have lost it: only a complete range is proof)."""

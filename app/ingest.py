@@ -82,7 +82,7 @@ def create_app(settings: Settings) -> IngestApp:
     @asynccontextmanager
     async def lifespan(_: object) -> AsyncIterator[None]:
         pool = await open_pool(settings, connect_timeout=2.0)
-        client = RedisShards(settings.require_redis())
+        client = RedisShards.from_settings(settings)
         names = Names(settings.key_prefix)
         publisher = Publisher(client, names, settings.replay_window, metrics)
         committer = Committer(

@@ -25,9 +25,11 @@ class Names:
         """Counter of events accepted for a site in one wall-clock second."""
         return f"{self.prefix}:rl:site:{{{site}}}:{second}"
 
-    def rate_ip(self, ip_hash: str, minute: int) -> str:
-        """Counter of events from one (hashed) client IP in one wall-clock minute."""
-        return f"{self.prefix}:rl:ip:{ip_hash}:{minute}"
+    def rate_ip(self, site: str, ip_hash: str, minute: int) -> str:
+        """Counter of events from one (hashed) client IP to one site in one wall-clock minute.
+        It carries the site's hash tag so one script can check it with the site's counter in a
+        Cluster; the per-IP limit therefore applies per site."""
+        return f"{self.prefix}:rl:ip:{{{site}}}:{ip_hash}:{minute}"
 
     def pattern(self) -> str:
         """Matches every key of this prefix (used by tests and tooling to clean up, never by

@@ -1,9 +1,9 @@
 """Per-site and per-IP rate limits that hold across every ingest replica (Redis counters).
 
 Fixed windows: a site may send `rate_site_per_sec` events per wall-clock second, a client IP
-`rate_ip_per_min` per minute. One Lua script checks both and counts only when both allow, so a
-rejected request does not eat into the budget. When Redis is unreachable the limiter lets
-requests through (counted): storing events matters more than limiting them.
+`rate_ip_per_min` per minute to one site. One Lua script checks both and counts only when both
+allow, so a rejected request does not eat into the budget. When Redis is unreachable the limiter
+lets requests through (counted): storing events matters more than limiting them.
 """
 
 from __future__ import annotations
@@ -64,10 +64,11 @@ class RateLimiter:
         if not self.enabled:
             return
         now = time.time()
-        keys = [self._names.rate_site(site, int(now)), self._names.rate_ip(ip_key, int(now // 60))]
+        minute = int(now // 60)
+        keys = [self._names.rate_site(site, int(now)), self._names.rate_ip(site, ip_key, minute)]
         try:
-            # Both counters live on the site's server (one script, one round trip); with several
-            # servers the per-IP limit therefore applies per server.
+            # Both counters live in the site's hash slot on the site's server: one script, one
+            # round trip, and in a Cluster one node.
             script = self._scripts[self._shards.index(site)]
             verdict = await script(keys=keys, args=[n, self._site_limit, self._ip_limit])
         except REDIS_ERRORS:

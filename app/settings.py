@@ -33,6 +33,9 @@ class Settings:
     #: REDIS_URL: Redis URL (redis:// or unix://), or several comma-separated: independent
     #: servers, each site on one of them (app/shards.py).
     redis_url: str | None = None
+    #: REDIS_CLUSTER: true when REDIS_URL names seed nodes of one Redis 7 Cluster, which is then
+    #: used with sharded pub/sub (app/cluster.py).
+    redis_cluster: bool = False
     #: SITEWIRE_KEY_PREFIX: prefix of every Redis key and channel; isolates deployments/tests.
     key_prefix: str = "sw"
     #: SITEWIRE_SECRET: HMAC key for viewer tokens, at least 32 characters.
@@ -90,6 +93,7 @@ class Settings:
         settings = cls(
             database_url=r.url("DATABASE_URL", ("postgres://", "postgresql://")),
             redis_url=r.url("REDIS_URL", ("redis://", "rediss://", "unix://"), many=True),
+            redis_cluster=r.get("REDIS_CLUSTER", False, _bool),
             key_prefix=r.get("SITEWIRE_KEY_PREFIX", cls.key_prefix, _prefix),
             secret=r.get("SITEWIRE_SECRET", None, _secret),
             max_event_bytes=r.int("SITEWIRE_MAX_EVENT_BYTES", cls.max_event_bytes, 256),
@@ -121,6 +125,8 @@ class Settings:
             gateways=r.get("SITEWIRE_GATEWAY", cls.gateways, _gateway_urls),
             viewer_token=r.get("SITEWIRE_TOKEN", None, str),
         )
+        if settings.redis_cluster and settings.redis_url and "unix://" in settings.redis_url:
+            raise SettingsError("REDIS_CLUSTER", "needs redis:// or rediss:// seed node URLs")
         return settings
 
     def with_(self, **changes: Any) -> Settings:
@@ -196,6 +202,13 @@ def _check_bounds(value: float, low: float, high: float | None) -> None:
     if value < low or (high is not None and value > high):
         upper = "" if high is None else f" and at most {high}"
         raise ValueError(f"must be at least {low}{upper}")
+
+
+def _bool(raw: str) -> bool:
+    value = raw.lower()
+    if value not in {"true", "false", "1", "0", "yes", "no"}:
+        raise ValueError("must be true or false")
+    return value in {"true", "1", "yes"}
 
 
 def _prefix(raw: str) -> str:

@@ -1,35 +1,57 @@
-"""Several independent Redis servers, each site on one of them.
+"""Where each site's Redis data lives: one server, several independent servers, or a Cluster.
 
 `REDIS_URL` may list several servers (comma-separated). A site's channel, replay window and
 rate counters all live on the server chosen by a stable hash of the site id (CRC-32: the same in
 every process and across restarts), so a site's publication stays one atomic script on one
 server. Adding a server moves sites: their windows start empty there, and viewers resume from
 PostgreSQL (docs/operations.md). With one URL this is simply one client.
+
+With `REDIS_CLUSTER=true` the URLs are seed nodes of one Redis Cluster, reached through one
+cluster client that routes each command by hash slot; every site key carries the hash tag
+`{site}` (app/names.py), so the same single-script publication holds (app/cluster.py).
 """
 
 from __future__ import annotations
 
 import zlib
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 
-from app.connections import Status, probe_redis
+from app.connections import RedisClient, Status, probe_redis
+from app.settings import Settings
+
+CONNECT_TIMEOUT_S = 1.0
+COMMAND_TIMEOUT_S = 2.0
 
 
 class RedisShards:
-    def __init__(self, urls: tuple[str, ...]) -> None:
+    def __init__(self, urls: tuple[str, ...], *, cluster: bool = False) -> None:
         self.urls = urls
-        self.clients = [
-            aioredis.Redis.from_url(
-                url, socket_connect_timeout=1.0, socket_timeout=2.0, health_check_interval=10
-            )
-            for url in urls
-        ]
+        self.cluster = cluster
+        self.clients: list[RedisClient] = (
+            [cluster_client(urls)]
+            if cluster
+            else [
+                aioredis.Redis.from_url(
+                    url,
+                    socket_connect_timeout=CONNECT_TIMEOUT_S,
+                    socket_timeout=COMMAND_TIMEOUT_S,
+                    health_check_interval=10,
+                )
+                for url in urls
+            ]
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RedisShards:
+        return cls(settings.require_redis(), cluster=settings.redis_cluster)
 
     def index(self, site: str) -> int:
         return zlib.crc32(site.encode()) % len(self.clients)
 
-    def for_site(self, site: str) -> aioredis.Redis:
+    def for_site(self, site: str) -> RedisClient:
         return self.clients[self.index(site)]
 
     async def probe(self) -> Status:
@@ -42,3 +64,14 @@ class RedisShards:
     async def aclose(self) -> None:
         for client in self.clients:
             await client.aclose()
+
+
+def cluster_client(urls: tuple[str, ...]) -> RedisCluster:
+    """One cluster client seeded with every URL given (any live one is enough to start)."""
+    seeds = [urlsplit(url) for url in urls[1:]]
+    return RedisCluster.from_url(
+        urls[0],
+        startup_nodes=[ClusterNode(s.hostname or "127.0.0.1", s.port or 6379) for s in seeds],
+        socket_connect_timeout=CONNECT_TIMEOUT_S,
+        socket_timeout=COMMAND_TIMEOUT_S,
+    )

@@ -3,22 +3,30 @@
 from __future__ import annotations
 
 import secrets
+import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
 import pytest
 import redis
+import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry
 
+from app.broker import Publisher
+from app.metrics import IngestMetrics
 from app.names import Names
 from app.settings import Settings
 from app.shards import RedisShards
 from app.sites import create_site, get_site
+from app.store import NewEvent, Stored
 from tests.clients import WsViewer, post_events
 from tests.conftest import env_for
 from tests.processes import AppProcess
+from tests.servers import Servers
 from tests.test_gateway import FAST, token
-from workers.embedded import EmbeddedRedis
+from workers.embedded import EmbeddedRedis, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -91,3 +99,38 @@ async def test_sites_stream_and_resume_from_their_own_server(
     finally:
         gateway.stop()
         ingest.stop()
+
+
+async def test_a_dead_server_holds_up_only_its_own_sites(
+    servers: Servers, names: Names, rclient: aioredis.Redis
+) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    shards = RedisShards((servers.redis_url, dead))
+    live_site, dead_site = (site_on_shard(shards, i) for i in (0, 1))
+    metrics = IngestMetrics(CollectorRegistry())
+    publisher = Publisher(shards, names, 100, metrics)
+    try:
+        for offset in (1, 2):  # the second commit skips the dead server without trying it
+            await publisher.publish([stored(live_site, offset), stored(dead_site, offset)])
+        assert await rclient.zcard(names.window(live_site)) == 2
+        assert metrics.published._value.get() == 2
+        assert metrics.publish_gap._value.get() == 2
+    finally:
+        await shards.aclose()
+
+
+def site_on_shard(shards: RedisShards, index: int) -> str:
+    while True:
+        site = f"s{secrets.token_hex(4)}.example.com"
+        if shards.index(site) == index:
+            return site
+
+
+def stored(site: str, offset: int) -> Stored:
+    event = NewEvent(
+        site=site, event_id=uuid.uuid4(), name="pageview", url=f"https://{site}/", path="/",
+        referrer=None, referrer_host=None, props={}, visitor_id=1, device="desktop",
+        ts=datetime.now(UTC),
+    )  # fmt: skip
+    payload = f"event {offset}".encode()
+    return Stored(event=event, epoch="e", offset=offset, duplicate=False, payload=payload)

@@ -1,0 +1,198 @@
+"""Redis Cluster with sharded pub/sub, against a real local 3-master cluster (tests/cluster.py).
+
+What is checked: publication is SPUBLISH in the site's slot (never classic PUBLISH), a gateway
+subscribes on the owning node only, viewers on two gateways get every event in order, a viewer
+resumes from the cluster's replay window, and streams survive a slot migration and a master
+restart in the middle, every offset exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from prometheus_client import CollectorRegistry
+from redis.asyncio.cluster import RedisCluster
+
+from app.broker import Publisher
+from app.cluster import ShardedSubscriber
+from app.metrics import IngestMetrics
+from app.names import Names
+from app.settings import Settings
+from app.shards import RedisShards
+from app.sites import create_site
+from tests.cluster import LocalCluster, missing_redis7
+from tests.processes import AppProcess
+from tests.test_continuity import Steady, Watcher, epoch_of
+from tests.test_gateway import FAST, metric
+from tests.test_shards import stored
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(missing_redis7() is not None, reason=missing_redis7() or ""),
+]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    c = LocalCluster(tmp_path_factory.mktemp("redis-cluster"))
+    yield c
+    c.stop()
+
+
+def site_on(cluster: LocalCluster, names: Names, port: int) -> str:
+    """A fresh site id whose slot lives on node `port`."""
+    while True:
+        site = f"c{secrets.token_hex(4)}.example.com"
+        if cluster.owner(names.channel(site)) == port:
+            return site
+
+
+def shard_subscribers(cluster: LocalCluster, port: int, channel: str) -> int:
+    reply = cluster.node(port).execute_command("PUBSUB", "SHARDNUMSUB", channel)
+    return int(reply[1])
+
+
+def test_cluster_setting_is_validated() -> None:
+    s = Settings.from_env({"REDIS_URL": "redis://a:1,redis://b:2", "REDIS_CLUSTER": "true"})
+    assert s.redis_cluster and s.require_redis() == ("redis://a:1", "redis://b:2")
+    with pytest.raises(Exception, match="REDIS_CLUSTER"):
+        Settings.from_env({"REDIS_URL": "redis://a:1", "REDIS_CLUSTER": "perhaps"})
+    with pytest.raises(Exception, match="REDIS_CLUSTER"):
+        Settings.from_env({"REDIS_URL": "unix:///tmp/r.sock", "REDIS_CLUSTER": "1"})
+
+
+class Inbox:
+    def __init__(self) -> None:
+        self.messages: list[bytes] = []
+        self.moved: list[str] = []
+
+    def on_message(self, site: str, payload: bytes) -> None:
+        self.messages.append(payload)
+
+    async def on_reconnect(self, sites: list[str]) -> None:
+        self.moved += sites
+
+    async def wait(self, what: Callable[[], bool], timeout: float = 10.0) -> None:
+        async with asyncio.timeout(timeout):
+            while not what():
+                await asyncio.sleep(0.02)
+
+
+async def test_sharded_publish_reaches_the_owning_node_and_follows_a_slot_move(
+    cluster: LocalCluster, names: Names
+) -> None:
+    shards = RedisShards(tuple(cluster.url.split(",")), cluster=True)
+    first = cluster.ports[0]
+    site = site_on(cluster, names, first)
+    channel = names.channel(site)
+    inbox = Inbox()
+    client = shards.clients[0]
+    assert isinstance(client, RedisCluster)
+    subscriber = ShardedSubscriber(client, names, inbox.on_message, inbox.on_reconnect)
+    subscriber.start()
+    publisher = Publisher(shards, names, 100, IngestMetrics(CollectorRegistry()))
+    try:
+        await subscriber.subscribe(site)
+        assert [shard_subscribers(cluster, p, channel) for p in cluster.ports] == [1, 0, 0]
+        assert cluster.node(first).execute_command("PUBSUB", "NUMSUB", channel)[1] == 0
+        await publisher.publish([stored(site, 1), stored(site, 2)])
+        await inbox.wait(lambda: len(inbox.messages) == 2)
+
+        cluster.migrate(channel, to=cluster.ports[1])
+        await inbox.wait(lambda: inbox.moved == [site])
+        assert [shard_subscribers(cluster, p, channel) for p in cluster.ports] == [0, 1, 0]
+        assert cluster.node(cluster.ports[1]).zcard(names.window(site)) == 2  # moved with it
+        await publisher.publish([stored(site, 3)])
+        await inbox.wait(lambda: len(inbox.messages) == 3)
+        assert inbox.messages == [b"event 1", b"event 2", b"event 3"]
+
+        await subscriber.unsubscribe(site)
+        assert shard_subscribers(cluster, cluster.ports[1], channel) == 0
+    finally:
+        await subscriber.close()
+        await shards.aclose()
+
+
+async def posted_more(steady: list[Steady], before: list[int], more: int = 20) -> list[int]:
+    """Wait until every poster has posted `more` events since `before`; return the counts (so
+    each disruption happens with events flowing before and after it)."""
+    before = before or [0] * len(steady)
+    async with asyncio.timeout(30):
+        while any(len(s.cursors) < b + more for s, b in zip(steady, before, strict=True)):
+            await asyncio.sleep(0.05)
+    return [len(s.cursors) for s in steady]
+
+
+@pytest.fixture
+def cluster_spawn(
+    cluster: LocalCluster, settings: Settings, tmp_path: Path
+) -> Iterator[Callable[[str], AppProcess]]:
+    started: list[AppProcess] = []
+    env = {
+        "DATABASE_URL": settings.database_url or "",
+        "REDIS_URL": cluster.url,
+        "REDIS_CLUSTER": "true",
+        "SITEWIRE_KEY_PREFIX": settings.key_prefix,
+        "SITEWIRE_SECRET": settings.secret or "",
+        **FAST,
+    }
+
+    def start(role: str) -> AppProcess:
+        proc = AppProcess(role, env, tmp_path)
+        started.append(proc)
+        return proc.start()
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+async def test_streams_across_gateways_through_a_slot_move_and_a_master_restart(
+    cluster: LocalCluster,
+    cluster_spawn: Callable[[str], AppProcess],
+    pool: asyncpg.Pool,
+    names: Names,
+) -> None:
+    ingest = cluster_spawn("ingest")
+    g1, g2 = cluster_spawn("gateway"), cluster_spawn("gateway")
+    sites = [site_on(cluster, names, port) for port in cluster.ports]  # one per master
+    for site in sites:
+        await create_site(pool, site)
+    watchers = {
+        site: [Watcher.start([g.ws_url], site, since=f"{await epoch_of(pool, site)}-0")
+               for g in (g1, g2)]
+        for site in sites
+    }  # fmt: skip
+    for pair in watchers.values():
+        for w in pair:
+            await w.wait_welcome()
+    steady = [Steady(ingest.url, site, rate=40).start() for site in sites]
+
+    marks = [await posted_more(steady, [])]
+    moved, restarted = sites[0], sites[1]
+    cluster.migrate(names.channel(moved), to=cluster.ports[2])
+    marks.append(await posted_more(steady, marks[-1]))
+    await asyncio.to_thread(cluster.restart_node, cluster.owner(names.channel(restarted)))
+    marks.append(await posted_more(steady, marks[-1]))
+    totals = [await s.stop() for s in steady]
+
+    for site, total in zip(sites, totals, strict=True):
+        for w in watchers[site]:
+            await w.wait_for_offset(total)
+            assert w.offsets == list(range(1, total + 1)), site  # none lost, none twice
+    # A late viewer resumes from the middle on the other gateway (the window is in the cluster).
+    site, total = sites[2], totals[2]
+    late = Watcher.start([g2.ws_url], site, since=f"{await epoch_of(pool, site)}-{total - 10}")
+    await late.wait_for_offset(total)
+    assert late.offsets == list(range(total - 9, total + 1))
+    assert late.notices[0]["recovered"] is True
+    for w in [late, *(w for pair in watchers.values() for w in pair)]:
+        await w.close()
+    for g in (g1, g2):  # the slot move and the restart each re-homed subscriptions
+        assert await metric(g.url, "sitewire_gateway_redis_reconnects_total") >= 2, g.log()
+        assert "redis cluster channels moved" in g.log()
