@@ -219,7 +219,8 @@ def sweep_writes(state: GatewayState, now: float, timeout: float) -> None:
     stopped reading: the transport is paused and the write never completes)."""
     for conn in list(state.connections):
         if conn.write_started and now - conn.write_started > timeout and conn.writer:
-            state.metrics.closes.labels("write_timeout").inc()
+            if conn.viewer.close_code is None:  # one close, one reason: not already counted
+                state.metrics.closes.labels("write_timeout").inc()
             conn.viewer.fail(CloseCode.SLOW_CONSUMER)
             conn.writer.cancel()
             conn.write_started = 0.0

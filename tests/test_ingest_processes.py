@@ -181,7 +181,9 @@ async def test_killed_ingest_loses_only_unacknowledged_requests(
     proc = spawn("ingest", **NO_LIMITS)
     load = Load()
     traffic = asyncio.create_task(load.run([proc.url], site, 100_000, 20))
-    await asyncio.sleep(1.5)
+    async with asyncio.timeout(30):  # killed mid-stream, once a fair number were acknowledged
+        while len(load.acked) <= 50:
+            await asyncio.sleep(0.05)
     proc.kill()
     load.stopped = True
     await traffic
