@@ -32,7 +32,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-REDIS_ERRORS = (OSError, TimeoutError, redis.exceptions.RedisError)
+#: Everything a Redis call may raise when Redis, or a Cluster's slot map, is unavailable.
+REDIS_ERRORS = (
+    OSError,
+    TimeoutError,
+    redis.exceptions.RedisError,
+    redis.exceptions.RedisClusterException,
+)
 
 #: KEYS[1] = window; ARGV[1] = channel, ARGV[2] = window size, then offset/payload pairs.
 #: The channel shares the window's hash tag, so in a Cluster both are in the script's slot.

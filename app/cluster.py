@@ -35,8 +35,6 @@ from app.shards import RedisShards
 
 log = logging.getLogger(__name__)
 
-#: Errors while re-homing: connection trouble, a cluster without a usable slot map, redirects.
-CLUSTER_ERRORS = (*REDIS_ERRORS, redis.exceptions.RedisClusterException)
 #: A subscription refused because the slot lives elsewhere: refresh the map and try again.
 SUBSCRIBE_ATTEMPTS = 3
 
@@ -294,7 +292,7 @@ class ShardedSubscriber:
                     await self._forget(channel)
                 else:
                     done.append(site)
-        except CLUSTER_ERRORS as exc:
+        except REDIS_ERRORS as exc:
             log.warning("redis cluster resubscribe failed", extra={"error": repr(exc)})
             ok = False
         if not self._lost:
