@@ -3,8 +3,9 @@
 - Subscriptions are reference-counted: the first local viewer of a site subscribes (under a
   per-site lock, rolled back on failure), the last one leaving schedules an unsubscribe after
   `unsubscribe_delay_s` that checks the count again (a reconnecting viewer keeps it warm).
-- Each message is decoded once (to read its offset), put in order by the site's `Sequencer`,
-  and the same bytes are queued for every viewer by the hub.
+- Messages come in bursts (everything one read from Redis brought, grouped by site). Each
+  message's offset is read without decoding the JSON (app.wire.event_offset), the site's
+  `Sequencer` puts them in order, and the hub sends a site's burst to each viewer as one frame.
 - Gaps (an offset skipped: out-of-order publication by two ingest replicas, or a message Redis
   pub/sub dropped) are held for `gap_hold_ms`, then repaired from the Redis window, else from
   PostgreSQL. Only when both fail do viewers get a `gap` notice with `recovered: false`.
@@ -22,7 +23,7 @@ from collections import defaultdict
 import asyncpg
 import orjson
 
-from app.broker import Subscriber
+from app.broker import Burst, Subscriber
 from app.codes import CloseCode
 from app.history import Event, site_heads
 from app.hub import Hub, Sequencer, Viewer
@@ -33,7 +34,7 @@ from app.settings import Settings
 from app.shards import RedisShards
 from app.sites import get_site
 from app.store import STORAGE_ERRORS
-from app.wire import format_cursor
+from app.wire import event_offset, format_cursor
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class Feeds:
         self._metrics = metrics
         # One pub/sub connection per Redis server, carrying every site of that server.
         self.subscribers = [
-            Subscriber(url, self._names, self.on_message, self.on_reconnect,
+            Subscriber(url, self._names, self.on_burst, self.on_reconnect,
                        metrics.redis_reconnects.inc)
             for url in shards.urls
         ]  # fmt: skip
@@ -74,7 +75,6 @@ class Feeds:
         self._unsubscribes: dict[str, asyncio.Task[None]] = {}
         self._repairs: dict[str, asyncio.Task[None]] = {}
         self._checker: asyncio.Task[None] | None = None
-        self._pending: dict[str, list[Event]] = {}
 
     def start(self) -> None:
         for subscriber in self.subscribers:
@@ -153,37 +153,29 @@ class Feeds:
 
     # -- events arrive ----------------------------------------------------------------------
 
-    def on_message(self, site: str, payload: bytes) -> None:
+    def on_burst(self, burst: Burst) -> None:
+        """Messages read from Redis at once, by site: each site's go out together, one frame
+        per viewer for the lot."""
+        for site, payloads in burst.items():
+            self.on_messages(site, payloads)
+
+    def on_messages(self, site: str, payloads: list[bytes]) -> None:
         seq = self._seq.get(site)
         if seq is None:
             return
-        try:
-            offset = orjson.loads(payload)["offset"]
-        except (orjson.JSONDecodeError, KeyError, TypeError):
-            log.error("dropped a malformed publication", extra={"site": site})
-            return
-        ready = seq.offer(offset, payload)
+        ready: list[Event] = []
+        for payload in payloads:
+            offset = event_offset(payload)
+            if offset is None:
+                log.error("dropped a malformed publication", extra={"site": site})
+                continue
+            ready += seq.offer(offset, payload)
         if ready:
-            # Messages read in one burst are delivered together at the end of this loop
-            # iteration: one frame per viewer for the burst, not one per event.
-            pending = self._pending.get(site)
-            if pending is None:
-                self._pending[site] = ready
-                asyncio.get_running_loop().call_soon(self._flush_pending, site)
-            else:
-                pending.extend(ready)
+            self._deliver(site, ready)
         if seq.missing() is not None and site not in self._repairs:
             self._repairs[site] = asyncio.create_task(self._repair(site), name=f"repair {site}")
 
-    def _flush_pending(self, site: str) -> None:
-        events = self._pending.pop(site, None)
-        if events:
-            self._deliver(site, events)
-
     def _deliver(self, site: str, events: list[Event]) -> None:
-        pending = self._pending.pop(site, None)
-        if pending:  # keep offset order with a burst not yet flushed
-            events = pending + events
         slow, direct = self.hub.publish_many(site, events)
         self.stats.direct(direct, events)
         for viewer in slow:
