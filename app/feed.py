@@ -6,6 +6,9 @@
 - Messages come in bursts (everything one read from Redis brought, grouped by site). Each
   message's offset is read without decoding the JSON (app.wire.event_offset), the site's
   `Sequencer` puts them in order, and the hub sends a site's burst to each viewer as one frame.
+- Under load, live events are paced (app.hub.Pacer): a site that sent a frame less than the
+  pacer's hold ago keeps its next events until a tick, so they share one frame per viewer.
+  At light load the hold is 0 and every burst goes out at once.
 - Gaps (an offset skipped: out-of-order publication by two ingest replicas, or a message Redis
   pub/sub dropped) are held for `gap_hold_ms`, then repaired from the Redis window, else from
   PostgreSQL. Only when both fail do viewers get a `gap` notice with `recovered: false`.
@@ -18,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import time
 from collections import defaultdict
 
 import asyncpg
@@ -26,7 +31,7 @@ import orjson
 from app.broker import Burst, Subscriber
 from app.codes import CloseCode
 from app.history import Event, site_heads
-from app.hub import Hub, Sequencer, Viewer
+from app.hub import Hub, Pacer, Sequencer, Viewer
 from app.metrics import DeliveryStats, GatewayMetrics
 from app.names import Names
 from app.replay import Replayer
@@ -75,6 +80,14 @@ class Feeds:
         self._unsubscribes: dict[str, asyncio.Task[None]] = {}
         self._repairs: dict[str, asyncio.Task[None]] = {}
         self._checker: asyncio.Task[None] | None = None
+        self.pacer = Pacer()
+        metrics.fanout_hold.set_function(lambda: self.pacer.hold_s)
+        metrics.fanout_load.set_function(lambda: self.pacer.load)
+        #: Live events waiting for the pacer's tick, by site (in offset order).
+        self._pending: dict[str, list[Event]] = {}
+        self._tick: asyncio.TimerHandle | None = None
+        #: loop.time() of each site's last frame.
+        self._sent_at: dict[str, float] = {}
 
     def start(self) -> None:
         for subscriber in self.subscribers:
@@ -82,6 +95,8 @@ class Feeds:
         self._checker = asyncio.create_task(self._check_positions(), name="position-check")
 
     async def close(self) -> None:
+        if self._tick is not None:
+            self._tick.cancel()
         tasks = [self._checker, *self._unsubscribes.values(), *self._repairs.values()]
         for task in tasks:
             if task is not None:
@@ -136,6 +151,8 @@ class Feeds:
                 await self.subscriber(site).unsubscribe(site)
                 del self._seq[site]
                 self._epochs.pop(site, None)
+                self._pending.pop(site, None)
+                self._sent_at.pop(site, None)
                 repair = self._repairs.pop(site, None)
                 if repair is not None:
                     repair.cancel()
@@ -171,18 +188,55 @@ class Feeds:
                 continue
             ready += seq.offer(offset, payload)
         if ready:
-            self._deliver(site, ready)
+            self._paced(site, ready)
         if seq.missing() is not None and site not in self._repairs:
             self._repairs[site] = asyncio.create_task(self._repair(site), name=f"repair {site}")
 
+    def _paced(self, site: str, events: list[Event]) -> None:
+        """Send live events now, or, when the site sent a frame less than the pacer's hold ago,
+        keep them for the next tick (app.hub.Pacer): one frame per viewer for all of them."""
+        pending = self._pending.get(site)
+        if pending is not None:
+            pending.extend(events)
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        hold = self.pacer.hold_s
+        if now - self._sent_at.get(site, -math.inf) >= hold:
+            self._send(site, events, now)
+            return
+        self._pending[site] = events
+        if self._tick is None:
+            self._tick = loop.call_at(now + hold, self._flush)
+
+    def _flush(self) -> None:
+        """The tick: every site with events held sends them now."""
+        self._tick = None
+        pending, self._pending = self._pending, {}
+        now = asyncio.get_running_loop().time()
+        for site, events in pending.items():
+            self._send(site, events, now)
+
     def _deliver(self, site: str, events: list[Event]) -> None:
+        """Send at once (repairs, catch-ups), behind any events the site still holds."""
+        pending = self._pending.pop(site, None)
+        if pending:
+            events = pending + events
+        if events:
+            self._send(site, events, asyncio.get_running_loop().time())
+
+    def _send(self, site: str, events: list[Event], now: float) -> None:
+        started = time.perf_counter()
         slow, direct = self.hub.publish_many(site, events)
+        self.pacer.spent(time.perf_counter() - started, now)
+        self._sent_at[site] = now
         self.stats.direct(direct, events)
         for viewer in slow:
             self._metrics.closes.labels("slow_consumer").inc()
             viewer.fail(CloseCode.SLOW_CONSUMER)
 
     def notice(self, site: str, body: dict[str, object]) -> None:
+        self._deliver(site, [])  # events held for the tick come before the notice
         frame = orjson.dumps(body)
         for viewer in self.hub.notice(site, frame):
             viewer.fail(CloseCode.SLOW_CONSUMER)

@@ -10,6 +10,8 @@ gateway wires it to sockets (a writer task per viewer) and to Redis (one reader 
   caught-up viewers get one ready WebSocket frame, built once per burst and written as the
   same bytes through their `sink`; the others get the same payload objects queued.
 - `Sequencer` puts a site's events in offset order, drops duplicates and reports gaps.
+- `Pacer` decides how long a site's events may wait to share a frame: not at all while the
+  process is lightly loaded, up to a few tens of ms when writing frames saturates it.
 - `ws_frames` / `sse_chunk` turn a drained queue into as few writes as possible.
 """
 
@@ -236,6 +238,54 @@ class Hub:
 
     def queued_bytes(self) -> int:
         return sum(v.queued_bytes for v in self.viewers())
+
+
+class Pacer:
+    """How long a site's events may wait for more, so that they share one frame per viewer.
+
+    A write to a viewer's socket costs about the same for one event or fifty (a syscall that
+    also runs the receiver's loopback TCP stack), so writes per second, not events, are what
+    saturate a gateway. While fanout keeps the process lightly loaded every burst goes out at
+    once (`hold_s` 0: nothing added to latency). As the share of time spent writing frames
+    rises from `low` to `high`, the hold grows linearly to `max_hold_s`: a site that sent a
+    frame less than `hold_s` ago collects its next events until then, so the frames per
+    viewer per second are capped at about 1 / hold_s whatever the event rate.
+    """
+
+    def __init__(
+        self,
+        max_hold_s: float = 0.05,
+        low: float = 0.5,
+        high: float = 0.9,
+        window_s: float = 0.1,
+    ) -> None:
+        self.max_hold_s = max_hold_s
+        self.low = low
+        self.high = high
+        self.window_s = window_s
+        #: The current hold (seconds); 0 sends every burst at once.
+        self.hold_s = 0.0
+        #: Smoothed share of wall time spent in fanout (0..1).
+        self.load = 0.0
+        self._busy = 0.0
+        self._since: float | None = None
+
+    def spent(self, seconds: float, now: float) -> None:
+        """Account `seconds` of fanout work finished at `now` (monotonic seconds); every
+        `window_s` the load is re-measured and the hold follows it."""
+        if self._since is None:
+            self._since = now - seconds
+        self._busy += seconds
+        elapsed = now - self._since
+        if elapsed < self.window_s:
+            return
+        # Averaged with the previous window so that one quiet or busy window does not swing
+        # the hold from one end to the other (the hold itself changes the next load).
+        self.load = (self.load + min(1.0, self._busy / elapsed)) / 2
+        share = (self.load - self.low) / (self.high - self.low)
+        self.hold_s = self.max_hold_s * min(1.0, max(0.0, share))
+        self._busy = 0.0
+        self._since = now
 
 
 class Sequencer:
