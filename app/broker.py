@@ -210,7 +210,7 @@ class Subscriber:
         burst: Burst = {}
         channels = self._channels
         for reply in replies:
-            if type(reply) is list and len(reply) == 3 and reply[0] == b"message":
+            if type(reply) is list and reply[0] == b"message":  # [message, channel, data]
                 site = channels.get(reply[1])
                 if site is not None:
                     payloads = burst.get(site)

@@ -305,6 +305,9 @@ class Sequencer:
     def offer(self, offset: int, payload: bytes) -> list[tuple[int, bytes]]:
         if self.last is None:
             self.last = offset - 1
+        if offset == self.last + 1 and not self._held:  # the usual case, in order
+            self.last = offset
+            return [(offset, payload)]
         if offset <= self.last or offset in self._held:
             return []
         self._held[offset] = payload

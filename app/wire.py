@@ -16,8 +16,8 @@ from typing import Any
 import orjson
 
 _CURSOR_RE = re.compile(r"^([0-9a-f]{8})-([0-9]{1,18})$")
-_CURSOR_KEY = b'{"cursor":"'
-_OFFSET_KEY = b'","offset":'
+#: The start of an event as `encode_event` lays it out; a cursor holds no quote or escape.
+_EVENT_HEAD = re.compile(rb'\{"cursor":"[^"\\]*","offset":([0-9]{1,18})[,}]').match
 
 
 def format_cursor(epoch: str, offset: int) -> str:
@@ -30,14 +30,9 @@ def event_offset(payload: bytes) -> int | None:
     Fast path for the layout `encode_event` writes (`{"cursor":"E-N","offset":N,...`): the
     gateway reads one offset per published event and never needs the rest, and decoding the
     whole ~300-byte JSON was most of its per-event cost. Any other layout is decoded."""
-    if payload.startswith(_CURSOR_KEY):
-        end = payload.find(b'"', len(_CURSOR_KEY))  # a cursor holds no quote or escape
-        if end > 0 and payload.startswith(_OFFSET_KEY, end):
-            start = end + len(_OFFSET_KEY)
-            stop = payload.find(b",", start)
-            digits = payload[start:stop]
-            if stop > start and digits.isdigit():
-                return int(digits)
+    head = _EVENT_HEAD(payload)
+    if head is not None:
+        return int(head[1])
     try:
         offset = orjson.loads(payload)["offset"]
     except (orjson.JSONDecodeError, KeyError, TypeError):
