@@ -7,7 +7,8 @@
   message's offset is read without decoding the JSON (app.wire.event_offset), the site's
   `Sequencer` puts them in order, and the hub sends a site's burst to each viewer as one frame.
 - Under load, live events are paced (app.hub.Pacer): a site that sent a frame less than the
-  pacer's hold ago keeps its next events until a tick, so they share one frame per viewer.
+  pacer's hold ago keeps its next events until the hold has passed, so they share one frame
+  per viewer.
   At light load the hold is 0 and every burst goes out at once.
 - Gaps (an offset skipped: out-of-order publication by two ingest replicas, or a message Redis
   pub/sub dropped) are held for `gap_hold_ms`, then repaired from the Redis window, else from
@@ -83,9 +84,10 @@ class Feeds:
         self.pacer = Pacer()
         metrics.fanout_hold.set_function(lambda: self.pacer.hold_s)
         metrics.fanout_load.set_function(lambda: self.pacer.load)
-        #: Live events waiting for the pacer's tick, by site (in offset order).
+        #: Live events kept until the site's hold has passed (in offset order), and the timer
+        #: that sends them.
         self._pending: dict[str, list[Event]] = {}
-        self._tick: asyncio.TimerHandle | None = None
+        self._timers: dict[str, asyncio.TimerHandle] = {}
         #: loop.time() of each site's last frame.
         self._sent_at: dict[str, float] = {}
 
@@ -95,8 +97,8 @@ class Feeds:
         self._checker = asyncio.create_task(self._check_positions(), name="position-check")
 
     async def close(self) -> None:
-        if self._tick is not None:
-            self._tick.cancel()
+        for timer in self._timers.values():
+            timer.cancel()
         tasks = [self._checker, *self._unsubscribes.values(), *self._repairs.values()]
         for task in tasks:
             if task is not None:
@@ -151,7 +153,7 @@ class Feeds:
                 await self.subscriber(site).unsubscribe(site)
                 del self._seq[site]
                 self._epochs.pop(site, None)
-                self._pending.pop(site, None)
+                self._deliver(site, [])  # nobody left to see them: only drops the timer
                 self._sent_at.pop(site, None)
                 repair = self._repairs.pop(site, None)
                 if repair is not None:
@@ -172,21 +174,24 @@ class Feeds:
 
     def on_burst(self, burst: Burst) -> None:
         """Messages read from Redis at once, by site: each site's go out together, one frame
-        per viewer for the lot."""
+        per viewer for the lot. The time this takes is the load the pacer follows."""
+        started = time.perf_counter()
         for site, payloads in burst.items():
             self.on_messages(site, payloads)
+        self._spent(started)
 
     def on_messages(self, site: str, payloads: list[bytes]) -> None:
         seq = self._seq.get(site)
         if seq is None:
             return
-        ready: list[Event] = []
+        events: list[Event] = []
         for payload in payloads:
             offset = event_offset(payload)
             if offset is None:
                 log.error("dropped a malformed publication", extra={"site": site})
                 continue
-            ready += seq.offer(offset, payload)
+            events.append((offset, payload))
+        ready = seq.offer_many(events)
         if ready:
             self._paced(site, ready)
         if seq.missing() is not None and site not in self._repairs:
@@ -194,46 +199,47 @@ class Feeds:
 
     def _paced(self, site: str, events: list[Event]) -> None:
         """Send live events now, or, when the site sent a frame less than the pacer's hold ago,
-        keep them for the next tick (app.hub.Pacer): one frame per viewer for all of them."""
+        keep them until the hold has passed (app.hub.Pacer): one frame per viewer for all."""
         pending = self._pending.get(site)
         if pending is not None:
             pending.extend(events)
             return
         loop = asyncio.get_running_loop()
         now = loop.time()
-        hold = self.pacer.hold_s
-        if now - self._sent_at.get(site, -math.inf) >= hold:
+        due = self._sent_at.get(site, -math.inf) + self.pacer.hold_s
+        if now >= due:
             self._send(site, events, now)
             return
         self._pending[site] = events
-        if self._tick is None:
-            self._tick = loop.call_at(now + hold, self._flush)
+        self._timers[site] = loop.call_at(due, self._flush, site)
 
-    def _flush(self) -> None:
-        """The tick: every site with events held sends them now."""
-        self._tick = None
-        pending, self._pending = self._pending, {}
-        now = asyncio.get_running_loop().time()
-        for site, events in pending.items():
-            self._send(site, events, now)
+    def _flush(self, site: str) -> None:
+        """The site's hold has passed: send what it kept."""
+        started = time.perf_counter()
+        del self._timers[site]
+        self._send(site, self._pending.pop(site), asyncio.get_running_loop().time())
+        self._spent(started)
 
     def _deliver(self, site: str, events: list[Event]) -> None:
-        """Send at once (repairs, catch-ups), behind any events the site still holds."""
-        pending = self._pending.pop(site, None)
-        if pending:
-            events = pending + events
+        """Send at once (repairs, catch-ups), behind any events the site still keeps."""
+        timer = self._timers.pop(site, None)
+        if timer is not None:
+            timer.cancel()
+            events = self._pending.pop(site) + events
         if events:
             self._send(site, events, asyncio.get_running_loop().time())
 
     def _send(self, site: str, events: list[Event], now: float) -> None:
-        started = time.perf_counter()
         slow, direct = self.hub.publish_many(site, events)
-        self.pacer.spent(time.perf_counter() - started, now)
         self._sent_at[site] = now
         self.stats.direct(direct, events)
         for viewer in slow:
             self._metrics.closes.labels("slow_consumer").inc()
             viewer.fail(CloseCode.SLOW_CONSUMER)
+
+    def _spent(self, started: float) -> None:
+        now = time.perf_counter()
+        self.pacer.spent(now - started, now)
 
     def notice(self, site: str, body: dict[str, object]) -> None:
         self._deliver(site, [])  # events held for the tick come before the notice

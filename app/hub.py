@@ -245,18 +245,19 @@ class Pacer:
 
     A write to a viewer's socket costs about the same for one event or fifty (a syscall that
     also runs the receiver's loopback TCP stack), so writes per second, not events, are what
-    saturate a gateway. While fanout keeps the process lightly loaded every burst goes out at
-    once (`hold_s` 0: nothing added to latency). As the share of time spent writing frames
-    rises from `low` to `high`, the hold grows linearly to `max_hold_s`: a site that sent a
-    frame less than `hold_s` ago collects its next events until then, so the frames per
-    viewer per second are capped at about 1 / hold_s whatever the event rate.
+    saturate a gateway. While relaying live events keeps the process below `low` of its time
+    every burst goes out at once (`hold_s` 0: nothing added to latency). From `low` to `high`
+    the hold grows linearly to `max_hold_s`: a site that sent a frame less than `hold_s` ago
+    keeps its next events until then, so frames per viewer per second stay near 1 / hold_s
+    whatever the event rate. Load is wall time, so a process that other processes crowd out of
+    its core holds more too.
     """
 
     def __init__(
         self,
-        max_hold_s: float = 0.05,
-        low: float = 0.5,
-        high: float = 0.9,
+        max_hold_s: float = 0.08,
+        low: float = 0.7,
+        high: float = 1.0,
         window_s: float = 0.1,
     ) -> None:
         self.max_hold_s = max_hold_s
@@ -265,13 +266,13 @@ class Pacer:
         self.window_s = window_s
         #: The current hold (seconds); 0 sends every burst at once.
         self.hold_s = 0.0
-        #: Smoothed share of wall time spent in fanout (0..1).
+        #: Smoothed share of wall time spent relaying live events (0..1).
         self.load = 0.0
         self._busy = 0.0
         self._since: float | None = None
 
     def spent(self, seconds: float, now: float) -> None:
-        """Account `seconds` of fanout work finished at `now` (monotonic seconds); every
+        """Account `seconds` of relaying work finished at `now` (monotonic seconds); every
         `window_s` the load is re-measured and the hold follows it."""
         if self._since is None:
             self._since = now - seconds
@@ -314,6 +315,26 @@ class Sequencer:
         ready = self._release()
         if len(self._held) > self.max_held:  # never hold without bound: give the gap up
             ready += self.skip()
+        return ready
+
+    def offer_many(self, events: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+        """`offer` for a burst: the usual burst (in order, nothing held) is returned as is."""
+        if not events:
+            return events
+        if self.last is None:
+            self.last = events[0][0] - 1
+        if not self._held:
+            expected = self.last + 1
+            for offset, _ in events:
+                if offset != expected:
+                    break
+                expected += 1
+            else:
+                self.last = expected - 1
+                return events
+        ready = []
+        for offset, payload in events:
+            ready += self.offer(offset, payload)
         return ready
 
     def fill(self, events: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:

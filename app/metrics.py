@@ -110,7 +110,7 @@ class GatewayMetrics:
         )
         self.fanout_load = Gauge(
             "sitewire_gateway_fanout_load",
-            "Smoothed share of the process's time spent writing live frames (0..1)",
+            "Smoothed share of the process's wall time spent relaying live events (0..1)",
             registry=registry,
         )
         self.latency = Histogram(

@@ -275,3 +275,11 @@ def test_pacer_hold_follows_the_load_up_to_its_cap_and_back() -> None:
     pacer.spent(0.001, now)
     pacer.spent(0.001, now + 0.1)
     assert pacer.hold_s == 0.0
+
+
+def test_sequencer_offer_many_is_offer_in_a_row() -> None:
+    for burst in ([1, 2, 3], [2, 1, 3], [1, 3], [3, 4], [1, 1, 2], [0, 1, 2]):
+        one, many = Sequencer(0), Sequencer(0)
+        singly = [e for o in burst for e in one.offer(o, b"%d" % o)]
+        assert many.offer_many([(o, b"%d" % o) for o in burst]) == singly
+        assert (many.last, many.missing()) == (one.last, one.missing())
