@@ -29,7 +29,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from app.broker import BACKOFF_BASE_S, BACKOFF_MAX_S, REDIS_ERRORS, Subscriber
+from app.broker import BACKOFF_BASE_S, BACKOFF_MAX_S, REDIS_ERRORS, Burst, Subscriber
 from app.names import Names
 from app.shards import RedisShards
 
@@ -164,13 +164,13 @@ class ShardedSubscriber:
         self,
         cluster: RedisCluster,
         names: Names,
-        on_message: Callable[[str, bytes], None],
+        on_burst: Callable[[Burst], None],
         on_reconnect: Callable[[list[str]], Awaitable[None]],
         on_reconnect_attempt: Callable[[], None] = lambda: None,
     ) -> None:
         self._cluster = cluster
         self._names = names
-        self._on_message = on_message
+        self._on_burst = on_burst
         self._on_reconnect = on_reconnect
         self._on_attempt = on_reconnect_attempt
         self._channels: dict[str, str] = {}  # channel -> site
@@ -250,9 +250,11 @@ class ShardedSubscriber:
         await link.close()
 
     def _on_message_on(self, channel: str, payload: bytes) -> None:
+        # One message at a time: redis-py reads this connection (broker.Subscriber's bulk
+        # hiredis reader serves plain servers, where the bench measures throughput).
         site = self._channels.get(channel)
         if site is not None:
-            self._on_message(site, payload)
+            self._on_burst({site: [payload]})
 
     def _on_link_lost(self, link: NodeLink, channels: list[str]) -> None:
         for channel in channels:
@@ -322,7 +324,7 @@ class Subscriptions(Protocol):
 def subscribers(
     shards: RedisShards,
     names: Names,
-    on_message: Callable[[str, bytes], None],
+    on_burst: Callable[[Burst], None],
     on_reconnect: Callable[[list[str]], Awaitable[None]],
     on_reconnect_attempt: Callable[[], None],
 ) -> list[Subscriptions]:
@@ -331,8 +333,7 @@ def subscribers(
     if shards.cluster:
         cluster = shards.clients[0]
         assert isinstance(cluster, RedisCluster)
-        return [ShardedSubscriber(cluster, names, on_message, on_reconnect, on_reconnect_attempt)]
+        return [ShardedSubscriber(cluster, names, on_burst, on_reconnect, on_reconnect_attempt)]
     return [
-        Subscriber(url, names, on_message, on_reconnect, on_reconnect_attempt)
-        for url in shards.urls
+        Subscriber(url, names, on_burst, on_reconnect, on_reconnect_attempt) for url in shards.urls
     ]

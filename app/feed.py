@@ -3,8 +3,13 @@
 - Subscriptions are reference-counted: the first local viewer of a site subscribes (under a
   per-site lock, rolled back on failure), the last one leaving schedules an unsubscribe after
   `unsubscribe_delay_s` that checks the count again (a reconnecting viewer keeps it warm).
-- Each message is decoded once (to read its offset), put in order by the site's `Sequencer`,
-  and the same bytes are queued for every viewer by the hub.
+- Messages come in bursts (everything one read from Redis brought, grouped by site). Each
+  message's offset is read without decoding the JSON (app.wire.event_offset), the site's
+  `Sequencer` puts them in order, and the hub sends a site's burst to each viewer as one frame.
+- Under load, live events are paced (app.hub.Pacer): a site that sent a frame less than the
+  pacer's hold ago keeps its next events until the hold has passed, so they share one frame
+  per viewer.
+  At light load the hold is 0 and every burst goes out at once.
 - Gaps (an offset skipped: out-of-order publication by two ingest replicas, or a message Redis
   pub/sub dropped) are held for `gap_hold_ms`, then repaired from the Redis window, else from
   PostgreSQL. Only when both fail do viewers get a `gap` notice with `recovered: false`.
@@ -17,15 +22,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import time
 from collections import defaultdict
 
 import asyncpg
 import orjson
 
+from app.broker import Burst
 from app.cluster import Subscriptions, subscribers
 from app.codes import CloseCode
 from app.history import Event, site_heads
-from app.hub import Hub, Sequencer, Viewer
+from app.hub import Hub, Pacer, Sequencer, Viewer
 from app.metrics import DeliveryStats, GatewayMetrics
 from app.names import Names
 from app.replay import Replayer
@@ -33,7 +41,7 @@ from app.settings import Settings
 from app.shards import RedisShards
 from app.sites import get_site
 from app.store import STORAGE_ERRORS
-from app.wire import format_cursor
+from app.wire import event_offset, format_cursor
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +73,7 @@ class Feeds:
         # One pub/sub connection per Redis server, carrying every site of that server (in a
         # Cluster: one per node, app/cluster.py).
         self.subscribers = subscribers(
-            shards, self._names, self.on_message, self.on_reconnect, metrics.redis_reconnects.inc
+            shards, self._names, self.on_burst, self.on_reconnect, metrics.redis_reconnects.inc
         )
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._seq: dict[str, Sequencer] = {}
@@ -73,7 +81,15 @@ class Feeds:
         self._unsubscribes: dict[str, asyncio.Task[None]] = {}
         self._repairs: dict[str, asyncio.Task[None]] = {}
         self._checker: asyncio.Task[None] | None = None
+        self.pacer = Pacer()
+        metrics.fanout_hold.set_function(lambda: self.pacer.hold_s)
+        metrics.fanout_load.set_function(lambda: self.pacer.load)
+        #: Live events kept until the site's hold has passed (in offset order), and the timer
+        #: that sends them.
         self._pending: dict[str, list[Event]] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        #: loop.time() of each site's last frame.
+        self._sent_at: dict[str, float] = {}
 
     def start(self) -> None:
         for subscriber in self.subscribers:
@@ -81,6 +97,8 @@ class Feeds:
         self._checker = asyncio.create_task(self._check_positions(), name="position-check")
 
     async def close(self) -> None:
+        for timer in self._timers.values():
+            timer.cancel()
         tasks = [self._checker, *self._unsubscribes.values(), *self._repairs.values()]
         for task in tasks:
             if task is not None:
@@ -135,6 +153,8 @@ class Feeds:
                 await self.subscriber(site).unsubscribe(site)
                 del self._seq[site]
                 self._epochs.pop(site, None)
+                self._deliver(site, [])  # nobody left to see them: only drops the timer
+                self._sent_at.pop(site, None)
                 repair = self._repairs.pop(site, None)
                 if repair is not None:
                     repair.cancel()
@@ -152,44 +172,77 @@ class Feeds:
 
     # -- events arrive ----------------------------------------------------------------------
 
-    def on_message(self, site: str, payload: bytes) -> None:
+    def on_burst(self, burst: Burst) -> None:
+        """Messages read from Redis at once, by site: each site's go out together, one frame
+        per viewer for the lot. The time this takes is the load the pacer follows."""
+        started = time.perf_counter()
+        for site, payloads in burst.items():
+            self.on_messages(site, payloads)
+        self._spent(started)
+
+    def on_messages(self, site: str, payloads: list[bytes]) -> None:
         seq = self._seq.get(site)
         if seq is None:
             return
-        try:
-            offset = orjson.loads(payload)["offset"]
-        except (orjson.JSONDecodeError, KeyError, TypeError):
-            log.error("dropped a malformed publication", extra={"site": site})
-            return
-        ready = seq.offer(offset, payload)
+        events: list[Event] = []
+        for payload in payloads:
+            offset = event_offset(payload)
+            if offset is None:
+                log.error("dropped a malformed publication", extra={"site": site})
+                continue
+            events.append((offset, payload))
+        ready = seq.offer_many(events)
         if ready:
-            # Messages read in one burst are delivered together at the end of this loop
-            # iteration: one frame per viewer for the burst, not one per event.
-            pending = self._pending.get(site)
-            if pending is None:
-                self._pending[site] = ready
-                asyncio.get_running_loop().call_soon(self._flush_pending, site)
-            else:
-                pending.extend(ready)
+            self._paced(site, ready)
         if seq.missing() is not None and site not in self._repairs:
             self._repairs[site] = asyncio.create_task(self._repair(site), name=f"repair {site}")
 
-    def _flush_pending(self, site: str) -> None:
-        events = self._pending.pop(site, None)
-        if events:
-            self._deliver(site, events)
+    def _paced(self, site: str, events: list[Event]) -> None:
+        """Send live events now, or, when the site sent a frame less than the pacer's hold ago,
+        keep them until the hold has passed (app.hub.Pacer): one frame per viewer for all."""
+        pending = self._pending.get(site)
+        if pending is not None:
+            pending.extend(events)
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        due = self._sent_at.get(site, -math.inf) + self.pacer.hold_s
+        if now >= due:
+            self._send(site, events, now)
+            return
+        self._pending[site] = events
+        self._timers[site] = loop.call_at(due, self._flush, site)
+
+    def _flush(self, site: str) -> None:
+        """The site's hold has passed: send what it kept."""
+        started = time.perf_counter()
+        del self._timers[site]
+        self._send(site, self._pending.pop(site), asyncio.get_running_loop().time())
+        self._spent(started)
 
     def _deliver(self, site: str, events: list[Event]) -> None:
-        pending = self._pending.pop(site, None)
-        if pending:  # keep offset order with a burst not yet flushed
-            events = pending + events
+        """Send at once (repairs, catch-ups), behind any events the site still keeps."""
+        timer = self._timers.pop(site, None)
+        if timer is not None:
+            timer.cancel()
+            events = self._pending.pop(site) + events
+        if events:
+            self._send(site, events, asyncio.get_running_loop().time())
+
+    def _send(self, site: str, events: list[Event], now: float) -> None:
         slow, direct = self.hub.publish_many(site, events)
+        self._sent_at[site] = now
         self.stats.direct(direct, events)
         for viewer in slow:
             self._metrics.closes.labels("slow_consumer").inc()
             viewer.fail(CloseCode.SLOW_CONSUMER)
 
+    def _spent(self, started: float) -> None:
+        now = time.perf_counter()
+        self.pacer.spent(now - started, now)
+
     def notice(self, site: str, body: dict[str, object]) -> None:
+        self._deliver(site, [])  # events held for the tick come before the notice
         frame = orjson.dumps(body)
         for viewer in self.hub.notice(site, frame):
             viewer.fail(CloseCode.SLOW_CONSUMER)

@@ -10,6 +10,8 @@ gateway wires it to sockets (a writer task per viewer) and to Redis (one reader 
   caught-up viewers get one ready WebSocket frame, built once per burst and written as the
   same bytes through their `sink`; the others get the same payload objects queued.
 - `Sequencer` puts a site's events in offset order, drops duplicates and reports gaps.
+- `Pacer` decides how long a site's events may wait to share a frame: not at all while the
+  process is lightly loaded, up to a few tens of ms when writing frames saturates it.
 - `ws_frames` / `sse_chunk` turn a drained queue into as few writes as possible.
 """
 
@@ -238,6 +240,55 @@ class Hub:
         return sum(v.queued_bytes for v in self.viewers())
 
 
+class Pacer:
+    """How long a site's events may wait for more, so that they share one frame per viewer.
+
+    A write to a viewer's socket costs about the same for one event or fifty (a syscall that
+    also runs the receiver's loopback TCP stack), so writes per second, not events, are what
+    saturate a gateway. While relaying live events keeps the process below `low` of its time
+    every burst goes out at once (`hold_s` 0: nothing added to latency). From `low` to `high`
+    the hold grows linearly to `max_hold_s`: a site that sent a frame less than `hold_s` ago
+    keeps its next events until then, so frames per viewer per second stay near 1 / hold_s
+    whatever the event rate. Load is wall time, so a process that other processes crowd out of
+    its core holds more too.
+    """
+
+    def __init__(
+        self,
+        max_hold_s: float = 0.08,
+        low: float = 0.7,
+        high: float = 1.0,
+        window_s: float = 0.1,
+    ) -> None:
+        self.max_hold_s = max_hold_s
+        self.low = low
+        self.high = high
+        self.window_s = window_s
+        #: The current hold (seconds); 0 sends every burst at once.
+        self.hold_s = 0.0
+        #: Smoothed share of wall time spent relaying live events (0..1).
+        self.load = 0.0
+        self._busy = 0.0
+        self._since: float | None = None
+
+    def spent(self, seconds: float, now: float) -> None:
+        """Account `seconds` of relaying work finished at `now` (monotonic seconds); every
+        `window_s` the load is re-measured and the hold follows it."""
+        if self._since is None:
+            self._since = now - seconds
+        self._busy += seconds
+        elapsed = now - self._since
+        if elapsed < self.window_s:
+            return
+        # Averaged with the previous window so that one quiet or busy window does not swing
+        # the hold from one end to the other (the hold itself changes the next load).
+        self.load = (self.load + min(1.0, self._busy / elapsed)) / 2
+        share = (self.load - self.low) / (self.high - self.low)
+        self.hold_s = self.max_hold_s * min(1.0, max(0.0, share))
+        self._busy = 0.0
+        self._since = now
+
+
 class Sequencer:
     """Delivers a site's events in offset order, exactly once, and spots gaps.
 
@@ -255,12 +306,35 @@ class Sequencer:
     def offer(self, offset: int, payload: bytes) -> list[tuple[int, bytes]]:
         if self.last is None:
             self.last = offset - 1
+        if offset == self.last + 1 and not self._held:  # the usual case, in order
+            self.last = offset
+            return [(offset, payload)]
         if offset <= self.last or offset in self._held:
             return []
         self._held[offset] = payload
         ready = self._release()
         if len(self._held) > self.max_held:  # never hold without bound: give the gap up
             ready += self.skip()
+        return ready
+
+    def offer_many(self, events: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+        """`offer` for a burst: the usual burst (in order, nothing held) is returned as is."""
+        if not events:
+            return events
+        if self.last is None:
+            self.last = events[0][0] - 1
+        if not self._held:
+            expected = self.last + 1
+            for offset, _ in events:
+                if offset != expected:
+                    break
+                expected += 1
+            else:
+                self.last = expected - 1
+                return events
+        ready = []
+        for offset, payload in events:
+            ready += self.offer(offset, payload)
         return ready
 
     def fill(self, events: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:

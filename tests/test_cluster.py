@@ -71,8 +71,9 @@ class Inbox:
         self.messages: list[bytes] = []
         self.moved: list[str] = []
 
-    def on_message(self, site: str, payload: bytes) -> None:
-        self.messages.append(payload)
+    def on_burst(self, burst: dict[str, list[bytes]]) -> None:
+        for payloads in burst.values():
+            self.messages += payloads
 
     async def on_reconnect(self, sites: list[str]) -> None:
         self.moved += sites
@@ -93,7 +94,7 @@ async def test_sharded_publish_reaches_the_owning_node_and_follows_a_slot_move(
     inbox = Inbox()
     client = shards.clients[0]
     assert isinstance(client, RedisCluster)
-    subscriber = ShardedSubscriber(client, names, inbox.on_message, inbox.on_reconnect)
+    subscriber = ShardedSubscriber(client, names, inbox.on_burst, inbox.on_reconnect)
     subscriber.start()
     publisher = Publisher(shards, names, 100, IngestMetrics(CollectorRegistry()))
     try:

@@ -4,7 +4,16 @@ import orjson
 import pytest
 
 from app.codes import CloseCode
-from app.hub import MAX_FRAME_BYTES, Hub, Sequencer, Viewer, event_count, sse_chunk, ws_frames
+from app.hub import (
+    MAX_FRAME_BYTES,
+    Hub,
+    Pacer,
+    Sequencer,
+    Viewer,
+    event_count,
+    sse_chunk,
+    ws_frames,
+)
 
 
 def viewer(site: str = "a.com", max_bytes: int = 1000) -> tuple[Viewer, list[int]]:
@@ -239,3 +248,38 @@ def test_no_direct_frame_overtakes_frames_the_writer_is_still_sending() -> None:
     v.writing = False
     hub.publish_many("a.com", [(3, b'{"offset":3}')])
     assert len(written) == 1 and v.after == 3
+
+
+def test_pacer_holds_nothing_at_light_load() -> None:
+    pacer = Pacer(max_hold_s=0.025, low=0.3, high=0.7, window_s=0.1)
+    for i in range(1, 50):
+        pacer.spent(0.001, i * 0.01)  # 10 % of the time writing frames
+    assert pacer.hold_s == 0.0 and pacer.load < 0.3
+
+
+def test_pacer_hold_follows_the_load_up_to_its_cap_and_back() -> None:
+    pacer = Pacer(max_hold_s=0.025, low=0.3, high=0.7, window_s=0.1)
+    now = 0.0
+    for _ in range(50):  # saturated: 9 ms of every 10 ms spent writing frames
+        now += 0.01
+        pacer.spent(0.009, now)
+    assert pacer.hold_s == 0.025
+    holds = []
+    for _ in range(30):  # half loaded: the hold settles in between
+        now += 0.01
+        pacer.spent(0.005, now)
+        holds.append(pacer.hold_s)
+    assert 0.0 < holds[-1] < 0.025
+    assert holds == sorted(holds, reverse=True)  # it moves down smoothly, never swings back
+    now += 5.0  # quiet, then one small burst: the long quiet window is the measured load
+    pacer.spent(0.001, now)
+    pacer.spent(0.001, now + 0.1)
+    assert pacer.hold_s == 0.0
+
+
+def test_sequencer_offer_many_is_offer_in_a_row() -> None:
+    for burst in ([1, 2, 3], [2, 1, 3], [1, 3], [3, 4], [1, 1, 2], [0, 1, 2]):
+        one, many = Sequencer(0), Sequencer(0)
+        singly = [e for o in burst for e in one.offer(o, b"%d" % o)]
+        assert many.offer_many([(o, b"%d" % o) for o in burst]) == singly
+        assert (many.last, many.missing()) == (one.last, one.missing())

@@ -1,0 +1,172 @@
+"""The gateway's pub/sub reader against real Redis servers: bursts, confirmations,
+authentication, and reconnection (the server restarted, or alive but not answering)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import pytest
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from app.broker import Burst, Subscriber
+from app.names import Names
+from tests.servers import Servers
+from workers.embedded import EmbeddedRedis
+
+
+@dataclass
+class Seen:
+    """What a Subscriber handed over."""
+
+    bursts: list[Burst] = field(default_factory=list)
+    reconnects: list[list[str]] = field(default_factory=list)
+    attempts: int = 0
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def burst(self, burst: Burst) -> None:
+        self.bursts.append(burst)
+        self.changed.set()
+
+    async def reconnected(self, sites: list[str]) -> None:
+        self.reconnects.append(sites)
+        self.changed.set()
+
+    def attempt(self) -> None:
+        self.attempts += 1
+        self.changed.set()
+
+    def payloads(self, site: str) -> list[bytes]:
+        return [p for burst in self.bursts for p in burst.get(site, [])]
+
+    async def until(self, done: Callable[[], bool], timeout: float = 10.0) -> None:
+        """Wait until `done()` is true (a deadline, not a speed check)."""
+        async with asyncio.timeout(timeout):
+            while not done():
+                self.changed.clear()
+                await self.changed.wait()
+
+
+def subscriber(url: str, names: Names, seen: Seen, health_check_s: float = 5.0) -> Subscriber:
+    return Subscriber(url, names, seen.burst, seen.reconnected, seen.attempt, health_check_s)
+
+
+@pytest.fixture
+async def seen() -> Seen:
+    return Seen()
+
+
+@pytest.fixture
+async def sub(redis_url: str, names: Names, seen: Seen) -> AsyncIterator[Subscriber]:
+    s = subscriber(redis_url, names, seen)
+    s.start()
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+def redis_url(servers: Servers) -> str:
+    return servers.redis_url
+
+
+async def test_one_read_is_one_burst_grouped_by_site_in_order(
+    sub: Subscriber, seen: Seen, rclient: aioredis.Redis, names: Names
+) -> None:
+    await sub.subscribe("a.example")
+    await sub.subscribe("b.example")
+    async with rclient.pipeline(transaction=False) as pipe:
+        for i in range(20):
+            pipe.publish(names.channel("a.example" if i % 2 else "b.example"), b"%d" % i)
+        pipe.publish(names.channel("elsewhere.example"), b"not ours")
+        await pipe.execute()
+    await seen.until(lambda: len(seen.payloads("a.example") + seen.payloads("b.example")) == 20)
+    assert seen.payloads("a.example") == [b"%d" % i for i in range(1, 20, 2)]
+    assert seen.payloads("b.example") == [b"%d" % i for i in range(0, 20, 2)]
+    assert all(set(burst) <= {"a.example", "b.example"} for burst in seen.bursts)
+    # Redis answers a pipeline with one write, and a read of it is one burst: messages are
+    # handed over together, not one call each.
+    assert len(seen.bursts) < 20
+
+
+async def test_subscribe_is_confirmed_and_unsubscribe_stops_the_channel(
+    sub: Subscriber, rclient: aioredis.Redis, names: Names
+) -> None:
+    await sub.subscribe("c.example")
+    assert (
+        dict(await rclient.pubsub_numsub(names.channel("c.example")))[
+            names.channel("c.example").encode()
+        ]
+        == 1
+    )
+    assert sub.sites == ["c.example"]
+    await sub.unsubscribe("c.example")
+    assert sub.sites == []
+    async with asyncio.timeout(5):
+        while await rclient.publish(names.channel("c.example"), b"x"):
+            await asyncio.sleep(0.01)
+
+
+async def test_restarted_redis_is_resubscribed_and_reported(
+    private_redis: EmbeddedRedis, names: Names, seen: Seen
+) -> None:
+    sub = subscriber(private_redis.url, names, seen)
+    sub.start()
+    client = aioredis.Redis.from_url(private_redis.url)
+    try:
+        await sub.subscribe("d.example")
+        private_redis.stop()
+        await seen.until(lambda: seen.attempts > 0)
+        with pytest.raises(redis.exceptions.ConnectionError):
+            await sub.subscribe("e.example")  # refused while reconnecting: the viewer retries
+        private_redis.start()
+        await seen.until(lambda: seen.reconnects == [["d.example"]])
+        await client.publish(names.channel("d.example"), b"after")
+        await seen.until(lambda: seen.payloads("d.example") == [b"after"])
+    finally:
+        await client.aclose()
+        await sub.close()
+
+
+async def test_a_server_that_stops_answering_is_given_up_and_resubscribed(
+    private_redis: EmbeddedRedis, names: Names, seen: Seen
+) -> None:
+    """A half-open connection (no error, no answer) is found by the PING health check."""
+    sub = subscriber(private_redis.url, names, seen, health_check_s=0.2)
+    sub.start()
+    client = aioredis.Redis.from_url(private_redis.url)
+    try:
+        await sub.subscribe("f.example")
+        await client.execute_command("CLIENT", "PAUSE", "1000", "ALL")
+        await seen.until(lambda: len(seen.reconnects) > 0)
+        # While the pause lasts, each new connection goes unanswered and is given up too.
+        assert all(sites == ["f.example"] for sites in seen.reconnects)
+        async with asyncio.timeout(10):
+            while not seen.payloads("f.example"):
+                await client.publish(names.channel("f.example"), b"again")
+                await asyncio.sleep(0.05)
+    finally:
+        await client.aclose()
+        await sub.close()
+
+
+async def test_password_protected_redis(private_redis: EmbeddedRedis, names: Names) -> None:
+    client = aioredis.Redis.from_url(private_redis.url)
+    await client.config_set("requirepass", "s3cret")
+    await client.aclose()
+    host = private_redis.url.removeprefix("redis://")
+    seen = Seen()
+    good = subscriber(f"redis://:s3cret@{host}", names, seen)
+    bad = subscriber(f"redis://:wrong@{host}", names, Seen())
+    try:
+        await good.subscribe("g.example")
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            await bad.subscribe("g.example")
+        authed = aioredis.Redis.from_url(f"redis://:s3cret@{host}")
+        await authed.publish(names.channel("g.example"), b"hello")
+        await authed.aclose()
+        await seen.until(lambda: seen.payloads("g.example") == [b"hello"])
+    finally:
+        await good.close()
+        await bad.close()

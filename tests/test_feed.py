@@ -1,0 +1,95 @@
+"""A gateway's feed (app.feed) with real Redis and PostgreSQL but no sockets: how live events
+are paced into shared frames, and that pacing never reorders them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+from prometheus_client import CollectorRegistry
+
+from app.feed import Feeds
+from app.hub import EVENT, NOTICE, Hub, Pacer, Viewer
+from app.metrics import DeliveryStats, GatewayMetrics
+from app.names import Names
+from app.replay import Replayer
+from app.settings import Settings
+from app.shards import RedisShards
+
+
+class FixedPacer(Pacer):
+    """A pacer whose hold does not follow the load: what the test sets is what it holds."""
+
+    def spent(self, seconds: float, now: float) -> None:
+        pass
+
+
+@pytest.fixture
+async def feeds(settings: Settings, pool: asyncpg.Pool) -> AsyncIterator[Feeds]:
+    metrics = GatewayMetrics(CollectorRegistry())
+    shards = RedisShards(settings.require_redis())
+    replayer = Replayer(shards, pool, Names(settings.key_prefix), metrics)
+    feeds = Feeds(Hub(), settings, shards, pool, metrics, DeliveryStats(metrics), replayer)
+    feeds.start()
+    yield feeds
+    await feeds.close()
+    await shards.aclose()
+
+
+async def live_viewer(feeds: Feeds, site: str) -> Viewer:
+    viewer = Viewer(site, "e1e2e3e4", 1 << 20, lambda: None)
+    await feeds.join(viewer)
+    return viewer
+
+
+def event(offset: int) -> bytes:
+    return b'{"cursor":"e1e2e3e4-%d","offset":%d,"ts":"2026-01-01T00:00:00.000Z"}' % (
+        offset,
+        offset,
+    )
+
+
+def queued(viewer: Viewer) -> list[int | str]:
+    """The viewer's queue: offsets for events, "notice" for notices."""
+    return [offset if kind == EVENT else "notice" for kind, offset, _ in viewer.take()]
+
+
+async def test_light_load_sends_every_burst_at_once(feeds: Feeds, site: str) -> None:
+    viewer = await live_viewer(feeds, site)
+    feeds.on_messages(site, [event(1)])
+    feeds.on_messages(site, [event(2), event(3)])
+    assert feeds.pacer.hold_s == 0.0
+    assert queued(viewer) == [1, 2, 3]
+
+
+async def test_held_events_go_out_together_in_order_before_a_notice(
+    feeds: Feeds, site: str
+) -> None:
+    feeds.pacer = FixedPacer()
+    feeds.pacer.hold_s = 60.0
+    viewer = await live_viewer(feeds, site)
+    feeds.on_messages(site, [event(1)])  # the first frame in a while: at once
+    feeds.on_messages(site, [event(3)])  # out of order: held by the sequencer
+    feeds.on_messages(site, [event(2)])  # 2 and 3 now ready, held by the pacer
+    assert queued(viewer) == [1]
+    feeds.notice(site, {"type": "gap", "after": None, "recovered": True})
+    items = viewer.take()
+    assert [o if k == EVENT else "notice" for k, o, _ in items] == [2, 3, "notice"]
+    assert items[-1][0] == NOTICE
+
+
+async def test_held_events_go_out_on_the_tick(feeds: Feeds, site: str) -> None:
+    feeds.pacer = FixedPacer()
+    feeds.pacer.hold_s = 0.05
+    viewer = await live_viewer(feeds, site)
+    feeds.on_messages(site, [event(1)])
+    feeds.on_messages(site, [event(2)])
+    feeds.on_messages(site, [event(3), event(4)])
+    seen = queued(viewer)
+    async with asyncio.timeout(5):  # a deadline, not a speed check
+        while len(seen) < 4:
+            await asyncio.sleep(0.01)
+            seen += queued(viewer)
+    assert seen == [1, 2, 3, 4]

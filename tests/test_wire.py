@@ -1,0 +1,50 @@
+"""Reading an event's offset without decoding it (the gateway's per-event hot path)."""
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from hypothesis import given
+from hypothesis import strategies as st
+
+from app.wire import encode_event, event_offset
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(),
+    lambda children: st.lists(children) | st.dictionaries(st.text(), children),
+    max_leaves=8,
+)
+
+
+def encoded(offset: int, props: dict[str, Any]) -> bytes:
+    return encode_event(
+        epoch="9f8ba6a8",
+        offset=offset,
+        event_id=uuid.uuid4(),
+        site="example.com",
+        name="pageview",
+        url="https://example.com/",
+        path="/",
+        referrer=None,
+        referrer_host=None,
+        props=props,
+        visitor_id=42,
+        device="desktop",
+        ts=datetime.now(UTC),
+    )
+
+
+@given(st.integers(min_value=1, max_value=2**62), st.dictionaries(st.text(), JSON))
+def test_offset_of_an_encoded_event(offset: int, props: dict[str, Any]) -> None:
+    """Whatever the props hold (even an "offset" key of their own), the event's offset."""
+    assert event_offset(encoded(offset, {**props, "offset": -1})) == offset
+
+
+def test_other_layouts_are_decoded_and_non_events_refused() -> None:
+    assert event_offset(b'{"offset":7,"cursor":"9f8ba6a8-7"}') == 7
+    assert event_offset(b'{"cursor":"9f8ba6a8-7","offset":7}') == 7  # offset last: no comma
+    assert event_offset(b'{"cursor":"9f8ba6a8-7","offset":"7","x":1}') is None
+    assert event_offset(orjson.dumps({"cursor": "a", "id": 1})) is None
+    assert event_offset(b"not json") is None
+    assert event_offset(b"[1, 2]") is None
