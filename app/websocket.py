@@ -75,7 +75,8 @@ class StreamProtocol(asyncio.Protocol):
     ) -> None:
         self._server = server_state
         self.state: GatewayState = self.gateway.state.gateway
-        self.ws = ServerProtocol(max_size=config.ws_max_size)
+        #: Handshake and frame parsing; None once the connection is lost (see connection_lost).
+        self.ws: ServerProtocol | None = ServerProtocol(max_size=config.ws_max_size)
         self.transport: asyncio.Transport | None = None
         self.viewer: Viewer | None = None
         #: Admission, then the replay; None once the viewer is live.
@@ -102,10 +103,12 @@ class StreamProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         ws = self.ws
+        if ws is None:
+            return
         ws.receive_data(data)
         for event in ws.events_received():
             if isinstance(event, Request):
-                self._handshake(event)
+                self._handshake(ws, event)
             elif isinstance(event, Frame):
                 self._frame(event)
         self._write_out()
@@ -124,6 +127,8 @@ class StreamProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.gone = True
         self.ping_payload = None
+        # The keepalive queue may hold this object for up to an interval: keep it small.
+        self.ws = None
         self._server.connections.discard(self)
         if self.task is not None:
             self.task.cancel()
@@ -139,8 +144,7 @@ class StreamProtocol(asyncio.Protocol):
 
     # -- the opening handshake and admission -----------------------------------------------
 
-    def _handshake(self, request: Request) -> None:
-        ws = self.ws
+    def _handshake(self, ws: ServerProtocol, request: Request) -> None:
         response = ws.accept(request)
         raw_path, _, query = request.path.partition("?")
         match = STREAM_PATH.match(unquote(raw_path))
@@ -184,6 +188,9 @@ class StreamProtocol(asyncio.Protocol):
         except (TimeoutError, *REDIS_ERRORS, *STORAGE_ERRORS) as exc:
             log.warning("could not subscribe", extra={"site": site, "error": repr(exc)})
             self._close(CloseCode.INTERNAL, "subscription failed, reconnect")
+        except Exception:  # a bug: say so, and let the viewer reconnect
+            log.exception("viewer admission failed", extra={"site": site})
+            self._close(CloseCode.INTERNAL, "internal error, reconnect")
         finally:
             self.drained = None
             self.task = None
@@ -233,7 +240,8 @@ class StreamProtocol(asyncio.Protocol):
             try:
                 data.decode()
             except UnicodeDecodeError:
-                self.ws.fail(1007, "invalid UTF-8")  # what uvicorn's implementation did
+                if self.ws is not None:
+                    self.ws.fail(1007, "invalid UTF-8")  # what uvicorn's implementation did
                 return
         self._message(data)
 
@@ -264,8 +272,8 @@ class StreamProtocol(asyncio.Protocol):
 
     def _flush(self) -> None:
         self.flush_pending = False
-        viewer = self.viewer
-        if viewer is None or self.transport is None:
+        viewer, ws = self.viewer, self.ws
+        if viewer is None or ws is None:
             return
         if viewer.close_code is not None:
             if viewer.close_code == CloseCode.SHUTTING_DOWN:
@@ -284,7 +292,7 @@ class StreamProtocol(asyncio.Protocol):
             return
         frames = ws_frames(items)
         for frame in frames:
-            self.ws.send_text(frame)
+            ws.send_text(frame)
         self._write_out()
         stats = self.state.stats
         stats.frames += len(frames)
@@ -303,9 +311,10 @@ class StreamProtocol(asyncio.Protocol):
     def _write_out(self) -> None:
         """Write what `ServerProtocol` produced (handshake, pongs, close frames); its empty
         write means "close the TCP connection"."""
-        transport = self.transport
-        assert transport is not None
-        for data in self.ws.data_to_send():
+        transport, ws = self.transport, self.ws
+        if transport is None or ws is None:
+            return
+        for data in ws.data_to_send():
             if data:
                 transport.write(data)
             elif not transport.is_closing():
@@ -319,7 +328,7 @@ class StreamProtocol(asyncio.Protocol):
             self._leave()
             return
         self.closing = True
-        if self.ws.state is OPEN:
+        if self.ws is not None and self.ws.state is OPEN:
             self.ws.send_close(code, reason[:120])
             self._write_out()
         self._leave()
@@ -331,11 +340,11 @@ class StreamProtocol(asyncio.Protocol):
 
     def ping(self) -> bytes | None:
         """Send a keepalive ping (Keepalive calls this); its payload, or None when closed."""
-        transport = self.transport
-        if self.gone or self.closing or transport is None or transport.is_closing():
+        transport, ws = self.transport, self.ws
+        if ws is None or self.closing or transport is None or transport.is_closing():
             return None
         self.ping_payload = os.urandom(4)
-        self.ws.send_ping(self.ping_payload)
+        ws.send_ping(self.ping_payload)
         self._write_out()
         return self.ping_payload
 
