@@ -1,10 +1,12 @@
-"""The gateway ASGI app: holds viewer connections and pushes each site's live events.
+"""The gateway app: holds viewer connections and pushes each site's live events.
 
-Endpoints (docs/protocol.md): `GET /v1/sites/{site}/stream` (WebSocket, served as raw ASGI by
-app.websocket), `GET /v1/sites/{site}/events` (Server-Sent Events), `/history`, `/dashboard`.
+Endpoints (docs/protocol.md): `GET /v1/sites/{site}/stream` (WebSocket, served by the protocol
+class of app.websocket, which uvicorn runs for every upgrade: no ASGI on that path),
+`GET /v1/sites/{site}/events` (Server-Sent Events), `/history`, `/dashboard` (FastAPI).
 Each connection is a `Viewer` in the hub. Caught-up WebSocket viewers get each burst as one
-shared frame written straight to their transport; a viewer that is behind (or on SSE) has a
-byte-capped queue drained by its writer task. The fanout never awaits a socket.
+shared frame written straight to their transport; a viewer that is behind has a byte-capped
+queue, flushed by its connection (WebSocket) or drained by its writer task (SSE). The fanout
+never awaits a socket.
 """
 
 from __future__ import annotations
@@ -12,14 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import unquote
 
 import asyncpg
 import orjson
@@ -45,13 +45,11 @@ from app.settings import Settings
 from app.shards import RedisShards
 from app.sites import Site, SiteCache
 from app.store import STORAGE_ERRORS
-from app.websocket import Connection, RawWebSocket, serve_stream, sweep_writes
+from app.websocket import Keepalive, StreamProtocol, sweep_writes
 from app.wire import format_cursor, parse_cursor
 
 log = logging.getLogger(__name__)
 
-#: The WebSocket stream endpoint: GET /v1/sites/{site}/stream.
-STREAM_PATH = re.compile(r"^/v1/sites/([^/]+)/stream$")
 #: Seconds between two housekeeping passes (write timeouts, metrics).
 HOUSEKEEPING_S = 0.5
 #: Most events one history page returns.
@@ -71,8 +69,10 @@ class GatewayState:
     sites: SiteCache
     replayer: Replayer
     stats: DeliveryStats
+    keepalive: Keepalive
     draining: bool = False
-    connections: set[Connection] = field(default_factory=set)
+    #: Live WebSocket connections (the write-timeout sweep looks at them).
+    connections: set[StreamProtocol] = field(default_factory=set)
 
     async def housekeeping(self) -> None:
         """Twice a second: close viewers whose write is stuck, fold hot-path counters into
@@ -106,8 +106,9 @@ class GatewayState:
 
 
 class GatewayApp:
-    """The gateway's ASGI entry: WebSocket streams are served as raw ASGI (the hot path, see
-    app.websocket); everything else goes to the FastAPI app."""
+    """The gateway's ASGI entry (the FastAPI app) and what its WebSocket protocol class needs:
+    the state and the token secret. WebSocket streams never reach ASGI under
+    `sitewire gateway` (app.websocket); under another server an upgrade gets FastAPI's 403."""
 
     def __init__(self, api: FastAPI, secret: str) -> None:
         self.api = api
@@ -118,12 +119,6 @@ class GatewayApp:
         return self.api.state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "websocket":
-            match = STREAM_PATH.match(scope["path"])
-            if match is not None:
-                ws = RawWebSocket(scope, receive, send)
-                await serve_stream(self.api.state.gateway, self.secret, ws, unquote(match[1]))
-                return
         await self.api(scope, receive, send)
 
 
@@ -140,8 +135,10 @@ def create_app(settings: Settings) -> GatewayApp:
         stats = DeliveryStats(metrics)
         replayer = Replayer(client, pool, Names(settings.key_prefix), metrics)
         feeds = Feeds(hub, settings, client, pool, metrics, stats, replayer)
+        keepalive = Keepalive(settings.ping_interval_s, settings.ping_timeout_s)
         state = GatewayState(
             settings, pool, client, metrics, hub, feeds, SiteCache(pool), replayer, stats,
+            keepalive,
         )  # fmt: skip
         metrics.queue_bytes.set_function(hub.queued_bytes)
         app.state.gateway = state
@@ -153,6 +150,7 @@ def create_app(settings: Settings) -> GatewayApp:
             if not state.draining:
                 await state.drain()
             housekeeping.cancel()
+            keepalive.close()
             await feeds.close()
             await client.aclose()
             await pool.close()
@@ -282,7 +280,7 @@ class SseStream(Response):
         state = self.state
         wake, drained = asyncio.Event(), asyncio.Event()
         try:
-            viewer, start = await viewers.join(state, self.site, self.req, wake)
+            viewer, start = await viewers.join(state, self.site, self.req, wake.set)
         except (TimeoutError, *REDIS_ERRORS, *STORAGE_ERRORS):
             error = ApiError(ErrorCode.STORAGE_UNAVAILABLE, "subscription failed", retry_after=1)
             await error_response(error)(scope, receive, send)

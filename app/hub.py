@@ -18,7 +18,6 @@ gateway wires it to sockets (a writer task per viewer) and to Redis (one reader 
 from __future__ import annotations
 
 import itertools
-from collections import deque
 from collections.abc import Callable, Iterator
 from datetime import datetime
 
@@ -61,7 +60,9 @@ class Viewer:
         self.closed = False
         #: Set by `fail`: the connection must be closed with this code.
         self.close_code: int | None = None
-        self._items: deque[tuple[int, int, bytes]] = deque()
+        #: A list, not a deque: `take` swaps it out whole, and an empty list costs 56 bytes
+        #: where an empty deque keeps a 0.5 KiB block (10,000 idle viewers: 5 MiB).
+        self._items: list[tuple[int, int, bytes]] = []
         #: Live events that arrived while the viewer was still replaying (None once live).
         self._held: list[tuple[int, bytes]] | None = None
         self.held_bytes = 0
@@ -149,8 +150,7 @@ class Viewer:
 
     def take(self) -> list[tuple[int, int, bytes]]:
         """Everything queued, oldest first; the queue is empty afterwards."""
-        items = list(self._items)
-        self._items.clear()
+        items, self._items = self._items, []
         self.queued_bytes = 0
         return items
 
@@ -165,7 +165,7 @@ class Viewer:
         """Drop the queue (the connection is gone) so its memory is freed at once."""
         self.closed = True
         self.sink = None
-        self._items.clear()
+        self._items = []
         self.queued_bytes = 0
         self._held = None
         self.held_bytes = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import orjson
@@ -67,11 +68,12 @@ async def check_viewer(state: GatewayState, secret: str, site: str, token: str |
 
 
 async def join(
-    state: GatewayState, site: Site, req: StartRequest, wake: asyncio.Event
+    state: GatewayState, site: Site, req: StartRequest, wake: Callable[[], None]
 ) -> tuple[Viewer, Start]:
     """Add a viewer to the live feed (holding live events), decide where its stream starts,
-    and queue its welcome. Raises what subscribing raises."""
-    viewer = Viewer(site.id, site.epoch, state.settings.viewer_queue_bytes, wake.set)
+    and queue its welcome (`wake` is called whenever its queue goes non-empty). Raises what
+    subscribing raises."""
+    viewer = Viewer(site.id, site.epoch, state.settings.viewer_queue_bytes, wake)
     viewer.start_replay()
     await state.feeds.join(viewer)
     start = await state.replayer.resolve(site.id, site.epoch, state.feeds.head(site.id), req)

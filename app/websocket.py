@@ -1,26 +1,37 @@
-"""The WebSocket viewer connection, served as raw ASGI.
+"""The WebSocket viewer connection: an asyncio protocol of our own, served by uvicorn.
 
-The stream endpoint is the gateway's hot path: every delivered frame passes through it. It
-speaks ASGI directly to uvicorn rather than through Starlette's WebSocket wrapper and FastAPI's
-middleware (profiling showed those layers at a third of the gateway's CPU under fanout), and
-write timeouts are enforced by one sweeper per process instead of a timer per write.
+uvicorn hands every WebSocket upgrade to the protocol class named by its `ws=` setting
+(workers/serve.py names `protocol_class(app)`). The handshake is validated by the `websockets`
+library's sans-I/O `ServerProtocol`, as in uvicorn's own sans-I/O implementation, and frames are
+parsed by it; but there is no ASGI application, no receive queue and no task per connection.
+An idle viewer costs one protocol object, its `ServerProtocol` and its `Viewer` in the hub:
 
-One connection = one `Viewer` in the hub + a writer task draining its queue + a one-off replay
-task; the handler task itself reads the (rare) client frames.
+- Admission (token, site, join, replay) runs in a short-lived task; once the viewer is live,
+  nothing of it is left but objects waiting for callbacks.
+- Client frames arrive in `data_received` and are answered at once (viewers only send pings).
+- Queued frames are written by a `call_soon` flush when the viewer's queue goes non-empty, and
+  again on `resume_writing` when flow control held them back: no writer task, no Event.
+- Keepalive pings for every connection share one timer per process (`Keepalive`); write
+  timeouts are enforced by the gateway's housekeeping sweep (`sweep_writes`).
+
+Caught-up viewers get the hub's shared frames through `sink`, a plain `transport.write`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Callable, MutableMapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs
+import os
+import re
+from collections import deque
+from typing import TYPE_CHECKING, Any, ClassVar, cast
+from urllib.parse import parse_qs, unquote
 
 import orjson
-from starlette.types import Receive, Scope, Send
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request
+from websockets.protocol import OPEN
+from websockets.server import ServerProtocol
 
 from app import tokens, viewers
 from app.broker import REDIS_ERRORS
@@ -30,197 +41,410 @@ from app.replay import BadStart, parse_start
 from app.store import STORAGE_ERRORS
 
 if TYPE_CHECKING:
-    from app.gateway import GatewayState
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    from app.gateway import GatewayApp, GatewayState
 
 log = logging.getLogger(__name__)
 
+#: The WebSocket stream endpoint: GET /v1/sites/{site}/stream.
+STREAM_PATH = re.compile(r"^/v1/sites/([^/]+)/stream$")
 #: Largest frame a viewer may send; viewers only ever send tiny control messages.
 MAX_CLIENT_FRAME = 4096
+#: Seconds a closing connection waits for the peer's close frame before it is dropped.
+CLOSE_TIMEOUT_S = 5.0
+#: What a WebSocket upgrade on any other path gets: what the ASGI app answered before.
+NOT_A_STREAM = 403
+PONG = b'{"type":"pong"}'
 
 
-@dataclass(eq=False, slots=True)
-class Connection:
-    """What the sweeper needs to see of a live WebSocket connection."""
+class StreamProtocol(asyncio.Protocol):
+    """One viewer's WebSocket connection on `GET /v1/sites/{site}/stream`."""
 
-    viewer: Viewer
-    #: loop.time() when the current write began; 0.0 when not writing.
-    write_started: float = 0.0
-    writer: asyncio.Task[None] | None = field(default=None)
+    __slots__ = (
+        "_server", "closing", "drained", "flush_pending", "fragments", "gone", "paused",
+        "ping_payload", "state", "task", "transport", "viewer", "write_started", "ws",
+    )  # fmt: skip
 
+    #: The gateway app this class serves; bound per process by `protocol_class`.
+    gateway: ClassVar[GatewayApp]
 
-class RawWebSocket:
-    def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self.scope = scope
-        self.receive = receive
-        self.send = send
-        self._query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    def __init__(
+        self, config: uvicorn.Config, server_state: ServerState, app_state: dict[str, Any]
+    ) -> None:
+        self._server = server_state
+        self.state: GatewayState = self.gateway.state.gateway
+        #: Handshake and frame parsing; None once the connection is lost (see connection_lost).
+        self.ws: ServerProtocol | None = ServerProtocol(max_size=config.ws_max_size)
+        self.transport: asyncio.Transport | None = None
+        self.viewer: Viewer | None = None
+        #: Admission, then the replay; None once the viewer is live.
+        self.task: asyncio.Task[None] | None = None
+        #: Set after each flush while a replay waits for room in the queue (None otherwise).
+        self.drained: asyncio.Event | None = None
+        #: loop.time() since when queued frames wait for flow control; 0.0 when not waiting.
+        self.write_started = 0.0
+        self.flush_pending = False
+        #: Flow control: the transport's buffer is over its high-water mark.
+        self.paused = False
+        self.closing = False
+        self.gone = False
+        #: The payload of the keepalive ping awaiting its pong (None: none outstanding).
+        self.ping_payload: bytes | None = None
+        #: A fragmented client message being put together (rare; None otherwise).
+        self.fragments: bytearray | None = None
 
-    def query(self, name: str) -> str | None:
-        values = self._query.get(name)
-        return values[0] if values else None
+    # -- asyncio callbacks -----------------------------------------------------------------
 
-    def header(self, name: str) -> str | None:
-        key = name.encode()
-        for k, v in self.scope.get("headers", []):
-            if k == key:
-                value: str = v.decode("latin-1")
-                return value
-        return None
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self._server.connections.add(self)  # type: ignore[arg-type]  # uvicorn's shutdown
 
-    async def accept(self) -> bool:
-        message = await self.receive()
-        if message["type"] != "websocket.connect":
+    def data_received(self, data: bytes) -> None:
+        ws = self.ws
+        if ws is None:
+            return
+        ws.receive_data(data)
+        events = ws.events_received()
+        for event in events:
+            if isinstance(event, Request):
+                self._handshake(ws, event)
+                if len(events) == 1 and data.endswith(b"\r\n\r\n"):
+                    _forget_request(ws)
+            elif isinstance(event, Frame):
+                self._frame(event)
+        self._write_out()
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport: a viewer that half-closes is gone
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self.write_started = 0.0
+        self._flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.gone = True
+        self.ping_payload = None
+        # The keepalive queue may hold this object for up to an interval: keep it small.
+        self.ws = None
+        self._server.connections.discard(self)
+        if self.task is not None:
+            self.task.cancel()
+        self._leave()
+
+    def shutdown(self) -> None:
+        """uvicorn's shutdown (after the drain): close what is left as uvicorn would, 1012."""
+        if self.task is not None:
+            self.task.cancel()
+        self._close(1012, "")
+        assert self.transport is not None
+        self.transport.close()
+
+    # -- the opening handshake and admission -----------------------------------------------
+
+    def _handshake(self, ws: ServerProtocol, request: Request) -> None:
+        response = ws.accept(request)
+        raw_path, _, query = request.path.partition("?")
+        match = STREAM_PATH.match(unquote(raw_path))
+        if response.status_code == 101 and match is None:
+            response = ws.reject(NOT_A_STREAM, "")
+        if response.status_code != 101:
+            ws.send_response(response)
+            return
+        del response.headers["Date"]  # uvicorn's own (cached) Date comes with its defaults
+        for name, value in self._server.default_headers:
+            response.headers[name.decode("latin-1")] = value.decode("latin-1")
+        ws.send_response(response)
+        assert self.transport is not None
+        # Frames sent before the viewer is admitted wait in the socket (uvicorn's queue did).
+        self.transport.pause_reading()
+        self.state.keepalive.watch(self)
+        params = parse_qs(query)
+        token = _first(params, "token") or tokens.bearer(request.headers.get("Authorization"))
+        start = (_first(params, "since"), _first(params, "last"), _first(params, "minutes"))
+        self.task = asyncio.get_running_loop().create_task(
+            self._admit(unquote(match[1]) if match else "", token, start)
+        )
+
+    async def _admit(
+        self, site: str, token: str | None, start: tuple[str | None, str | None, str | None]
+    ) -> None:
+        """Check the viewer, join it to the live feed, then replay what it asked for. The
+        handshake is complete: refusals are close codes (docs/protocol.md)."""
+        state = self.state
+        try:
+            site_info = await viewers.check_viewer(state, self.gateway.secret, site, token)
+            req = parse_start(*start)
+            viewer, begin = await viewers.join(state, site_info, req, self._wake)
+            if self._live(viewer):
+                self.drained = asyncio.Event()
+                await viewers.replay(state, viewer, begin, self.drained)
+        except viewers.Refused as exc:
+            self._close(exc.close, exc.error.message)
+        except BadStart as exc:
+            self._close(CloseCode.BAD_REQUEST, str(exc))
+        except (TimeoutError, *REDIS_ERRORS, *STORAGE_ERRORS) as exc:
+            log.warning("could not subscribe", extra={"site": site, "error": repr(exc)})
+            self._close(CloseCode.INTERNAL, "subscription failed, reconnect")
+        except Exception:  # a bug: say so, and let the viewer reconnect
+            log.exception("viewer admission failed", extra={"site": site})
+            self._close(CloseCode.INTERNAL, "internal error, reconnect")
+        finally:
+            self.drained = None
+            self.task = None
+
+    def _live(self, viewer: Viewer) -> bool:
+        if self.gone:
+            self.state.feeds.leave(viewer)
             return False
-        await self.send({"type": "websocket.accept"})
+        self.viewer = viewer
+        viewer.sink = self._sink
+        self.state.connections.add(self)
+        self.state.metrics.connections.labels("websocket").inc()
+        assert self.transport is not None
+        self.transport.resume_reading()
+        self._wake()  # the welcome was queued before `viewer` was set
         return True
 
-    async def close(self, code: int, reason: str) -> None:
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(1.0):
-                await self.send({"type": "websocket.close", "code": code, "reason": reason[:120]})
+    def _leave(self) -> None:
+        """The viewer leaves the hub (its queue is freed); the socket may still be closing."""
+        viewer, self.viewer = self.viewer, None
+        if viewer is None:
+            return
+        self.state.feeds.leave(viewer)
+        self.state.connections.discard(self)
+        self.state.metrics.connections.labels("websocket").dec()
 
+    # -- client frames -----------------------------------------------------------------------
 
-async def serve_stream(state: GatewayState, secret: str, ws: RawWebSocket, site: str) -> None:
-    if not await ws.accept():
-        return
-    token = ws.query("token") or tokens.bearer(ws.header("authorization"))
-    try:
-        site_info = await viewers.check_viewer(state, secret, site, token)
-        req = parse_start(ws.query("since"), ws.query("last"), ws.query("minutes"))
-    except viewers.Refused as exc:
-        await ws.close(exc.close, exc.error.message)
-        return
-    except BadStart as exc:
-        await ws.close(CloseCode.BAD_REQUEST, str(exc))
-        return
-    wake, drained = asyncio.Event(), asyncio.Event()
-    try:
-        viewer, start = await viewers.join(state, site_info, req, wake)
-    except (TimeoutError, *REDIS_ERRORS, *STORAGE_ERRORS) as exc:
-        log.warning("could not subscribe", extra={"site": site, "error": repr(exc)})
-        await ws.close(CloseCode.INTERNAL, "subscription failed, reconnect")
-        return
-    viewer.sink = direct_sink(ws.send)
-    conn = Connection(viewer)
-    state.connections.add(conn)
-    state.metrics.connections.labels("websocket").inc()
-    conn.writer = asyncio.create_task(_write(state, ws, conn, wake, drained))
-    replay = asyncio.create_task(viewers.replay(state, viewer, start, drained))
-    try:
-        await _read(ws, viewer, conn.writer)
-        if not conn.writer.done():
-            # The peer left, or broke the protocol (the writer then sends the close code).
-            if viewer.close_code is None:
-                viewer.release()
-            wake.set()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(conn.writer), 2.0)
-    finally:
-        state.connections.discard(conn)
-        state.feeds.leave(viewer)
-        for task in (conn.writer, replay):
-            task.cancel()
-        await asyncio.gather(conn.writer, replay, return_exceptions=True)
-        state.metrics.connections.labels("websocket").dec()
+    def _frame(self, frame: Frame) -> None:
+        opcode = frame.opcode
+        if opcode is Opcode.PONG:
+            if self.ping_payload is not None and bytes(frame.data) == self.ping_payload:
+                self.ping_payload = None
+                self.state.keepalive.watch(self)
+        elif opcode is Opcode.TEXT or opcode is Opcode.BINARY or opcode is Opcode.CONT:
+            self._message_part(frame)
+        # PING and CLOSE are answered by `ServerProtocol` itself (see `_write_out`).
 
-
-async def _read(ws: RawWebSocket, viewer: Viewer, writer: asyncio.Task[None]) -> None:
-    """Viewers send only `{"type":"ping"}`; anything else is a protocol error. Returns when
-    the peer leaves, breaks the protocol, or the writer ends the connection."""
-    receive = asyncio.ensure_future(ws.receive())
-    try:
-        while viewer.close_code is None:
-            await asyncio.wait({receive, writer}, return_when=asyncio.FIRST_COMPLETED)
-            if not receive.done():
-                return  # the writer closed the connection
-            message: MutableMapping[str, Any] = receive.result()
-            if message["type"] == "websocket.disconnect":
+    def _message_part(self, frame: Frame) -> None:
+        data = bytes(frame.data)
+        if self.fragments is not None or not frame.fin:
+            self.fragments = (self.fragments or bytearray()) + data
+            if len(self.fragments) <= MAX_CLIENT_FRAME and not frame.fin:
                 return
-            data = message.get("text") or message.get("bytes") or b""
-            if len(data) > MAX_CLIENT_FRAME:
-                viewer.fail(CloseCode.FRAME_TOO_LARGE)
-                return
+            data, self.fragments = bytes(self.fragments), None
+        elif frame.opcode is Opcode.TEXT:
             try:
-                kind = orjson.loads(data).get("type")
-            except (orjson.JSONDecodeError, AttributeError):
-                kind = None
-            if kind != "ping":
-                viewer.fail(CloseCode.PROTOCOL)
+                data.decode()
+            except UnicodeDecodeError:
+                if self.ws is not None:
+                    self.ws.fail(1007, "invalid UTF-8")  # what uvicorn's implementation did
                 return
-            viewer.push_notice(b'{"type":"pong"}')
-            receive = asyncio.ensure_future(ws.receive())
-    finally:
-        receive.cancel()
+        self._message(data)
 
+    def _message(self, data: bytes) -> None:
+        """Viewers send only `{"type":"ping"}`; anything else is a protocol error."""
+        viewer = self.viewer
+        if viewer is None or self.closing:
+            return
+        if len(data) > MAX_CLIENT_FRAME:
+            viewer.fail(CloseCode.FRAME_TOO_LARGE)
+            return
+        try:
+            kind = orjson.loads(data).get("type")
+        except (orjson.JSONDecodeError, AttributeError):
+            kind = None
+        if kind != "ping":
+            viewer.fail(CloseCode.PROTOCOL)
+            return
+        viewer.push_notice(PONG)
 
-async def _write(
-    state: GatewayState,
-    ws: RawWebSocket,
-    conn: Connection,
-    wake: asyncio.Event,
-    drained: asyncio.Event,
-) -> None:
-    viewer = conn.viewer
-    loop = asyncio.get_running_loop()
-    send = ws.send
-    try:
-        while True:
-            await wake.wait()
-            wake.clear()
-            if viewer.close_code is not None:
-                await _close(state, ws, viewer.close_code)
-                return
-            if viewer.closed:
-                return
-            items = viewer.take()
-            conn.write_started = loop.time()
-            viewer.writing = True  # no direct frame may overtake these (app.hub)
-            for frame in ws_frames(items):
-                await send({"type": "websocket.send", "text": frame.decode()})
-                state.stats.frames += 1
-            viewer.writing = False
-            conn.write_started = 0.0
-            drained.set()
-            state.stats.count(items)
-    except (OSError, RuntimeError) as exc:  # the socket went away while writing
-        log.debug("write failed", extra={"error": repr(exc)})
-        viewer.release()
+    # -- writing -------------------------------------------------------------------------------
 
+    def _wake(self) -> None:
+        """The viewer's queue went non-empty (or it must close): flush soon, once."""
+        if not self.flush_pending:
+            self.flush_pending = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
-async def _close(state: GatewayState, ws: RawWebSocket, code: int) -> None:
-    if code == CloseCode.SHUTTING_DOWN:
-        state.metrics.closes.labels("shutting_down").inc()
-    await ws.close(code, CloseCode(code).name.lower())
+    def _flush(self) -> None:
+        self.flush_pending = False
+        viewer, ws = self.viewer, self.ws
+        if viewer is None or ws is None:
+            return
+        if viewer.close_code is not None:
+            if viewer.close_code == CloseCode.SHUTTING_DOWN:
+                self.state.metrics.closes.labels("shutting_down").inc()
+            self._close(viewer.close_code, CloseCode(viewer.close_code).name.lower())
+            return
+        if viewer.closed:
+            return
+        if self.paused:
+            # Flow control: the frames wait in the queue (capped) until `resume_writing`.
+            if not self.write_started:
+                self.write_started = asyncio.get_running_loop().time()
+            return
+        items = viewer.take()
+        if not items:
+            return
+        frames = ws_frames(items)
+        for frame in frames:
+            ws.send_text(frame)
+        self._write_out()
+        stats = self.state.stats
+        stats.frames += len(frames)
+        stats.count(items)
+        if self.drained is not None:
+            self.drained.set()
 
-
-def direct_sink(send: Send) -> Callable[[bytes], bool] | None:
-    """A way to write ready frames straight to the connection's transport, when the server is
-    uvicorn's sans-I/O WebSocket protocol (what `sitewire gateway` runs): `send` is bound to
-    it. The hub writes one shared frame to every caught-up viewer this way, with no task
-    switch per viewer. It refuses (False) while the transport is paused by flow control or
-    closing, and the hub then queues the events for the writer task instead."""
-    protocol: Any = getattr(send, "__self__", None)
-    transport = getattr(protocol, "transport", None)
-    writable = getattr(protocol, "writable", None)
-    if transport is None or not isinstance(writable, asyncio.Event):
-        return None
-
-    def sink(frame: bytes) -> bool:
-        if not writable.is_set() or transport.is_closing() or protocol.close_sent:
+    def _sink(self, frame: bytes) -> bool:
+        """The hub's direct write of a shared frame; refused under flow control or closing."""
+        transport = self.transport
+        if transport is None or self.paused or self.closing or transport.is_closing():
             return False
         transport.write(frame)
         return True
 
-    return sink
+    def _write_out(self) -> None:
+        """Write what `ServerProtocol` produced (handshake, pongs, close frames); its empty
+        write means "close the TCP connection"."""
+        transport, ws = self.transport, self.ws
+        if transport is None or ws is None:
+            return
+        for data in ws.data_to_send():
+            if data:
+                transport.write(data)
+            elif not transport.is_closing():
+                transport.close()
+
+    def _close(self, code: int, reason: str) -> None:
+        """Send a close frame, leave the hub, and drop the socket if the peer does not
+        answer within CLOSE_TIMEOUT_S."""
+        transport = self.transport
+        if self.closing or transport is None or self.gone:
+            self._leave()
+            return
+        self.closing = True
+        if self.ws is not None and self.ws.state is OPEN:
+            self.ws.send_close(code, reason[:120])
+            self._write_out()
+        self._leave()
+        if not transport.is_closing():
+            transport.resume_reading()  # to read the peer's close frame
+            asyncio.get_running_loop().call_later(CLOSE_TIMEOUT_S, transport.abort)
+
+    # -- keepalive and timeouts ------------------------------------------------------------
+
+    def ping(self) -> bytes | None:
+        """Send a keepalive ping (Keepalive calls this); its payload, or None when closed."""
+        transport, ws = self.transport, self.ws
+        if ws is None or self.closing or transport is None or transport.is_closing():
+            return None
+        self.ping_payload = os.urandom(4)
+        ws.send_ping(self.ping_payload)
+        self._write_out()
+        return self.ping_payload
+
+    def ping_timed_out(self, payload: bytes) -> None:
+        if self.ping_payload is not payload or self.gone:
+            return
+        self.ping_payload = None
+        self._close(CloseCode.STALE, "stale")
+        if self.transport is not None:
+            self.transport.close()
+
+    def write_timed_out(self) -> None:
+        """A write waited longer than the write timeout: the peer stopped reading. It cannot
+        take a close frame either, so the socket is dropped."""
+        self.write_started = 0.0
+        if self.viewer is not None:
+            self.viewer.fail(CloseCode.SLOW_CONSUMER)
+        self._leave()
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class Keepalive:
+    """Keepalive pings for every connection of a process on one timer, not one per connection.
+
+    The interval and the timeout are the same for everyone, so connections become due in the
+    order they were scheduled: two FIFO queues, each popped from the front while due."""
+
+    def __init__(self, interval: float, timeout: float) -> None:
+        self.interval = interval
+        self.timeout = timeout
+        self._tick = max(0.01, min(1.0, interval / 4, timeout / 4))
+        self._pings: deque[tuple[float, StreamProtocol]] = deque()
+        self._pongs: deque[tuple[float, StreamProtocol, bytes]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def watch(self, conn: StreamProtocol) -> None:
+        """Ping `conn` one interval from now."""
+        if self.interval <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        self._pings.append((loop.time() + self.interval, conn))
+        if self._timer is None:
+            self._timer = loop.call_later(self._tick, self._run)
+
+    def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        pings, pongs = self._pings, self._pongs
+        while pings and pings[0][0] <= now:
+            conn = pings.popleft()[1]
+            payload = conn.ping()
+            if payload is not None:
+                pongs.append((now + self.timeout, conn, payload))
+        while pongs and pongs[0][0] <= now:
+            _, conn, payload = pongs.popleft()
+            conn.ping_timed_out(payload)
+        self._timer = loop.call_later(self._tick, self._run) if pings or pongs else None
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._pings.clear()
+        self._pongs.clear()
+
+
+def protocol_class(app: GatewayApp) -> type[StreamProtocol]:
+    """The protocol class uvicorn instantiates per WebSocket connection, bound to `app`."""
+
+    class GatewayStreamProtocol(StreamProtocol):
+        __slots__ = ()
+        gateway = app
+
+    return GatewayStreamProtocol
 
 
 def sweep_writes(state: GatewayState, now: float, timeout: float) -> None:
-    """Close connections whose current write has taken longer than `timeout` (a viewer that
-    stopped reading: the transport is paused and the write never completes)."""
+    """Close connections whose queued frames have waited for flow control longer than
+    `timeout` (a viewer that stopped reading: its transport never drains)."""
     for conn in list(state.connections):
-        if conn.write_started and now - conn.write_started > timeout and conn.writer:
-            if conn.viewer.close_code is None:  # one close, one reason: not already counted
+        if conn.write_started and now - conn.write_started > timeout:
+            if conn.viewer is None or conn.viewer.close_code is None:  # counted once
                 state.metrics.closes.labels("write_timeout").inc()
-            conn.viewer.fail(CloseCode.SLOW_CONSUMER)
-            conn.writer.cancel()
-            conn.write_started = 0.0
+            conn.write_timed_out()
+
+
+def _forget_request(ws: ServerProtocol) -> None:
+    """websockets' parser generator keeps the handshake `Request` (headers and all: ~2.7 KiB,
+    40 % of an idle connection) in a local for the connection's life. Right after the request,
+    with nothing behind it (uvicorn hands over exactly the request head), a fresh parser is
+    equivalent: the state is OPEN, so it parses frames only."""
+    if ws.state is OPEN:
+        ws.parser = ws.parse()
+        next(ws.parser)
+
+
+def _first(params: dict[str, list[str]], name: str) -> str | None:
+    values = params.get(name)
+    return values[0] if values else None

@@ -325,12 +325,15 @@ async def idle(env: Env, quick: bool) -> dict[str, Any]:
     load = LoadGen(stream_urls(port, [site]), count)
     await asyncio.sleep(2.0)
     after = rss_kib(proc.pid)
+    # Each viewer must be a real, subscribed one: it got its welcome and is still open.
+    seen = load.command("report")
     load.close()
     env.stop(proc)
     return {
         "connections": count,
         "kib_per_connection": (after - before) / count,
         "connect_rate": load.ready["connect_rate"],
+        "welcomed": (seen["frames"] / count) if not seen["closed"] else 0.0,
     }
 
 
@@ -577,6 +580,7 @@ async def _idle_rows(env: Env, quick: bool) -> list[Row]:
         Row("3 idle", "KiB per connection", idle_stats["kib_per_connection"], target="<= 16",
             met=idle_stats["kib_per_connection"] <= 16),
         Row("3 idle", "connects/s", idle_stats["connect_rate"]),
+        Row("3 idle", "viewers welcomed and open", idle_stats["welcomed"]),
     ]  # fmt: skip
 
 

@@ -13,7 +13,7 @@ import uvicorn
 
 from app import gateway, ingest, logs
 from app.settings import Settings
-from app.websocket import MAX_CLIENT_FRAME
+from app.websocket import MAX_CLIENT_FRAME, protocol_class
 
 Role = Literal["ingest", "gateway"]
 log = logging.getLogger(__name__)
@@ -86,14 +86,14 @@ def serve(role: Role, settings: Settings, host: str, port: int, reuse_port: bool
         access_log=False,  # access logs would record client IPs and viewer tokens
         # Per-message compression costs ~64 KiB per connection; off (docs/decisions.md).
         ws_per_message_deflate=False,
-        # uvicorn's sans-I/O WebSocket protocol: a send is a transport.write (after flow
-        # control), the leanest per-connection memory and per-frame CPU of its implementations.
-        ws="websockets-sansio",
+        # The gateway's WebSocket streams are served by our own protocol class (no ASGI, no
+        # task per idle viewer: app.websocket); ingest has no WebSocket endpoint and keeps
+        # uvicorn's sans-I/O one, the leanest of its implementations.
+        ws=protocol_class(app) if isinstance(app, gateway.GatewayApp) else "websockets-sansio",
         # Frames up to 16x the protocol limit reach the app (closed with FRAME_TOO_LARGE);
-        # larger ones are refused by the transport itself (1009).
+        # larger ones are refused by the transport itself (1009). Keepalive pings are the
+        # gateway's own (settings.ping_interval_s / ping_timeout_s).
         ws_max_size=16 * MAX_CLIENT_FRAME,
-        ws_ping_interval=settings.ping_interval_s,
-        ws_ping_timeout=settings.ping_timeout_s,
         timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5,
         server_header=False,
     )
