@@ -341,3 +341,15 @@ def test_minted_ids_are_distinct_uuid7_with_the_current_time() -> None:
         assert minted.version == 7 and minted.variant == uuid.RFC_4122
         assert before <= minted.int >> 80 <= after
     assert new_event_ids(0) == []
+
+
+async def test_a_new_event_repeated_in_one_batch_is_stored_once(
+    ingest: httpx.AsyncClient, pool: asyncpg.Pool, site: str
+) -> None:
+    e = event(site, id=str(uuid.uuid4()))
+    r = await ingest.post("/api/events", json=[event(site), e, e, event(site)])
+    results = r.json()["results"]
+    assert [x["duplicate"] for x in results] == [False, False, True, False]
+    assert results[1]["cursor"] == results[2]["cursor"]
+    assert [int(x["cursor"].split("-")[1]) for x in results] == [1, 2, 2, 3]
+    assert [s["site_offset"] for s in await rows(pool, site)] == [1, 2, 3]
