@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import os
+import time
+import uuid
 from functools import lru_cache
 
 import user_agents
@@ -87,3 +90,18 @@ def visitor_id(salt: bytes, site: str, ip: str, user_agent: str) -> int:
 def ip_key(salt: bytes, ip: str) -> str:
     """A salted hash of an IP, used to name its rate-limit counter without storing the IP."""
     return hashlib.blake2b(ip.encode(), key=salt, digest_size=8, person=b"ratelim").hexdigest()
+
+
+def new_event_ids(count: int) -> list[uuid.UUID]:
+    """`count` UUIDv7s (RFC 9562: 48-bit Unix ms, then 74 random bits) from one clock read and
+    one urandom call. uuid6.uuid7() reads the OS random source once per id through
+    SystemRandom, which was a tenth of ingest's CPU on batches."""
+    ms = time.time_ns() // 1_000_000
+    head = (ms << 80) | (0x7 << 76)  # timestamp and version
+    random = os.urandom(10 * count)
+    ids = []
+    for i in range(0, 10 * count, 10):
+        bits = int.from_bytes(random[i : i + 10])  # 80 bits: 12 for rand_a, 62 for rand_b
+        rand_a, rand_b = bits >> 68, bits & ((1 << 62) - 1)
+        ids.append(uuid.UUID(int=head | (rand_a << 64) | (0b10 << 62) | rand_b))
+    return ids

@@ -7,10 +7,11 @@ never leave a row or a publication behind.
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import orjson
 
@@ -28,8 +29,15 @@ ACCEPTED_MEDIA_TYPES = frozenset({"application/json", "text/plain"})
 
 PropValue = str | int | float | bool
 
+# One regex scan instead of a Python-level loop over every character (profiled: the URL
+# checks were a third of validation).
+_CONTROL = re.compile(r"[\x00-\x1f]")
+_SPACE_OR_CONTROL = re.compile(r"[\x00-\x20]")
 
-@dataclass(frozen=True, slots=True)
+
+# Not frozen: built once per event on the hot path (a frozen dataclass's __init__ costs twice
+# as much). Nothing mutates it.
+@dataclass(slots=True)
 class EventIn:
     """A valid event as the client sent it (before enrichment)."""
 
@@ -78,9 +86,9 @@ def validate(doc: Any) -> EventIn:
     """Check one decoded event object against every rule; raise ApiError naming the field."""
     if not isinstance(doc, dict):
         raise _invalid(None, "an event must be a JSON object")
-    unknown = sorted(set(doc) - FIELDS)
-    if unknown:
-        raise _invalid(unknown[0], f"unknown field {unknown[0]!r}")
+    if not FIELDS.issuperset(doc):
+        unknown = sorted(set(doc) - FIELDS)[0]
+        raise _invalid(unknown, f"unknown field {unknown!r}")
     site = doc.get("site")
     if not isinstance(site, str):
         raise _invalid("site", "site is required and must be a string")
@@ -109,13 +117,13 @@ def _name(value: Any) -> str:
         raise _invalid("name", "name is required and must be a non-empty string")
     if len(value) > MAX_NAME_CHARS:
         raise _invalid("name", f"name is at most {MAX_NAME_CHARS} characters")
-    if any(ord(c) < 32 for c in value):
+    if _CONTROL.search(value):
         raise _invalid("name", "name must not contain control characters")
     return value
 
 
-def _http_url(value: str, field: str) -> tuple[str, str]:
-    """Return (url, host) of an absolute http(s) URL or raise."""
+def _http_url(value: str, field: str) -> tuple[SplitResult, str]:
+    """Return (parts, host) of an absolute http(s) URL or raise."""
     if len(value.encode()) > MAX_URL_BYTES:
         raise _invalid(field, f"{field} is at most {MAX_URL_BYTES} bytes")
     try:
@@ -125,20 +133,19 @@ def _http_url(value: str, field: str) -> tuple[str, str]:
         raise _invalid(field, f"{field} is not a valid URL") from None
     if parts.scheme not in ("http", "https") or not host:
         raise _invalid(field, f"{field} must be an absolute http(s) URL")
-    if any(ord(c) < 33 for c in value):
+    if _SPACE_OR_CONTROL.search(value):
         raise _invalid(field, f"{field} must not contain spaces or control characters")
-    return value, host
+    return parts, host
 
 
 def _url(value: Any) -> tuple[str, str]:
     if not isinstance(value, str):
         raise _invalid("url", "url is required and must be a string")
-    url, _ = _http_url(value, "url")
-    parts = urlsplit(url)
+    parts, _ = _http_url(value, "url")
     path = parts.path or "/"
     if parts.fragment.startswith("/"):  # hash routing (#/page) is a page of its own
         path = f"{path}#{parts.fragment}"
-    return url, path
+    return value, path
 
 
 def _referrer(value: Any) -> tuple[str | None, str | None]:
@@ -146,8 +153,8 @@ def _referrer(value: Any) -> tuple[str | None, str | None]:
         return None, None
     if not isinstance(value, str):
         raise _invalid("referrer", "referrer must be a string or null")
-    url, host = _http_url(value, "referrer")
-    return url, host.removeprefix("www.")
+    _, host = _http_url(value, "referrer")
+    return value, host.removeprefix("www.")
 
 
 def _props(value: Any) -> dict[str, PropValue]:

@@ -21,7 +21,6 @@ from fastapi import FastAPI, Request, Response
 from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
-from uuid6 import uuid7
 
 from app import enrich
 from app.assets import Asset
@@ -237,7 +236,7 @@ async def post_event(state: IngestState, incoming: Incoming) -> Reply:
         return 202, {"ok": True, "dropped": reason}, {DROPPED_HEADER: reason}
     salt = await _salt(state)
     await state.limiter.check(site.id, enrich.ip_key(salt, client.ip), 1)
-    [outcome] = await _store(state, [_enriched(event, client, salt)])
+    [outcome] = await _store(state, _enriched([event], client, salt))
     if outcome is None:
         raise unknown_site(event.site)
     return 202, {"ok": True, **_accepted(outcome)}, {}
@@ -265,25 +264,48 @@ async def _store_batch(
     """Validate each item on its own (one bad event never poisons the others), then store the
     good ones in one submission."""
     results: list[dict[str, Any] | None] = [None] * len(items)
-    good: list[tuple[int, EventIn]] = []
+    valid: list[tuple[int, EventIn]] = []
     for i, item in enumerate(items):
         try:
-            event = validate(item)
-            site = await _known_site(state, event.site)
-            _check_origin(client, site)
-            good.append((i, event))
+            valid.append((i, validate(item)))
         except ApiError as exc:
-            state.metrics.rejected.labels(exc.code.code).inc()
-            results[i] = {"status": exc.code.status, **exc.body()}
+            results[i] = _rejected(state, exc)
+    refused = await _refused_sites(state, client, {e.site for _, e in valid})
+    good: list[tuple[int, EventIn]] = []
+    for i, event in valid:
+        problem = refused.get(event.site)
+        if problem is None:
+            good.append((i, event))
+        else:
+            results[i] = _rejected(state, problem)
     if good:
         salt = await _salt(state)
         key = enrich.ip_key(salt, client.ip)
         for site_id, count in Counter(e.site for _, e in good).items():
             await state.limiter.check(site_id, key, count)
-        outcomes = await _store(state, [_enriched(e, client, salt) for _, e in good])
+        outcomes = await _store(state, _enriched([e for _, e in good], client, salt))
         for (i, event), outcome in zip(good, outcomes, strict=True):
             results[i] = _result(event, outcome)
     return [r for r in results if r is not None]
+
+
+async def _refused_sites(
+    state: IngestState, client: Client, sites: set[str]
+) -> dict[str, ApiError]:
+    """Why each refused site of a batch is refused (unknown, origin not allowed). Checked once
+    per distinct site: the answer is the same for every event of the batch naming it."""
+    refused: dict[str, ApiError] = {}
+    for site_id in sites:
+        try:
+            _check_origin(client, await _known_site(state, site_id))
+        except ApiError as exc:
+            refused[site_id] = exc
+    return refused
+
+
+def _rejected(state: IngestState, exc: ApiError) -> dict[str, Any]:
+    state.metrics.rejected.labels(exc.code.code).inc()
+    return {"status": exc.code.status, **exc.body()}
 
 
 def _result(event: EventIn, outcome: Outcome) -> dict[str, Any]:
@@ -391,17 +413,33 @@ def _cors_headers(incoming: Incoming) -> dict[str, str]:
     return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
 
 
-def _enriched(event: EventIn, client: Client, salt: bytes) -> NewEvent:
-    return NewEvent(
-        site=event.site,
-        event_id=event.id or uuid7(),
-        name=event.name,
-        url=event.url,
-        path=event.path,
-        referrer=event.referrer,
-        referrer_host=event.referrer_host,
-        props=event.props,
-        visitor_id=enrich.visitor_id(salt, event.site, client.ip, client.user_agent),
-        device=enrich.device_class(client.user_agent),
-        ts=datetime.now(UTC),
-    )
+def _enriched(events: list[EventIn], client: Client, salt: bytes) -> list[NewEvent]:
+    """The request's events, ready to store. What depends only on the sender (device class,
+    time, visitor id per site, minted ids) is computed once per request, not per event."""
+    ts = datetime.now(UTC)
+    device = enrich.device_class(client.user_agent)
+    visitors: dict[str, int] = {}
+    minted = iter(enrich.new_event_ids(sum(1 for e in events if e.id is None)))
+    enriched = []
+    for e in events:
+        visitor = visitors.get(e.site)
+        if visitor is None:
+            visitor = enrich.visitor_id(salt, e.site, client.ip, client.user_agent)
+            visitors[e.site] = visitor
+        enriched.append(
+            NewEvent(
+                site=e.site,
+                event_id=e.id or next(minted),
+                name=e.name,
+                url=e.url,
+                path=e.path,
+                referrer=e.referrer,
+                referrer_host=e.referrer_host,
+                props=e.props,
+                visitor_id=visitor,
+                device=device,
+                ts=ts,
+                minted=e.id is None,
+            )
+        )
+    return enriched

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,6 +22,7 @@ from typing import Any
 
 import asyncpg
 import orjson
+from asyncpg.pool import PoolConnectionProxy
 
 from app.errors import StorageUnavailable
 from app.metrics import IngestMetrics
@@ -37,7 +39,9 @@ _COLUMNS = (
 )  # fmt: skip
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: these are built per event on the hot path, and a frozen dataclass's __init__
+# (object.__setattr__ per field) costs twice as much. Nothing mutates them after creation.
+@dataclass(slots=True)
 class NewEvent:
     """A validated, enriched event waiting to be stored."""
 
@@ -52,9 +56,12 @@ class NewEvent:
     visitor_id: int
     device: str
     ts: datetime
+    #: True when the server minted `event_id` (a fresh UUIDv7): it cannot already be stored,
+    #: so the commit skips its duplicate lookup.
+    minted: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Stored:
     """The outcome of one submitted event: its offset, and whether it was a retry."""
 
@@ -69,6 +76,10 @@ class Stored:
 #: None means the site no longer exists (deleted between validation and commit).
 Outcome = Stored | None
 AfterCommit = Callable[[list[Stored]], Awaitable[None]]
+
+
+#: One submission: its events and the future that receives their outcomes, in order.
+_Waiter = tuple[Sequence[NewEvent], asyncio.Future[list[Outcome]]]
 
 
 class Committer:
@@ -86,7 +97,10 @@ class Committer:
         self._max_events = max_events
         self._max_delay_s = max_delay_s
         self._after_commit = after_commit
-        self._queue: list[tuple[NewEvent, asyncio.Future[Outcome]]] = []
+        # One future per submission, not per event: a batch of 50 costs one future and one
+        # wake-up instead of 50 plus a gather (profiled on the batch benchmark).
+        self._queue: deque[_Waiter] = deque()
+        self._queued = 0  # events in the queue
         self._oldest = 0.0
         self._wakeup = asyncio.Event()
         self._full = asyncio.Event()
@@ -108,15 +122,15 @@ class Committer:
         """Store `events`; raise StorageUnavailable if PostgreSQL did not confirm the commit."""
         if self._closing:
             raise StorageUnavailable("shutting down")
-        loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in events]
+        future: asyncio.Future[list[Outcome]] = asyncio.get_running_loop().create_future()
         if not self._queue:
             self._oldest = time.monotonic()
-        self._queue.extend(zip(events, futures, strict=True))
+        self._queue.append((events, future))
+        self._queued += len(events)
         self._wakeup.set()
-        if len(self._queue) >= self._max_events:
+        if self._queued >= self._max_events:
             self._full.set()
-        return list(await asyncio.gather(*futures))
+        return await future
 
     async def _run(self) -> None:
         while True:
@@ -127,42 +141,56 @@ class Committer:
                 self._wakeup.clear()
                 continue
             await self._wait_for_batch()
-            batch = self._queue[: self._max_events]
-            del self._queue[: self._max_events]
+            batch = self._take()
             # Events left over from an overflowing batch have waited already: no extra delay.
             self._oldest = time.monotonic() - self._max_delay_s
-            if len(self._queue) < self._max_events:
+            if self._queued < self._max_events:
                 self._full.clear()
             await self._flush(batch)
 
+    def _take(self) -> list[_Waiter]:
+        """Whole submissions, oldest first, up to max_events (at least one submission)."""
+        batch = [self._queue.popleft()]
+        size = len(batch[0][0])
+        while self._queue and size + len(self._queue[0][0]) <= self._max_events:
+            waiter = self._queue.popleft()
+            batch.append(waiter)
+            size += len(waiter[0])
+        self._queued -= size
+        return batch
+
     async def _wait_for_batch(self) -> None:
         remaining = self._oldest + self._max_delay_s - time.monotonic()
-        if remaining > 0 and len(self._queue) < self._max_events:
+        if remaining > 0 and self._queued < self._max_events:
             try:
                 async with asyncio.timeout(remaining):
                     await self._full.wait()
             except TimeoutError:
                 pass
 
-    async def _flush(self, batch: list[tuple[NewEvent, asyncio.Future[Outcome]]]) -> None:
+    async def _flush(self, batch: list[_Waiter]) -> None:
         started = time.perf_counter()
+        events = [e for submitted, _ in batch for e in submitted]
         try:
-            outcomes = await commit(self._pool, [e for e, _ in batch])
+            outcomes = await commit(self._pool, events)
         except STORAGE_ERRORS as exc:
             self._metrics.commit_failures.inc()
             log.warning(
                 "group commit failed; nothing in it is acknowledged",
-                extra={"events": len(batch), "error": type(exc).__name__},
+                extra={"events": len(events), "error": type(exc).__name__},
             )
             for _, fut in batch:
                 if not fut.done():
                     fut.set_exception(StorageUnavailable(str(exc)))
             return
         self._metrics.commit_seconds.observe(time.perf_counter() - started)
-        self._metrics.commit_batch.observe(len(batch))
-        for (_, fut), outcome in zip(batch, outcomes, strict=True):
-            if not fut.done():  # the client may have gone away; the event is stored anyway
-                fut.set_result(outcome)
+        self._metrics.commit_batch.observe(len(events))
+        start = 0
+        for submitted, fut in batch:
+            end = start + len(submitted)
+            if not fut.done():  # the client may have gone away; the events are stored anyway
+                fut.set_result(outcomes[start:end])
+            start = end
         fresh = [o for o in outcomes if o is not None and not o.duplicate]
         self._metrics.accepted.inc(len(fresh))
         self._metrics.duplicates.inc(sum(1 for o in outcomes if o is not None and o.duplicate))
@@ -183,16 +211,7 @@ async def commit(pool: asyncpg.Pool, events: Sequence[NewEvent]) -> list[Outcome
         )
         epochs = {r["id"]: r["epoch"] for r in rows}
         next_offset = {r["id"]: r["next_offset"] for r in rows}
-        known = [e for e in events if e.site in epochs]
-        seen: dict[tuple[str, uuid.UUID], int] = {
-            (r["site"], r["event_id"]): r["site_offset"]
-            for r in await conn.fetch(
-                "SELECT e.site, e.event_id, e.site_offset FROM events e "
-                "JOIN unnest($1::text[], $2::uuid[]) AS k(site, event_id) USING (site, event_id)",
-                [e.site for e in known],
-                [e.event_id for e in known],
-            )
-        }
+        seen = await _stored_before(conn, [e for e in events if e.site in epochs])
         outcomes: list[Outcome] = []
         records: list[tuple[Any, ...]] = []
         for e in events:
@@ -218,6 +237,24 @@ async def commit(pool: asyncpg.Pool, events: Sequence[NewEvent]) -> list[Outcome
                 list(next_offset.values()),
             )
         return outcomes
+
+
+async def _stored_before(
+    conn: PoolConnectionProxy, events: list[NewEvent]
+) -> dict[tuple[str, uuid.UUID], int]:
+    """Offsets of events already stored, by (site, event id). Only client-sent ids can be
+    retries: a server-minted UUIDv7 is new, so batches without client ids skip a round trip
+    (were one ever to collide, the unique constraint fails the commit: nothing is acked)."""
+    retried = [e for e in events if not e.minted]
+    if not retried:
+        return {}
+    rows = await conn.fetch(
+        "SELECT e.site, e.event_id, e.site_offset FROM events e "
+        "JOIN unnest($1::text[], $2::uuid[]) AS k(site, event_id) USING (site, event_id)",
+        [e.site for e in retried],
+        [e.event_id for e in retried],
+    )
+    return {(r["site"], r["event_id"]): r["site_offset"] for r in rows}
 
 
 def _record(offset: int, e: NewEvent) -> tuple[Any, ...]:

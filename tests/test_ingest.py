@@ -305,3 +305,51 @@ async def test_trusted_proxy_forwarded_for_is_used(
 async def test_unknown_route_is_a_json_error(ingest: httpx.AsyncClient) -> None:
     r = await ingest.get("/nope")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+async def test_batch_checks_each_site_and_origin_for_its_own_events(
+    ingest: httpx.AsyncClient, pool: asyncpg.Pool, site: str
+) -> None:
+    """Sites and origins are looked up once per distinct site of a batch; every event still gets
+    its own verdict, in order, and events of a refused site store nothing."""
+    other = f"o{uuid.uuid4().hex[:8]}.example.com"
+    await pool.execute("INSERT INTO sites (id, epoch) VALUES ($1, 'abcd0123')", other)
+    items = [event(site), event(other), event("nowhere.example"), event(site), event(other)]
+    r = await ingest.post("/api/events", json=items, headers={"Origin": f"https://{site}"})
+    results = r.json()["results"]
+    assert [x["status"] for x in results] == [202, 403, 404, 202, 403]
+    assert results[1]["error"]["code"] == "forbidden"
+    stored = await rows(pool, site)
+    assert [s["site_offset"] for s in stored] == [1, 2]
+    assert await rows(pool, other) == []
+    # Enriched once per request: one time and one visitor for the sender.
+    assert stored[0]["ts"] == stored[1]["ts"]
+    assert stored[0]["visitor_id"] == stored[1]["visitor_id"]
+    assert stored[0]["event_id"] != stored[1]["event_id"]
+
+
+def test_minted_ids_are_distinct_uuid7_with_the_current_time() -> None:
+    import time
+
+    from app.enrich import new_event_ids
+
+    before = time.time_ns() // 1_000_000
+    ids = new_event_ids(500)
+    after = time.time_ns() // 1_000_000
+    assert len(set(ids)) == 500
+    for minted in ids:
+        assert minted.version == 7 and minted.variant == uuid.RFC_4122
+        assert before <= minted.int >> 80 <= after
+    assert new_event_ids(0) == []
+
+
+async def test_a_new_event_repeated_in_one_batch_is_stored_once(
+    ingest: httpx.AsyncClient, pool: asyncpg.Pool, site: str
+) -> None:
+    e = event(site, id=str(uuid.uuid4()))
+    r = await ingest.post("/api/events", json=[event(site), e, e, event(site)])
+    results = r.json()["results"]
+    assert [x["duplicate"] for x in results] == [False, False, True, False]
+    assert results[1]["cursor"] == results[2]["cursor"]
+    assert [int(x["cursor"].split("-")[1]) for x in results] == [1, 2, 2, 3]
+    assert [s["site_offset"] for s in await rows(pool, site)] == [1, 2, 3]
