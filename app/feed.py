@@ -81,7 +81,7 @@ class Feeds:
         self._unsubscribes: dict[str, asyncio.Task[None]] = {}
         self._repairs: dict[str, asyncio.Task[None]] = {}
         self._checker: asyncio.Task[None] | None = None
-        self.pacer = Pacer()
+        self.pacer = Pacer(max_hold_s=settings.fanout_max_hold_ms / 1000)
         metrics.fanout_hold.set_function(lambda: self.pacer.hold_s)
         metrics.fanout_load.set_function(lambda: self.pacer.load)
         #: Live events kept until the site's hold has passed (in offset order), and the timer

@@ -73,6 +73,9 @@ class Settings:
     drain_timeout_s: float = 5.0
     #: SITEWIRE_GAP_HOLD_MS: how long out-of-order events wait before a gap is repaired.
     gap_hold_ms: float = 50.0
+    #: SITEWIRE_FANOUT_MAX_HOLD_MS: the longest a busy gateway holds a site's live events to
+    #: send them in one frame per viewer (app/hub.py Pacer); 0 never holds.
+    fanout_max_hold_ms: float = 40.0
     #: SITEWIRE_LOG_LEVEL: DEBUG, INFO, WARNING or ERROR.
     log_level: str = "INFO"
     #: SITEWIRE_RETENTION_DAYS: events older than this are deleted by `sitewire worker`
@@ -117,6 +120,9 @@ class Settings:
             ),
             drain_timeout_s=r.float("SITEWIRE_DRAIN_TIMEOUT_S", cls.drain_timeout_s, 0.1, 600),
             gap_hold_ms=r.float("SITEWIRE_GAP_HOLD_MS", cls.gap_hold_ms, 0.0, 10_000),
+            fanout_max_hold_ms=r.float(
+                "SITEWIRE_FANOUT_MAX_HOLD_MS", cls.fanout_max_hold_ms, 0.0, 1000
+            ),
             log_level=r.get("SITEWIRE_LOG_LEVEL", cls.log_level, _log_level),
             retention_days=r.int("SITEWIRE_RETENTION_DAYS", cls.retention_days, 0, 36500),
             worker_interval_s=r.float(
