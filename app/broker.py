@@ -64,6 +64,9 @@ BACKOFF_MAX_S = 5.0
 #: After a failed publish, skip a site's Redis for this long instead of stalling every commit.
 BACKOFF_S = 1.0
 
+#: The longest one commit's publication may take before its sites count as a gap.
+PUBLISH_TIMEOUT_S = 2.0
+
 #: A site's events of one commit, as the publish script's ARGV tail: offset, payload, ...
 Pairs = dict[str, list[bytes | int]]
 
@@ -135,6 +138,12 @@ class Publisher:
         return list(by_shard.values())
 
     async def _publish_group(self, sites: list[str], by_site: Pairs) -> None:
+        # Bounded: the commit loop waits for this, and a Cluster client retries a dead node
+        # (reloading the slot map each time) far longer than a commit should wait.
+        async with asyncio.timeout(PUBLISH_TIMEOUT_S):
+            await self._publish_unbounded(sites, by_site)
+
+    async def _publish_unbounded(self, sites: list[str], by_site: Pairs) -> None:
         index = self._shards.index(sites[0])
         client, script = self._shards.clients[index], self._scripts[index]
         if isinstance(client, RedisCluster):

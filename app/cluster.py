@@ -29,7 +29,14 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from app.broker import BACKOFF_BASE_S, BACKOFF_MAX_S, REDIS_ERRORS, Burst, Subscriber
+from app.broker import (
+    BACKOFF_BASE_S,
+    BACKOFF_MAX_S,
+    HEALTH_CHECK_S,
+    REDIS_ERRORS,
+    Burst,
+    Subscriber,
+)
 from app.names import Names
 from app.shards import RedisShards
 
@@ -60,7 +67,6 @@ class NodeLink:
             retry=Retry(NoBackoff(), 0),
             socket_connect_timeout=2.0,
             socket_keepalive=True,
-            health_check_interval=5,
         )
         self._pubsub = self._client.pubsub()
         self._confirm: dict[str, asyncio.Future[None]] = {}
@@ -72,6 +78,12 @@ class NodeLink:
     async def add(self, channel: str, confirm_within: float) -> None:
         """SSUBSCRIBE and wait for the node to confirm (raises MovedError if it does not own
         the slot any more)."""
+        if channel in self.channels:  # already here, or on its way: wait for that one
+            pending = self._confirm.get(channel)
+            if pending is not None:
+                async with asyncio.timeout(confirm_within):
+                    await asyncio.shield(pending)
+            return
         future = asyncio.get_running_loop().create_future()
         self._confirm[channel] = future
         self.channels.add(channel)
@@ -108,19 +120,38 @@ class NodeLink:
 
     async def _read(self) -> None:
         try:
-            while True:
-                try:
-                    message = await self._pubsub.get_message(timeout=1.0)
-                except redis.exceptions.ResponseError as exc:  # MOVED: refused subscription
-                    self._refuse_oldest(exc)
-                    continue
-                if message is not None:
-                    self._dispatch(message["type"], message["channel"].decode(), message["data"])
-        except REDIS_ERRORS as exc:
+            await self._read_replies()
+        except Exception as exc:  # whatever broke the reader, its channels must move
+            if not isinstance(exc, REDIS_ERRORS):
+                log.exception("redis cluster node reader failed", extra={"node": self.name})
             log.warning(
                 "redis cluster node connection lost", extra={"node": self.name, "error": repr(exc)}
             )
             self._fail(exc)
+
+    async def _read_replies(self) -> None:
+        # A node that vanished without a reset (host down, partition) leaves a half-open
+        # socket that TCP notices only after many minutes: after HEALTH_CHECK_S of silence we
+        # PING, and a PING unanswered for as long again means the connection is dead.
+        loop = asyncio.get_running_loop()
+        last_reply, pinged = loop.time(), False
+        while True:
+            try:
+                message = await self._pubsub.get_message(timeout=1.0)
+            except redis.exceptions.ResponseError as exc:  # MOVED: refused subscription
+                self._refuse_oldest(exc)
+                message = {"type": "error"}
+            now = loop.time()
+            if message is not None:
+                last_reply, pinged = now, False
+                if message["type"] not in ("pong", "error"):
+                    self._dispatch(message["type"], message["channel"].decode(), message["data"])
+            elif now - last_reply > 2 * HEALTH_CHECK_S:
+                raise redis.exceptions.ConnectionError("no answer to PING")
+            elif now - last_reply > HEALTH_CHECK_S and not pinged:
+                async with self._commands:
+                    await self._pubsub.ping()
+                pinged = True
 
     def _dispatch(self, kind: str, channel: str, data: bytes) -> None:
         if kind == "smessage":
@@ -262,7 +293,7 @@ class ShardedSubscriber:
                 del self._homes[channel]
             if channel in self._channels:
                 self._lost.add(channel)
-        if link.dead and self._links.get(link.name) is link:
+        if (link.dead or not link.channels) and self._links.get(link.name) is link:
             del self._links[link.name]
             closing = asyncio.get_running_loop().create_task(link.close())
             self._closing.add(closing)  # held until done: the loop keeps only weak references
@@ -278,7 +309,12 @@ class ShardedSubscriber:
                 delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** min(attempt, 10))
                 await asyncio.sleep(random.uniform(delay / 2, delay))
             self._on_attempt()
-            attempt = 0 if await self._rehome() else attempt + 1
+            try:
+                ok = await self._rehome()
+            except Exception:  # a bug must not end re-homing for good: log it, try again
+                log.exception("redis cluster re-homing failed")
+                ok = False
+            attempt = 0 if ok else attempt + 1
 
     async def _rehome(self) -> bool:
         """Subscribe every lost channel on its slot's current owner; False if any failed."""
@@ -287,6 +323,8 @@ class ShardedSubscriber:
         try:
             await self._refresh()
             for channel in sorted(self._lost):
+                if channel not in self._lost:  # unsubscribed, or subscribed afresh, meanwhile
+                    continue
                 await self._home(channel, 5.0)
                 self._lost.discard(channel)
                 site = self._channels.get(channel)

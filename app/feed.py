@@ -148,6 +148,10 @@ class Feeds:
 
     async def _unsubscribe_later(self, site: str) -> None:
         await asyncio.sleep(self._settings.unsubscribe_delay_s)
+        # From here on a joining viewer waits for the lock instead of cancelling this task: a
+        # cancel halfway through an unsubscribe would leave the site unsubscribed but still
+        # listed in `_seq`, and never subscribed again.
+        self._unsubscribes.pop(site, None)
         async with self._locks[site]:
             if self.hub.count(site) == 0 and site in self._seq:
                 await self.subscriber(site).unsubscribe(site)
@@ -158,8 +162,8 @@ class Feeds:
                 repair = self._repairs.pop(site, None)
                 if repair is not None:
                     repair.cancel()
-        self._unsubscribes.pop(site, None)
-        self._locks.pop(site, None)
+        if self.hub.count(site) == 0:  # a viewer that joined meanwhile may wait on this lock
+            self._locks.pop(site, None)
         self._metrics.subscriptions.set(len(self._seq))
 
     def subscriber(self, site: str) -> Subscriptions:
@@ -266,15 +270,20 @@ class Feeds:
     async def _read(self, site: str, after: int, until: int) -> list[Event] | None:
         """A page of stored events after..until (window, else PostgreSQL: app.replay); None
         when storage could not be read."""
+        epoch = self._epochs.get(site)
+        if epoch is None:  # unsubscribed meanwhile (its last viewer left): nothing to fill
+            return None
         try:
-            return await self._replayer.page(site, self._epochs[site], after, until)
+            return await self._replayer.page(site, epoch, after, until)
         except STORAGE_ERRORS:
             return None
 
     def _give_up(self, site: str, seq: Sequencer, after: int) -> None:
+        epoch = self._epochs.get(site)
+        if epoch is None:  # unsubscribed meanwhile: no viewer left to tell
+            return
         log.warning("could not repair a gap", extra={"site": site, "after": after})
         self._metrics.gaps.inc()
-        epoch = self._epochs[site]
         self.notice(site, {"type": "gap", "after": format_cursor(epoch, after), "recovered": False})
         self._deliver(site, seq.skip())
 
@@ -304,9 +313,11 @@ class Feeds:
             if site not in self._seq:
                 continue
             recovered = await self.catch_up(site)
+            seq, epoch = self._seq.get(site), self._epochs.get(site)
+            if seq is None or epoch is None:  # its last viewer left while we caught up
+                continue
             self._metrics.gaps.inc()
-            seq = self._seq[site]
-            after = format_cursor(self._epochs[site], seq.last) if seq.last is not None else None
+            after = format_cursor(epoch, seq.last) if seq.last is not None else None
             self.notice(
                 site,
                 {

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from redis.asyncio.cluster import RedisCluster
 
+import app.cluster
 from app.broker import Publisher
 from app.cluster import ShardedSubscriber
 from app.metrics import IngestMetrics
@@ -197,3 +199,32 @@ async def test_streams_across_gateways_through_a_slot_move_and_a_master_restart(
     for g in (g1, g2):  # the slot move and the restart each re-homed subscriptions
         assert await metric(g.url, "sitewire_gateway_redis_reconnects_total") >= 2, g.log()
         assert "redis cluster channels moved" in g.log()
+
+
+async def test_a_node_that_stops_answering_is_detected_and_its_channels_resubscribed(
+    cluster: LocalCluster, names: Names, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A half-open connection (the node is alive to TCP but answers nothing) is found by an
+    unanswered PING, not after TCP's many-minute timeout."""
+    monkeypatch.setattr(app.cluster, "HEALTH_CHECK_S", 0.3)
+    shards = RedisShards(tuple(cluster.url.split(",")), cluster=True)
+    port = cluster.ports[2]
+    site = site_on(cluster, names, port)
+    inbox = Inbox()
+    client = shards.clients[0]
+    assert isinstance(client, RedisCluster)
+    subscriber = ShardedSubscriber(client, names, inbox.on_burst, inbox.on_reconnect)
+    subscriber.start()
+    try:
+        await subscriber.subscribe(site)
+        await asyncio.sleep(1.0)  # idle, but PINGs are answered: nothing moves
+        assert inbox.moved == []
+        cluster.procs[port].send_signal(signal.SIGSTOP)
+        await asyncio.sleep(2.0)
+        cluster.procs[port].send_signal(signal.SIGCONT)
+        await inbox.wait(lambda: inbox.moved == [site], timeout=20)
+        assert shard_subscribers(cluster, port, names.channel(site)) == 1
+    finally:
+        cluster.procs[port].send_signal(signal.SIGCONT)
+        await subscriber.close()
+        await shards.aclose()
