@@ -61,6 +61,14 @@ SHARDED_PUBLISH_SCRIPT = _SCRIPT % "SPUBLISH"
 BACKOFF_BASE_S = 0.05
 BACKOFF_MAX_S = 5.0
 
+
+def reconnect_delay(attempt: int) -> float:
+    """Seconds before pub/sub reconnect attempt `attempt` (1, 2, ...): exponential, capped,
+    jittered so that gateways do not reconnect in step."""
+    delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** min(attempt, 10))
+    return random.uniform(delay / 2, delay)
+
+
 #: After a failed publish, skip a site's Redis for this long instead of stalling every commit.
 BACKOFF_S = 1.0
 
@@ -204,7 +212,7 @@ class Subscriber:
         self._on_attempt = on_reconnect_attempt
         self._channels: dict[bytes, str] = {}  # channel -> site
         self._confirm: dict[bytes, asyncio.Future[None]] = {}
-        self._conn: _PubSubConnection | None = None
+        self._conn: PubSubConnection | None = None
         #: Set while `_conn` is open: the watcher has a connection to look after.
         self._opened = asyncio.Event()
         #: True from a lost connection until the watcher has replaced it: subscribing then
@@ -256,13 +264,13 @@ class Subscriber:
         if self._conn is not None:  # a dead connection unsubscribes everything
             self._conn.command(b"UNSUBSCRIBE", channel)
 
-    async def _connection(self) -> _PubSubConnection:
+    async def _connection(self) -> PubSubConnection:
         """The open connection, opened on first use (call under `_commands`)."""
         if self._lost or (self._conn is not None and self._conn.lost):
             # The watcher reconnects (and resubscribes every channel); the viewer retries.
             raise redis.exceptions.ConnectionError("redis pub/sub is reconnecting")
         if self._conn is None:
-            self._conn = await _PubSubConnection.open(self._url, self._on_replies)
+            self._conn = await PubSubConnection.open(self._url, self._on_replies)
             self._opened.set()
         return self._conn
 
@@ -302,8 +310,7 @@ class Subscriber:
         attempt = 0
         while not self._closing:
             if attempt:
-                delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** min(attempt, 10))
-                delay = random.uniform(delay / 2, delay)
+                delay = reconnect_delay(attempt)
                 log.warning(
                     "redis pub/sub reconnecting",
                     extra={"attempt": attempt, "delay_s": round(delay, 3)},
@@ -329,7 +336,7 @@ class Subscriber:
                 self._lost = False  # nothing to read until the next subscribe
                 return True
             try:
-                conn = await _PubSubConnection.open(self._url, self._on_replies)
+                conn = await PubSubConnection.open(self._url, self._on_replies)
             except REDIS_ERRORS as exc:
                 log.warning("redis resubscribe failed", extra={"error": repr(exc)})
                 return False
@@ -343,7 +350,7 @@ class Subscriber:
         return True
 
 
-class _PubSubConnection(asyncio.Protocol):
+class PubSubConnection(asyncio.Protocol):
     """One RESP2 connection in pub/sub mode: commands are written as they come, replies are
     parsed by hiredis in bulk, all the complete ones of a read handed over in one call."""
 
@@ -357,7 +364,7 @@ class _PubSubConnection(asyncio.Protocol):
         self.last_read = loop.time()
 
     @classmethod
-    async def open(cls, url: str, on_replies: Callable[[list[Any]], None]) -> _PubSubConnection:
+    async def open(cls, url: str, on_replies: Callable[[list[Any]], None]) -> PubSubConnection:
         """Connect (TCP, TLS or a Unix socket, as `url` says) and authenticate if it asks to.
         No SELECT: pub/sub channels are not per database."""
         params: dict[str, Any] = dict(parse_url(url))

@@ -19,23 +19,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
-import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from app.broker import (
-    BACKOFF_BASE_S,
-    BACKOFF_MAX_S,
     HEALTH_CHECK_S,
     REDIS_ERRORS,
     Burst,
+    PubSubConnection,
     Subscriber,
+    reconnect_delay,
 )
 from app.names import Names
 from app.shards import RedisShards
@@ -47,65 +43,64 @@ SUBSCRIBE_ATTEMPTS = 3
 
 
 class NodeLink:
-    """One pub/sub connection to one cluster node, carrying the shard channels it owns."""
+    """One pub/sub connection to one cluster node, carrying the shard channels it owns: the
+    gateway's own bulk connection (`broker.PubSubConnection`: hiredis, PING health check), in
+    sharded mode."""
 
     def __init__(
         self,
         host: str,
         port: int,
-        on_message: Callable[[str, bytes], None],
+        on_messages: Callable[[dict[str, list[bytes]]], None],
         on_lost: Callable[[NodeLink, list[str]], None],
     ) -> None:
         self.name = f"{host}:{port}"
-        self.channels: set[str] = set()
-        self._on_message = on_message
+        self._url = f"redis://{host}:{port}"
+        self._on_messages = on_messages
         self._on_lost = on_lost
-        # redis-py's retries are off: a silent reconnect would hide a gap (as in broker.py).
-        self._client = aioredis.Redis(
-            host=host,
-            port=port,
-            retry=Retry(NoBackoff(), 0),
-            socket_connect_timeout=2.0,
-            socket_keepalive=True,
-        )
-        self._pubsub = self._client.pubsub()
-        self._confirm: dict[str, asyncio.Future[None]] = {}
-        self._leaving: set[str] = set()  # channels whose SUNSUBSCRIBE we asked for
-        self._commands = asyncio.Lock()  # one command at a time on the one connection
+        self._keys: dict[bytes, str] = {}  # the channels held (encoded -> name)
+        self._confirm: dict[bytes, asyncio.Future[None]] = {}
+        self._leaving: set[bytes] = set()  # channels whose SUNSUBSCRIBE we asked for
+        self._conn: PubSubConnection | None = None
+        self._opening = asyncio.Lock()  # one connection, however many first SSUBSCRIBEs
         self._task: asyncio.Task[None] | None = None
         self.dead = False
 
+    @property
+    def empty(self) -> bool:
+        return not self._keys
+
     async def add(self, channel: str, confirm_within: float) -> None:
-        """SSUBSCRIBE and wait for the node to confirm (raises MovedError if it does not own
-        the slot any more)."""
-        if channel in self.channels:  # already here, or on its way: wait for that one
-            pending = self._confirm.get(channel)
+        """SSUBSCRIBE and wait for the node to confirm (raises ResponseError when the node
+        refuses: it does not own the slot any more)."""
+        key = channel.encode()
+        if key in self._keys:  # already here, or on its way: wait for that one
+            pending = self._confirm.get(key)
             if pending is not None:
                 async with asyncio.timeout(confirm_within):
                     await asyncio.shield(pending)
             return
         future = asyncio.get_running_loop().create_future()
-        self._confirm[channel] = future
-        self.channels.add(channel)
+        self._confirm[key] = future
+        self._keys[key] = channel
         try:
-            async with self._commands:
-                await self._pubsub.ssubscribe(channel)
-            if self._task is None:
-                self._task = asyncio.create_task(self._read(), name=f"redis-shard {self.name}")
+            async with self._opening:
+                conn = await self._connection()
+            conn.command(b"SSUBSCRIBE", key)
             async with asyncio.timeout(confirm_within):
                 await asyncio.shield(future)
         except BaseException:
-            self.channels.discard(channel)
-            self._confirm.pop(channel, None)
+            self._keys.pop(key, None)
+            self._confirm.pop(key, None)
             raise
 
-    async def remove(self, channel: str) -> None:
-        self.channels.discard(channel)
-        self._confirm.pop(channel, None)
-        self._leaving.add(channel)
-        with contextlib.suppress(*REDIS_ERRORS):  # a dead connection holds nothing anyway
-            async with self._commands:
-                await self._pubsub.sunsubscribe(channel)
+    def remove(self, channel: str) -> None:
+        key = channel.encode()
+        self._keys.pop(key, None)
+        self._confirm.pop(key, None)
+        if self._conn is not None:  # a dead connection holds nothing anyway
+            self._leaving.add(key)
+            self._conn.command(b"SUNSUBSCRIBE", key)
 
     async def close(self) -> None:
         self.dead = True
@@ -113,67 +108,54 @@ class NodeLink:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        with contextlib.suppress(*REDIS_ERRORS):
-            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
-        with contextlib.suppress(*REDIS_ERRORS):
-            await self._client.aclose()
+        if self._conn is not None:
+            self._conn.close()
 
-    async def _read(self) -> None:
-        try:
-            await self._read_replies()
-        except Exception as exc:  # whatever broke the reader, its channels must move
-            if not isinstance(exc, REDIS_ERRORS):
-                log.exception("redis cluster node reader failed", extra={"node": self.name})
-            log.warning(
-                "redis cluster node connection lost", extra={"node": self.name, "error": repr(exc)}
-            )
-            self._fail(exc)
+    async def _connection(self) -> PubSubConnection:
+        if self.dead:
+            raise redis.exceptions.ConnectionError(f"link to {self.name} is closed")
+        if self._conn is None:
+            self._conn = await PubSubConnection.open(self._url, self._on_replies)
+            self._task = asyncio.create_task(self._watch(self._conn), name=f"redis {self.name}")
+        return self._conn
 
-    async def _read_replies(self) -> None:
-        # A node that vanished without a reset (host down, partition) leaves a half-open
-        # socket that TCP notices only after many minutes: after HEALTH_CHECK_S of silence we
-        # PING, and a PING unanswered for as long again means the connection is dead.
-        loop = asyncio.get_running_loop()
-        last_reply, pinged = loop.time(), False
-        while True:
-            try:
-                message = await self._pubsub.get_message(timeout=1.0)
-            except redis.exceptions.ResponseError as exc:  # MOVED: refused subscription
-                self._refuse_oldest(exc)
-                message = {"type": "error"}
-            now = loop.time()
-            if message is not None:
-                last_reply, pinged = now, False
-                if message["type"] not in ("pong", "error"):
-                    self._dispatch(message["type"], message["channel"].decode(), message["data"])
-            elif now - last_reply > 2 * HEALTH_CHECK_S:
-                raise redis.exceptions.ConnectionError("no answer to PING")
-            elif now - last_reply > HEALTH_CHECK_S and not pinged:
-                async with self._commands:
-                    await self._pubsub.ping()
-                pinged = True
+    async def _watch(self, conn: PubSubConnection) -> None:
+        why = await conn.watch(HEALTH_CHECK_S)
+        log.warning("redis cluster node connection lost", extra={"node": self.name, "error": why})
+        self._fail(redis.exceptions.ConnectionError(why))
 
-    def _dispatch(self, kind: str, channel: str, data: bytes) -> None:
-        if kind == "smessage":
-            if channel in self.channels:
-                self._on_message(channel, data)
-        elif kind == "ssubscribe":
-            future = self._confirm.pop(channel, None)
-            if future is not None and not future.done():
-                future.set_result(None)
-        elif kind == "sunsubscribe":
-            if channel in self._leaving:
-                self._leaving.discard(channel)
-            elif channel in self.channels:  # the node gave the slot away
-                self.channels.discard(channel)
-                self._on_lost(self, [channel])
+    def _on_replies(self, replies: list[Any]) -> None:
+        """Everything one read brought: messages by channel (in order) for `on_messages`,
+        confirmations resolved, slots given away reported."""
+        burst: dict[str, list[bytes]] = {}
+        for reply in replies:
+            if type(reply) is list and reply[0] == b"smessage":  # [smessage, channel, data]
+                channel = self._keys.get(reply[1])
+                if channel is not None:
+                    burst.setdefault(channel, []).append(reply[2])
+            elif type(reply) is list and reply[0] == b"ssubscribe":
+                future = self._confirm.pop(reply[1], None)
+                if future is not None and not future.done():
+                    future.set_result(None)
+            elif type(reply) is list and reply[0] == b"sunsubscribe":
+                self._on_unsubscribed(reply[1])
+            elif isinstance(reply, Exception):  # MOVED: a refused subscription
+                self._refuse_oldest(redis.exceptions.ResponseError(str(reply)))
+        if burst:
+            self._on_messages(burst)
+
+    def _on_unsubscribed(self, key: bytes) -> None:
+        if key in self._leaving:
+            self._leaving.discard(key)
+        elif (channel := self._keys.pop(key, None)) is not None:  # the node gave the slot away
+            self._on_lost(self, [channel])
 
     def _refuse_oldest(self, exc: Exception) -> None:
         # Replies come in command order and an error reply names no channel: it answers the
         # oldest subscription still waiting for its confirmation.
-        for channel, future in list(self._confirm.items()):
+        for key, future in list(self._confirm.items()):
             if not future.done():
-                self._confirm.pop(channel)
+                self._confirm.pop(key)
                 future.set_exception(exc)
                 return
 
@@ -183,7 +165,8 @@ class NodeLink:
             if not future.done():
                 future.set_exception(exc)
         self._confirm.clear()
-        lost, self.channels = sorted(self.channels), set()
+        lost = sorted(self._keys.values())
+        self._keys.clear()
         self._on_lost(self, lost)
 
 
@@ -247,8 +230,8 @@ class ShardedSubscriber:
         self._lost.discard(channel)
         link = self._homes.pop(channel, None)
         if link is not None:
-            await link.remove(channel)
-            if not link.channels:
+            link.remove(channel)
+            if link.empty:
                 await self._drop(link)
 
     async def _home(self, channel: str, confirm_within: float) -> None:
@@ -259,11 +242,12 @@ class ShardedSubscriber:
                 raise redis.exceptions.RedisClusterException(f"no node serves {channel}")
             link = self._links.get(node.name)
             if link is None or link.dead:
-                link = NodeLink(node.host, int(node.port), self._on_message_on, self._on_link_lost)
+                port = int(node.port)
+                link = NodeLink(node.host, port, self._on_link_messages, self._on_link_lost)
                 self._links[node.name] = link
             try:
                 await link.add(channel, confirm_within)
-            except (redis.exceptions.MovedError, redis.exceptions.AskError):
+            except redis.exceptions.ResponseError:  # refused: the slot lives elsewhere now
                 if attempt == SUBSCRIBE_ATTEMPTS - 1:
                     raise
                 await self._refresh()
@@ -280,12 +264,14 @@ class ShardedSubscriber:
             del self._links[link.name]
         await link.close()
 
-    def _on_message_on(self, channel: str, payload: bytes) -> None:
-        # One message at a time: redis-py reads this connection (broker.Subscriber's bulk
-        # hiredis reader serves plain servers, where the bench measures throughput).
-        site = self._channels.get(channel)
-        if site is not None:
-            self._on_burst({site: [payload]})
+    def _on_link_messages(self, by_channel: dict[str, list[bytes]]) -> None:
+        burst: Burst = {}
+        for channel, payloads in by_channel.items():
+            site = self._channels.get(channel)
+            if site is not None:
+                burst[site] = payloads
+        if burst:
+            self._on_burst(burst)
 
     def _on_link_lost(self, link: NodeLink, channels: list[str]) -> None:
         for channel in channels:
@@ -293,7 +279,7 @@ class ShardedSubscriber:
                 del self._homes[channel]
             if channel in self._channels:
                 self._lost.add(channel)
-        if (link.dead or not link.channels) and self._links.get(link.name) is link:
+        if (link.dead or link.empty) and self._links.get(link.name) is link:
             del self._links[link.name]
             closing = asyncio.get_running_loop().create_task(link.close())
             self._closing.add(closing)  # held until done: the loop keeps only weak references
@@ -306,8 +292,7 @@ class ShardedSubscriber:
         while True:
             await self._lost_signal.wait()
             if attempt:
-                delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** min(attempt, 10))
-                await asyncio.sleep(random.uniform(delay / 2, delay))
+                await asyncio.sleep(reconnect_delay(attempt))
             self._on_attempt()
             try:
                 ok = await self._rehome()
