@@ -13,7 +13,7 @@ import orjson
 
 from app.connections import RedisClient
 from app.names import Names
-from app.wire import encode_event
+from app.wire import encode_event_body, with_position
 
 Event = tuple[int, bytes]
 
@@ -71,9 +71,7 @@ async def from_postgres(
 
 def encode_row(site: str, epoch: str, row: asyncpg.Record) -> bytes:
     props: Any = row["props"]
-    return encode_event(
-        epoch=epoch,
-        offset=row["site_offset"],
+    body = encode_event_body(
         event_id=row["event_id"],
         site=site,
         name=row["name"],
@@ -86,3 +84,4 @@ def encode_row(site: str, epoch: str, row: asyncpg.Record) -> bytes:
         device=row["device"],
         ts=row["ts"],
     )
+    return with_position(epoch, row["site_offset"], body)

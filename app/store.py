@@ -16,7 +16,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -26,7 +26,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from app.errors import StorageUnavailable
 from app.metrics import IngestMetrics
-from app.wire import encode_event
+from app.wire import encode_event_body, with_position
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,27 @@ class NewEvent:
     #: True when the server minted `event_id` (a fresh UUIDv7): it cannot already be stored,
     #: so the commit skips its duplicate lookup.
     minted: bool = False
+    #: The wire bytes without the position, and `props` as JSON text for the COPY. Encoded
+    #: when the event is built (while its request is handled) rather than in the commit, which
+    #: every waiting request and PostgreSQL wait on (docs/performance.md).
+    body: bytes = field(init=False)
+    props_json: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.body = encode_event_body(
+            event_id=self.event_id,
+            site=self.site,
+            name=self.name,
+            url=self.url,
+            path=self.path,
+            referrer=self.referrer,
+            referrer_host=self.referrer_host,
+            props=self.props,
+            visitor_id=self.visitor_id,
+            device=self.device,
+            ts=self.ts,
+        )
+        self.props_json = orjson.dumps(self.props).decode()
 
 
 @dataclass(slots=True)
@@ -215,18 +236,19 @@ async def commit(pool: asyncpg.Pool, events: Sequence[NewEvent]) -> list[Outcome
         outcomes: list[Outcome] = []
         records: list[tuple[Any, ...]] = []
         for e in events:
-            if e.site not in epochs:
+            epoch = epochs.get(e.site)
+            if epoch is None:
                 outcomes.append(None)
                 continue
-            key = (e.site, e.event_id)
-            if key in seen:
-                outcomes.append(Stored(e, epochs[e.site], seen[key], True, None))
-                continue
+            if not e.minted:  # only a client-sent id can repeat, in this batch or before it
+                key = (e.site, e.event_id)
+                if key in seen:
+                    outcomes.append(Stored(e, epoch, seen[key], True, None))
+                    continue
+                seen[key] = next_offset[e.site]
             offset = next_offset[e.site]
             next_offset[e.site] = offset + 1
-            seen[key] = offset
-            payload = _payload(epochs[e.site], offset, e)
-            outcomes.append(Stored(e, epochs[e.site], offset, False, payload))
+            outcomes.append(Stored(e, epoch, offset, False, with_position(epoch, offset, e.body)))
             records.append(_record(offset, e))
         if records:
             await conn.copy_records_to_table("events", records=records, columns=_COLUMNS)
@@ -260,23 +282,5 @@ async def _stored_before(
 def _record(offset: int, e: NewEvent) -> tuple[Any, ...]:
     return (
         e.site, offset, e.event_id, e.name, e.url, e.path, e.referrer, e.referrer_host,
-        orjson.dumps(e.props).decode(), e.visitor_id, e.device, e.ts,
+        e.props_json, e.visitor_id, e.device, e.ts,
     )  # fmt: skip
-
-
-def _payload(epoch: str, offset: int, e: NewEvent) -> bytes:
-    return encode_event(
-        epoch=epoch,
-        offset=offset,
-        event_id=e.event_id,
-        site=e.site,
-        name=e.name,
-        url=e.url,
-        path=e.path,
-        referrer=e.referrer,
-        referrer_host=e.referrer_host,
-        props=e.props,
-        visitor_id=e.visitor_id,
-        device=e.device,
-        ts=e.ts,
-    )

@@ -158,7 +158,13 @@ async def post_loop(
 
 
 async def paced_post(
-    host: str, port: int, make_body: Callable[[], bytes], rate: float, seconds: float, conns: int
+    host: str,
+    port: int,
+    make_body: Callable[[], bytes],
+    rate: float,
+    seconds: float,
+    conns: int,
+    acks_us: list[int] | None = None,
 ) -> int:
     """Send `rate` requests/s for `seconds` over `conns` keep-alive connections, building each
     body at send time (so it can carry the send timestamp). Returns 202s counted."""
@@ -174,6 +180,7 @@ async def paced_post(
             if delay > 0:
                 await asyncio.sleep(delay)
             body = make_body()
+            t = time.perf_counter_ns()
             writer.write(
                 (
                     f"POST /api/event HTTP/1.1\r\nHost: {host}\r\nContent-Type: text/plain\r\n"
@@ -183,6 +190,8 @@ async def paced_post(
                 + body
             )
             status = await read_response(reader)
+            if acks_us is not None:
+                acks_us.append((time.perf_counter_ns() - t) // 1000)
             ok += b" 202 " in status
             i += 1
         writer.close()

@@ -8,7 +8,7 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
-from app.wire import encode_event, event_offset
+from app.wire import encode_event_body, event_offset, with_position
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(),
@@ -18,9 +18,7 @@ JSON = st.recursive(
 
 
 def encoded(offset: int, props: dict[str, Any]) -> bytes:
-    return encode_event(
-        epoch="9f8ba6a8",
-        offset=offset,
+    body = encode_event_body(
         event_id=uuid.uuid4(),
         site="example.com",
         name="pageview",
@@ -33,6 +31,7 @@ def encoded(offset: int, props: dict[str, Any]) -> bytes:
         device="desktop",
         ts=datetime.now(UTC),
     )
+    return with_position("9f8ba6a8", offset, body)
 
 
 @given(st.integers(min_value=1, max_value=2**62), st.dictionaries(st.text(), JSON))
@@ -48,3 +47,18 @@ def test_other_layouts_are_decoded_and_non_events_refused() -> None:
     assert event_offset(orjson.dumps({"cursor": "a", "id": 1})) is None
     assert event_offset(b"not json") is None
     assert event_offset(b"[1, 2]") is None
+
+
+def test_position_prepended_to_a_body_gives_the_documented_layout() -> None:
+    """Ingest encodes the body while handling the request and prepends cursor and offset at
+    commit: the result is the event object of docs/protocol.md, keys in order."""
+    event = orjson.loads(encoded(42, {"plan": "pro", "n": 3}))
+    assert list(event) == [
+        "cursor", "offset", "id", "site", "name", "url", "path", "referrer", "referrer_host",
+        "props", "visitor", "device", "ts",
+    ]  # fmt: skip
+    assert event["cursor"] == "9f8ba6a8-42"
+    assert event["offset"] == 42
+    assert event["props"] == {"plan": "pro", "n": 3}
+    assert event["visitor"] == f"{42:016x}"
+    assert event["ts"].endswith("Z")
