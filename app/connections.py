@@ -30,9 +30,17 @@ async def open_pool(settings: Settings, *, connect_timeout: float = 5.0) -> asyn
         max_size=settings.db_pool_size,
         timeout=connect_timeout,
         command_timeout=10,
+        reset=_keep_session,
     )
     assert pool is not None
     return pool
+
+
+async def _keep_session(_: asyncpg.Connection) -> None:
+    """Replaces asyncpg's reset query on every release to the pool (`RESET ALL`, `UNLISTEN *`,
+    `CLOSE ALL`, advisory unlock): one more round trip per checkout, for session state Sitewire
+    never sets on a pooled connection. An open transaction is still rolled back by asyncpg
+    before this runs. Measured: a one-event commit ~0.2 ms faster (docs/performance.md)."""
 
 
 async def probe_postgres(pool: asyncpg.Pool) -> Status:

@@ -48,8 +48,9 @@ class Settings:
     max_batch_events: int = 100
     #: SITEWIRE_COMMIT_MAX_EVENTS: a group commit flushes when this many events wait...
     commit_max_events: int = 1000
-    #: SITEWIRE_COMMIT_MAX_DELAY_MS: ...or when the oldest has waited this long.
-    commit_max_delay_ms: float = 2.0
+    #: SITEWIRE_COMMIT_MAX_DELAY_MS: ...or when the oldest has waited this long. 0: at once;
+    #: events that arrive while a commit runs still share the next one.
+    commit_max_delay_ms: float = 0.0
     #: SITEWIRE_RATE_SITE_PER_SEC: events a site may send per second (all replicas). 0 = off.
     rate_site_per_sec: int = 2000
     #: SITEWIRE_RATE_IP_PER_MIN: events one client IP may send per minute (all replicas). 0 = off.

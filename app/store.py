@@ -2,10 +2,11 @@
 
 `Committer.submit()` returns once the events are committed (a durable ack). Concurrent callers
 share one transaction: the flush loop takes whatever is queued when the batch fills
-(`commit_max_events`) or the oldest waiter has waited `commit_max_delay_ms`, and commits it
-with one COPY. Offsets are allocated inside that transaction under each site's row lock, so
-per site they are gapless and follow commit order, across every ingest replica
-(docs/ingest.md explains the choice and its cost).
+(`commit_max_events`) or the oldest waiter has waited `commit_max_delay_ms` (0 by default:
+what arrives while one commit runs forms the next), and commits it in one round trip through
+`sitewire_store_events` when it is small, with COPY otherwise. Offsets are allocated inside
+that transaction under each site's row lock, so per site they are gapless and follow commit
+order, across every ingest replica (docs/ingest.md explains the choice and its cost).
 """
 
 from __future__ import annotations
@@ -219,8 +220,53 @@ class Committer:
             await self._after_commit(fresh)
 
 
-async def commit(pool: asyncpg.Pool, events: Sequence[NewEvent]) -> list[Outcome]:
-    """Store `events` in one transaction; return an outcome per event, in order."""
+#: Commits of at most this many events make one call to `sitewire_store_events` (one round trip,
+#: migrations/0003); larger ones COPY. The function inserts row by row, which costs PostgreSQL
+#: more per event than COPY, and the five round trips of the COPY path matter less the more
+#: events share them (docs/performance.md).
+SMALL_COMMIT_EVENTS = 32
+
+_STORE_EVENTS_SQL = (
+    "SELECT epoch, site_offset, duplicate FROM sitewire_store_events("
+    "$1::text[], $2::uuid[], $3::boolean[], $4::text[], $5::text[], $6::text[], $7::text[], "
+    "$8::text[], $9::jsonb[], $10::bigint[], $11::text[], $12::timestamptz[])"
+)
+
+
+async def commit(
+    pool: asyncpg.Pool, events: Sequence[NewEvent], small: int = SMALL_COMMIT_EVENTS
+) -> list[Outcome]:
+    """Store `events` in one transaction; return an outcome per event, in order. Both ways
+    lock the sites in id order, skip events already stored, and allocate gapless offsets."""
+    if len(events) <= small:
+        return await _commit_small(pool, events)
+    return await _commit_copy(pool, events)
+
+
+async def _commit_small(pool: asyncpg.Pool, events: Sequence[NewEvent]) -> list[Outcome]:
+    # No explicit transaction: the call is its own, so it commits in the same round trip.
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(
+            _STORE_EVENTS_SQL,
+            [e.site for e in events], [e.event_id for e in events], [e.minted for e in events],
+            [e.name for e in events], [e.url for e in events], [e.path for e in events],
+            [e.referrer for e in events], [e.referrer_host for e in events],
+            [e.props_json for e in events], [e.visitor_id for e in events],
+            [e.device for e in events], [e.ts for e in events],
+        )  # fmt: skip
+    outcomes: list[Outcome] = []
+    for e, row in zip(events, rows, strict=True):
+        epoch, offset, duplicate = row
+        if epoch is None:
+            outcomes.append(None)
+        elif duplicate:
+            outcomes.append(Stored(e, epoch, offset, True, None))
+        else:
+            outcomes.append(Stored(e, epoch, offset, False, with_position(epoch, offset, e.body)))
+    return outcomes
+
+
+async def _commit_copy(pool: asyncpg.Pool, events: Sequence[NewEvent]) -> list[Outcome]:
     async with pool.acquire() as conn, conn.transaction():
         sites = sorted({e.site for e in events})
         # Lock the site rows in a fixed order (no deadlock between replicas). Holding them

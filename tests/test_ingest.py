@@ -353,27 +353,3 @@ async def test_a_new_event_repeated_in_one_batch_is_stored_once(
     assert results[1]["cursor"] == results[2]["cursor"]
     assert [int(x["cursor"].split("-")[1]) for x in results] == [1, 2, 2, 3]
     assert [s["site_offset"] for s in await rows(pool, site)] == [1, 2, 3]
-
-
-async def test_a_commit_stores_nothing_for_a_site_that_is_gone(
-    pool: asyncpg.Pool, site: str
-) -> None:
-    """Events have no foreign key to sites (migrations/0002): the commit itself must refuse a
-    site whose row it cannot lock, and store the other sites' events of the same commit."""
-    from datetime import UTC, datetime
-
-    from app.store import NewEvent, commit
-
-    def new(site_id: str) -> NewEvent:
-        return NewEvent(
-            site=site_id, event_id=uuid.uuid4(), name="pageview", url=f"https://{site_id}/",
-            path="/", referrer=None, referrer_host=None, props={}, visitor_id=1,
-            device="desktop", ts=datetime.now(UTC),
-        )  # fmt: skip
-
-    gone = f"gone-{uuid.uuid4().hex[:8]}.example"
-    outcomes = await commit(pool, [new(gone), new(site), new(gone)])
-    assert outcomes[0] is None and outcomes[2] is None
-    assert outcomes[1] is not None and outcomes[1].offset == 1
-    assert await pool.fetchval("SELECT count(*) FROM events WHERE site = $1", gone) == 0
-    assert [r["site_offset"] for r in await rows(pool, site)] == [1]

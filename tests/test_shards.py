@@ -119,6 +119,30 @@ async def test_a_dead_server_holds_up_only_its_own_sites(
         await shards.aclose()
 
 
+async def test_several_sites_publish_after_the_server_forgot_the_script(
+    private_redis: EmbeddedRedis, names: Names
+) -> None:
+    """A commit's sites on one server go in one pipeline of EVALSHA (no SCRIPT EXISTS first).
+    A server that lost its script cache (restarted, SCRIPT FLUSH) answers NOSCRIPT: the script
+    is loaded and the group sent again, so nothing becomes a gap."""
+    shards = RedisShards((private_redis.url,))
+    metrics = IngestMetrics(CollectorRegistry())
+    publisher = Publisher(shards, names, 100, metrics)
+    direct = aioredis.Redis.from_url(private_redis.url)
+    try:
+        for offset in (1, 2):
+            await direct.script_flush()
+            await publisher.publish([stored("a.example", offset), stored("b.example", offset)])
+            await publisher.publish([stored("c.example", offset)])  # one site: one call
+        for site in ("a.example", "b.example", "c.example"):
+            assert await direct.zcard(names.window(site)) == 2
+        assert metrics.published._value.get() == 6
+        assert metrics.publish_gap._value.get() == 0
+    finally:
+        await direct.aclose()
+        await shards.aclose()
+
+
 def site_on_shard(shards: RedisShards, index: int) -> str:
     while True:
         site = f"s{secrets.token_hex(4)}.example.com"
