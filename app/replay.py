@@ -7,14 +7,17 @@ page by page, each page only once the viewer's queue has room, and finally moves
 events behind the replay with no gap and no duplicate (`Viewer.go_live`).
 
 Pages come from the Redis window when it holds the whole page, else from PostgreSQL. Identical
-PostgreSQL reads in flight are shared (a reconnect storm after a gateway restart asks for the
-same pages many times), and at most `MAX_CONCURRENT_READS` run at once.
+PostgreSQL reads in flight are shared, and pages just read are kept for a second (a reconnect
+storm after a gateway restart asks for the same pages many times); at most
+`MAX_CONCURRENT_READS` run at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -39,6 +42,12 @@ T = TypeVar("T")
 PAGE = 200
 #: PostgreSQL replay reads allowed at once per gateway.
 MAX_CONCURRENT_READS = 4
+#: Seconds a page read from PostgreSQL is kept for viewers asking for it just after. In a
+#: reconnect storm the viewers drift a few milliseconds apart, so most miss the read in flight;
+#: a page of committed events never changes, so reusing it is safe.
+RECENT_PAGE_S = 1.0
+#: Most pages kept (each at most PAGE events).
+RECENT_PAGES = 64
 #: Most events `?last=` may ask for, and most minutes `?minutes=` may.
 MAX_LAST = 10_000
 MAX_MINUTES = 24 * 60
@@ -99,6 +108,8 @@ class Replayer:
         self._metrics = metrics
         self._inflight: dict[tuple[object, ...], asyncio.Future[object]] = {}
         self._reads = asyncio.Semaphore(MAX_CONCURRENT_READS)
+        #: Pages recently read from PostgreSQL: key -> (kept until, events), oldest first.
+        self._recent: OrderedDict[tuple[object, ...], tuple[float, list[Event]]] = OrderedDict()
 
     async def _shared(self, key: tuple[object, ...], read: Callable[[], Awaitable[T]]) -> T:
         """Run `read` once for all concurrent callers with the same key."""
@@ -130,11 +141,31 @@ class Replayer:
                 self._metrics.replay_reads.labels("redis").inc()
                 return events
 
+        key = ("page", site, after, last)
+        recent = self._recent_page(key)
+        if recent is not None:
+            self._metrics.replay_reads.labels("shared").inc()
+            return recent
+
         async def read() -> list[Event]:
             self._metrics.replay_reads.labels("postgres").inc()
-            return await from_postgres(self._pool, site, epoch, after, PAGE, until=last)
+            events = await from_postgres(self._pool, site, epoch, after, PAGE, until=last)
+            self._recent[key] = (time.monotonic() + RECENT_PAGE_S, events)
+            if len(self._recent) > RECENT_PAGES:
+                self._recent.popitem(last=False)
+            return events
 
-        return await self._shared(("page", site, after, last), read)
+        return await self._shared(key, read)
+
+    def _recent_page(self, key: tuple[object, ...]) -> list[Event] | None:
+        now = time.monotonic()
+        while self._recent:  # kept for the same time each, so the oldest expires first
+            oldest = next(iter(self._recent.values()))
+            if oldest[0] > now:
+                break
+            self._recent.popitem(last=False)
+        kept = self._recent.get(key)
+        return kept[1] if kept is not None and kept[0] > now else None
 
     async def head(self, site: str) -> int | None:
         async def read() -> int | None:

@@ -535,7 +535,7 @@ async def _resume_rows(env: Env, quick: bool) -> list[Row]:
             target="<= 5", met=r["seconds"] <= 5 and r["exact"]),
         Row("5 resume storm", "every viewer exact (events == viewers x behind)", float(r["exact"])),
         Row("5 resume storm", "PostgreSQL page reads", r["postgres_reads"]),
-        Row("5 resume storm", "reads shared with one in flight", r["shared"]),
+        Row("5 resume storm", "reads shared (in flight or just read)", r["shared"]),
     ]  # fmt: skip
 
 

@@ -3,6 +3,8 @@
 -- stored, give each new event its site's next offset, insert, advance next_offset. Called
 -- outside an explicit transaction, so the statement's own transaction commits it.
 -- Returns one row per input event, in input order: epoch NULL means the site does not exist.
+-- A later change to the arguments or result needs a new function name: migrations run before
+-- the new code is rolled out, and replicas still running would call the old signature.
 CREATE FUNCTION sitewire_store_events(
     p_site text[], p_event_id uuid[], p_minted boolean[], p_name text[], p_url text[],
     p_path text[], p_referrer text[], p_referrer_host text[], p_props jsonb[],
@@ -19,15 +21,18 @@ DECLARE
     v_next bigint;
     v_prior bigint;
 BEGIN
+    IF array_length(p_event_id, 1) IS DISTINCT FROM array_length(p_site, 1) THEN
+        RAISE EXCEPTION 'sitewire_store_events: arrays of different lengths';
+    END IF;
     FOR s IN
         SELECT sites.id, sites.epoch, sites.next_offset FROM sites
         WHERE sites.id = ANY (p_site) ORDER BY sites.id FOR UPDATE
     LOOP
         v_next := s.next_offset;
         FOR i IN 1 .. n LOOP
-            CONTINUE WHEN p_site[i] <> s.id;
+            CONTINUE WHEN p_site[i] IS DISTINCT FROM s.id;
             out_epoch[i] := s.epoch;
-            IF NOT p_minted[i] THEN
+            IF p_minted[i] IS NOT TRUE THEN
                 -- Sees this transaction's own inserts too: a repeat within the call is found.
                 SELECT e.site_offset INTO v_prior FROM events e
                 WHERE e.site = s.id AND e.event_id = p_event_id[i];
@@ -49,6 +54,9 @@ BEGIN
             UPDATE sites SET next_offset = v_next WHERE sites.id = s.id;
         END IF;
     END LOOP;
-    RETURN QUERY SELECT * FROM unnest(out_epoch, out_offset, out_duplicate);
+    RETURN QUERY
+        SELECT u.e, u.o, u.d FROM unnest(out_epoch, out_offset, out_duplicate)
+            WITH ORDINALITY AS u(e, o, d, i)
+        ORDER BY u.i;
 END
 $$;

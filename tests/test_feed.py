@@ -4,6 +4,7 @@ are paced into shared frames, and that pacing never reorders them."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -93,3 +94,43 @@ async def test_held_events_go_out_on_the_tick(feeds: Feeds, site: str) -> None:
             await asyncio.sleep(0.01)
             seen += queued(viewer)
     assert seen == [1, 2, 3, 4]
+
+
+async def test_a_page_just_read_from_postgres_is_reused(
+    settings: Settings, pool: asyncpg.Pool, site: str
+) -> None:
+    """A reconnect storm's viewers ask for the same replay pages a few milliseconds apart: a
+    page read from PostgreSQL is kept briefly, and the next viewer asking gets it without a
+    read (committed events never change)."""
+    from datetime import UTC, datetime
+
+    from app import replay
+    from app.store import NewEvent, commit
+
+    def new(n: int) -> NewEvent:
+        return NewEvent(
+            site=site, event_id=uuid.uuid4(), name="pageview", url=f"https://{site}/{n}",
+            path=f"/{n}", referrer=None, referrer_host=None, props={}, visitor_id=1,
+            device="desktop", ts=datetime.now(UTC),
+        )  # fmt: skip
+
+    stored = await commit(pool, [new(n) for n in range(5)])  # never published: not in Redis
+    epoch = stored[0].epoch if stored[0] is not None else ""
+    metrics = GatewayMetrics(CollectorRegistry())
+    shards = RedisShards(settings.require_redis())
+    replayer = Replayer(shards, pool, Names(settings.key_prefix), metrics)
+    try:
+        first = await replayer.page(site, epoch, 0, 5)
+        again = await replayer.page(site, epoch, 0, 5)
+        assert [o for o, _ in first] == [1, 2, 3, 4, 5] and again == first
+        assert metrics.replay_reads.labels("postgres")._value.get() == 1
+        assert metrics.replay_reads.labels("shared")._value.get() == 1
+        replay.RECENT_PAGE_S, kept = 0.0, replay.RECENT_PAGE_S
+        try:
+            await replayer.page(site, epoch, 0, 4)  # read, and expired at once
+            await replayer.page(site, epoch, 0, 4)
+        finally:
+            replay.RECENT_PAGE_S = kept
+        assert metrics.replay_reads.labels("postgres")._value.get() == 3
+    finally:
+        await shards.aclose()

@@ -133,6 +133,7 @@ async def test_several_sites_publish_after_the_server_forgot_the_script(
         for offset in (1, 2):
             await direct.script_flush()
             await publisher.publish([stored("a.example", offset), stored("b.example", offset)])
+            await direct.script_flush()
             await publisher.publish([stored("c.example", offset)])  # one site: one call
         for site in ("a.example", "b.example", "c.example"):
             assert await direct.zcard(names.window(site)) == 2

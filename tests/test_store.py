@@ -77,20 +77,54 @@ async def test_offsets_duplicates_and_unknown_sites(pool: asyncpg.Pool, path: st
     assert orjson.loads(row["props"]) == {"n": 2}
 
 
-async def test_concurrent_commits_of_both_kinds_keep_offsets_gapless(pool: asyncpg.Pool) -> None:
-    """Commits racing on one site (as from several ingest replicas), some through the function
-    and some through COPY: the site lock serialises them, so offsets are 1..N with no gap and
-    no repeat, and each commit's offsets are contiguous."""
-    site = await new_site(pool)
+async def test_concurrent_commits_of_both_kinds_agree(
+    pool: asyncpg.Pool, database_url: str
+) -> None:
+    """Commits racing on three sites (as from several ingest replicas), some through the
+    function and some through COPY, retrying the same client ids: the site locks serialise
+    them, so each site's offsets are 1..N with no gap and no repeat, every client id is stored
+    once, and every retry reports the offset it was stored at."""
+    sites = [await new_site(pool) for _ in range(3)]
+    ids = [uuid.uuid4() for _ in range(30)]
+    home = {x: sites[i % 3] for i, x in enumerate(ids)}
     rng = random.Random(7)
-    sizes = [rng.choice([1, 3, 40, 90]) for _ in range(24)]
 
-    async def one(size: int) -> list[int]:
-        outcomes = await commit(pool, [new(site, n=i) for i in range(size)])
-        return [o.offset for o in outcomes if o is not None]
+    def batch() -> list[NewEvent]:
+        size = rng.choice([1, 3, 20, 40, 90])
+        retried = rng.sample(ids, min(size // 2, 10))
+        fresh = [new(rng.choice(sites)) for _ in range(size - len(retried))]
+        return [new(home[x], x) for x in retried] + fresh
 
-    results = await asyncio.gather(*(one(size) for size in sizes))
-    for got in results:
-        assert got == list(range(got[0], got[0] + len(got)))
-    assert sorted(o for got in results for o in got) == list(range(1, sum(sizes) + 1))
-    assert await offsets(pool, site) == list(range(1, sum(sizes) + 1))
+    batches = [batch() for _ in range(30)]
+    # A second pool stands for a second ingest replica.
+    pools = [pool, await asyncpg.create_pool(database_url, min_size=4, max_size=4)]
+    try:
+        results = await asyncio.gather(*(commit(pools[i % 2], b) for i, b in enumerate(batches)))
+    finally:
+        await pools[1].close()
+    stored_at: dict[uuid.UUID, set[int]] = {}
+    for outcomes in results:
+        for o in outcomes:
+            assert o is not None
+            if not o.event.minted:
+                stored_at.setdefault(o.event.event_id, set()).add(o.offset)
+    assert all(len(at) == 1 for at in stored_at.values())  # a retry names the first offset
+    for site in sites:
+        stored = await offsets(pool, site)
+        assert stored == list(range(1, len(stored) + 1))
+        fresh = sum(1 for b in batches for e in b if e.site == site and e.minted)
+        assert len(stored) == fresh + sum(1 for x in stored_at if home[x] == site)
+
+
+async def test_a_site_with_events_cannot_be_deleted(pool: asyncpg.Pool) -> None:
+    """No foreign key from events to sites (migrations/0002), but a trigger keeps what it did:
+    a site re-registered after a delete would restart at offset 1 over its old rows."""
+    site = await new_site(pool)
+    await commit(pool, [new(site)])
+    with pytest.raises(asyncpg.ForeignKeyViolationError, match="still has events"):
+        await pool.execute("DELETE FROM sites WHERE id = $1", site)
+    with pytest.raises(asyncpg.ForeignKeyViolationError):
+        await pool.execute("UPDATE sites SET id = $2 WHERE id = $1", site, f"x{site}")
+    await pool.execute("UPDATE sites SET domains = '{a.example}' WHERE id = $1", site)
+    await pool.execute("DELETE FROM events WHERE site = $1", site)
+    await pool.execute("DELETE FROM sites WHERE id = $1", site)
