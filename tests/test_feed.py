@@ -96,6 +96,30 @@ async def test_held_events_go_out_on_the_tick(feeds: Feeds, site: str) -> None:
     assert seen == [1, 2, 3, 4]
 
 
+async def test_a_hold_that_cannot_catch_another_event_is_not_taken(
+    feeds: Feeds, site: str
+) -> None:
+    """Events 30 ms apart and a 50 ms hold: holding one would end before the next arrives, so
+    it would add latency and coalesce nothing. Events 10 ms apart under a 1 s hold are kept."""
+    feeds.pacer = FixedPacer()
+    feeds.pacer.hold_s = 0.05
+    viewer = await live_viewer(feeds, site)
+    for n in range(1, 5):
+        feeds.on_messages(site, [event(n)])
+        assert queued(viewer) == [n]  # at once, every time
+        await asyncio.sleep(0.03)  # a slower machine only makes the gap longer
+
+    feeds.pacer.hold_s = 1.0
+    feeds.on_messages(site, [event(5)])
+    await asyncio.sleep(0.01)
+    feeds.on_messages(site, [event(6)])
+    await asyncio.sleep(0.01)
+    feeds.on_messages(site, [event(7)])
+    assert queued(viewer) == []  # kept: more are due well before the hold ends
+    feeds.notice(site, {"type": "gap", "after": None, "recovered": True})
+    assert queued(viewer) == [5, 6, 7, "notice"]
+
+
 async def test_a_page_just_read_from_postgres_is_reused(
     settings: Settings, pool: asyncpg.Pool, site: str
 ) -> None:
