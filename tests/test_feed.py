@@ -96,9 +96,7 @@ async def test_held_events_go_out_on_the_tick(feeds: Feeds, site: str) -> None:
     assert seen == [1, 2, 3, 4]
 
 
-async def test_a_hold_that_cannot_catch_another_event_is_not_taken(
-    feeds: Feeds, site: str
-) -> None:
+async def test_a_hold_that_cannot_catch_another_event_is_not_taken(feeds: Feeds, site: str) -> None:
     """Events 30 ms apart and a 50 ms hold: holding one would end before the next arrives, so
     it would add latency and coalesce nothing. Events 10 ms apart under a 1 s hold are kept."""
     feeds.pacer = FixedPacer()
