@@ -37,4 +37,4 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.run
 
 clean:
-	rm -rf $(VENV) .sitewire .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .sitewire .pytest_cache .mypy_cache .ruff_cache bench/.build

@@ -1,5 +1,8 @@
 """The load generator: many WebSocket viewers (picows) and a keep-alive HTTP poster.
 
+The viewers also exist in C (bench/viewers.c, the default: ~40 % less CPU per frame); these
+are the fallback and the comparison in the self-check.
+
 Runs as its own process (`python -m bench.loadgen ...`), pinned to the core the server under
 test does not use. It counts *events*, not frames (a coalesced frame carries many), and takes
 latency from the `t0` (wall-clock ns at publish) of the oldest event in each frame.
@@ -12,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
+import re
 import resource
 import sys
 import time
@@ -22,7 +25,7 @@ from typing import Any
 import orjson
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
-T0 = b'"t0":'
+T0 = re.compile(rb'"t0":([0-9]{1,19})').search
 
 
 class Stats:
@@ -36,11 +39,9 @@ class Stats:
         now = time.time_ns()
         self.frames += 1
         self.events += payload.count(b'"offset":')
-        at = payload.find(T0)
-        if at >= 0:
-            end = payload.find(b",", at)
-            with contextlib.suppress(ValueError):
-                self.latencies_us.append((now - int(payload[at + 5 : end])) // 1000)
+        t0 = T0(payload)
+        if t0 is not None:
+            self.latencies_us.append((now - int(t0[1])) // 1000)
 
 
 class Viewer(WSListener):  # type: ignore[misc]

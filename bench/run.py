@@ -129,10 +129,17 @@ class Env:
 
 
 class LoadGen:
-    """The viewers process (bench.loadgen), pinned to core 1."""
+    """The viewers process, pinned to core 1: bench/viewers.c (compiled on first use), or with
+    `kind="picows"` the Python one (bench/loadgen.py). Same arguments, same control protocol."""
 
-    def __init__(self, urls: list[str], count: int) -> None:
-        args = [*pinned(1), sys.executable, "-m", "bench.loadgen", "viewers", "--count", str(count)]
+    def __init__(self, urls: list[str], count: int, kind: str | None = None) -> None:
+        kind = kind or os.environ.get("SITEWIRE_BENCH_VIEWERS", "c")
+        binary = viewers_binary() if kind == "c" else None
+        if binary is not None:
+            program = [str(binary)]
+        else:
+            program = [sys.executable, "-m", "bench.loadgen", "viewers"]
+        args = [*pinned(1), *program, "--count", str(count)]
         for url in urls:
             args += ["--url", url]
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT)
@@ -163,6 +170,24 @@ class LoadGen:
             self.proc.kill()
         assert self.proc.stdout is not None
         self.proc.stdout.close()
+
+
+VIEWERS_C = ROOT / "bench" / "viewers.c"
+
+
+def viewers_binary() -> Path | None:
+    """bench/viewers.c compiled (again when the source is newer), in bench/.build; None, with
+    a warning, when there is no C compiler (the picows viewers are used instead)."""
+    binary = ROOT / "bench" / ".build" / "viewers"
+    if not binary.exists() or binary.stat().st_mtime < VIEWERS_C.stat().st_mtime:
+        binary.parent.mkdir(parents=True, exist_ok=True)
+        cc = os.environ.get("CC", "cc")
+        try:
+            subprocess.run([cc, "-O2", "-o", str(binary), str(VIEWERS_C)], check=True)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            print(f"bench: cannot build bench/viewers.c ({exc}); using picows", file=sys.stderr)
+            return None
+    return binary
 
 
 def rss_kib(pid: int) -> int:
@@ -463,9 +488,10 @@ async def _scenarios(env: Env, quick: bool, only: set[str]) -> list[Row]:
     return rows
 
 
-async def self_check(quick: bool, per_frame: int) -> dict[str, Any]:
+async def self_check(quick: bool, per_frame: int, kind: str | None = None) -> dict[str, Any]:
     """How many frames and events per second the load generator takes in (bench.blaster
-    pinned to core 0 sends as fast as it can; the loadgen on core 1 counts)."""
+    pinned to core 0 sends as fast as it can; the loadgen on core 1 counts). When the blaster
+    is the slower one, frames per CPU-second of the loadgen is its capacity."""
     port = free_port()
     blaster = subprocess.Popen(  # noqa: ASYNC220 (a benchmark driver; blocking is fine)
         [*pinned(0), sys.executable, "-m", "bench.blaster", str(port), str(per_frame)],
@@ -473,7 +499,7 @@ async def self_check(quick: bool, per_frame: int) -> dict[str, Any]:
     )  # fmt: skip
     assert blaster.stdout is not None
     blaster.stdout.readline()
-    load = LoadGen([f"ws://127.0.0.1:{port}/"], 100)
+    load = LoadGen([f"ws://127.0.0.1:{port}/"], 100, kind)
     seconds = 1.0 if quick else 3.0
     load.command("reset")
     await asyncio.sleep(seconds)
@@ -546,12 +572,17 @@ async def _resume_rows(env: Env, quick: bool) -> list[Row]:
 async def _self_check_rows(quick: bool) -> list[Row]:
     one = await self_check(quick, 1)
     many = await self_check(quick, 20)
+    picows = await self_check(quick, 1, "picows")
+    name = "0 loadgen self-check"
     return [
-        Row("0 loadgen self-check", "frames/s taken in (1 event/frame)", one["frames_per_s"]),
-        Row("0 loadgen self-check", "events/s taken in (20 events/frame)", many["events_per_s"]),
+        Row(name, "frames/s taken in (1 event/frame)", one["frames_per_s"]),
+        Row(name, "events/s taken in (20 events/frame)", many["events_per_s"]),
         # Below 1.0 the blaster, not the load generator, set the frame rate above.
-        Row("0 loadgen self-check", "loadgen CPU share (1 event/frame)", one["cpu_share"]),
-    ]
+        Row(name, "loadgen CPU share (1 event/frame)", one["cpu_share"]),
+        Row(name, "frames per loadgen CPU-second", one["frames_per_s"] / one["cpu_share"]),
+        Row(name, "frames per CPU-second, picows viewers", picows["frames_per_s"]
+            / picows["cpu_share"]),
+    ]  # fmt: skip
 
 
 async def _end_to_end_rows(env: Env, quick: bool) -> list[Row]:

@@ -1,12 +1,16 @@
 """A smoke run of `make bench` (bench/run.py --quick): every scenario runs end to end."""
 
+import asyncio
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 
-from tests.processes import ROOT
+from tests.processes import ROOT, AppProcess
 
 pytestmark = pytest.mark.slow
 
@@ -30,3 +34,44 @@ def test_quick_bench_runs_every_scenario(tmp_path: Path, database_url: str) -> N
     exact = rows[("| 5 resume storm", "every viewer exact (events == viewers x behind)")]
     assert "| 1.00 |" in exact  # the reconnect storm replayed every event, once
     assert (tmp_path / "bench.json").exists()
+
+
+async def test_c_viewers_count_events_measure_latency_and_answer_pings(
+    spawn: Callable[..., AppProcess], site: str
+) -> None:
+    """bench/viewers.c against a real gateway that pings every 0.2 s and closes a viewer whose
+    pong is 0.5 s late: every event is counted once per viewer, each frame's t0 gives a
+    latency, and no viewer is closed (its pongs arrive)."""
+    from bench.run import LoadGen, viewers_binary
+    from tests.clients import BROWSER
+
+    if viewers_binary() is None:
+        pytest.skip("no C compiler to build bench/viewers.c")
+    from tests.test_gateway import FAST, token
+
+    ingest = spawn("ingest", **FAST)
+    gateway = spawn(
+        "gateway", **FAST, SITEWIRE_PING_INTERVAL_S="0.2", SITEWIRE_PING_TIMEOUT_S="0.5"
+    )
+    url = f"{gateway.ws_url}/v1/sites/{site}/stream?token={token(site)}"
+    load = await asyncio.to_thread(LoadGen, [url], 5, "c")
+    try:
+        assert load.ready["open"] == 5
+        load.command("reset")
+        async with httpx.AsyncClient(timeout=10, headers={"User-Agent": BROWSER}) as client:
+            for i in range(30):
+                body = {"site": site, "name": "pageview", "url": f"https://{site}/{i}",
+                        "props": {"t0": time.time_ns()}}  # fmt: skip
+                r = await client.post(f"{ingest.url}/api/event", json=body)
+                assert r.status_code == 202
+        stats = load.command("report")
+        deadline = time.monotonic() + 10  # a deadline, not a speed check
+        while stats["events"] < 150 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            stats = load.command("report")
+        await asyncio.sleep(1.5)  # several ping rounds
+        stats = load.command("report")
+        assert stats["events"] == 150 and stats["closed"] == 0, stats
+        assert stats["p50_ms"] > 0 and stats["max_ms"] >= stats["p99_ms"] >= stats["p50_ms"]
+    finally:
+        load.close()
