@@ -29,7 +29,6 @@
 #include <time.h>
 #include <unistd.h>
 
-#define MAX_URLS 64
 #define BUF_START 16384
 #define PARALLEL_CONNECTS 200
 
@@ -49,7 +48,7 @@ struct url {
     char path[4096];
 };
 
-static struct url urls[MAX_URLS];
+static struct url *urls; /* one per --url, at most argc */
 static int n_urls;
 static struct conn *conns;
 static int n_conns;
@@ -332,10 +331,12 @@ static int on_command(void) {
 }
 
 int main(int argc, char **argv) {
+    urls = calloc((size_t)argc, sizeof(*urls));
+    if (!urls) die("calloc");
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--count") == 0 && i + 1 < argc) {
             n_conns = atoi(argv[++i]);
-        } else if (strcmp(argv[i], "--url") == 0 && i + 1 < argc && n_urls < MAX_URLS) {
+        } else if (strcmp(argv[i], "--url") == 0 && i + 1 < argc) {
             parse_url(argv[++i], &urls[n_urls++]);
         } else {
             fprintf(stderr, "usage: viewers --count N --url ws://HOST:PORT/PATH ...\n");
