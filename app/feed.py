@@ -8,7 +8,7 @@
   `Sequencer` puts them in order, and the hub sends a site's burst to each viewer as one frame.
 - Under load, live events are paced (app.hub.Pacer): a site that sent a frame less than the
   pacer's hold ago keeps its next events until the hold has passed, so they share one frame
-  per viewer.
+  per viewer, unless its next events are not due before then (the hold would catch nothing).
   At light load the hold is 0 and every burst goes out at once.
 - Gaps (an offset skipped: out-of-order publication by two ingest replicas, or a message Redis
   pub/sub dropped) are held for `gap_hold_ms`, then repaired from the Redis window, else from

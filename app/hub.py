@@ -248,9 +248,9 @@ class Pacer:
     saturate a gateway. While relaying live events keeps the process below `low` of its time
     every burst goes out at once (`hold_s` 0: nothing added to latency). From `low` to `high`
     the hold grows linearly to `max_hold_s`: a site that sent a frame less than `hold_s` ago
-    keeps its next events until then, so frames per viewer per second stay near 1 / hold_s
-    whatever the event rate. Load is wall time, so a process that other processes crowd out of
-    its core holds more too.
+    keeps its next events until then (if more are due before then: app.feed), so frames per
+    viewer per second stay near 1 / hold_s whatever the event rate. Load is wall time, so a
+    process that other processes crowd out of its core holds more too.
     """
 
     def __init__(
