@@ -36,7 +36,7 @@ from app.history import Event, site_heads
 from app.hub import Hub, Pacer, Sequencer, Viewer
 from app.metrics import DeliveryStats, GatewayMetrics
 from app.names import Names
-from app.replay import Replayer
+from app.replay import UNBOUNDED, Replayer
 from app.settings import Settings
 from app.shards import RedisShards
 from app.sites import get_site
@@ -45,8 +45,6 @@ from app.wire import event_offset, format_cursor
 
 log = logging.getLogger(__name__)
 
-#: "No upper bound" for a catch-up read: up to whatever PostgreSQL holds.
-UNBOUNDED = 2**62
 #: Seconds between position checks of every subscribed site.
 POSITION_CHECK_S = 2.0
 

@@ -42,9 +42,13 @@ T = TypeVar("T")
 PAGE = 200
 #: PostgreSQL replay reads allowed at once per gateway.
 MAX_CONCURRENT_READS = 4
+#: "No upper bound" for a page: up to whatever is stored now (a catch-up that does not know the
+#: head). Every other caller's bound is an offset known to be committed.
+UNBOUNDED = 2**62
 #: Seconds a page read from PostgreSQL is kept for viewers asking for it just after. In a
-#: reconnect storm the viewers drift a few milliseconds apart, so most miss the read in flight;
-#: a page of committed events never changes, so reusing it is safe.
+#: reconnect storm the viewers drift a few milliseconds apart, so most miss the read in flight.
+#: Only pages bounded by a committed offset are kept or shared: the same range read without a
+#: bound may have been read before all of it was committed.
 RECENT_PAGE_S = 1.0
 #: Most pages kept (each at most PAGE events).
 RECENT_PAGES = 64
@@ -132,7 +136,8 @@ class Replayer:
             del self._inflight[key]
 
     async def page(self, site: str, epoch: str, after: int, until: int) -> list[Event]:
-        """Events after..until (at most PAGE), window first, then PostgreSQL."""
+        """Events after..until (at most PAGE), window first, then PostgreSQL. `until` is an
+        offset known to be committed, or UNBOUNDED."""
         last = min(until, after + PAGE)
         with contextlib.suppress(*REDIS_ERRORS):
             client = self._shards.for_site(site)
@@ -141,7 +146,8 @@ class Replayer:
                 self._metrics.replay_reads.labels("redis").inc()
                 return events
 
-        key = ("page", site, after, last)
+        committed = until < UNBOUNDED  # every offset up to `until` is stored
+        key = ("page", site, epoch, after, last, committed)
         recent = self._recent_page(key)
         if recent is not None:
             self._metrics.replay_reads.labels("shared").inc()
@@ -150,9 +156,10 @@ class Replayer:
         async def read() -> list[Event]:
             self._metrics.replay_reads.labels("postgres").inc()
             events = await from_postgres(self._pool, site, epoch, after, PAGE, until=last)
-            self._recent[key] = (time.monotonic() + RECENT_PAGE_S, events)
-            if len(self._recent) > RECENT_PAGES:
-                self._recent.popitem(last=False)
+            if committed:
+                self._recent[key] = (time.monotonic() + RECENT_PAGE_S, events)
+                if len(self._recent) > RECENT_PAGES:
+                    self._recent.popitem(last=False)
             return events
 
         return await self._shared(key, read)

@@ -144,6 +144,9 @@ class LoadGen:
             args += ["--url", url]
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT)
         self.ready = self._read()
+        if self.ready.get("open", count) < count:  # the picows viewers raise instead
+            self.close()
+            raise RuntimeError(f"only {self.ready['open']} of {count} viewers connected")
 
     def _read(self) -> dict[str, Any]:
         assert self.proc.stdout is not None

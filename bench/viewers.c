@@ -31,6 +31,8 @@
 
 #define BUF_START 16384
 #define PARALLEL_CONNECTS 200
+/* Seconds the connect phase may take in all; viewers not open by then count as failed. */
+#define CONNECT_DEADLINE_S 60.0
 
 enum state { CONNECTING, HANDSHAKE, OPEN, CLOSED };
 
@@ -213,7 +215,7 @@ static void parse_frames(struct conn *c) {
             head = 10;
         }
         if (masked) head += 4;
-        if (c->len - pos < head + plen) break;
+        if (c->len - pos < head || plen > c->len - pos - head) break; /* not all here yet */
         unsigned char *payload = f + head;
         if (masked) {
             for (uint64_t i = 0; i < plen; i++) payload[i] ^= f[head - 4 + (i & 3)];
@@ -232,27 +234,36 @@ static void parse_frames(struct conn *c) {
     c->len -= pos;
 }
 
+static int on_bytes(struct conn *c);
+
 /* Returns 1 when the connection became open (handshake answered). */
 static int on_readable(struct conn *c) {
+    int gone = 0;
     for (;;) {
         if (c->cap - c->len < 4096) {
             c->cap *= 2;
             c->buf = realloc(c->buf, c->cap);
             if (!c->buf) die("realloc");
         }
-        ssize_t n = recv(c->fd, c->buf + c->len, c->cap - c->len, 0);
-        if (n == 0) {
-            close_conn(c);
-            return 0;
-        }
-        if (n < 0) {
-            if (errno == EAGAIN || errno == EINTR) break;
-            close_conn(c);
-            return 0;
+        size_t room = c->cap - c->len;
+        ssize_t n = recv(c->fd, c->buf + c->len, room, 0);
+        if (n < 0 && (errno == EAGAIN || errno == EINTR)) break;
+        if (n <= 0) { /* closed or failed: what was read before still counts */
+            gone = 1;
+            break;
         }
         c->len += (size_t)n;
-        if ((size_t)n < c->cap - c->len) break; /* drained the socket: no second recv */
+        if ((size_t)n < room) break; /* drained the socket: no second recv */
     }
+    int opened = gone ? 0 : on_bytes(c);
+    if (gone && c->state == OPEN) parse_frames(c);
+    if (gone) close_conn(c);
+    return opened;
+}
+
+/* The bytes read so far: the handshake's answer, then frames. Returns 1 when the connection
+ * became open. */
+static int on_bytes(struct conn *c) {
     if (c->state == HANDSHAKE) {
         unsigned char *end = memmem(c->buf, c->len, "\r\n\r\n", 4);
         if (!end) return 0;
@@ -267,7 +278,7 @@ static int on_readable(struct conn *c) {
         c->len -= used;
         c->state = OPEN;
         parse_frames(c);
-        return 1;
+        return c->state == OPEN;
     }
     parse_frames(c);
     return 0;
@@ -311,7 +322,10 @@ static int on_command(void) {
     char *nl;
     while ((nl = memchr(line, '\n', have))) {
         *nl = 0;
-        if (strcmp(line, "reset") == 0) {
+        for (char *end = nl; end > line && (end[-1] == '\r' || end[-1] == ' ');) *--end = 0;
+        if (line[0] == 0) {
+            /* an empty line: nothing to do */
+        } else if (strcmp(line, "reset") == 0) {
             events = frames = closed = 0;
             n_lat = 0;
             cpu0 = cpu_seconds();
@@ -370,6 +384,13 @@ int main(int argc, char **argv) {
     int next = 0, in_flight = 0, open_count = 0, finished = 0;
     cpu0 = cpu_seconds();
     while (finished < n_conns) { /* connect phase: at most PARALLEL_CONNECTS at once */
+        if (monotonic() - started > CONNECT_DEADLINE_S) {
+            fprintf(stderr, "viewers: %d not open after %.0f s\n", n_conns - open_count,
+                    CONNECT_DEADLINE_S);
+            for (int i = 0; i < next; i++)
+                if (conns[i].state != OPEN) close_conn(&conns[i]);
+            break;
+        }
         while (in_flight < PARALLEL_CONNECTS && next < n_conns) {
             start_connect(&conns[next++]);
             in_flight++;
