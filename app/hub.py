@@ -256,7 +256,7 @@ class Pacer:
     def __init__(
         self,
         max_hold_s: float = 0.04,
-        low: float = 0.7,
+        low: float = 0.8,
         high: float = 1.0,
         window_s: float = 0.1,
     ) -> None:
