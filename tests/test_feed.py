@@ -4,7 +4,6 @@ are paced into shared frames, and that pacing never reorders them."""
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -124,17 +123,9 @@ async def test_a_page_just_read_from_postgres_is_reused(
     """A reconnect storm's viewers ask for the same replay pages a few milliseconds apart: a
     page read from PostgreSQL is kept briefly, and the next viewer asking gets it without a
     read (committed events never change)."""
-    from datetime import UTC, datetime
-
     from app import replay
-    from app.store import NewEvent, commit
-
-    def new(n: int) -> NewEvent:
-        return NewEvent(
-            site=site, event_id=uuid.uuid4(), name="pageview", url=f"https://{site}/{n}",
-            path=f"/{n}", referrer=None, referrer_host=None, props={}, visitor_id=1,
-            device="desktop", ts=datetime.now(UTC),
-        )  # fmt: skip
+    from app.store import commit
+    from tests.test_store import new
 
     metrics = GatewayMetrics(CollectorRegistry())
     shards = RedisShards(settings.require_redis())
@@ -144,7 +135,8 @@ async def test_a_page_just_read_from_postgres_is_reused(
         # A read without a committed bound (a catch-up) may come before its range is stored:
         # it is neither kept nor handed to a bounded reader of the same range.
         assert await replayer.page(site, epoch, 0, replay.UNBOUNDED) == []
-        stored = await commit(pool, [new(n) for n in range(250)])  # not published: not in Redis
+        # Committed but never published, so not in the Redis window: pages come from PostgreSQL.
+        stored = await commit(pool, [new(site, n=n) for n in range(250)])
         assert all(o is not None for o in stored)
         first = await replayer.page(site, epoch, 0, 250)  # the same range (1..200), bounded
         again = await replayer.page(site, epoch, 0, 250)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import secrets
-import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
@@ -20,12 +18,13 @@ from app.names import Names
 from app.settings import Settings
 from app.shards import RedisShards
 from app.sites import create_site, get_site
-from app.store import NewEvent, Stored
+from app.store import Stored
 from tests.clients import WsViewer, post_events
 from tests.conftest import env_for
 from tests.processes import AppProcess
 from tests.servers import Servers
 from tests.test_gateway import FAST, token
+from tests.test_store import new
 from workers.embedded import EmbeddedRedis, free_port
 
 pytestmark = pytest.mark.slow
@@ -152,10 +151,5 @@ def site_on_shard(shards: RedisShards, index: int) -> str:
 
 
 def stored(site: str, offset: int) -> Stored:
-    event = NewEvent(
-        site=site, event_id=uuid.uuid4(), name="pageview", url=f"https://{site}/", path="/",
-        referrer=None, referrer_host=None, props={}, visitor_id=1, device="desktop",
-        ts=datetime.now(UTC),
-    )  # fmt: skip
     payload = f"event {offset}".encode()
-    return Stored(event=event, epoch="e", offset=offset, duplicate=False, payload=payload)
+    return Stored(event=new(site), epoch="e", offset=offset, duplicate=False, payload=payload)
