@@ -14,7 +14,8 @@ An idle viewer costs one protocol object, its `ServerProtocol` and its `Viewer` 
 - Keepalive pings for every connection share one timer per process (`Keepalive`); write
   timeouts are enforced by the gateway's housekeeping sweep (`sweep_writes`).
 
-Caught-up viewers get the hub's shared frames through `sink`, a plain `transport.write`.
+Caught-up viewers get the hub's shared frames through `sink`: the transport's own `write`, set
+only while the connection can take a frame now (`_direct`).
 """
 
 from __future__ import annotations
@@ -121,11 +122,13 @@ class StreamProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.paused = True
+        self._direct()
 
     def resume_writing(self) -> None:
         self.paused = False
         self.write_started = 0.0
         self._flush()
+        self._direct()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.gone = True
@@ -203,7 +206,7 @@ class StreamProtocol(asyncio.Protocol):
             self.state.feeds.leave(viewer)
             return False
         self.viewer = viewer
-        viewer.sink = self._sink
+        self._direct()
         self.state.connections.add(self)
         self.state.metrics.connections.labels("websocket").inc()
         assert self.transport is not None
@@ -303,13 +306,15 @@ class StreamProtocol(asyncio.Protocol):
         if self.drained is not None:
             self.drained.set()
 
-    def _sink(self, frame: bytes) -> bool:
-        """The hub's direct write of a shared frame; refused under flow control or closing."""
-        transport = self.transport
-        if transport is None or self.paused or self.closing or transport.is_closing():
-            return False
-        transport.write(frame)
-        return True
+    def _direct(self) -> None:
+        """Switch the hub's direct writes of shared frames on (the transport's own `write`)
+        or off: off under flow control and once the connection is closing."""
+        viewer, transport = self.viewer, self.transport
+        if viewer is None or viewer.closed:
+            return
+        usable = transport is not None and not transport.is_closing()
+        on = usable and not self.paused and not self.closing and not self.gone
+        viewer.sink = transport.write if on and transport is not None else None
 
     def _write_out(self) -> None:
         """Write what `ServerProtocol` produced (handshake, pongs, close frames); its empty
@@ -322,6 +327,7 @@ class StreamProtocol(asyncio.Protocol):
                 transport.write(data)
             elif not transport.is_closing():
                 transport.close()
+                self._direct()
 
     def _close(self, code: int, reason: str) -> None:
         """Send a close frame, leave the hub, and drop the socket if the peer does not

@@ -198,12 +198,12 @@ def test_caught_up_viewers_get_one_shared_frame_others_the_queue() -> None:
     hub = Hub()
     written: list[bytes] = []
     live, _ = viewer()
-    live.sink = lambda frame: written.append(frame) or True
+    live.sink = written.append
     behind, _ = viewer()
-    behind.sink = lambda frame: written.append(frame) or True
+    behind.sink = written.append
     behind.push_notice(b'{"type":"welcome"}')  # something still queued: must stay in order
     paused, _ = viewer()
-    paused.sink = lambda frame: False  # flow control: the transport cannot take more now
+    paused.sink = None  # flow control: the connection switched its direct writes off
     for v in (live, behind, paused):
         hub.add(v)
     events = [(1, b'{"offset":1}'), (2, b'{"offset":2}')]
@@ -234,20 +234,35 @@ def test_broadcast_frame_is_a_valid_unmasked_text_frame() -> None:
         assert orjson.loads(parsed.data)["type"] == "events"
 
 
-def test_no_direct_frame_overtakes_frames_the_writer_is_still_sending() -> None:
+def test_a_viewer_back_from_flow_control_gets_its_queue_first_then_direct_frames() -> None:
     hub = Hub()
     written: list[bytes] = []
     v, _ = viewer()
-    v.sink = lambda frame: written.append(frame) or True
     hub.add(v)
-    v.push(1, b'{"offset":1}')
-    assert [o for _, o, _ in v.take()] == [1]
-    v.writing = True  # the writer took offset 1 and is waiting on flow control to send it
+    hub.publish_many("a.com", [(1, b'{"offset":1}')])  # paused: no sink, so queued
+    v.sink = written.append  # resumed: the connection switches direct writes back on
     hub.publish_many("a.com", [(2, b'{"offset":2}')])
-    assert written == [] and [o for _, o, _ in v.take()] == [2]  # queued behind it instead
-    v.writing = False
+    # Offset 1 is still queued (the flush has not run yet): 2 must not overtake it.
+    assert written == [] and [o for _, o, _ in v.take()] == [1, 2]
     hub.publish_many("a.com", [(3, b'{"offset":3}')])
     assert len(written) == 1 and v.after == 3
+
+
+def test_a_transport_that_closed_under_the_hub_is_switched_off_not_raised() -> None:
+    hub = Hub()
+    v, _ = viewer()
+    other, _ = viewer()
+    written: list[bytes] = []
+
+    def closed(frame: bytes) -> None:
+        raise RuntimeError("unable to perform operation on <TCPTransport closed=True>")
+
+    v.sink, other.sink = closed, written.append
+    hub.add(v)
+    hub.add(other)
+    slow, direct = hub.publish_many("a.com", [(1, b'{"offset":1}')])
+    assert slow == [] and direct == 1 and len(written) == 1
+    assert v.sink is None and v.after == 0
 
 
 def test_pacer_holds_nothing_at_light_load() -> None:
@@ -283,3 +298,20 @@ def test_sequencer_offer_many_is_offer_in_a_row() -> None:
         singly = [e for o in burst for e in one.offer(o, b"%d" % o)]
         assert many.offer_many([(o, b"%d" % o) for o in burst]) == singly
         assert (many.last, many.missing()) == (one.last, one.missing())
+
+
+def test_a_burst_larger_than_a_frame_goes_out_as_several_shared_frames() -> None:
+    from app.hub import MAX_FRAME_BYTES
+
+    hub = Hub()
+    written: list[bytes] = []
+    v, _ = viewer(max_bytes=10 * MAX_FRAME_BYTES)
+    v.sink = written.append
+    hub.add(v)
+    payload = b'{"pad":"' + b"x" * 990 + b'"}'
+    events = [(i, payload) for i in range(1, 601)]  # ~600 KB: three frames' worth
+    slow, direct = hub.publish_many("a.com", events)
+    assert slow == [] and direct == 600 and v.after == 600 and v.take() == []
+    assert len(written) == 3 and all(len(f) <= MAX_FRAME_BYTES + 10 for f in written)
+    bodies = [orjson.loads(f[f.index(b"{") :]) for f in written]
+    assert sum(len(b["events"]) for b in bodies) == 600
