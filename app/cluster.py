@@ -125,7 +125,7 @@ class NodeLink:
         self._fail(redis.exceptions.ConnectionError(why))
 
     def _on_replies(self, replies: list[Any]) -> None:
-        """Everything one read brought: messages by channel (in order) for `on_messages`,
+        """Everything one turn of the loop read: messages by channel (in order) for `on_messages`,
         confirmations resolved, slots given away reported."""
         burst: dict[str, list[bytes]] = {}
         for reply in replies:

@@ -71,7 +71,7 @@ def redis_url(servers: Servers) -> str:
     return servers.redis_url
 
 
-async def test_one_read_is_one_burst_grouped_by_site_in_order(
+async def test_messages_come_in_bursts_grouped_by_site_in_order(
     sub: Subscriber, seen: Seen, rclient: aioredis.Redis, names: Names
 ) -> None:
     await sub.subscribe("a.example")
@@ -85,8 +85,8 @@ async def test_one_read_is_one_burst_grouped_by_site_in_order(
     assert seen.payloads("a.example") == [b"%d" % i for i in range(1, 20, 2)]
     assert seen.payloads("b.example") == [b"%d" % i for i in range(0, 20, 2)]
     assert all(set(burst) <= {"a.example", "b.example"} for burst in seen.bursts)
-    # Redis answers a pipeline with one write, and a read of it is one burst: messages are
-    # handed over together, not one call each.
+    # Redis answers a pipeline with one write, and what one turn of the loop read is one burst:
+    # messages are handed over together, not one call each.
     assert len(seen.bursts) < 20
 
 
@@ -170,3 +170,25 @@ async def test_password_protected_redis(private_redis: EmbeddedRedis, names: Nam
     finally:
         await good.close()
         await bad.close()
+
+
+async def test_everything_read_in_one_turn_of_the_loop_is_handed_over_together() -> None:
+    """A gateway busy writing frames lets messages pile up; the reads of one loop turn (each
+    at most one buffer) become one burst, parsed in pieces (hiredis is quadratic in what it is
+    fed at once)."""
+    from app.broker import FEED_BYTES, PubSubConnection
+
+    handed: list[list[object]] = []
+    conn = PubSubConnection(handed.append)
+    messages = [b"%d:" % i + b"x" * 390 for i in range(3000)]  # ~1.2 MB, many pieces
+    wire = b"".join(
+        b"*3\r\n$7\r\nmessage\r\n$4\r\nchan\r\n$%d\r\n%s\r\n" % (len(m), m) for m in messages
+    )
+    assert len(wire) > 50 * FEED_BYTES
+    cut = len(wire) // 3 + 7  # reads end mid-message
+    for part in (wire[:cut], wire[cut : 2 * cut], wire[2 * cut :]):
+        conn.data_received(part)
+    assert handed == []  # not per read: on the next turn of the loop
+    await asyncio.sleep(0)
+    assert len(handed) == 1
+    assert [reply[2] for reply in handed[0]] == messages  # type: ignore[index]
