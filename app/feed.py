@@ -3,13 +3,16 @@
 - Subscriptions are reference-counted: the first local viewer of a site subscribes (under a
   per-site lock, rolled back on failure), the last one leaving schedules an unsubscribe after
   `unsubscribe_delay_s` that checks the count again (a reconnecting viewer keeps it warm).
-- Messages come in bursts (everything one read from Redis brought, grouped by site). Each
-  message's offset is read without decoding the JSON (app.wire.event_offset), the site's
-  `Sequencer` puts them in order, and the hub sends a site's burst to each viewer as one frame.
-- Under load, live events are paced (app.hub.Pacer): a site that sent a frame less than the
-  pacer's hold ago keeps its next events until the hold has passed, so they share one frame
-  per viewer, unless its next events are not due before then (the hold would catch nothing).
-  At light load the hold is 0 and every burst goes out at once.
+- Messages come in bursts: everything read from Redis in one turn of the event loop, grouped
+  by site (app.broker.PubSubConnection). Each message's offset is read without decoding the
+  JSON (app.wire.event_offset), the site's `Sequencer` puts them in order, and the hub sends a
+  site's burst to each viewer as one frame. This batches without a timer: what arrives while
+  the gateway writes one burst's frames is the next burst, so a busy gateway sends fewer,
+  fuller frames and an idle one sends each event at once (docs/decisions.md).
+- Optionally, live events are also paced (app.hub.Pacer, off unless
+  SITEWIRE_FANOUT_MAX_HOLD_MS is set): above 80 % load a site that sent a frame less than the
+  pacer's hold ago keeps its next events until the hold has passed, unless its next events
+  are not due before then (the hold would catch nothing).
 - Gaps (an offset skipped: out-of-order publication by two ingest replicas, or a message Redis
   pub/sub dropped) are held for `gap_hold_ms`, then repaired from the Redis window, else from
   PostgreSQL. Only when both fail do viewers get a `gap` notice with `recovered: false`.

@@ -75,8 +75,9 @@ class Settings:
     #: SITEWIRE_GAP_HOLD_MS: how long out-of-order events wait before a gap is repaired.
     gap_hold_ms: float = 50.0
     #: SITEWIRE_FANOUT_MAX_HOLD_MS: the longest a busy gateway holds a site's live events to
-    #: send them in one frame per viewer (app/hub.py Pacer); 0 never holds.
-    fanout_max_hold_ms: float = 40.0
+    #: send them in one frame per viewer (app/hub.py Pacer); 0, the default, never holds: a
+    #: busy gateway batches anyway (app/feed.py), and holds cost latency (docs/decisions.md).
+    fanout_max_hold_ms: float = 0.0
     #: SITEWIRE_LOG_LEVEL: DEBUG, INFO, WARNING or ERROR.
     log_level: str = "INFO"
     #: SITEWIRE_RETENTION_DAYS: events older than this are deleted by `sitewire worker`
