@@ -321,26 +321,34 @@ async def fanout(env: Env, quick: bool, sites_count: int, server: str) -> dict[s
     publisher = Publisher(env, sites)
     load = LoadGen(stream_urls(port, sites), viewers)
     per_event = viewers // sites_count
+    # 2a: 100 events/s to each site, so 100,000 deliveries/s however the viewers are spread.
+    low_rate = 100 * sites_count
+    # Total events/s to try; deliveries/s = rate x viewers per site.
+    ladder = [200] if quick else [100, 200, 400, 700, 1000, 1300, 1600, 2000, 2500, 3000]
+    if sites_count > 1 and not quick:
+        ladder = [1000, 2000, 4000, 8000, 12000, 20000, 30000, 40000, 50000, 60000, 70000]
+    if server == "naive" and not quick:
+        ladder = [50, 100, 150, 200, 300, 400, 600, 1000, 2000]
     try:
         await asyncio.sleep(1.0)
-        # Warm-up at the measured rate, not counted: the first second after 1,000 connections
-        # (allocator growth, first frames) is not the steady state 2a asks about.
-        await publisher.run(100, 0.5 if quick else 2.0)
+        # Warm-up, not counted: the first second after 1,000 connections (allocator growth,
+        # first frames) is not the steady state 2a asks about. The naive server falls far
+        # behind at 2a's rate, so it warms up at the ladder's first rung and is measured at
+        # 2a's rate last: its backlog must not spill into the ladder.
+        await publisher.run(low_rate if server == "ours" else ladder[0], 0.5 if quick else 2.0)
         await asyncio.sleep(0.5)
-        low = await measure_rate(publisher, load, 100, 1 if quick else 5, per_event)
+        low: dict[str, Any] | None = None
+        if server == "ours":
+            low = await measure_rate(publisher, load, low_rate, 1 if quick else 5, per_event)
         best: dict[str, Any] | None = None
-        # Total events/s to try; deliveries/s = rate x viewers per site.
-        ladder = [200] if quick else [100, 200, 400, 700, 1000, 1300, 1600, 2000, 2500, 3000]
-        if sites_count > 1 and not quick:
-            ladder = [1000, 2000, 4000, 8000, 12000, 20000, 30000, 40000, 50000, 60000, 70000]
-        if server == "naive" and not quick:
-            ladder = [50, 100, 150, 200, 300, 400, 600, 1000, 2000]
         for rate in ladder:
             result = await measure_rate(publisher, load, rate, 1 if quick else 4, per_event)
             if result["delivered"] >= 0.99 and result["p99_ms"] < 250:
                 best = result
             else:
                 break
+        if low is None:
+            low = await measure_rate(publisher, load, low_rate, 1 if quick else 5, per_event)
         return {"low": low, "best": best, "rss_kib": rss_kib(proc.pid)}
     finally:
         load.close()
@@ -611,7 +619,7 @@ async def _fanout_rows(env: Env, quick: bool) -> list[Row]:
         best_naive = naive["best"]["deliveries_per_s"] if naive["best"] else 0.0
         goal = 1_000_000 if sites == 1 else 500_000
         rows += [
-            Row(f"2a fanout {label}", "p99 ms @100 ev/s", ours["low"]["p99_ms"],
+            Row(f"2a fanout {label}", "p99 ms @100 ev/s per site", ours["low"]["p99_ms"],
                 naive["low"]["p99_ms"], "<= 20", ours["low"]["p99_ms"] <= 20),
             Row(f"2b fanout {label}", "max deliveries/s", best_ours, best_naive,
                 f">= {goal:,}", best_ours >= goal),
