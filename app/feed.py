@@ -211,6 +211,9 @@ class Feeds:
         """Send live events now, or, when the site sent a frame less than the pacer's hold ago
         and more are expected before the hold has passed, keep them until then (app.hub.Pacer):
         one frame per viewer for all."""
+        if not self.pacer.max_hold_s:  # pacing off (the default): every burst goes out now
+            self._send(site, events)
+            return
         loop = asyncio.get_running_loop()
         now = loop.time()
         interval = self._arrival(site, now)
@@ -222,7 +225,7 @@ class Feeds:
         # A hold that would end before the site's next events are due catches nothing: it
         # only adds latency (a site at 100 events/s gains from a hold only above 20 ms).
         if now + interval >= due:
-            self._send(site, events, now)
+            self._send(site, events)
             return
         self._pending[site] = events
         self._timers[site] = loop.call_at(due, self._flush, site)
@@ -244,7 +247,7 @@ class Feeds:
         """The site's hold has passed: send what it kept."""
         started = time.perf_counter()
         del self._timers[site]
-        self._send(site, self._pending.pop(site), asyncio.get_running_loop().time())
+        self._send(site, self._pending.pop(site))
         self._spent(started)
 
     def _deliver(self, site: str, events: list[Event]) -> None:
@@ -254,11 +257,12 @@ class Feeds:
             timer.cancel()
             events = self._pending.pop(site) + events
         if events:
-            self._send(site, events, asyncio.get_running_loop().time())
+            self._send(site, events)
 
-    def _send(self, site: str, events: list[Event], now: float) -> None:
+    def _send(self, site: str, events: list[Event]) -> None:
         slow, direct = self.hub.publish_many(site, events)
-        self._sent_at[site] = now
+        if self.pacer.max_hold_s:
+            self._sent_at[site] = asyncio.get_running_loop().time()
         self.stats.direct(direct, events)
         for viewer in slow:
             self._metrics.closes.labels("slow_consumer").inc()
