@@ -175,22 +175,37 @@ class LoadGen:
         self.proc.stdout.close()
 
 
-VIEWERS_C = ROOT / "bench" / "viewers.c"
-
-
-def viewers_binary() -> Path | None:
-    """bench/viewers.c compiled (again when the source is newer), in bench/.build; None, with
-    a warning, when there is no C compiler (the picows viewers are used instead)."""
-    binary = ROOT / "bench" / ".build" / "viewers"
-    if not binary.exists() or binary.stat().st_mtime < VIEWERS_C.stat().st_mtime:
+def c_program(name: str) -> Path | None:
+    """bench/NAME.c compiled (again when the source is newer), in bench/.build; None, with a
+    warning, when there is no C compiler."""
+    source = ROOT / "bench" / f"{name}.c"
+    binary = ROOT / "bench" / ".build" / name
+    if not binary.exists() or binary.stat().st_mtime < source.stat().st_mtime:
         binary.parent.mkdir(parents=True, exist_ok=True)
         cc = os.environ.get("CC", "cc")
         try:
-            subprocess.run([cc, "-O2", "-o", str(binary), str(VIEWERS_C)], check=True)
+            subprocess.run([cc, "-O2", "-o", str(binary), str(source)], check=True)
         except (OSError, subprocess.CalledProcessError) as exc:
-            print(f"bench: cannot build bench/viewers.c ({exc}); using picows", file=sys.stderr)
+            print(f"bench: cannot build bench/{name}.c ({exc})", file=sys.stderr)
             return None
     return binary
+
+
+def viewers_binary() -> Path | None:
+    """bench/viewers.c compiled; None when it cannot be (the picows viewers are used instead)."""
+    return c_program("viewers")
+
+
+def write_cost(quick: bool) -> dict[str, Any] | None:
+    """The host's floor per fan-out write (bench/writes.c): a frame to each of 1,000 loopback
+    TCP connections from C. None without a C compiler."""
+    binary = c_program("writes")
+    if binary is None:
+        return None
+    rounds = "20" if quick else "300"
+    done = subprocess.run([str(binary), "--rounds", rounds], capture_output=True, check=True)
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
 
 
 def rss_kib(pid: int) -> int:
@@ -584,8 +599,22 @@ async def _self_check_rows(quick: bool) -> list[Row]:
     one = await self_check(quick, 1)
     many = await self_check(quick, 20)
     picows = await self_check(quick, 1, "picows")
+    writes = write_cost(quick)
     name = "0 loadgen self-check"
+    host = (
+        []
+        if writes is None
+        else [
+            # What one delivery costs the sender on this host before any of our code runs: 2a's
+            # 100,000 deliveries/s take this many microseconds x 10 % of a core.
+            Row(
+                "0 host", "loopback TCP write µs, C, 1,000 sockets (mean)", writes["write_us_mean"]
+            ),
+            Row("0 host", "same, best round", writes["write_us_best_round"]),
+        ]
+    )
     return [
+        *host,
         Row(name, "frames/s taken in (1 event/frame)", one["frames_per_s"]),
         Row(name, "events/s taken in (20 events/frame)", many["events_per_s"]),
         # Below 1.0 the blaster, not the load generator, set the frame rate above.

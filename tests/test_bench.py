@@ -24,7 +24,7 @@ def test_quick_bench_runs_every_scenario(tmp_path: Path, database_url: str) -> N
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     table = out.read_text()
-    for scenario in ("0 loadgen self-check", "1 end-to-end", "2a fanout 1 site",
+    for scenario in ("0 host", "0 loadgen self-check", "1 end-to-end", "2a fanout 1 site",
                      "2b fanout 100 sites", "3 idle", "4 ingest single", "4 ingest batch 50",
                      "5 resume storm"):  # fmt: skip
         assert f"| {scenario} |" in table
