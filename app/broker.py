@@ -376,9 +376,10 @@ class PubSubConnection(asyncio.Protocol):
 
     Handing them over on the next turn, not per read, is what lets a busy gateway batch
     without a timer: while it spends 8 ms writing one frame to 1,000 viewers, messages pile
-    up in the socket; the loop then reads them all (several 256 KB reads in one turn) and the
-    lot becomes one frame per viewer. Per read, a burst was capped at 256 KB (about 10 ms of
-    70,000 events/s), so 100 busy sites could never catch up by batching (docs/decisions.md).
+    up in the socket; the loop then reads them all (with uvloop, up to 32 reads of 256 KB in
+    one turn; asyncio's own loop reads once) and the lot becomes one frame per viewer. Per
+    read, a burst was capped at 256 KB (about 10 ms of 70,000 events/s), so 100 busy sites
+    could never catch up by batching (docs/decisions.md).
     """
 
     def __init__(self, on_replies: Callable[[list[Any]], None]) -> None:
@@ -487,8 +488,16 @@ class PubSubConnection(asyncio.Protocol):
                         replies.append(reply)
         except hiredis.ProtocolError as exc:
             self._give_up(f"protocol error: {exc}")
-        if replies:
+        if not replies:
+            return
+        try:
             self._on_replies(replies)
+        except Exception:
+            # A bug in handling: what this turn brought for other sites is lost, so this
+            # connection is given up like a broken one; the subscriber reconnects and its
+            # viewers are caught up from storage (docs/decisions.md).
+            log.exception("handling pub/sub messages failed")
+            self._give_up("handling messages failed")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._give_up(repr(exc) if exc is not None else "closed by the server")

@@ -10,8 +10,9 @@ gateway wires it to sockets (app.websocket) and to Redis (app.broker).
   caught-up viewers get ready WebSocket frames, built once per burst (one per 256 KB) and
   written as the same bytes through their `sink`; the others get the same payloads queued.
 - `Sequencer` puts a site's events in offset order, drops duplicates and reports gaps.
-- `Pacer` decides how long a site's events may wait to share a frame: not at all while the
-  process is lightly loaded, up to a few tens of ms when writing frames saturates it.
+- `Pacer` decides how long a site's events may wait to share a frame, when an operator turns
+  it on (off by default: app/feed.py batches without it): not at all while the process is
+  lightly loaded, up to `max_hold_s` when writing frames saturates it.
 - `ws_frames` / `sse_chunk` turn a drained queue into as few writes as possible.
 """
 
@@ -206,7 +207,7 @@ class Hub:
         self, site: str, events: list[tuple[int, bytes]], slow: dict[int, Viewer]
     ) -> int:
         before, last = events[0][0] - 1, events[-1][0]
-        frame = ws_broadcast_frame([p for _, p in events])
+        frame: bytes | None = None  # built when the first viewer can take it
         written = 0
         # The hot loop of a busy gateway (a frame to each of 1,000 viewers), so the checks are
         # inline. A frame may go straight out only when nothing is queued or held and it is
@@ -216,18 +217,21 @@ class Hub:
             sink = viewer.sink
             if (
                 sink is not None
-                and frame
                 and viewer.after == before
                 and not viewer._items
                 and viewer._held is None
             ):
-                try:
-                    sink(frame)
-                except RuntimeError:  # uvloop: its transport closed under us, and
-                    viewer.sink = None  # connection_lost, which drops the viewer, follows
-                    continue
-                viewer.after = last
-                written += 1
+                if frame is None:
+                    frame = ws_broadcast_frame([p for _, p in events])
+                if frame:
+                    try:
+                        sink(frame)
+                        viewer.after = last
+                        written += 1
+                        continue
+                    except RuntimeError:  # uvloop: its transport closed under us; queued
+                        viewer.sink = None  # instead, and connection_lost drops the lot
+            if viewer.id in slow:  # overflowed on an earlier piece: it is being closed
                 continue
             for offset, payload in events:
                 if not viewer.push(offset, payload):

@@ -135,7 +135,7 @@ class DeliveryStats:
         self._writes = 0
 
     def count(self, items: list[tuple[int, int, bytes]]) -> None:
-        """Items a writer task sent from a viewer's queue."""
+        """Items a viewer's flush sent from its queue."""
         self.delivered += event_count(items)
         newest = next((data for kind, _, data in reversed(items) if kind == EVENT), None)
         self._sample(newest)

@@ -118,6 +118,8 @@ class StreamProtocol(asyncio.Protocol):
         self._write_out()
 
     def eof_received(self) -> bool | None:
+        if self.viewer is not None:  # the transport closes now: no more direct frames
+            self.viewer.sink = None
         return None  # close the transport: a viewer that half-closes is gone
 
     def pause_writing(self) -> None:

@@ -203,7 +203,13 @@ def write_cost(quick: bool) -> dict[str, Any] | None:
     if binary is None:
         return None
     rounds = "20" if quick else "300"
-    done = subprocess.run([str(binary), "--rounds", rounds], capture_output=True, check=True)
+    try:
+        done = subprocess.run(
+            [str(binary), "--rounds", rounds], capture_output=True, check=True, timeout=60
+        )
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+        print(f"bench: bench/writes.c failed ({exc})", file=sys.stderr)
+        return None
     result: dict[str, Any] = json.loads(done.stdout)
     return result
 

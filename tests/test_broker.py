@@ -192,3 +192,38 @@ async def test_everything_read_in_one_turn_of_the_loop_is_handed_over_together()
     await asyncio.sleep(0)
     assert len(handed) == 1
     assert [reply[2] for reply in handed[0]] == messages  # type: ignore[index]
+
+
+async def test_a_failure_handling_messages_reconnects_and_is_reported(
+    redis_url: str, names: Names, seen: Seen, rclient: aioredis.Redis
+) -> None:
+    """A bug while handling a burst loses what that turn brought for every site: the
+    connection is given up like a broken one, so the gateway resubscribes and catches up."""
+    failed: list[Burst] = []
+
+    def burst(b: Burst) -> None:
+        if not failed:
+            failed.append(b)
+            raise RuntimeError("a bug in handling")
+        seen.burst(b)
+
+    s = Subscriber(redis_url, names, burst, seen.reconnected, seen.attempt, 5.0)
+    s.start()
+    try:
+        await s.subscribe("a.example")
+        await rclient.publish(names.channel("a.example"), b"lost")
+        await seen.until(lambda: seen.reconnects == [["a.example"]])
+
+        async def publish_until_seen() -> None:  # the new SUBSCRIBE may still be on its way
+            while True:
+                await rclient.publish(names.channel("a.example"), b"after")
+                await asyncio.sleep(0.05)
+
+        publishing = asyncio.create_task(publish_until_seen())
+        try:
+            await seen.until(lambda: b"after" in seen.payloads("a.example"))
+        finally:
+            publishing.cancel()
+        assert b"lost" not in seen.payloads("a.example")  # handed over once, to the bug
+    finally:
+        await s.close()
