@@ -314,9 +314,10 @@ class StreamProtocol(asyncio.Protocol):
         viewer, transport = self.viewer, self.transport
         if viewer is None or viewer.closed:
             return
-        usable = transport is not None and not transport.is_closing()
-        on = usable and not self.paused and not self.closing and not self.gone
-        viewer.sink = transport.write if on and transport is not None else None
+        if transport is None or transport.is_closing() or self.paused or self.closing or self.gone:
+            viewer.sink = None
+        else:
+            viewer.sink = transport.write
 
     def _write_out(self) -> None:
         """Write what `ServerProtocol` produced (handshake, pongs, close frames); its empty
