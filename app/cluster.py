@@ -21,6 +21,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 import redis.exceptions
 from redis.asyncio.cluster import RedisCluster
@@ -42,6 +43,16 @@ log = logging.getLogger(__name__)
 SUBSCRIBE_ATTEMPTS = 3
 
 
+def node_url(seed: str, host: str, port: int) -> str:
+    """The URL of one cluster node as the seed URL reaches it: same scheme (TLS or not) and
+    credentials, the node's own address. Every node of a cluster shares its ACL users and
+    `requirepass`, so what opens the seed opens them all."""
+    parts = urlsplit(seed)
+    userinfo = parts.netloc.rpartition("@")[0]
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return urlunsplit((parts.scheme, f"{userinfo}@{address}" if userinfo else address, "", "", ""))
+
+
 class NodeLink:
     """One pub/sub connection to one cluster node, carrying the shard channels it owns: the
     gateway's own bulk connection (`broker.PubSubConnection`: hiredis, PING health check), in
@@ -49,13 +60,12 @@ class NodeLink:
 
     def __init__(
         self,
-        host: str,
-        port: int,
+        url: str,
         on_messages: Callable[[dict[str, list[bytes]]], None],
         on_lost: Callable[[NodeLink, list[str]], None],
     ) -> None:
-        self.name = f"{host}:{port}"
-        self._url = f"redis://{host}:{port}"
+        self.name = urlsplit(url).netloc.rpartition("@")[2]
+        self._url = url
         self._on_messages = on_messages
         self._on_lost = on_lost
         self._keys: dict[bytes, str] = {}  # the channels held (encoded -> name)
@@ -177,12 +187,14 @@ class ShardedSubscriber:
     def __init__(
         self,
         cluster: RedisCluster,
+        seed_url: str,
         names: Names,
         on_burst: Callable[[Burst], None],
         on_reconnect: Callable[[list[str]], Awaitable[None]],
         on_reconnect_attempt: Callable[[], None] = lambda: None,
     ) -> None:
         self._cluster = cluster
+        self._seed_url = seed_url  # node links take its scheme and credentials
         self._names = names
         self._on_burst = on_burst
         self._on_reconnect = on_reconnect
@@ -242,8 +254,8 @@ class ShardedSubscriber:
                 raise redis.exceptions.RedisClusterException(f"no node serves {channel}")
             link = self._links.get(node.name)
             if link is None or link.dead:
-                port = int(node.port)
-                link = NodeLink(node.host, port, self._on_link_messages, self._on_link_lost)
+                url = node_url(self._seed_url, node.host, int(node.port))
+                link = NodeLink(url, self._on_link_messages, self._on_link_lost)
                 self._links[node.name] = link
             try:
                 await link.add(channel, confirm_within)
@@ -356,7 +368,11 @@ def subscribers(
     if shards.cluster:
         cluster = shards.clients[0]
         assert isinstance(cluster, RedisCluster)
-        return [ShardedSubscriber(cluster, names, on_burst, on_reconnect, on_reconnect_attempt)]
+        return [
+            ShardedSubscriber(
+                cluster, shards.urls[0], names, on_burst, on_reconnect, on_reconnect_attempt
+            )
+        ]
     return [
         Subscriber(url, names, on_burst, on_reconnect, on_reconnect_attempt) for url in shards.urls
     ]

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import redis
 
@@ -46,14 +47,17 @@ def cluster_port() -> int:
 
 
 class LocalCluster:
-    def __init__(self, root: Path, masters: int = 3) -> None:
+    def __init__(self, root: Path, masters: int = 3, password: str | None = None) -> None:
+        """`password`: every node requires it (`requirepass`, and `masterauth` for the bus)."""
         self.root = root
+        self.password = password
+        self.auth = ["-a", password, "--no-auth-warning"] if password else []
         self.ports = [cluster_port() for _ in range(masters)]
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         for port in self.ports:
             self.start_node(port)
         subprocess.run(
-            ["redis-cli", "--cluster", "create",
+            ["redis-cli", *self.auth, "--cluster", "create",
              *(f"127.0.0.1:{p}" for p in self.ports),
              "--cluster-replicas", "0", "--cluster-yes"],
             check=True, capture_output=True, timeout=60,
@@ -64,10 +68,11 @@ class LocalCluster:
     @property
     def url(self) -> str:
         """Seed URLs, as REDIS_URL takes them with REDIS_CLUSTER=true."""
-        return ",".join(f"redis://127.0.0.1:{p}" for p in self.ports)
+        userinfo = f":{quote(self.password, safe='')}@" if self.password else ""
+        return ",".join(f"redis://{userinfo}127.0.0.1:{p}" for p in self.ports)
 
     def node(self, port: int) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+        return redis.Redis(host="127.0.0.1", port=port, password=self.password, socket_timeout=5)
 
     def start_node(self, port: int) -> None:
         workdir = self.root / str(port)
@@ -76,7 +81,9 @@ class LocalCluster:
             ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
              "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
              "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
-             "--save", "", "--appendonly", "no", "--logfile", "redis.log"],
+             "--save", "", "--appendonly", "no", "--logfile", "redis.log",
+             *(["--requirepass", self.password, "--masterauth", self.password]
+               if self.password else [])],
             cwd=workdir,
         )  # fmt: skip
         deadline = time.monotonic() + 10
@@ -127,7 +134,8 @@ class LocalCluster:
         target.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", self.ids[src])
         source.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", self.ids[to])
         while keys := source.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
-            source.execute_command("MIGRATE", "127.0.0.1", to, "", 0, 5000, "KEYS", *keys)
+            auth = ["AUTH", self.password] if self.password else []
+            source.execute_command("MIGRATE", "127.0.0.1", to, "", 0, 5000, *auth, "KEYS", *keys)
         for port in dict.fromkeys((to, src, *self.ports)):
             self.node(port).execute_command("CLUSTER", "SETSLOT", slot, "NODE", self.ids[to])
 

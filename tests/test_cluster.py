@@ -46,6 +46,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     c.stop()
 
 
+@pytest.fixture(scope="module")
+def locked_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    c = LocalCluster(tmp_path_factory.mktemp("redis-cluster-auth"), password="s3cret:/@x")
+    yield c
+    c.stop()
+
+
 def site_on(cluster: LocalCluster, names: Names, port: int) -> str:
     """A fresh site id whose slot lives on node `port`."""
     while True:
@@ -66,6 +73,16 @@ def test_cluster_setting_is_validated() -> None:
         Settings.from_env({"REDIS_URL": "redis://a:1", "REDIS_CLUSTER": "perhaps"})
     with pytest.raises(Exception, match="REDIS_CLUSTER"):
         Settings.from_env({"REDIS_URL": "unix:///tmp/r.sock", "REDIS_CLUSTER": "1"})
+
+
+def test_node_urls_keep_the_seed_scheme_and_credentials() -> None:
+    node_url = app.cluster.node_url
+    assert node_url("redis://seed:7000", "10.0.0.2", 7001) == "redis://10.0.0.2:7001"
+    assert (
+        node_url("rediss://u:p%40w@seed:7000/0", "10.0.0.2", 7001)
+        == "rediss://u:p%40w@10.0.0.2:7001"
+    )
+    assert node_url("redis://:pw@seed", "::1", 7002) == "redis://:pw@[::1]:7002"
 
 
 class Inbox:
@@ -96,7 +113,9 @@ async def test_sharded_publish_reaches_the_owning_node_and_follows_a_slot_move(
     inbox = Inbox()
     client = shards.clients[0]
     assert isinstance(client, RedisCluster)
-    subscriber = ShardedSubscriber(client, names, inbox.on_burst, inbox.on_reconnect)
+    subscriber = ShardedSubscriber(
+        client, shards.urls[0], names, inbox.on_burst, inbox.on_reconnect
+    )
     subscriber.start()
     publisher = Publisher(shards, names, 100, IngestMetrics(CollectorRegistry()))
     try:
@@ -213,7 +232,9 @@ async def test_a_node_that_stops_answering_is_detected_and_its_channels_resubscr
     inbox = Inbox()
     client = shards.clients[0]
     assert isinstance(client, RedisCluster)
-    subscriber = ShardedSubscriber(client, names, inbox.on_burst, inbox.on_reconnect)
+    subscriber = ShardedSubscriber(
+        client, shards.urls[0], names, inbox.on_burst, inbox.on_reconnect
+    )
     subscriber.start()
     try:
         await subscriber.subscribe(site)
@@ -226,5 +247,36 @@ async def test_a_node_that_stops_answering_is_detected_and_its_channels_resubscr
         assert shard_subscribers(cluster, port, names.channel(site)) == 1
     finally:
         cluster.procs[port].send_signal(signal.SIGCONT)
+        await subscriber.close()
+        await shards.aclose()
+
+
+async def test_a_cluster_that_requires_a_password_is_subscribed_on_every_node(
+    locked_cluster: LocalCluster, names: Names
+) -> None:
+    """The gateway's own pub/sub links to each node authenticate as the seed URL does (the
+    password here needs percent-encoding in the URL)."""
+    cluster = locked_cluster
+    assert "s3cret%3A%2F%40x" in cluster.url
+    shards = RedisShards(tuple(cluster.url.split(",")), cluster=True)
+    inbox = Inbox()
+    [subscriber] = app.cluster.subscribers(
+        shards, names, inbox.on_burst, inbox.on_reconnect, lambda: None
+    )
+    subscriber.start()
+    publisher = Publisher(shards, names, 100, IngestMetrics(CollectorRegistry()))
+    sites = [site_on(cluster, names, port) for port in cluster.ports]
+    try:
+        for site in sites:
+            await subscriber.subscribe(site)
+        counts = [
+            shard_subscribers(cluster, p, names.channel(s))
+            for p, s in zip(cluster.ports, sites, strict=True)
+        ]
+        assert counts == [1, 1, 1]
+        await publisher.publish([stored(site, 1) for site in sites])
+        await inbox.wait(lambda: len(inbox.messages) == 3)
+        assert sorted(inbox.messages) == [b"event 1"] * 3
+    finally:
         await subscriber.close()
         await shards.aclose()
