@@ -274,9 +274,30 @@ class Subscriber:
     async def unsubscribe(self, site: str) -> None:
         channel = self._names.channel(site).encode()
         self._channels.pop(channel, None)
-        self._confirm.pop(channel, None)
+        # A confirmation still awaited here is a resubscription's (the feed never subscribes
+        # and unsubscribes one site at once): nothing to wait for any more.
+        waiting = self._confirm.pop(channel, None)
+        if waiting is not None and not waiting.done():
+            waiting.set_result(None)
         if self._conn is not None:  # a dead connection unsubscribes everything
             self._conn.command(b"UNSUBSCRIBE", channel)
+
+    async def _confirmed(self, conn: PubSubConnection) -> bool:
+        """SUBSCRIBE every channel held on `conn`; True once Redis has confirmed each one still
+        held (a channel unsubscribed meanwhile is not waited for: `unsubscribe` settles it)."""
+        loop = asyncio.get_running_loop()
+        waits = [self._confirm.setdefault(ch, loop.create_future()) for ch in self._channels]
+        conn.command(b"SUBSCRIBE", *self._channels)
+        try:
+            async with asyncio.timeout(self._health_check_s):
+                for waiting in waits:  # asyncio.wait cancels neither on its way out
+                    either: list[asyncio.Future[Any]] = [waiting, conn.gone]
+                    await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+                    if conn.lost:
+                        return False
+        except TimeoutError:
+            return False
+        return True
 
     async def _connection(self) -> PubSubConnection:
         """The open connection, opened on first use (call under `_commands`)."""
@@ -344,7 +365,12 @@ class Subscriber:
             attempt = 1
 
     async def _resubscribe(self) -> bool:
-        """A fresh connection subscribed to every channel held; False if Redis is still down."""
+        """A fresh connection subscribed to every channel held; False if Redis is still down
+        or does not confirm within the health-check interval.
+
+        `on_reconnect` runs only once Redis has confirmed every channel: the gateway's repair
+        then reads the replay window after the subscription is in place, so an event is either
+        in what the repair reads or arrives live, never in neither."""
         async with self._commands:
             if not self._channels:
                 self._lost = False  # nothing to read until the next subscribe
@@ -354,7 +380,12 @@ class Subscriber:
             except REDIS_ERRORS as exc:
                 log.warning("redis resubscribe failed", extra={"error": repr(exc)})
                 return False
-            conn.command(b"SUBSCRIBE", *self._channels)
+            if not await self._confirmed(conn):
+                conn.close()
+                log.warning(
+                    "redis resubscribe not confirmed", extra={"channels": len(self._channels)}
+                )
+                return False
             self._conn = conn
             self._lost = False
             self._opened.set()
@@ -439,6 +470,11 @@ class PubSubConnection(asyncio.Protocol):
     @property
     def lost(self) -> bool:
         return self._lost.done()
+
+    @property
+    def gone(self) -> asyncio.Future[str]:
+        """Done (with the reason) once the connection is lost."""
+        return self._lost
 
     def close(self) -> None:
         if self._transport is not None:
