@@ -31,6 +31,7 @@ def test_quick_bench_runs_every_scenario(tmp_path: Path, database_url: str) -> N
     rows = {tuple(line.split(" | ")[:2]): line for line in table.splitlines()}
     for ingest in ("| 4 ingest single", "| 4 ingest batch 50"):
         assert "| 1.00 |" in rows[(ingest, "acked == stored")]  # durable ack held under load
+    assert ("| 2 fanout 1 site", "host write µs just before (mean, as 0 host)") in rows
     exact = rows[("| 5 resume storm", "every viewer exact (events == viewers x behind)")]
     assert "| 1.00 |" in exact  # the reconnect storm replayed every event, once
     assert (tmp_path / "bench.json").exists()
