@@ -260,11 +260,11 @@ class Feeds:
             self._send(site, events)
 
     def _send(self, site: str, events: list[Event]) -> None:
-        slow, direct = self.hub.publish_many(site, events)
+        sent = self.hub.publish_many(site, events)
         if self.pacer.max_hold_s:
             self._sent_at[site] = asyncio.get_running_loop().time()
-        self.stats.direct(direct, events)
-        for viewer in slow:
+        self.stats.direct(sent.frames, sent.events, events)
+        for viewer in sent.slow:
             self._metrics.closes.labels("slow_consumer").inc()
             viewer.fail(CloseCode.SLOW_CONSUMER)
 

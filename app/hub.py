@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterator
 from datetime import datetime
+from typing import NamedTuple
 
 import orjson
 
@@ -159,6 +160,14 @@ class Viewer:
         self.held_bytes = 0
 
 
+class Fanout(NamedTuple):
+    """What one `Hub.publish_many` did."""
+
+    slow: list[Viewer]  # viewers whose queue overflowed (to be closed)
+    frames: int  # shared frames written straight to caught-up viewers (one per viewer each)
+    events: int  # events those frames carried, counted per viewer
+
+
 class Hub:
     def __init__(self) -> None:
         self._sites: dict[str, dict[int, Viewer]] = {}
@@ -192,20 +201,22 @@ class Hub:
         for viewers in list(self._sites.values()):
             yield from list(viewers.values())
 
-    def publish_many(self, site: str, events: list[tuple[int, bytes]]) -> tuple[list[Viewer], int]:
+    def publish_many(self, site: str, events: list[tuple[int, bytes]]) -> Fanout:
         """Deliver consecutive events to every viewer of `site`. Viewers that are caught up get
         ready WebSocket frames, built once and written as the same bytes to each of them (one
-        frame per MAX_FRAME_BYTES of events); the others get the events queued. Returns
-        (viewers that overflowed, events written directly)."""
+        frame per MAX_FRAME_BYTES of events); the others get the events queued."""
         slow: dict[int, Viewer] = {}
-        direct = 0
+        frames = direct = 0
         for chunk in _frame_sized(events):
-            direct += self._publish_frame(site, chunk, slow)
-        return list(slow.values()), direct
+            written = self._publish_frame(site, chunk, slow)
+            frames += written
+            direct += written * len(chunk)
+        return Fanout(list(slow.values()), frames, direct)
 
     def _publish_frame(
         self, site: str, events: list[tuple[int, bytes]], slow: dict[int, Viewer]
     ) -> int:
+        """Returns how many viewers the frame was written to."""
         before, last = events[0][0] - 1, events[-1][0]
         frame: bytes | None = None  # built when the first viewer can take it
         written = 0
@@ -237,7 +248,7 @@ class Hub:
                 if not viewer.push(offset, payload):
                     slow[viewer.id] = viewer
                     break
-        return written * len(events)
+        return written
 
     def notice(self, site: str, frame: bytes) -> list[Viewer]:
         slow = []

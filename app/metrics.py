@@ -140,12 +140,14 @@ class DeliveryStats:
         newest = next((data for kind, _, data in reversed(items) if kind == EVENT), None)
         self._sample(newest)
 
-    def direct(self, count: int, events: list[tuple[int, bytes]]) -> None:
-        """Events written straight to caught-up viewers (one shared frame per burst)."""
-        if not count:
+    def direct(self, frames: int, count: int, events: list[tuple[int, bytes]]) -> None:
+        """Shared frames written straight to caught-up viewers (`frames` writes carrying `count`
+        events in all); latency is sampled once per burst, not per viewer: the same events
+        left at the same moment."""
+        if not frames:
             return
+        self.frames += frames
         self.delivered += count
-        self.frames += 1
         self._sample(events[-1][1])
 
     def _sample(self, newest: bytes | None) -> None:

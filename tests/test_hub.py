@@ -2,6 +2,7 @@
 
 import orjson
 import pytest
+from prometheus_client import CollectorRegistry
 
 from app.codes import CloseCode
 from app.hub import (
@@ -14,6 +15,7 @@ from app.hub import (
     sse_chunk,
     ws_frames,
 )
+from app.metrics import DeliveryStats, GatewayMetrics
 
 
 def viewer(site: str = "a.com", max_bytes: int = 1000) -> tuple[Viewer, list[int]]:
@@ -60,7 +62,7 @@ def test_hub_refcounts_sites_and_shares_bytes() -> None:
     assert hub.add(b) is False
     assert hub.add(other) is True
     payload = b'{"offset":1}'
-    assert hub.publish_many("a.com", [(1, payload)]) == ([], 0)
+    assert hub.publish_many("a.com", [(1, payload)]) == ([], 0, 0)  # no sink: queued
     assert a.take()[0][2] is payload and b.take()[0][2] is payload  # encoded once, shared
     assert other.take() == []
     assert hub.remove(a) is False
@@ -207,8 +209,8 @@ def test_caught_up_viewers_get_one_shared_frame_others_the_queue() -> None:
     for v in (live, behind, paused):
         hub.add(v)
     events = [(1, b'{"offset":1}'), (2, b'{"offset":2}')]
-    slow, direct = hub.publish_many("a.com", events)
-    assert slow == [] and direct == 2
+    slow, frames, direct = hub.publish_many("a.com", events)
+    assert slow == [] and frames == 1 and direct == 2
     assert written == [ws_broadcast_frame([b'{"offset":1}', b'{"offset":2}'])]
     assert live.after == 2 and live.take() == []
     assert [o for _, o, _ in behind.take()] == [0, 1, 2]
@@ -232,6 +234,25 @@ def test_broadcast_frame_is_a_valid_unmasked_text_frame() -> None:
             parsed = done.value
         assert parsed.opcode is Opcode.TEXT and parsed.fin
         assert orjson.loads(parsed.data)["type"] == "events"
+
+
+def test_frames_and_deliveries_are_counted_per_viewer() -> None:
+    """`sitewire_gateway_frames_total` counts writes: a shared frame to two viewers is two."""
+    registry = CollectorRegistry()
+    stats = DeliveryStats(GatewayMetrics(registry))
+    hub = Hub()
+    written: list[bytes] = []
+    for _ in range(2):
+        v, _ = viewer()
+        v.sink = written.append
+        hub.add(v)
+    events = [(1, b'{"offset":1}'), (2, b'{"offset":2}'), (3, b'{"offset":3}')]
+    sent = hub.publish_many("a.com", events)
+    assert sent == ([], 2, 6) and len(written) == 2
+    stats.direct(sent.frames, sent.events, events)
+    stats.flush()
+    assert registry.get_sample_value("sitewire_gateway_frames_total") == 2
+    assert registry.get_sample_value("sitewire_gateway_delivered_events_total") == 6
 
 
 def test_a_viewer_back_from_flow_control_gets_its_queue_first_then_direct_frames() -> None:
@@ -260,8 +281,8 @@ def test_a_transport_that_closed_under_the_hub_is_switched_off_and_its_events_qu
     v.sink, other.sink = closed, written.append
     hub.add(v)
     hub.add(other)
-    slow, direct = hub.publish_many("a.com", [(1, b'{"offset":1}')])
-    assert slow == [] and direct == 1 and len(written) == 1
+    slow, frames, direct = hub.publish_many("a.com", [(1, b'{"offset":1}')])
+    assert slow == [] and frames == direct == 1 and len(written) == 1
     assert v.sink is None and [o for _, o, _ in v.take()] == [1]  # nothing skipped
 
 
@@ -310,8 +331,8 @@ def test_a_burst_larger_than_a_frame_goes_out_as_several_shared_frames() -> None
     hub.add(v)
     payload = b'{"pad":"' + b"x" * 990 + b'"}'
     events = [(i, payload) for i in range(1, 601)]  # ~600 KB: three frames' worth
-    slow, direct = hub.publish_many("a.com", events)
-    assert slow == [] and direct == 600 and v.after == 600 and v.take() == []
+    slow, frames, direct = hub.publish_many("a.com", events)
+    assert slow == [] and frames == 3 and direct == 600 and v.after == 600 and v.take() == []
     assert len(written) == 3 and all(len(f) <= MAX_FRAME_BYTES + 10 for f in written)
     bodies = [orjson.loads(f[f.index(b"{") :]) for f in written]
     assert sum(len(b["events"]) for b in bodies) == 600
