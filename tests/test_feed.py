@@ -4,10 +4,12 @@ are paced into shared frames, and that pacing never reorders them."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
+import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
 from app.feed import Feeds
@@ -151,4 +153,48 @@ async def test_a_page_just_read_from_postgres_is_reused(
             replay.RECENT_PAGE_S = kept
         assert metrics.replay_reads.labels("postgres")._value.get() == 4
     finally:
+        await shards.aclose()
+
+
+async def test_a_viewer_joining_while_the_last_ones_unsubscribe_runs_is_subscribed_again(
+    settings: Settings, pool: asyncpg.Pool, rclient: aioredis.Redis, names: Names, site: str
+) -> None:
+    """The race the per-site lock exists for: the linger has expired and UNSUBSCRIBE is on its
+    way when a new viewer arrives. It must wait, then subscribe afresh, and get live events."""
+    metrics = GatewayMetrics(CollectorRegistry())
+    shards = RedisShards(settings.require_redis())
+    replayer = Replayer(shards, pool, Names(settings.key_prefix), metrics)
+    quick = dataclasses.replace(settings, unsubscribe_delay_s=0.0)
+    feeds = Feeds(Hub(), quick, shards, pool, metrics, DeliveryStats(metrics), replayer)
+    feeds.start()
+    subscriber = feeds.subscriber(site)
+    unsubscribing, go_on = asyncio.Event(), asyncio.Event()
+    real_unsubscribe = subscriber.unsubscribe
+
+    async def held_unsubscribe(s: str) -> None:  # the real one, once the test lets it go
+        unsubscribing.set()
+        await go_on.wait()
+        await real_unsubscribe(s)
+
+    subscriber.unsubscribe = held_unsubscribe  # type: ignore[method-assign]
+    channel = names.channel(site)
+    try:
+        first = await live_viewer(feeds, site)
+        feeds.leave(first)
+        await asyncio.wait_for(unsubscribing.wait(), 5)
+        second = Viewer(site, "e1e2e3e4", 1 << 20, lambda: None)
+        joining = asyncio.create_task(feeds.join(second))
+        await asyncio.sleep(0.05)
+        assert not joining.done()  # waiting for the unsubscribe to finish
+        go_on.set()
+        await asyncio.wait_for(joining, 5)
+        assert (await rclient.pubsub_numsub(channel))[0][1] == 1
+        await rclient.publish(channel, event(1))
+        async with asyncio.timeout(5):
+            while not second.queued_bytes:
+                await asyncio.sleep(0.01)
+        assert queued(second) == [1]
+    finally:
+        go_on.set()
+        await feeds.close()
         await shards.aclose()
