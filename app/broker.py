@@ -23,7 +23,7 @@ import hiredis
 import redis.exceptions
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.connection import parse_url
+from redis.asyncio.connection import SSLConnection, parse_url
 
 from app.metrics import IngestMetrics
 from app.names import Names
@@ -267,27 +267,32 @@ class Subscriber:
             async with asyncio.timeout(confirm_within):
                 await asyncio.shield(future)
         except BaseException:
-            self._channels.pop(channel, None)
-            self._confirm.pop(channel, None)
+            self._drop(channel)
             raise
 
     async def unsubscribe(self, site: str) -> None:
         channel = self._names.channel(site).encode()
-        self._channels.pop(channel, None)
-        # A confirmation still awaited here is a resubscription's (the feed never subscribes
-        # and unsubscribes one site at once): nothing to wait for any more.
-        waiting = self._confirm.pop(channel, None)
-        if waiting is not None and not waiting.done():
-            waiting.set_result(None)
+        self._drop(channel)
         if self._conn is not None:  # a dead connection unsubscribes everything
             self._conn.command(b"UNSUBSCRIBE", channel)
 
+    def _drop(self, channel: bytes) -> None:
+        """Stop holding `channel`. A resubscription may be waiting for its confirmation (the
+        feed never subscribes and unsubscribes one site at once, so it is not a `subscribe`):
+        it need not wait any more, and unsubscribes the channel once its connection is in."""
+        self._channels.pop(channel, None)
+        waiting = self._confirm.pop(channel, None)
+        if waiting is not None and not waiting.done():
+            waiting.set_result(None)
+
     async def _confirmed(self, conn: PubSubConnection) -> bool:
         """SUBSCRIBE every channel held on `conn`; True once Redis has confirmed each one still
-        held (a channel unsubscribed meanwhile is not waited for: `unsubscribe` settles it)."""
+        held. A channel dropped meanwhile is not waited for (`_drop` settles its future) and is
+        unsubscribed again here, so the connection carries exactly the channels held."""
         loop = asyncio.get_running_loop()
-        waits = [self._confirm.setdefault(ch, loop.create_future()) for ch in self._channels]
-        conn.command(b"SUBSCRIBE", *self._channels)
+        sent = list(self._channels)
+        waits = [self._confirm.setdefault(ch, loop.create_future()) for ch in sent]
+        conn.command(b"SUBSCRIBE", *sent)
         try:
             async with asyncio.timeout(self._health_check_s):
                 for waiting in waits:  # asyncio.wait cancels neither on its way out
@@ -297,6 +302,8 @@ class Subscriber:
                         return False
         except TimeoutError:
             return False
+        if dropped := [ch for ch in sent if ch not in self._channels]:
+            conn.command(b"UNSUBSCRIBE", *dropped)
         return True
 
     async def _connection(self) -> PubSubConnection:
@@ -380,7 +387,12 @@ class Subscriber:
             except REDIS_ERRORS as exc:
                 log.warning("redis resubscribe failed", extra={"error": repr(exc)})
                 return False
-            if not await self._confirmed(conn):
+            try:
+                confirmed = await self._confirmed(conn)
+            except BaseException:  # closing: the connection is not ours to keep yet
+                conn.close()
+                raise
+            if not confirmed:
                 conn.close()
                 log.warning(
                     "redis resubscribe not confirmed", extra={"channels": len(self._channels)}
@@ -393,6 +405,17 @@ class Subscriber:
         log.info("redis pub/sub reconnected", extra={"sites": len(sites)})
         await self._on_reconnect(sites)
         return True
+
+
+def tls_context(params: dict[str, Any]) -> ssl.SSLContext | None:
+    """The TLS context redis-py would use for these URL parameters (None for plain TCP): its
+    own `SSLConnection` reads the `ssl_*` options, so the gateway's pub/sub connection verifies
+    exactly as the rest of Sitewire's Redis clients do."""
+    if params.get("connection_class") is not SSLConnection:
+        return None
+    options = {k: v for k, v in params.items() if k.startswith("ssl_")}
+    context: ssl.SSLContext = SSLConnection(**options).ssl_context.get()
+    return context
 
 
 #: Bytes fed to hiredis at a time. Its reader moves what is left of its buffer to the front
@@ -426,8 +449,9 @@ class PubSubConnection(asyncio.Protocol):
 
     @classmethod
     async def open(cls, url: str, on_replies: Callable[[list[Any]], None]) -> PubSubConnection:
-        """Connect (TCP, TLS or a Unix socket, as `url` says) and authenticate if it asks to.
-        No SELECT: pub/sub channels are not per database."""
+        """Connect (TCP, TLS or a Unix socket, as `url` says) and authenticate if it asks to,
+        reading the URL as redis-py does, TLS options (`?ssl_ca_certs=…`) included. No SELECT:
+        pub/sub channels are not per database."""
         params: dict[str, Any] = dict(parse_url(url))
         loop = asyncio.get_running_loop()
         conn = cls(on_replies)
@@ -435,13 +459,13 @@ class PubSubConnection(asyncio.Protocol):
             if "path" in params:
                 await loop.create_unix_connection(lambda: conn, params["path"])
             else:
-                tls = ssl.create_default_context() if url.startswith("rediss://") else None
                 await loop.create_connection(
                     lambda: conn, params.get("host", "localhost"), params.get("port", 6379),
-                    ssl=tls,
+                    ssl=tls_context(params),
                 )  # fmt: skip
-            if params.get("password") is not None:
-                await conn._authenticate(params.get("username"), params["password"])
+            username, password = params.get("username"), params.get("password")
+            if username or password is not None:  # as redis-py: AUTH user "" for a bare user
+                await conn._authenticate(username, password or "")
         return conn
 
     async def _authenticate(self, username: str | None, password: str) -> None:

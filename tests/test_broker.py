@@ -4,8 +4,17 @@ authentication, and reconnection (the server restarted, or alive but not answeri
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
@@ -14,7 +23,7 @@ import redis.exceptions
 from app.broker import Burst, Subscriber
 from app.names import Names
 from tests.servers import Servers
-from workers.embedded import EmbeddedRedis
+from workers.embedded import EmbeddedRedis, free_port
 
 
 @dataclass
@@ -220,16 +229,177 @@ async def test_a_failure_handling_messages_reconnects_and_is_reported(
         await rclient.publish(names.channel("a.example"), b"lost")
         await seen.until(lambda: seen.reconnects == [["a.example"]])
 
-        async def publish_until_seen() -> None:  # the new SUBSCRIBE may still be on its way
-            while True:
-                await rclient.publish(names.channel("a.example"), b"after")
-                await asyncio.sleep(0.05)
-
-        publishing = asyncio.create_task(publish_until_seen())
-        try:
-            await seen.until(lambda: b"after" in seen.payloads("a.example"))
-        finally:
-            publishing.cancel()
+        # Reported only once the new SUBSCRIBE is confirmed: one publish is enough.
+        assert await rclient.publish(names.channel("a.example"), b"after") == 1
+        await seen.until(lambda: b"after" in seen.payloads("a.example"))
         assert b"lost" not in seen.payloads("a.example")  # handed over once, to the bug
     finally:
         await s.close()
+
+
+async def numsub(client: aioredis.Redis, names: Names, site: str) -> int:
+    return int((await client.pubsub_numsub(names.channel(site)))[0][1])
+
+
+async def subscribed_eventually(
+    client: aioredis.Redis, names: Names, expected: dict[str, int], timeout: float = 5.0
+) -> None:
+    """Wait until each site's channel has the expected number of subscribers (a connection
+    closed while Redis was stopped may still hold one for a moment after it resumes)."""
+    async with asyncio.timeout(timeout):
+        while {s: await numsub(client, names, s) for s in expected} != expected:
+            await asyncio.sleep(0.05)
+
+
+async def inside_a_resubscription(sub: Subscriber, names: Names, site: str, seen: Seen) -> None:
+    """Wait until a resubscription has sent its SUBSCRIBE and waits for Redis to confirm
+    `site` (its confirmation is pending again: the first one was consumed long ago)."""
+    await seen.until(lambda: seen.attempts > 0)
+    async with asyncio.timeout(10):
+        while names.channel(site).encode() not in sub._confirm:
+            await asyncio.sleep(0.01)
+
+
+class Frozen:
+    """A private Redis stopped with SIGSTOP: its connections stay open, nothing is answered,
+    until `thaw()` (also on the way out)."""
+
+    def __init__(self, server: EmbeddedRedis) -> None:
+        self._pid = server.pid
+        os.kill(self._pid, signal.SIGSTOP)
+        self._frozen = True
+
+    def thaw(self) -> None:
+        if self._frozen:
+            os.kill(self._pid, signal.SIGCONT)
+            self._frozen = False
+
+
+@pytest.fixture
+async def slow_to_notice(
+    private_redis: EmbeddedRedis, names: Names, seen: Seen
+) -> AsyncIterator[tuple[Subscriber, aioredis.Redis]]:
+    """A subscriber of the private Redis that gives a connection up after 2 s without an
+    answer, and a client of the same server."""
+    sub = subscriber(private_redis.url, names, seen, health_check_s=1.0)
+    sub.start()
+    client = aioredis.Redis.from_url(private_redis.url)
+    yield sub, client
+    await client.aclose()
+    await sub.close()
+
+
+async def test_channels_dropped_while_a_resubscription_waits_are_not_kept(
+    slow_to_notice: tuple[Subscriber, aioredis.Redis],
+    private_redis: EmbeddedRedis,
+    names: Names,
+    seen: Seen,
+) -> None:
+    """While the new connection waits for a stopped Redis to confirm, one site is
+    unsubscribed and another site's first subscribe is abandoned by its viewer. Once Redis
+    resumes, the first attempt succeeds, the reconnect is reported for what is still held,
+    and the connection carries only that."""
+    sub, client = slow_to_notice
+    await sub.subscribe("a.example")
+    await sub.subscribe("b.example")
+    frozen = Frozen(private_redis)
+    try:
+        joining = asyncio.create_task(sub.subscribe("c.example"))  # waits for its confirmation
+        await inside_a_resubscription(sub, names, "a.example", seen)
+        await sub.unsubscribe("b.example")
+        joining.cancel()  # its viewer left
+        with contextlib.suppress(asyncio.CancelledError):
+            await joining
+    finally:
+        frozen.thaw()
+    await seen.until(lambda: len(seen.reconnects) > 0)
+    assert seen.reconnects == [["a.example"]]
+    assert seen.attempts == 1  # nothing left waiting for a confirmation that never comes
+    await subscribed_eventually(client, names, {"a.example": 1, "b.example": 0, "c.example": 0})
+
+
+async def test_closing_during_a_resubscription_leaves_no_connection_behind(
+    slow_to_notice: tuple[Subscriber, aioredis.Redis],
+    private_redis: EmbeddedRedis,
+    names: Names,
+    seen: Seen,
+) -> None:
+    sub, client = slow_to_notice
+    await sub.subscribe("a.example")
+    frozen = Frozen(private_redis)
+    try:
+        await inside_a_resubscription(sub, names, "a.example", seen)
+        await sub.close()
+    finally:
+        frozen.thaw()
+    await subscribed_eventually(client, names, {"a.example": 0})
+    await asyncio.sleep(0.3)  # and it stays so: no connection left to subscribe it again
+    assert await numsub(client, names, "a.example") == 0 and seen.reconnects == []
+
+
+def tls_redis_missing() -> str | None:
+    for tool in ("openssl", "redis-server"):
+        if shutil.which(tool) is None:
+            return f"no {tool} on PATH"
+    return None
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A TLS-only redis-server whose certificate is signed by a CA of this test's own:
+    (host:port, the CA's file)."""
+    if (why := tls_redis_missing()) is not None:
+        pytest.skip(why)
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
+            "-subj", "/CN=sitewire test CA")  # fmt: skip
+    openssl("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    (tmp_path / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    sign = ["-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-extfile", "san.ext"]
+    openssl("x509", "-req", "-in", "server.csr", *sign, "-out", "server.pem", "-days", "1")
+    port = free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+         "--tls-cert-file", "server.pem", "--tls-key-file", "server.key",
+         "--tls-ca-cert-file", "ca.pem", "--tls-auth-clients", "no",
+         "--save", "", "--appendonly", "no", "--logfile", "redis.log"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)):
+                break
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"TLS redis-server did not start: {tmp_path / 'redis.log'}")
+            time.sleep(0.05)
+        yield f"127.0.0.1:{port}", tmp_path / "ca.pem"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+async def test_tls_with_a_private_ca_named_in_the_url(
+    tls_redis: tuple[str, Path], names: Names, seen: Seen
+) -> None:
+    """The pub/sub connection reads TLS options from the URL as redis-py does: a server whose
+    CA the URL names is trusted, the same server without it is refused."""
+    address, ca = tls_redis
+    url = f"rediss://{address}?ssl_ca_certs={ca}"
+    sub = subscriber(url, names, seen)
+    untrusting = subscriber(f"rediss://{address}", names, Seen())
+    publisher = aioredis.Redis.from_url(url)
+    try:
+        await sub.subscribe("t.example")
+        await publisher.publish(names.channel("t.example"), b"over tls")
+        await seen.until(lambda: seen.payloads("t.example") == [b"over tls"])
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await untrusting.subscribe("t.example")
+    finally:
+        await publisher.aclose()
+        await sub.close()
+        await untrusting.close()
