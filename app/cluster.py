@@ -44,13 +44,14 @@ SUBSCRIBE_ATTEMPTS = 3
 
 
 def node_url(seed: str, host: str, port: int) -> str:
-    """The URL of one cluster node as the seed URL reaches it: same scheme (TLS or not) and
-    credentials, the node's own address. Every node of a cluster shares its ACL users and
-    `requirepass`, so what opens the seed opens them all."""
+    """The URL of one cluster node as the seed URL reaches it: same scheme, credentials and
+    options (TLS or not, `?ssl_ca_certs=…`), the node's own address. Every node of a cluster
+    shares its ACL users and `requirepass`, so what opens the seed opens them all."""
     parts = urlsplit(seed)
     userinfo = parts.netloc.rpartition("@")[0]
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return urlunsplit((parts.scheme, f"{userinfo}@{address}" if userinfo else address, "", "", ""))
+    netloc = f"{userinfo}@{address}" if userinfo else address
+    return urlunsplit((parts.scheme, netloc, "", parts.query, ""))  # the query: TLS options
 
 
 class NodeLink:
@@ -60,11 +61,12 @@ class NodeLink:
 
     def __init__(
         self,
+        name: str,
         url: str,
         on_messages: Callable[[dict[str, list[bytes]]], None],
         on_lost: Callable[[NodeLink, list[str]], None],
     ) -> None:
-        self.name = urlsplit(url).netloc.rpartition("@")[2]
+        self.name = name  # redis-py's node name ("host:port"), which keys `_links`
         self._url = url
         self._on_messages = on_messages
         self._on_lost = on_lost
@@ -255,7 +257,7 @@ class ShardedSubscriber:
             link = self._links.get(node.name)
             if link is None or link.dead:
                 url = node_url(self._seed_url, node.host, int(node.port))
-                link = NodeLink(url, self._on_link_messages, self._on_link_lost)
+                link = NodeLink(node.name, url, self._on_link_messages, self._on_link_lost)
                 self._links[node.name] = link
             try:
                 await link.add(channel, confirm_within)

@@ -83,6 +83,8 @@ def test_node_urls_keep_the_seed_scheme_and_credentials() -> None:
         == "rediss://u:p%40w@10.0.0.2:7001"
     )
     assert node_url("redis://:pw@seed", "::1", 7002) == "redis://:pw@[::1]:7002"
+    with_ca = "rediss://seed:7000/0?ssl_ca_certs=/etc/ca.pem"
+    assert node_url(with_ca, "10.0.0.2", 7001) == "rediss://10.0.0.2:7001?ssl_ca_certs=/etc/ca.pem"
 
 
 class Inbox:
