@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,18 @@ def _docker_answers() -> bool:
 
 
 @contextlib.contextmanager
+def postgres_root() -> Iterator[Path]:
+    """A directory for a private PostgreSQL's data, outside pytest's own temporary tree: run
+    as root, PostgreSQL runs as pgserver's account and must traverse the path, and pytest
+    resets /tmp/pytest-of-root to mode 0700 whenever a session starts (another test session
+    on the same machine would lock a running server out of its own files)."""
+    with tempfile.TemporaryDirectory(prefix="sitewire-pg-", ignore_cleanup_errors=True) as d:
+        root = Path(d)
+        root.chmod(0o755)
+        yield root
+
+
+@contextlib.contextmanager
 def choose_servers(scratch: Path) -> Iterator[Servers]:
     db = os.environ.get("TEST_DATABASE_URL")
     rd = os.environ.get("TEST_REDIS_URL")
@@ -63,7 +76,7 @@ def choose_servers(scratch: Path) -> Iterator[Servers]:
                 host, port = rc.get_container_host_ip(), rc.get_exposed_port(6379)
                 rd, sources["redis"] = f"redis://{host}:{port}/0", "docker"
         if not db:
-            epg = EmbeddedPostgres(scratch / "postgres")
+            epg = EmbeddedPostgres(stack.enter_context(postgres_root()) / "postgres")
             stack.callback(epg.stop)
             db, sources["postgres"] = epg.dsn(), "embedded"
         if not rd:

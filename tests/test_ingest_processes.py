@@ -21,6 +21,7 @@ from app.settings import Settings
 from app.sites import create_site
 from tests.disposable import DisposablePostgres
 from tests.processes import AppProcess
+from tests.servers import postgres_root
 from tests.test_ingest import BROWSER, event
 from workers.embedded import EmbeddedRedis
 
@@ -99,10 +100,11 @@ async def test_two_replicas_keep_offsets_strictly_increasing(
 
 
 @pytest.fixture
-def private_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DisposablePostgres]:
-    pg = DisposablePostgres(tmp_path_factory.mktemp("pg"))
-    yield pg
-    pg.close()
+def private_postgres() -> Iterator[DisposablePostgres]:
+    with postgres_root() as root:
+        pg = DisposablePostgres(root)
+        yield pg
+        pg.close()
 
 
 async def test_postgres_down_means_503_and_no_lost_ack(
