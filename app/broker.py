@@ -298,8 +298,8 @@ class Subscriber:
                 for waiting in waits:  # asyncio.wait cancels neither on its way out
                     either: list[asyncio.Future[Any]] = [waiting, conn.gone]
                     await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-                    if conn.lost or _refused(waiting):
-                        return False  # lost, or refused (logged by _on_control)
+                    if conn.lost:
+                        return False
         except TimeoutError:
             return False
         if dropped := [ch for ch in sent if ch not in self._channels]:
@@ -344,18 +344,7 @@ class Subscriber:
                 future.set_result(None)
         elif isinstance(reply, Exception):
             log.error("redis pub/sub command failed", extra={"error": str(reply)})
-            self._refuse_oldest(redis.exceptions.ResponseError(str(reply)))
         # unsubscribe confirmations and pongs need nothing
-
-    def _refuse_oldest(self, exc: Exception) -> None:
-        # Replies come in command order and an error reply (an ACL's NOPERM, say) names no
-        # channel: it answers the oldest SUBSCRIBE still waiting, whose caller then gets the
-        # error at once instead of a timeout.
-        for channel, future in list(self._confirm.items()):
-            if not future.done():
-                del self._confirm[channel]
-                future.set_exception(exc)
-                return
 
     # -- connection lifecycle ---------------------------------------------------------------
 
@@ -416,12 +405,6 @@ class Subscriber:
         log.info("redis pub/sub reconnected", extra={"sites": len(sites)})
         await self._on_reconnect(sites)
         return True
-
-
-def _refused(confirmation: asyncio.Future[None]) -> bool:
-    return confirmation.done() and (
-        confirmation.cancelled() or confirmation.exception() is not None
-    )
 
 
 def tls_context(params: dict[str, Any]) -> ssl.SSLContext | None:

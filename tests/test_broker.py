@@ -187,32 +187,6 @@ async def test_password_protected_redis(private_redis: EmbeddedRedis, names: Nam
         await bad.close()
 
 
-async def test_a_subscription_the_acl_forbids_fails_at_once_with_the_reason(
-    private_redis: EmbeddedRedis, names: Names
-) -> None:
-    """An error reply names no channel: it fails the oldest subscribe still waiting (so the
-    viewer gets NOPERM now, not a timeout later); the other channels are unaffected."""
-    admin = aioredis.Redis.from_url(private_redis.url)
-    allowed = names.channel("ok.example")
-    await admin.execute_command(
-        "ACL", "SETUSER", "viewer", "on", ">pw", "resetchannels", f"&{allowed}", "+@all"
-    )
-    host = private_redis.url.removeprefix("redis://")
-    seen = Seen()
-    sub = subscriber(f"redis://viewer:pw@{host}", names, seen)
-    try:
-        async with asyncio.timeout(2):  # well under subscribe's own 5 s deadline
-            with pytest.raises(redis.exceptions.ResponseError, match="NOPERM"):
-                await sub.subscribe("forbidden.example")
-        await sub.subscribe("ok.example")
-        assert sub.sites == ["ok.example"]
-        await admin.publish(allowed, b"allowed")
-        await seen.until(lambda: seen.payloads("ok.example") == [b"allowed"])
-    finally:
-        await sub.close()
-        await admin.aclose()
-
-
 async def test_everything_read_in_one_turn_of_the_loop_is_handed_over_together() -> None:
     """A gateway busy writing frames lets messages pile up; the reads of one loop turn (each
     at most one buffer) become one burst, parsed in pieces (hiredis is quadratic in what it is
