@@ -285,10 +285,11 @@ class Subscriber:
         if waiting is not None and not waiting.done():
             waiting.set_result(None)
 
-    async def _confirmed(self, conn: PubSubConnection) -> bool:
-        """SUBSCRIBE every channel held on `conn`; True once Redis has confirmed each one still
-        held. A channel dropped meanwhile is not waited for (`_drop` settles its future) and is
-        unsubscribed again here, so the connection carries exactly the channels held."""
+    async def _confirmed(self, conn: PubSubConnection) -> list[str] | None:
+        """SUBSCRIBE every channel held on `conn`; once Redis has confirmed each one still
+        held, their sites (None if it did not). A channel dropped meanwhile is not waited for
+        (`_drop` settles its future) and is unsubscribed again here, so the connection carries
+        exactly the channels held; one subscribed meanwhile is `subscribe`'s own to confirm."""
         loop = asyncio.get_running_loop()
         sent = list(self._channels)
         waits = [self._confirm.setdefault(ch, loop.create_future()) for ch in sent]
@@ -299,12 +300,12 @@ class Subscriber:
                     either: list[asyncio.Future[Any]] = [waiting, conn.gone]
                     await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
                     if conn.lost:
-                        return False
+                        return None
         except TimeoutError:
-            return False
+            return None
         if dropped := [ch for ch in sent if ch not in self._channels]:
             conn.command(b"UNSUBSCRIBE", *dropped)
-        return True
+        return [self._channels[ch] for ch in sent if ch in self._channels]
 
     async def _connection(self) -> PubSubConnection:
         """The open connection, opened on first use (call under `_commands`)."""
@@ -388,11 +389,11 @@ class Subscriber:
                 log.warning("redis resubscribe failed", extra={"error": repr(exc)})
                 return False
             try:
-                confirmed = await self._confirmed(conn)
+                sites = await self._confirmed(conn)
             except BaseException:  # closing: the connection is not ours to keep yet
                 conn.close()
                 raise
-            if not confirmed:
+            if sites is None:
                 conn.close()
                 log.warning(
                     "redis resubscribe not confirmed", extra={"channels": len(self._channels)}
@@ -401,7 +402,6 @@ class Subscriber:
             self._conn = conn
             self._lost = False
             self._opened.set()
-        sites = self.sites
         log.info("redis pub/sub reconnected", extra={"sites": len(sites)})
         await self._on_reconnect(sites)
         return True
@@ -455,17 +455,21 @@ class PubSubConnection(asyncio.Protocol):
         params: dict[str, Any] = dict(parse_url(url))
         loop = asyncio.get_running_loop()
         conn = cls(on_replies)
-        async with asyncio.timeout(CONNECT_TIMEOUT_S):
-            if "path" in params:
-                await loop.create_unix_connection(lambda: conn, params["path"])
-            else:
-                await loop.create_connection(
-                    lambda: conn, params.get("host", "localhost"), params.get("port", 6379),
-                    ssl=tls_context(params),
-                )  # fmt: skip
-            username, password = params.get("username"), params.get("password")
-            if username or password is not None:  # as redis-py: AUTH user "" for a bare user
-                await conn._authenticate(username, password or "")
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                if "path" in params:
+                    await loop.create_unix_connection(lambda: conn, params["path"])
+                else:
+                    await loop.create_connection(
+                        lambda: conn, params.get("host", "localhost"), params.get("port", 6379),
+                        ssl=tls_context(params),
+                    )  # fmt: skip
+                username, password = params.get("username"), params.get("password")
+                if username or password is not None:  # as redis-py: AUTH user "" for a bare user
+                    await conn._authenticate(username, password or "")
+        except BaseException:  # refused, timed out or cancelled: no half-open connection left
+            conn.close()
+            raise
         return conn
 
     async def _authenticate(self, username: str | None, password: str) -> None:

@@ -279,9 +279,10 @@ class Frozen:
 async def slow_to_notice(
     private_redis: EmbeddedRedis, names: Names, seen: Seen
 ) -> AsyncIterator[tuple[Subscriber, aioredis.Redis]]:
-    """A subscriber of the private Redis that gives a connection up after 2 s without an
-    answer, and a client of the same server."""
-    sub = subscriber(private_redis.url, names, seen, health_check_s=1.0)
+    """A subscriber of the private Redis that gives a connection up after 4 s without an
+    answer (and waits as long for a resubscription's confirmations: room for a slow CI
+    machine inside that wait), and a client of the same server."""
+    sub = subscriber(private_redis.url, names, seen, health_check_s=2.0)
     sub.start()
     client = aioredis.Redis.from_url(private_redis.url)
     yield sub, client
@@ -337,11 +338,40 @@ async def test_closing_during_a_resubscription_leaves_no_connection_behind(
     assert await numsub(client, names, "a.example") == 0 and seen.reconnects == []
 
 
+async def test_a_connection_that_times_out_authenticating_is_closed(
+    private_redis: EmbeddedRedis,
+) -> None:
+    """Redis accepts the connection (the kernel does) but answers nothing: opening gives up,
+    and leaves no connection behind for Redis to find when it resumes."""
+    from app.broker import PubSubConnection
+
+    admin = aioredis.Redis.from_url(private_redis.url)
+    try:
+        await admin.config_set("requirepass", "pw")  # this connection stays authenticated
+        url = private_redis.url.replace("redis://", "redis://:pw@")
+        frozen = Frozen(private_redis)
+        try:
+            with pytest.raises(TimeoutError):
+                await PubSubConnection.open(url, lambda replies: None)
+        finally:
+            frozen.thaw()
+        async with asyncio.timeout(5):
+            while len(await admin.client_list()) != 1:  # only this one
+                await asyncio.sleep(0.05)
+    finally:
+        await admin.aclose()
+
+
 def tls_redis_missing() -> str | None:
     for tool in ("openssl", "redis-server"):
         if shutil.which(tool) is None:
             return f"no {tool} on PATH"
     return None
+
+
+def said(directory: Path, *logs: str) -> str:
+    """What the logs that exist say, lower-cased."""
+    return " ".join((directory / n).read_text().lower() for n in logs if (directory / n).exists())
 
 
 @pytest.fixture
@@ -362,18 +392,21 @@ def tls_redis(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     sign = ["-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-extfile", "san.ext"]
     openssl("x509", "-req", "-in", "server.csr", *sign, "-out", "server.pem", "-days", "1")
     port = free_port()
+    out = (tmp_path / "out.log").open("wb")
     proc = subprocess.Popen(
         ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
          "--tls-cert-file", "server.pem", "--tls-key-file", "server.key",
          "--tls-ca-cert-file", "ca.pem", "--tls-auth-clients", "no",
          "--save", "", "--appendonly", "no", "--logfile", "redis.log"],
-        cwd=tmp_path,
+        cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 10
         while True:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)):
                 break
+            if proc.poll() is not None and "tls" in said(tmp_path, "out.log", "redis.log"):
+                pytest.skip("the redis-server on PATH was built without TLS")
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise RuntimeError(f"TLS redis-server did not start: {tmp_path / 'redis.log'}")
             time.sleep(0.05)
@@ -381,6 +414,7 @@ def tls_redis(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     finally:
         proc.kill()
         proc.wait()
+        out.close()
 
 
 async def test_tls_with_a_private_ca_named_in_the_url(
