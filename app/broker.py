@@ -277,9 +277,9 @@ class Subscriber:
             self._conn.command(b"UNSUBSCRIBE", channel)
 
     def _drop(self, channel: bytes) -> None:
-        """Stop holding `channel`. A resubscription may be waiting for its confirmation (the
-        feed never subscribes and unsubscribes one site at once, so it is not a `subscribe`):
-        it need not wait any more, and unsubscribes the channel once its connection is in."""
+        """Stop holding `channel`, settling its pending confirmation: a resubscription waiting
+        for it need not wait any more (and unsubscribes the channel once its connection is
+        in); a failing `subscribe`, whose own future it may be, is past waiting anyway."""
         self._channels.pop(channel, None)
         waiting = self._confirm.pop(channel, None)
         if waiting is not None and not waiting.done():
