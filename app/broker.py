@@ -108,7 +108,7 @@ class Publisher:
             by_site[s.event.site] += [s.offset, s.payload]
         skipped = self._take_skipped(by_site)
         if skipped:
-            self._gap(skipped, "redis marked unavailable")
+            self.gap(skipped, "redis marked unavailable")
         groups = self._groups(by_site)
         results = await asyncio.gather(
             *(self._publish_group(group, by_site) for group in groups), return_exceptions=True
@@ -126,7 +126,7 @@ class Publisher:
                 self._skip_until[site] = time.monotonic() + BACKOFF_S
         self._metrics.published.inc(published)
         if failed:
-            self._gap(failed, why)
+            self.gap(failed, why)
 
     def _take_skipped(self, by_site: Pairs) -> int:
         """Drop the sites still marked unavailable; return how many events that left out."""
@@ -180,14 +180,80 @@ class Publisher:
     def _args(self, site: str, by_site: Pairs) -> list[bytes | int | str]:
         return [self._names.channel(site), self._window, *by_site[site]]
 
-    def _gap(self, count: int, why: str) -> None:
+    def gap(self, count: int, why: str) -> None:
         self._metrics.publish_gap.inc(count)
         log.warning("events stored but not published", extra={"events": count, "error": why})
 
 
+#: Most events waiting for publication; beyond it the oldest are dropped (counted as a
+#: publish gap: gateways fill it from PostgreSQL). About 10 s of a busy ingest.
+PUBLISH_QUEUE_EVENTS = 100_000
+
+
+class PublishQueue:
+    """Publication off the commit path: `put` returns at once, and one task publishes what
+    has queued, in commit order, in as few calls as possible.
+
+    A commit's acknowledgement never waits for Redis: a hung Redis (which answers nothing
+    and refuses nothing) would otherwise hold every commit after it for the publish timeout.
+    Guarantee: at most once and in commit order per site; what is dropped (queue full, Redis
+    failed) is counted as `sitewire_ingest_publish_gap_events` and repaired by the gateways
+    from PostgreSQL, like any message pub/sub loses.
+    """
+
+    def __init__(self, publisher: Publisher, max_events: int = PUBLISH_QUEUE_EVENTS) -> None:
+        self._publisher = publisher
+        self._max_events = max_events
+        self._queue: list[Stored] = []
+        self._ready = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="publish")
+        self._task.add_done_callback(_log_crash)
+
+    def put(self, stored: list[Stored]) -> None:
+        self._queue += stored
+        overflow = len(self._queue) - self._max_events
+        if overflow > 0:
+            del self._queue[:overflow]
+            self._publisher.gap(overflow, "publish queue full")
+        self._ready.set()
+
+    async def close(self) -> None:
+        """Publish what is queued (for at most PUBLISH_TIMEOUT_S), then stop."""
+        self._closing = True
+        self._ready.set()
+        if self._task is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(PUBLISH_TIMEOUT_S):
+                await asyncio.shield(self._task)
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def _run(self) -> None:
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            while self._queue:
+                batch, self._queue = self._queue, []
+                try:
+                    await self._publisher.publish(batch)
+                except Exception:  # a bug: lose this batch (gateways repair it), not the rest
+                    log.exception("publishing failed")
+                    self._publisher.gap(len(batch), "publishing failed")
+            if self._closing:
+                return
+
+
 #: Seconds between PINGs on an idle pub/sub connection; one unanswered for as long again
-#: means the connection is dead even if TCP has not noticed (a half-open socket).
-HEALTH_CHECK_S = 5.0
+#: means the connection is dead even if TCP has not noticed (a half-open socket, a hung or
+#: cut-off Redis). A stalled link is so found within 2-3 s, and the gateway serves its sites
+#: from PostgreSQL meanwhile (app.feed); the cost is one PING a second per idle connection.
+HEALTH_CHECK_S = 1.0
 CONNECT_TIMEOUT_S = 2.0
 
 #: A burst: every message read from the connection at once, grouped by site, in order.
@@ -256,7 +322,12 @@ class Subscriber:
             self._conn.close()
 
     async def subscribe(self, site: str, confirm_within: float = 5.0) -> None:
-        """SUBSCRIBE to the site's channel and wait for Redis to confirm it."""
+        """SUBSCRIBE to the site's channel and wait for Redis to confirm it.
+
+        Raises (TimeoutError or a Redis error) when Redis is unreachable or does not confirm
+        in time; the channel is then still held, and subscribed as soon as the connection is
+        back (`on_reconnect` reports it), so the caller serves the site from storage meanwhile
+        (`holds` says when it is live). Cancelled, it holds nothing."""
         channel = self._names.channel(site).encode()
         self._channels[channel] = site
         future = self._confirm.setdefault(channel, asyncio.get_running_loop().create_future())
@@ -266,9 +337,25 @@ class Subscriber:
             conn.command(b"SUBSCRIBE", channel)
             async with asyncio.timeout(confirm_within):
                 await asyncio.shield(future)
+        except (TimeoutError, *REDIS_ERRORS):
+            raise
         except BaseException:
             self._drop(channel)
             raise
+
+    def holds(self, site: str) -> bool:
+        """True while the site's channel is confirmed on a connection not known to be lost:
+        its live events arrive. A stalled connection is known lost within 2-3 health-check
+        intervals."""
+        channel = self._names.channel(site).encode()
+        conn = self._conn
+        return (
+            conn is not None
+            and not self._lost
+            and not conn.lost
+            and channel in self._channels
+            and channel not in self._confirm
+        )
 
     async def unsubscribe(self, site: str) -> None:
         channel = self._names.channel(site).encode()
@@ -308,12 +395,18 @@ class Subscriber:
         return [self._channels[ch] for ch in sent if ch in self._channels]
 
     async def _connection(self) -> PubSubConnection:
-        """The open connection, opened on first use (call under `_commands`)."""
+        """The open connection, opened on first use (call under `_commands`). When it cannot
+        be opened, the watcher takes over: it reconnects with backoff and subscribes every
+        channel held."""
         if self._lost or (self._conn is not None and self._conn.lost):
-            # The watcher reconnects (and resubscribes every channel); the viewer retries.
             raise redis.exceptions.ConnectionError("redis pub/sub is reconnecting")
         if self._conn is None:
-            self._conn = await PubSubConnection.open(self._url, self._on_replies)
+            try:
+                self._conn = await PubSubConnection.open(self._url, self._on_replies)
+            except REDIS_ERRORS:
+                self._lost = True
+                self._opened.set()  # wakes the watcher, which finds no connection
+                raise
             self._opened.set()
         return self._conn
 
@@ -364,7 +457,11 @@ class Subscriber:
                 continue
             await self._opened.wait()
             conn = self._conn
-            assert conn is not None
+            if conn is None:  # the first connection could not be opened
+                log.warning("redis pub/sub unavailable")
+                self._opened.clear()
+                attempt = 1
+                continue
             error = await conn.watch(self._health_check_s)
             log.warning("redis pub/sub connection lost", extra={"error": error})
             self._conn = None

@@ -226,14 +226,26 @@ class ShardedSubscriber:
         self._links.clear()
 
     async def subscribe(self, site: str, confirm_within: float = 5.0) -> None:
-        """SSUBSCRIBE the site's channel on the node owning its slot; return once confirmed."""
+        """SSUBSCRIBE the site's channel on the node owning its slot; return once confirmed.
+        When the cluster is unreachable it raises but keeps the channel, which re-homing
+        subscribes once a node answers (as `broker.Subscriber.subscribe`)."""
         channel = self._names.channel(site)
         self._channels[channel] = site
         try:
             await self._home(channel, confirm_within)
+        except (TimeoutError, *REDIS_ERRORS):
+            self._lost.add(channel)
+            self._lost_signal.set()
+            raise
         except BaseException:
             self._channels.pop(channel, None)
             raise
+
+    def holds(self, site: str) -> bool:
+        """True while the site's channel is confirmed on a link not known to be lost."""
+        channel = self._names.channel(site)
+        link = self._homes.get(channel)
+        return link is not None and not link.dead and channel not in self._lost
 
     async def unsubscribe(self, site: str) -> None:
         channel = self._names.channel(site)
@@ -353,9 +365,17 @@ class Subscriptions(Protocol):
 
     async def close(self) -> None: ...
 
-    async def subscribe(self, site: str, confirm_within: float = 5.0) -> None: ...
+    async def subscribe(self, site: str, confirm_within: float = 5.0) -> None:
+        """Subscribe and wait for Redis to confirm. When Redis is unreachable or slow it
+        raises, but keeps the site: it is subscribed when Redis answers again, and reported
+        to `on_reconnect` then."""
 
     async def unsubscribe(self, site: str) -> None: ...
+
+    def holds(self, site: str) -> bool:
+        """Whether the site's live events arrive now (subscribed, confirmed, on a connection
+        not known to be lost). Pub/sub delivers at most once: a message published while a
+        connection is down is lost, which is why the gateway repairs from storage."""
 
 
 def subscribers(

@@ -42,6 +42,7 @@ class CloseCode(IntEnum):
     SLOW_CONSUMER = 4001  # the viewer's queue overflowed; reconnect and resume
     INTERNAL = 4002  # unexpected server error
     STALE = 4003  # no pong within the timeout
+    STORAGE_UNAVAILABLE = 4004  # a resume needs storage that does not answer: resume later
     # 4500-4999: do not reconnect without fixing the cause.
     UNAUTHORIZED = 4500  # token missing, forged, expired or for another site
     UNKNOWN_SITE = 4501  # no such site

@@ -18,6 +18,10 @@
   PostgreSQL. Only when both fail do viewers get a `gap` notice with `recovered: false`.
 - A periodic position check compares each site's head in PostgreSQL with what was delivered,
   which catches a lost *last* message that no later offset would reveal.
+- A site whose live events cannot arrive (its Redis link is down, stalled or not yet
+  confirmed: `Subscriptions.holds`) is served from PostgreSQL instead, polled every
+  `POLL_S`, until the link is back; viewers are told with a `delivery` notice each way
+  (docs/protocol.md). A gateway started while Redis is down serves every site this way.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from collections import defaultdict
 import asyncpg
 import orjson
 
-from app.broker import Burst
+from app.broker import REDIS_ERRORS, Burst
 from app.cluster import Subscriptions, subscribers
 from app.codes import CloseCode
 from app.history import Event, site_heads
@@ -50,6 +54,13 @@ log = logging.getLogger(__name__)
 
 #: Seconds between position checks of every subscribed site.
 POSITION_CHECK_S = 2.0
+#: Seconds between two reads of PostgreSQL for the sites whose Redis link is down.
+POLL_S = 0.5
+#: How long a gap repair keeps trying while storage is unreachable before it gives the gap
+#: up (a `gap` notice with `recovered: false`); the site's later events wait meanwhile.
+REPAIR_PATIENCE_S = 10.0
+#: Seconds between two repair attempts while storage is unreachable.
+REPAIR_RETRY_S = 0.5
 
 
 class Feeds:
@@ -82,6 +93,9 @@ class Feeds:
         self._unsubscribes: dict[str, asyncio.Task[None]] = {}
         self._repairs: dict[str, asyncio.Task[None]] = {}
         self._checker: asyncio.Task[None] | None = None
+        self._poller: asyncio.Task[None] | None = None
+        #: Sites served from storage because their live events cannot arrive.
+        self._polled: set[str] = set()
         self.pacer = Pacer(max_hold_s=settings.fanout_max_hold_ms / 1000)
         metrics.fanout_hold.set_function(lambda: self.pacer.hold_s)
         metrics.fanout_load.set_function(lambda: self.pacer.load)
@@ -99,11 +113,12 @@ class Feeds:
         for subscriber in self.subscribers:
             subscriber.start()
         self._checker = asyncio.create_task(self._check_positions(), name="position-check")
+        self._poller = asyncio.create_task(self._poll_forever(), name="storage-poll")
 
     async def close(self) -> None:
         for timer in self._timers.values():
             timer.cancel()
-        tasks = [self._checker, *self._unsubscribes.values(), *self._repairs.values()]
+        tasks = [self._checker, self._poller, *self._unsubscribes.values(), *self._repairs.values()]
         for task in tasks:
             if task is not None:
                 task.cancel()
@@ -139,9 +154,21 @@ class Feeds:
         with contextlib.suppress(*STORAGE_ERRORS):
             found = await get_site(self._pool, site)
             head = found.next_offset - 1 if found else None
-        await self.subscriber(site).subscribe(site)
+        try:
+            await self.subscriber(site).subscribe(site)
+        except (TimeoutError, *REDIS_ERRORS) as exc:
+            # The subscriber keeps the site and subscribes it when Redis answers; until then
+            # the poll serves it from PostgreSQL.
+            log.warning(
+                "subscribe failed; serving the site from storage",
+                extra={"site": site, "error": repr(exc)},
+            )
         self._seq[site] = Sequencer(head)
         self._epochs[site] = epoch
+
+    def live(self, site: str) -> bool:
+        """Whether the site's events arrive live (else this gateway polls storage for them)."""
+        return site not in self._polled and self.subscriber(site).holds(site)
 
     def leave(self, viewer: Viewer) -> None:
         viewer.release()
@@ -161,6 +188,7 @@ class Feeds:
                 await self.subscriber(site).unsubscribe(site)
                 del self._seq[site]
                 self._epochs.pop(site, None)
+                self._polled.discard(site)
                 self._deliver(site, [])  # nobody left to see them: only drops the timer
                 self._sent_at.pop(site, None)
                 self._arrived_at.pop(site, None)
@@ -281,27 +309,35 @@ class Feeds:
     # -- gaps -------------------------------------------------------------------------------
 
     async def _repair(self, site: str) -> None:
+        loop = asyncio.get_running_loop()
         try:
             await asyncio.sleep(self._settings.gap_hold_ms / 1000)
+            patience = loop.time() + REPAIR_PATIENCE_S
             seq = self._seq.get(site)
             while seq is not None and (gap := seq.missing()) is not None:
                 first, last = gap
                 events = await self._read(site, first - 1, last)
-                if not events:
+                if events is None and loop.time() < patience:  # storage unreachable: retry
+                    await asyncio.sleep(REPAIR_RETRY_S)
+                    seq = self._seq.get(site)
+                    continue
+                if not events:  # removed by retention, or storage down for too long
                     self._give_up(site, seq, first - 1)
                     break
                 self._deliver(site, seq.fill(events))
         finally:
             self._repairs.pop(site, None)
 
-    async def _read(self, site: str, after: int, until: int) -> list[Event] | None:
+    async def _read(
+        self, site: str, after: int, until: int, *, window: bool = True
+    ) -> list[Event] | None:
         """A page of stored events after..until (window, else PostgreSQL: app.replay); None
         when storage could not be read."""
         epoch = self._epochs.get(site)
         if epoch is None:  # unsubscribed meanwhile (its last viewer left): nothing to fill
             return None
         try:
-            return await self._replayer.page(site, epoch, after, until)
+            return await self._replayer.page(site, epoch, after, until, window=window)
         except STORAGE_ERRORS:
             return None
 
@@ -314,7 +350,7 @@ class Feeds:
         self.notice(site, {"type": "gap", "after": format_cursor(epoch, after), "recovered": False})
         self._deliver(site, seq.skip())
 
-    async def catch_up(self, site: str, top: int | None = None) -> bool:
+    async def catch_up(self, site: str, top: int | None = None, *, window: bool = True) -> bool:
         """Deliver whatever the site has beyond what was delivered (PostgreSQL is the truth).
         Returns False when it could not be checked."""
         seq = self._seq.get(site)
@@ -324,7 +360,8 @@ class Feeds:
         while True:
             if top is not None and top <= after:
                 return True
-            events = await self._read(site, after, UNBOUNDED if top is None else top)
+            until = UNBOUNDED if top is None else top
+            events = await self._read(site, after, until, window=window)
             if events is None:
                 return False
             if not events:
@@ -354,6 +391,43 @@ class Feeds:
                     "recovered": recovered,
                 },
             )
+
+    async def _poll_forever(self) -> None:
+        """Serve from PostgreSQL every site whose live events cannot arrive (its Redis link is
+        down, stalled or not confirmed), and tell its viewers when that starts and ends. The
+        Redis window is not read: the link to that Redis is what failed."""
+        while True:
+            await asyncio.sleep(POLL_S)
+            try:
+                await self._poll()
+            except Exception:  # a bug must not end polling for good: log it, go on
+                log.exception("storage poll failed")
+
+    async def _poll(self) -> None:
+        down = {site for site in self._seq if not self.subscriber(site).holds(site)}
+        for site in down - self._polled:
+            log.warning("site served from storage: its redis link is down", extra={"site": site})
+            self._polled.add(site)
+            self.notice(site, {"type": "delivery", "mode": "storage"})
+        for site in self._polled - down:
+            self._polled.discard(site)
+            if site in self._seq:
+                self.notice(site, {"type": "delivery", "mode": "live"})
+        self._metrics.polled_sites.set(len(self._polled))
+        if not down:
+            return
+        try:
+            heads = await site_heads(self._pool, sorted(down))
+        except STORAGE_ERRORS:
+            return
+        for site, head in heads.items():
+            seq = self._seq.get(site)
+            if seq is None:
+                continue
+            if seq.last is None:  # no baseline yet (storage was down when it subscribed)
+                seq.last = head
+            elif seq.last < head:
+                await self.catch_up(site, head, window=False)
 
     async def _check_positions(self) -> None:
         """Pub/sub can drop a message silently, and ingest cannot publish while Redis is down:

@@ -39,7 +39,7 @@ from app.history import from_postgres
 from app.hub import Hub, Viewer, sse_chunk
 from app.metrics import DeliveryStats, GatewayMetrics
 from app.names import Names
-from app.replay import BadStart, Replayer, StartRequest, parse_start
+from app.replay import BadStart, Replayer, StartRequest, StorageUnavailable, parse_start
 from app.responses import error_response
 from app.settings import Settings
 from app.shards import RedisShards
@@ -84,10 +84,15 @@ class GatewayState:
             self.stats.flush()
 
     async def checks(self) -> dict[str, Status]:
-        results = {
+        """Ready (`serving`) while either store answers and the gateway is not draining: with
+        Redis away it serves from PostgreSQL (polled), with PostgreSQL away it serves live
+        events and resumes within the Redis window (docs/operations.md)."""
+        results: dict[str, Status] = {
             "postgres": await probe_postgres(self.pool),
             "redis": await self.redis.probe(),
         }
+        either = "ok" in results.values()
+        results["serving"] = "ok" if either and not self.draining else "unavailable"
         if self.draining:
             results["draining"] = "unavailable"
         return results
@@ -161,7 +166,7 @@ def create_app(settings: Settings) -> GatewayApp:
         state: GatewayState = app.state.gateway
         return state.checks
 
-    app.include_router(health_router("gateway", checks, frozenset({"redis"}), registry))
+    app.include_router(health_router("gateway", checks, frozenset({"serving"}), registry))
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> Response:
@@ -281,23 +286,18 @@ class SseStream(Response):
         wake, drained = asyncio.Event(), asyncio.Event()
         try:
             viewer, start = await viewers.join(state, self.site, self.req, wake.set)
+        except StorageUnavailable:
+            # A stream that ends with a close event, not an HTTP error: EventSource gives up
+            # on an error status, but reconnects (with Last-Event-ID) after a stream ends.
+            await self._refuse(send, CloseCode.STORAGE_UNAVAILABLE)
+            return
         except (TimeoutError, *REDIS_ERRORS, *STORAGE_ERRORS):
             error = ApiError(ErrorCode.STORAGE_UNAVAILABLE, "subscription failed", retry_after=1)
             await error_response(error)(scope, receive, send)
             return
         state.metrics.connections.labels("sse").inc()
         try:
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": [
-                        (b"content-type", b"text/event-stream; charset=utf-8"),
-                        (b"cache-control", b"no-store"),
-                        (b"x-accel-buffering", b"no"),  # nginx: do not buffer the stream
-                    ],
-                }
-            )
+            await send(_SSE_START)
             disconnected = asyncio.create_task(_wait_disconnect(receive, viewer))
             replay = asyncio.create_task(viewers.replay(state, viewer, start, drained))
             try:
@@ -344,6 +344,14 @@ class SseStream(Response):
         except OSError:
             viewer.release()
 
+    async def _refuse(self, send: Send, code: int) -> None:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1.0):
+                await send(_SSE_START)
+                body = {"type": "http.response.body", "body": b"retry: 2000\n\n", "more_body": True}
+                await send(body)
+        await self._close(send, code)
+
     async def _close(self, send: Send, code: int) -> None:
         body = orjson.dumps({"type": "close", "code": code, "reason": CloseCode(code).name.lower()})
         with contextlib.suppress(Exception):
@@ -355,6 +363,17 @@ class SseStream(Response):
                         "more_body": False,
                     }
                 )
+
+
+_SSE_START: Message = {
+    "type": "http.response.start",
+    "status": 200,
+    "headers": [
+        (b"content-type", b"text/event-stream; charset=utf-8"),
+        (b"cache-control", b"no-store"),
+        (b"x-accel-buffering", b"no"),  # nginx: do not buffer the stream
+    ],
+}
 
 
 async def _wait_disconnect(receive: Receive, viewer: Viewer) -> None:

@@ -39,8 +39,8 @@ class Viewer:
     """One connected viewer's bounded queue. `wake` is called when the queue goes non-empty."""
 
     __slots__ = (
-        "_held", "_items", "after", "close_code", "closed", "epoch", "held_bytes", "id",
-        "max_bytes", "queued_bytes", "sink", "site", "wake",
+        "_held", "_items", "after", "close_code", "closed", "epoch", "held_bytes", "held_top",
+        "id", "max_bytes", "queued_bytes", "sink", "site", "wake",
     )  # fmt: skip
 
     def __init__(
@@ -68,6 +68,9 @@ class Viewer:
         #: Live events that arrived while the viewer was still replaying (None once live).
         self._held: list[tuple[int, bytes]] | None = None
         self.held_bytes = 0
+        #: The last live offset dropped from `_held` when it outgrew its share of the cap (0:
+        #: none). The replay reads up to it from storage instead.
+        self.held_top = 0
         #: The connection's `transport.write` while it can take a ready WebSocket frame now
         #: (open, not closing, not held back by flow control); None otherwise, and always for
         #: viewers that go through the queue (SSE). The connection switches it on and off, so
@@ -76,12 +79,17 @@ class Viewer:
 
     def push(self, offset: int, payload: bytes) -> bool:
         """Queue a live event. False means the cap would be exceeded: close this viewer as
-        slow. While replaying, live events are held aside (within the same cap)."""
+        slow. While replaying, live events are held aside, in half the cap: beyond that they
+        are dropped and the replay reads them from storage instead (every live event is
+        committed), so a replaying viewer is never closed for what arrives meanwhile."""
         if offset <= self.after:
             return True
         if self._held is not None:
-            if self.queued_bytes + self.held_bytes + len(payload) > self.max_bytes:
-                return False
+            if self.held_bytes + len(payload) > self.max_bytes // 2:
+                self._held.clear()
+                self.held_bytes = 0
+                self.held_top = offset
+                return True
             self._held.append((offset, payload))
             self.held_bytes += len(payload)
             return True
@@ -110,16 +118,19 @@ class Viewer:
         replay has not reached the live stream yet)."""
         if self._held is None:
             return None
-        for index, (offset, payload) in enumerate(self._held):
+        if self.held_top > self.after:  # live events were dropped: read storage up to them
+            return self.held_top + 1
+        # Moved out of the held bytes before they are queued, so that queue plus held stays
+        # within the cap and no push fails halfway.
+        held, self._held, self.held_bytes = self._held, None, 0
+        for index, (offset, payload) in enumerate(held):
             if offset <= self.after:
                 continue
             if offset != self.after + 1:
-                del self._held[:index]
+                self._held = held[index:]
                 self.held_bytes = sum(len(p) for _, p in self._held)
                 return offset
             self.push_replay(offset, payload)
-        self._held = None
-        self.held_bytes = 0
         return None
 
     def push_notice(self, frame: bytes) -> bool:

@@ -24,7 +24,7 @@ from starlette.types import Receive, Scope, Send
 
 from app import enrich
 from app.assets import Asset
-from app.broker import Publisher
+from app.broker import Publisher, PublishQueue
 from app.codes import ErrorCode
 from app.connections import Status, open_pool, probe_postgres
 from app.errors import ApiError, StorageUnavailable, unknown_site
@@ -83,13 +83,13 @@ def create_app(settings: Settings) -> IngestApp:
         pool = await open_pool(settings, connect_timeout=2.0)
         client = RedisShards.from_settings(settings)
         names = Names(settings.key_prefix)
-        publisher = Publisher(client, names, settings.replay_window, metrics)
+        publications = PublishQueue(Publisher(client, names, settings.replay_window, metrics))
         committer = Committer(
             pool,
             metrics,
             max_events=settings.commit_max_events,
             max_delay_s=settings.commit_max_delay_ms / 1000,
-            after_commit=publisher.publish,
+            after_commit=publications.put,
         )
         api.state.ingest = IngestState(
             settings=settings,
@@ -102,11 +102,13 @@ def create_app(settings: Settings) -> IngestApp:
             limiter=RateLimiter(client, names, settings, metrics),
             committer=committer,
         )
+        publications.start()
         committer.start()
         try:
             yield
         finally:
             await committer.close()  # commit (and ack) what was accepted before stopping
+            await publications.close()
             await client.aclose()
             await pool.close()
 

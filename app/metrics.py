@@ -93,6 +93,11 @@ class GatewayMetrics:
         self.gaps = Counter(
             "sitewire_gateway_gap_notices", "Gap notices sent to viewers", registry=registry
         )
+        self.polled_sites = Gauge(
+            "sitewire_gateway_polled_sites",
+            "Sites served from PostgreSQL because their Redis link is down",
+            registry=registry,
+        )
         self.redis_reconnects = Counter(
             "sitewire_gateway_redis_reconnects", "Pub/sub reconnections", registry=registry
         )

@@ -3,11 +3,14 @@
 Fixed windows: a site may send `rate_site_per_sec` events per wall-clock second, a client IP
 `rate_ip_per_min` per minute to one site. One Lua script checks both and counts only when both
 allow, so a rejected request does not eat into the budget. When Redis is unreachable the limiter
-lets requests through (counted): storing events matters more than limiting them.
+lets requests through (counted): storing events matters more than limiting them. A Redis that
+does not answer (hung, cut off) is given CHECK_TIMEOUT_S, then skipped for CHECK_BACKOFF_S,
+during which one request at a time probes it: acknowledgements never wait on it for longer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -44,6 +47,12 @@ return 0
 """
 
 
+#: The longest one limit check may wait for Redis (it answers in well under 1 ms).
+CHECK_TIMEOUT_S = 0.2
+#: After a failed or slow check, that server is skipped (requests allowed) for this long.
+CHECK_BACKOFF_S = 1.0
+
+
 class RateLimiter:
     def __init__(
         self, shards: RedisShards, names: Names, settings: Settings, metrics: IngestMetrics
@@ -54,6 +63,10 @@ class RateLimiter:
         self._metrics = metrics
         self._shards = shards
         self._scripts = [c.register_script(CHECK_SCRIPT) for c in shards.clients]
+        #: Per server: skipped until this monotonic time (0.0: healthy), and whether the one
+        #: request that probes it after that is in flight.
+        self._skip_until = [0.0] * len(shards.clients)
+        self._probing = [False] * len(shards.clients)
 
     @property
     def enabled(self) -> bool:
@@ -66,14 +79,26 @@ class RateLimiter:
         now = time.time()
         minute = int(now // 60)
         keys = [self._names.rate_site(site, int(now)), self._names.rate_ip(site, ip_key, minute)]
+        index = self._shards.index(site)
+        probe = bool(self._skip_until[index])  # tripped: this request probes, alone
+        if probe and (self._probing[index] or self._skip_until[index] > time.monotonic()):
+            self._metrics.ratelimit_unavailable.inc()
+            return
+        self._probing[index] = probe
         try:
             # Both counters live in the site's hash slot on the site's server: one script, one
             # round trip, and in a Cluster one node.
-            script = self._scripts[self._shards.index(site)]
-            verdict = await script(keys=keys, args=[n, self._site_limit, self._ip_limit])
-        except REDIS_ERRORS:
+            async with asyncio.timeout(CHECK_TIMEOUT_S):
+                script = self._scripts[index]
+                verdict = await script(keys=keys, args=[n, self._site_limit, self._ip_limit])
+        except REDIS_ERRORS:  # TimeoutError included
+            self._skip_until[index] = time.monotonic() + CHECK_BACKOFF_S
             self._metrics.ratelimit_unavailable.inc()
             return
+        finally:
+            if probe:
+                self._probing[index] = False
+        self._skip_until[index] = 0.0
         if verdict == 1:
             raise ApiError(
                 ErrorCode.RATE_LIMITED,

@@ -15,7 +15,6 @@ storm after a gateway restart asks for the same pages many times); at most
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -55,6 +54,21 @@ RECENT_PAGES = 64
 #: Most events `?last=` may ask for, and most minutes `?minutes=` may.
 MAX_LAST = 10_000
 MAX_MINUTES = 24 * 60
+#: The longest a read of a Redis window may take; a hung Redis must not hold replays for
+#: the client's whole command timeout.
+WINDOW_TIMEOUT_S = 0.5
+#: After a window read failed or timed out, that server's windows are skipped for this long
+#: (PostgreSQL serves the pages).
+WINDOW_BACKOFF_S = 2.0
+#: How long a replay keeps retrying a page while storage is unreachable before it closes the
+#: viewer with 4004 (it resumes later from its last cursor), and the wait between tries.
+REPLAY_PATIENCE_S = 5.0
+REPLAY_RETRY_S = 0.5
+
+
+class StorageUnavailable(Exception):
+    """Where a resume must start, or what it must replay, cannot be read now: the viewer is
+    closed with 4004 and resumes later from its own cursor (nothing is skipped)."""
 
 
 class BadStart(ValueError):
@@ -114,6 +128,22 @@ class Replayer:
         self._reads = asyncio.Semaphore(MAX_CONCURRENT_READS)
         #: Pages recently read from PostgreSQL: key -> (kept until, events), oldest first.
         self._recent: OrderedDict[tuple[object, ...], tuple[float, list[Event]]] = OrderedDict()
+        #: Redis servers (by shard index) whose windows are skipped until a monotonic time.
+        self._skip_window: dict[int, float] = {}
+
+    async def _window(self, site: str, first: int, last: int) -> list[Event] | None:
+        """Offsets first..last from the site's Redis window when it holds all of them; None
+        when it does not, or its server failed, was slow, or failed a moment ago."""
+        index = self._shards.index(site)
+        if self._skip_window.get(index, 0.0) > time.monotonic():
+            return None
+        try:
+            async with asyncio.timeout(WINDOW_TIMEOUT_S):
+                client = self._shards.clients[index]
+                return await from_window(client, self._names, site, first, last)
+        except REDIS_ERRORS:  # TimeoutError included
+            self._skip_window[index] = time.monotonic() + WINDOW_BACKOFF_S
+            return None
 
     async def _shared(self, key: tuple[object, ...], read: Callable[[], Awaitable[T]]) -> T:
         """Run `read` once for all concurrent callers with the same key."""
@@ -135,13 +165,14 @@ class Replayer:
         finally:
             del self._inflight[key]
 
-    async def page(self, site: str, epoch: str, after: int, until: int) -> list[Event]:
-        """Events after..until (at most PAGE), window first, then PostgreSQL. `until` is an
-        offset known to be committed, or UNBOUNDED."""
+    async def page(
+        self, site: str, epoch: str, after: int, until: int, *, window: bool = True
+    ) -> list[Event]:
+        """Events after..until (at most PAGE), window first (unless `window` is False), then
+        PostgreSQL. `until` is an offset known to be committed, or UNBOUNDED."""
         last = min(until, after + PAGE)
-        with contextlib.suppress(*REDIS_ERRORS):
-            client = self._shards.for_site(site)
-            events = await from_window(client, self._names, site, after + 1, last)
+        if window:
+            events = await self._window(site, after + 1, last)
             if events is not None:
                 self._metrics.replay_reads.labels("redis").inc()
                 return events
@@ -185,9 +216,8 @@ class Replayer:
 
     async def stored(self, site: str, offset: int) -> bool:
         """Whether the event at `offset` can still be read (window or PostgreSQL)."""
-        with contextlib.suppress(*REDIS_ERRORS):
-            if await from_window(self._shards.for_site(site), self._names, site, offset, offset):
-                return True
+        if await self._window(site, offset, offset):
+            return True
         found = await self._pool.fetchval(
             "SELECT 1 FROM events WHERE site = $1 AND site_offset = $2", site, offset
         )
@@ -206,30 +236,43 @@ class Replayer:
         self, site: str, epoch: str, live_head: int | None, req: StartRequest
     ) -> Start:
         """Turn a start request into an offset to replay after, and whether a resume is
-        complete. Never raises on storage trouble: the viewer then starts live."""
+        complete. `live_head` is how far this gateway's live feed has got (None: unknown).
+
+        A resume (`since`) is judged against what is committed: a cursor beyond the live
+        feed's position (an event acknowledged a moment ago, or a feed that fell behind) is
+        checked against PostgreSQL's head. When that cannot be read, it raises
+        StorageUnavailable (the viewer resumes later); the other starts then go live."""
+        if req.since is not None:
+            cursor_epoch, since = req.since
+            try:
+                head = live_head
+                if head is None or (cursor_epoch == epoch and since > head):
+                    head = await self.head(site)
+                if head is None:
+                    raise StorageUnavailable("site head unknown")
+                return await self._resume(site, epoch, head, cursor_epoch, since)
+            except STORAGE_ERRORS as exc:
+                raise StorageUnavailable(str(exc)) from None
         try:
             head = live_head if live_head is not None else await self.head(site)
             if head is None:
-                raise ConnectionError("site head unknown")
-            if req.since is not None:
-                return await self._resume(site, epoch, head, *req.since)
+                return Start(None, None)
             if req.last is not None:
                 return Start(max(0, head - req.last), None, head=head)
             if req.minutes is not None:
-                since = datetime.now(UTC) - timedelta(minutes=req.minutes)
-                first = await self.offset_at(site, since)
+                since_time = datetime.now(UTC) - timedelta(minutes=req.minutes)
+                first = await self.offset_at(site, since_time)
                 return Start(head if first is None else first - 1, None, head=head)
             return Start(head, None, head=head)
-        except (ConnectionError, *STORAGE_ERRORS):
-            recovered = False if req.since is not None else None
-            return Start(None, recovered, "storage_unavailable" if recovered is False else None)
+        except STORAGE_ERRORS:
+            return Start(None, None)
 
     async def _resume(
         self, site: str, epoch: str, head: int, cursor_epoch: str, since: int
     ) -> Start:
         if cursor_epoch != epoch:
             return Start(head, False, "epoch_changed", head)
-        if since > head:
+        if since > head:  # beyond the committed head: no such event was ever acknowledged
             return Start(head, False, "cursor_ahead", head)
         if since == head or await self.stored(site, since + 1):
             return Start(since, True, head=head)
@@ -243,7 +286,13 @@ async def run_replay(
     drained: asyncio.Event,
     on_gap: Callable[[Viewer, int], None],
 ) -> None:
-    """Replay from `start` until the viewer is live. Runs beside the viewer's writer."""
+    """Replay from `start` until the viewer is live. Runs beside the viewer's writer.
+
+    Paced by bytes: an event is queued only while the viewer's queue is under half its cap
+    (else the replay waits for the writer to drain it), so a viewer that reads is never
+    closed by its replay, whatever the events' sizes. While storage is unreachable a page is
+    retried for REPLAY_PATIENCE_S, then the viewer is closed with 4004 (it resumes later from
+    its last cursor: nothing is skipped)."""
     if start.after is None:
         _go_live_now(viewer)
         return
@@ -251,25 +300,39 @@ async def run_replay(
     target: int | None = start.head
     while target is not None:
         while viewer.after < target and not viewer.closed:
-            try:
-                page = await replayer.page(viewer.site, viewer.epoch, viewer.after, target)
-            except STORAGE_ERRORS:
-                page = []
-            if not page:  # storage unavailable, or retention removed them: say so, skip
+            page = await _read_page(replayer, viewer, target)
+            if page is None:
+                viewer.fail(CloseCode.STORAGE_UNAVAILABLE)
+                return
+            if not page:  # retention removed them: say so, skip
                 on_gap(viewer, viewer.after)
                 viewer.after = target
                 break
             if page[0][0] != viewer.after + 1:
                 on_gap(viewer, viewer.after)
             for offset, payload in page:
-                if not viewer.push_replay(offset, payload):
-                    viewer.fail(CloseCode.SLOW_CONSUMER)
+                await _wait_for_room(viewer, drained, len(payload))
+                if viewer.closed:
                     return
-            await _wait_for_room(viewer, drained)
+                if not viewer.push_replay(offset, payload):
+                    viewer.fail(CloseCode.SLOW_CONSUMER)  # one event over the whole cap
+                    return
         if viewer.closed:
             return
         missing = viewer.go_live()
         target = None if missing is None else missing - 1
+
+
+async def _read_page(replayer: Replayer, viewer: Viewer, target: int) -> list[Event] | None:
+    """The next page up to `target`; None when storage stayed unreachable."""
+    deadline = time.monotonic() + REPLAY_PATIENCE_S
+    while True:
+        try:
+            return await replayer.page(viewer.site, viewer.epoch, viewer.after, target)
+        except STORAGE_ERRORS:
+            if time.monotonic() >= deadline or viewer.closed:
+                return None
+            await asyncio.sleep(REPLAY_RETRY_S)
 
 
 def _go_live_now(viewer: Viewer) -> None:
@@ -279,16 +342,25 @@ def _go_live_now(viewer: Viewer) -> None:
         held_from = viewer.go_live()
 
 
-async def _wait_for_room(viewer: Viewer, drained: asyncio.Event) -> None:
-    while viewer.queued_bytes > viewer.max_bytes // 4 and not viewer.closed:
+async def _wait_for_room(viewer: Viewer, drained: asyncio.Event, size: int) -> None:
+    """Wait until `size` more bytes keep the queue under half its cap (or it is empty): the
+    other half is for live events held meanwhile (app.hub.Viewer)."""
+    while (
+        viewer.queued_bytes
+        and viewer.queued_bytes + size > viewer.max_bytes // 2
+        and not viewer.closed
+    ):
         drained.clear()
         await drained.wait()
 
 
-def welcome(site: str, epoch: str, start: Start) -> bytes:
+def welcome(site: str, epoch: str, start: Start, *, live: bool = True) -> bytes:
+    """The first frame. `live` False: this gateway's Redis link is down, so events come from
+    PostgreSQL, polled (`delivery: "storage"`), until a `delivery` notice says otherwise."""
     body: dict[str, object] = {"type": "welcome", "site": site, "epoch": epoch}
     body["cursor"] = None if start.after is None else format_cursor(epoch, start.after)
     body["recovered"] = start.recovered
     if start.reason:
         body["reason"] = start.reason
+    body["delivery"] = "live" if live else "storage"
     return orjson.dumps(body)

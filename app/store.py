@@ -16,7 +16,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -97,7 +97,9 @@ class Stored:
 
 #: None means the site no longer exists (deleted between validation and commit).
 Outcome = Stored | None
-AfterCommit = Callable[[list[Stored]], Awaitable[None]]
+#: Called with each commit's new events, in commit order; must not block (it runs in the
+#: commit loop: app.broker.PublishQueue.put).
+AfterCommit = Callable[[list[Stored]], None]
 
 
 #: One submission: its events and the future that receives their outcomes, in order.
@@ -217,7 +219,7 @@ class Committer:
         self._metrics.accepted.inc(len(fresh))
         self._metrics.duplicates.inc(sum(1 for o in outcomes if o is not None and o.duplicate))
         if fresh:
-            await self._after_commit(fresh)
+            self._after_commit(fresh)
 
 
 #: Commits of at most this many events make one call to `sitewire_store_events` (one round trip,

@@ -71,13 +71,17 @@ async def join(
     state: GatewayState, site: Site, req: StartRequest, wake: Callable[[], None]
 ) -> tuple[Viewer, Start]:
     """Add a viewer to the live feed (holding live events), decide where its stream starts,
-    and queue its welcome (`wake` is called whenever its queue goes non-empty). Raises what
-    subscribing raises."""
+    and queue its welcome (`wake` is called whenever its queue goes non-empty). Raises
+    app.replay.StorageUnavailable when a resume cannot be judged now."""
     viewer = Viewer(site.id, site.epoch, state.settings.viewer_queue_bytes, wake)
     viewer.start_replay()
     await state.feeds.join(viewer)
-    start = await state.replayer.resolve(site.id, site.epoch, state.feeds.head(site.id), req)
-    viewer.push_notice(welcome(site.id, site.epoch, start))
+    try:
+        start = await state.replayer.resolve(site.id, site.epoch, state.feeds.head(site.id), req)
+    except BaseException:  # StorageUnavailable included: the viewer resumes later
+        state.feeds.leave(viewer)
+        raise
+    viewer.push_notice(welcome(site.id, site.epoch, start, live=state.feeds.live(site.id)))
     return viewer, start
 
 

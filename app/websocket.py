@@ -38,7 +38,7 @@ from app import tokens, viewers
 from app.broker import REDIS_ERRORS
 from app.codes import CloseCode
 from app.hub import Viewer, ws_frames
-from app.replay import BadStart, parse_start
+from app.replay import BadStart, StorageUnavailable, parse_start
 from app.store import STORAGE_ERRORS
 
 if TYPE_CHECKING:
@@ -193,6 +193,8 @@ class StreamProtocol(asyncio.Protocol):
             self._close(exc.close, exc.error.message)
         except BadStart as exc:
             self._close(CloseCode.BAD_REQUEST, str(exc))
+        except StorageUnavailable:
+            self._close(CloseCode.STORAGE_UNAVAILABLE, "storage unavailable, resume later")
         except (TimeoutError, *REDIS_ERRORS, *STORAGE_ERRORS) as exc:
             log.warning("could not subscribe", extra={"site": site, "error": repr(exc)})
             self._close(CloseCode.INTERNAL, "subscription failed, reconnect")

@@ -187,11 +187,28 @@ def test_go_live_asks_for_more_replay_when_live_is_ahead() -> None:
     assert [o for _, o, _ in v.take()] == [1, 2, 3, 4, 5]
 
 
-def test_held_events_count_against_the_cap() -> None:
+def test_held_events_past_half_the_cap_are_read_from_storage_instead() -> None:
+    """A replaying viewer is never closed for the live events that arrive meanwhile: past
+    half its cap they are dropped, and the replay reads up to the last of them."""
+    v, _ = viewer(max_bytes=100)
+    v.push_replay(1, b"r1")
+    v.start_replay()
+    assert v.push(2, b"x" * 40)
+    assert v.push(3, b"x" * 40)  # over half the cap: 2 and 3 dropped, storage up to 3
+    assert v.push(4, b"4")
+    assert v.go_live() == 4  # read storage up to (not including) 4
+    v.push_replay(2, b"r2")
+    v.push_replay(3, b"r3")
+    assert v.go_live() is None
+    assert [data for _, _, data in v.take()] == [b"r1", b"r2", b"r3", b"4"]
+
+
+def test_moving_held_events_behind_the_replay_never_overflows() -> None:
     v, _ = viewer(max_bytes=100)
     v.start_replay()
-    assert v.push(1, b"x" * 60)
-    assert not v.push(2, b"x" * 60)
+    assert v.push(1, b"x" * 45)
+    assert v.go_live() is None
+    assert v.queued_bytes == 45 and v.held_bytes == 0
 
 
 def test_caught_up_viewers_get_one_shared_frame_others_the_queue() -> None:

@@ -1,0 +1,171 @@
+"""Where a resume starts, judged against what is committed; replays that never close a reader
+that reads; and a gateway that serves from PostgreSQL while its Redis is away (issue #15).
+The fault scenarios with every process running are in tests/chaos."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+
+from app.metrics import GatewayMetrics
+from app.names import Names
+from app.replay import Replayer, StartRequest, StorageUnavailable
+from app.settings import Settings
+from app.shards import RedisShards
+from app.store import commit
+from tests.clients import SseViewer, WsViewer, post_events
+from tests.conftest import env_for
+from tests.processes import AppProcess
+from tests.test_continuity import epoch_of
+from tests.test_gateway import FAST, token
+from tests.test_ingest import BROWSER
+from tests.test_store import new
+from workers.embedded import EmbeddedRedis
+
+
+@pytest.fixture
+async def replayer(settings: Settings, pool: asyncpg.Pool) -> AsyncIterator[Replayer]:
+    shards = RedisShards(settings.require_redis())
+    yield Replayer(shards, pool, Names(settings.key_prefix), GatewayMetrics(CollectorRegistry()))
+    await shards.aclose()
+
+
+async def test_a_cursor_past_the_live_feed_but_committed_resumes_exactly(
+    replayer: Replayer, pool: asyncpg.Pool, site: str
+) -> None:
+    """The race of issue #15: an event acknowledged a moment ago is beyond where this
+    gateway's live feed has got. Its cursor is valid: every event after it, nothing before."""
+    await commit(pool, [new(site, n=i) for i in range(5)])
+    epoch = await epoch_of(pool, site)
+    start = await replayer.resolve(site, epoch, 2, StartRequest(since=(epoch, 4)))
+    assert (start.after, start.recovered, start.reason, start.head) == (4, True, None, 5)
+    start = await replayer.resolve(site, epoch, 2, StartRequest(since=(epoch, 5)))
+    assert (start.after, start.recovered, start.head) == (5, True, 5)
+    # Beyond the committed head: no such event was ever acknowledged.
+    start = await replayer.resolve(site, epoch, 2, StartRequest(since=(epoch, 9)))
+    assert (start.after, start.recovered, start.reason) == (5, False, "cursor_ahead")
+
+
+async def test_a_resume_that_storage_cannot_judge_is_refused_for_later(
+    replayer: Replayer, pool: asyncpg.Pool, site: str
+) -> None:
+    epoch = await epoch_of(pool, site)
+    await pool.close()  # every read now fails as PostgreSQL being away does
+    with pytest.raises(StorageUnavailable):
+        await replayer.resolve(site, epoch, None, StartRequest(since=(epoch, 3)))
+    with pytest.raises(StorageUnavailable):
+        await replayer.resolve(site, epoch, 1, StartRequest(since=(epoch, 3)))
+    # Not a resume: it starts live (nothing was promised).
+    start = await replayer.resolve(site, epoch, None, StartRequest(last=10))
+    assert (start.after, start.recovered) == (None, None)
+
+
+async def post_large(ingest_url: str, site: str, count: int, size: int) -> None:
+    """`count` events of about `size` bytes each (props of up to 2,000 bytes a value)."""
+    values = max(1, size // 2000)
+    props = {f"k{i}": "x" * min(2000, size // values) for i in range(values)}
+    async with httpx.AsyncClient(headers={"User-Agent": BROWSER}, timeout=30) as client:
+        for first in range(0, count, 50):
+            batch = [
+                {"site": site, "name": "big", "url": f"https://{site}/{i}", "props": props}
+                for i in range(first, min(count, first + 50))
+            ]
+            r = await client.post(f"{ingest_url}/api/events", json=batch)
+            assert r.status_code == 202 and all(x["status"] == 202 for x in r.json()["results"])
+
+
+@pytest.mark.slow
+async def test_replays_of_large_events_reach_a_reader_that_reads(
+    spawn: Callable[..., AppProcess], site: str, pool: asyncpg.Pool
+) -> None:
+    """300 events of 6 KB are 1.8 MB, over the 1 MiB queue: the replay is paced by what the
+    queue can take, so every viewer that reads gets all of them, whichever way it starts."""
+    ingest = spawn("ingest", **FAST)
+    gateway = spawn("gateway", **FAST, SITEWIRE_REPLAY_WINDOW="100")
+    await post_large(ingest.url, site, 300, 6000)
+    epoch = await epoch_of(pool, site)
+    viewers = [
+        await WsViewer.open(gateway.ws_url, site, token(site), f"&since={epoch}-0"),
+        await WsViewer.open(gateway.ws_url, site, token(site), "&last=300"),
+        await WsViewer.open(gateway.ws_url, site, token(site), "&minutes=30"),
+        await SseViewer.open(gateway.url, site, token(site), {"Last-Event-ID": f"{epoch}-0"}),
+    ]
+    for viewer in viewers:
+        await viewer.wait_for(300, timeout=30)
+        assert viewer.offsets == list(range(1, 301))
+        assert viewer.close_code is None
+        await viewer.close()
+
+
+@pytest.mark.slow
+async def test_a_gateway_started_while_redis_is_down_serves_from_storage(
+    settings: Settings, site: str, tmp_path: Path, pool: asyncpg.Pool
+) -> None:
+    """Redis is down before the gateway starts: viewers are served from PostgreSQL (and told
+    so), then live once Redis is back, without a gap or a duplicate."""
+    redis = EmbeddedRedis(tmp_path / "redis", persist=False)
+    env = env_for(settings.with_(redis_url=redis.url), **FAST)
+    redis.stop()
+    ingest = AppProcess("ingest", env, tmp_path).start()
+    gateway = AppProcess("gateway", env, tmp_path).start()  # ready: PostgreSQL answers
+    epoch = await epoch_of(pool, site)
+    viewer = await WsViewer.open(gateway.ws_url, site, token(site), f"&since={epoch}-0")
+    try:
+        welcome = await viewer.wait_notice("welcome")
+        assert welcome["delivery"] == "storage" and welcome["recovered"] is True
+        await post_events(ingest.url, site, 20)  # acknowledged, never published
+        await viewer.wait_for(20, timeout=10)
+        redis.start()
+        deadline = asyncio.get_running_loop().time() + 15
+        while not any(n.get("mode") == "live" for n in viewer.notices):
+            assert asyncio.get_running_loop().time() < deadline, viewer.notices
+            await asyncio.sleep(0.1)
+        await post_events(ingest.url, site, 20, start=20)
+        await viewer.wait_for(40, timeout=10)
+        assert viewer.offsets == list(range(1, 41))
+        assert viewer.close_code is None
+        assert all(n.get("recovered") is not False for n in viewer.notices)
+    finally:
+        await viewer.close()
+        gateway.stop()
+        ingest.stop()
+        redis.stop()
+
+
+@pytest.mark.slow
+async def test_a_hung_redis_holds_neither_acks_nor_viewers(
+    settings: Settings, site: str, tmp_path: Path, pool: asyncpg.Pool
+) -> None:
+    """SIGSTOP: Redis accepts connections and answers nothing. Ingest still acknowledges
+    every event at once (rate limits fail open after 0.2 s, publication is off the commit
+    path), and the gateway finds the stalled link and serves the viewer from storage."""
+    redis = EmbeddedRedis(tmp_path / "redis", persist=False)
+    env = env_for(settings.with_(redis_url=redis.url), SITEWIRE_UNSUBSCRIBE_DELAY_S="0.3")
+    ingest = AppProcess("ingest", env, tmp_path).start()
+    gateway = AppProcess("gateway", env, tmp_path).start()
+    epoch = await epoch_of(pool, site)
+    viewer = await WsViewer.open(gateway.ws_url, site, token(site), f"&since={epoch}-0")
+    os.kill(redis.pid, signal.SIGSTOP)
+    try:
+        await viewer.wait_notice("welcome")
+        async with asyncio.timeout(20):  # a bound, not a speed check: the chaos suite times
+            await post_events(ingest.url, site, 30)
+        await viewer.wait_for(30, timeout=15)
+        assert viewer.offsets == list(range(1, 31))
+        assert any(n.get("mode") == "storage" for n in viewer.notices)
+    finally:
+        os.kill(redis.pid, signal.SIGCONT)
+        with contextlib.suppress(Exception):
+            await viewer.close()
+        gateway.stop()
+        ingest.stop()
+        redis.stop()
