@@ -205,14 +205,17 @@ class Replayer:
         kept = self._recent.get(key)
         return kept[1] if kept is not None and kept[0] > now else None
 
-    async def head(self, site: str) -> int | None:
+    async def head(self, site: str, *, fresh: bool = False) -> int | None:
+        """The site's last committed offset. Concurrent callers share one read, unless
+        `fresh`: a read that began before a commit does not see it."""
+
         async def read() -> int | None:
             value = await self._pool.fetchval(
                 "SELECT next_offset - 1 FROM sites WHERE id = $1", site
             )
             return None if value is None else int(value)
 
-        return await self._shared(("head", site), read)
+        return await (read() if fresh else self._shared(("head", site), read))
 
     async def stored(self, site: str, offset: int) -> bool:
         """Whether the event at `offset` can still be read (window or PostgreSQL)."""
@@ -248,6 +251,9 @@ class Replayer:
                 head = live_head
                 if head is None or (cursor_epoch == epoch and since > head):
                     head = await self.head(site)
+                if head is not None and cursor_epoch == epoch and since > head:
+                    # A shared read may have begun before the cursor's commit: ask once more.
+                    head = await self.head(site, fresh=True)
                 if head is None:
                     raise StorageUnavailable("site head unknown")
                 return await self._resume(site, epoch, head, cursor_epoch, since)

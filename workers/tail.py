@@ -59,13 +59,21 @@ class Printer:
         if kind == "welcome":
             if notice.get("recovered") is False:
                 self._warn(f"resume incomplete ({notice.get('reason')}): some events are missing")
+            if notice.get("delivery") == "storage":
+                self._warn(STORAGE_DELIVERY)
             return
         if kind == "gap" and notice.get("recovered") is False:
             self._warn(f"gap after {notice.get('after')}: some events may be missing")
+        if kind == "delivery":
+            self._warn(STORAGE_DELIVERY if notice.get("mode") == "storage" else LIVE_DELIVERY)
 
     def _warn(self, text: str) -> None:
         self.err.write(self._c("warn", f"! {text}") + "\n")
         self.err.flush()
+
+
+STORAGE_DELIVERY = "the gateway lost Redis: events come from storage, up to ~1 s late"
+LIVE_DELIVERY = "live again"
 
 
 def start_from(since: str | None, last: int | None) -> dict[str, str]:
