@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -169,3 +170,42 @@ async def test_a_hung_redis_holds_neither_acks_nor_viewers(
         gateway.stop()
         ingest.stop()
         redis.stop()
+
+
+async def test_a_hung_redis_costs_the_rate_limiter_one_short_wait(
+    settings: Settings, names: Names, private_redis: EmbeddedRedis
+) -> None:
+    """A hung Redis answers nothing and refuses nothing: the first check gives up after 0.2 s,
+    and the checks after it pass at once (one probe at a time) until Redis answers again."""
+    from app.metrics import IngestMetrics
+    from app.ratelimit import CHECK_BACKOFF_S, RateLimiter
+
+    shards = RedisShards((private_redis.url,))
+    metrics = IngestMetrics(CollectorRegistry())
+    limiter = RateLimiter(
+        shards, names, settings.with_(rate_site_per_sec=1000, rate_ip_per_min=1000), metrics
+    )
+    loop = asyncio.get_running_loop()
+    try:
+        await limiter.check("a.example", "ip", 1)  # healthy: counted in Redis
+        os.kill(private_redis.pid, signal.SIGSTOP)
+        try:
+            began = loop.time()
+            await limiter.check("a.example", "ip", 1)
+            assert loop.time() - began < 1.5  # bounds, not speed goals: 0.2 s, then none
+            began = loop.time()
+            await asyncio.gather(*(limiter.check("a.example", "ip", 1) for _ in range(50)))
+            assert loop.time() - began < 0.5
+            await asyncio.sleep(CHECK_BACKOFF_S)
+            await asyncio.gather(*(limiter.check("a.example", "ip", 1) for _ in range(50)))
+        finally:
+            os.kill(private_redis.pid, signal.SIGCONT)
+        await asyncio.sleep(CHECK_BACKOFF_S)
+        await limiter.check("a.example", "ip", 1)  # a probe that succeeds closes the breaker
+        await limiter.check("a.example", "ip", 1)
+        now = int(time.time())
+        client = shards.clients[0]
+        seconds = (now - 1, now)  # the second may have turned since the check
+        assert any([await client.get(names.rate_site("a.example", s)) for s in seconds])
+    finally:
+        await shards.aclose()
