@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint typecheck fmt pytest bench clean
+.PHONY: install run test lint typecheck fmt pytest bench chaos clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ fmt: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+
+chaos: $(STAMP)
+	SITEWIRE_CHAOS=full $(BIN)/python -m pytest tests/chaos -v -s $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .sitewire .pytest_cache .mypy_cache .ruff_cache bench/.build

@@ -16,8 +16,9 @@ import redis.asyncio as aioredis
 from app.names import Names
 from app.settings import Settings
 from app.sites import create_site
+from tests.disposable import DisposablePostgres
 from tests.processes import AppProcess
-from tests.servers import Servers, choose_servers, create_database, drop_database
+from tests.servers import Servers, choose_servers, create_database, drop_database, postgres_root
 from workers.embedded import EmbeddedRedis
 
 SECRET = "test-secret-" + "x" * 32
@@ -99,6 +100,18 @@ def private_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
     server = EmbeddedRedis(tmp_path / "private-redis", persist=False)
     yield server
     server.stop()
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[DisposablePostgres]:
+    """A PostgreSQL server of this test's own (migrated database at `.dsn`), which it may stop
+    and start. Never the shared one."""
+    with postgres_root() as root:
+        pg = DisposablePostgres(root)
+        try:
+            yield pg
+        finally:
+            pg.close()
 
 
 def env_for(settings: Settings, **extra: str) -> dict[str, str]:

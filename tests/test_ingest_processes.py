@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +21,6 @@ from app.settings import Settings
 from app.sites import create_site
 from tests.disposable import DisposablePostgres
 from tests.processes import AppProcess
-from tests.servers import postgres_root
 from tests.test_ingest import BROWSER, event
 from workers.embedded import EmbeddedRedis
 
@@ -97,14 +96,6 @@ async def test_two_replicas_keep_offsets_strictly_increasing(
     assert [int(s) for _, s in window] == list(range(1, 601))
     await pubsub.aclose()
     await client.aclose()
-
-
-@pytest.fixture
-def private_postgres() -> Iterator[DisposablePostgres]:
-    with postgres_root() as root:
-        pg = DisposablePostgres(root)
-        yield pg
-        pg.close()
 
 
 async def test_postgres_down_means_503_and_no_lost_ack(

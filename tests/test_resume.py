@@ -22,9 +22,11 @@ from app.names import Names
 from app.replay import Replayer, StartRequest, StorageUnavailable
 from app.settings import Settings
 from app.shards import RedisShards
+from app.sites import create_site
 from app.store import commit
 from tests.clients import SseViewer, WsViewer, post_events
 from tests.conftest import env_for
+from tests.disposable import DisposablePostgres
 from tests.processes import AppProcess
 from tests.test_continuity import epoch_of
 from tests.test_gateway import FAST, token
@@ -209,3 +211,39 @@ async def test_a_hung_redis_costs_the_rate_limiter_one_short_wait(
         assert any([await client.get(names.rate_site("a.example", s)) for s in seconds])
     finally:
         await shards.aclose()
+
+
+@pytest.mark.slow
+async def test_a_resume_postgresql_must_serve_waits_for_it(
+    settings: Settings, tmp_path: Path, private_postgres: DisposablePostgres
+) -> None:
+    """PostgreSQL down, the cursor older than the Redis window: the resume is closed with 4004
+    (reconnect later), never started live with the missed events lost. Once PostgreSQL is back
+    the same cursor resumes exactly."""
+    pg = private_postgres
+    site = "pgdown-resume.example.com"
+    conn = await asyncpg.connect(pg.dsn)
+    await create_site(conn, site)
+    epoch = await conn.fetchval("SELECT epoch FROM sites WHERE id = $1", site)
+    await conn.close()
+    env = env_for(settings.with_(database_url=pg.dsn), **FAST, SITEWIRE_REPLAY_WINDOW="10")
+    ingest = AppProcess("ingest", env, tmp_path).start()
+    gateway = AppProcess("gateway", env, tmp_path).start()
+    watching = await WsViewer.open(gateway.ws_url, site, token(site))  # the site is now known
+    try:
+        await post_events(ingest.url, site, 60)
+        await watching.wait_for(60)
+        await asyncio.to_thread(pg.stop)
+        late = await WsViewer.open(gateway.ws_url, site, token(site), f"&since={epoch}-5")
+        assert await late.wait_closed(timeout=20) == 4004
+        assert late.events == []
+        await asyncio.to_thread(pg.start)
+        again = await WsViewer.open(gateway.ws_url, site, token(site), f"&since={epoch}-5")
+        await again.wait_for(55, timeout=20)
+        assert again.offsets == list(range(6, 61))
+        assert (await again.wait_notice("welcome"))["recovered"] is True
+        await again.close()
+    finally:
+        await watching.close()
+        gateway.stop()
+        ingest.stop()
