@@ -188,6 +188,9 @@ class Publisher:
 #: Most events waiting for publication; beyond it the oldest are dropped (counted as a
 #: publish gap: gateways fill it from PostgreSQL). About 10 s of a busy ingest.
 PUBLISH_QUEUE_EVENTS = 100_000
+#: Most events one publication call carries: a backlog (after Redis hung) goes out in pieces
+#: that each fit PUBLISH_TIMEOUT_S, never as one script that would stall Redis itself.
+PUBLISH_BATCH_EVENTS = 5_000
 
 
 class PublishQueue:
@@ -239,7 +242,8 @@ class PublishQueue:
             await self._ready.wait()
             self._ready.clear()
             while self._queue:
-                batch, self._queue = self._queue, []
+                batch = self._queue[:PUBLISH_BATCH_EVENTS]
+                del self._queue[:PUBLISH_BATCH_EVENTS]
                 try:
                     await self._publisher.publish(batch)
                 except Exception:  # a bug: lose this batch (gateways repair it), not the rest
@@ -255,6 +259,9 @@ class PublishQueue:
 #: from PostgreSQL meanwhile (app.feed); the cost is one PING a second per idle connection.
 HEALTH_CHECK_S = 1.0
 CONNECT_TIMEOUT_S = 2.0
+#: The longest a resubscription waits for Redis to confirm every channel (many channels on a
+#: Redis just restarted may take more than one health-check interval).
+CONFIRM_TIMEOUT_S = 5.0
 
 #: A burst: every message read from the connection at once, grouped by site, in order.
 Burst = dict[str, list[bytes]]
@@ -302,6 +309,7 @@ class Subscriber:
         # two connections, one orphaned).
         self._commands = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self._catch_ups: set[asyncio.Task[None]] = set()  # held: the loop keeps weak refs
         self._closing = False
 
     @property
@@ -314,10 +322,11 @@ class Subscriber:
 
     async def close(self) -> None:
         self._closing = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in [self._task, *self._catch_ups]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._conn is not None:
             self._conn.close()
 
@@ -382,7 +391,7 @@ class Subscriber:
         waits = [self._confirm.setdefault(ch, loop.create_future()) for ch in sent]
         conn.command(b"SUBSCRIBE", *sent)
         try:
-            async with asyncio.timeout(self._health_check_s):
+            async with asyncio.timeout(max(self._health_check_s, CONFIRM_TIMEOUT_S)):
                 for waiting in waits:  # asyncio.wait cancels neither on its way out
                     either: list[asyncio.Future[Any]] = [waiting, conn.gone]
                     await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
@@ -500,8 +509,16 @@ class Subscriber:
             self._lost = False
             self._opened.set()
         log.info("redis pub/sub reconnected", extra={"sites": len(sites)})
-        await self._on_reconnect(sites)
+        # Its own task: the catch-up reads storage site by site, and meanwhile the watcher
+        # must already be watching (PINGing) the new connection.
+        catch_up = asyncio.create_task(self._report(sites), name="redis-catch-up")
+        self._catch_ups.add(catch_up)
+        catch_up.add_done_callback(self._catch_ups.discard)
+        catch_up.add_done_callback(_log_crash)
         return True
+
+    async def _report(self, sites: list[str]) -> None:
+        await self._on_reconnect(sites)
 
 
 def tls_context(params: dict[str, Any]) -> ssl.SSLContext | None:
@@ -671,4 +688,5 @@ class PubSubConnection(asyncio.Protocol):
 
 def _log_crash(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
-        log.critical("redis subscriber stopped", exc_info=task.exception())
+        error = task.exception()
+        log.critical("background task stopped", extra={"task": task.get_name()}, exc_info=error)

@@ -56,6 +56,9 @@ log = logging.getLogger(__name__)
 POSITION_CHECK_S = 2.0
 #: Seconds between two reads of PostgreSQL for the sites whose Redis link is down.
 POLL_S = 0.5
+#: How long a site's first viewer waits for Redis to confirm its subscription before the
+#: site is served from storage (the subscription stays pending and goes live when confirmed).
+SUBSCRIBE_CONFIRM_S = 2.0
 #: How long a gap repair keeps trying while storage is unreachable before it gives the gap
 #: up (a `gap` notice with `recovered: false`); the site's later events wait meanwhile.
 REPAIR_PATIENCE_S = 10.0
@@ -155,7 +158,7 @@ class Feeds:
             found = await get_site(self._pool, site)
             head = found.next_offset - 1 if found else None
         try:
-            await self.subscriber(site).subscribe(site)
+            await self.subscriber(site).subscribe(site, confirm_within=SUBSCRIBE_CONFIRM_S)
         except (TimeoutError, *REDIS_ERRORS) as exc:
             # The subscriber keeps the site and subscribes it when Redis answers; until then
             # the poll serves it from PostgreSQL.
@@ -165,6 +168,14 @@ class Feeds:
             )
         self._seq[site] = Sequencer(head)
         self._epochs[site] = epoch
+
+    def note_head(self, site: str, head: int) -> None:
+        """A committed head a viewer resolved its start against: the site's baseline, if the
+        feed has none yet (storage was down when it subscribed). A baseline read later could
+        be past events this viewer, live by then, still needs."""
+        seq = self._seq.get(site)
+        if seq is not None and seq.last is None:
+            seq.last = head
 
     def live(self, site: str) -> bool:
         """Whether the site's events arrive live (else this gateway polls storage for them)."""

@@ -177,9 +177,14 @@ def create_app(settings: Settings) -> GatewayApp:
         state: GatewayState = app.state.gateway
         site_info = await viewers.authorize(state, secret, site, _token(request))
         query = request.query_params
-        since = request.headers.get("last-event-id") or query.get("since")
+        # A browser's EventSource reconnects with its first URL (`last=`, `minutes=`) plus
+        # Last-Event-ID, which wins; in the query itself, two start positions are an error.
+        resumed = request.headers.get("last-event-id")
         try:
-            req = parse_start(since, None if since else query.get("last"), query.get("minutes"))
+            if resumed:
+                req = parse_start(resumed, None, None)
+            else:
+                req = parse_start(query.get("since"), query.get("last"), query.get("minutes"))
         except BadStart as exc:
             raise ApiError(ErrorCode.INVALID_REQUEST, str(exc), "since") from None
         return SseStream(state, site_info, req)

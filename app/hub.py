@@ -126,11 +126,11 @@ class Viewer:
         for index, (offset, payload) in enumerate(held):
             if offset <= self.after:
                 continue
-            if offset != self.after + 1:
+            if offset != self.after + 1 or not self.push_replay(offset, payload):
+                # A gap before it, or no room for it: storage is read up to just before it.
                 self._held = held[index:]
                 self.held_bytes = sum(len(p) for _, p in self._held)
                 return offset
-            self.push_replay(offset, payload)
         return None
 
     def push_notice(self, frame: bytes) -> bool:
@@ -262,9 +262,13 @@ class Hub:
         return written
 
     def notice(self, site: str, frame: bytes) -> list[Viewer]:
+        """Queue a notice of the site's live feed for its viewers; returns those whose queue
+        overflowed. Viewers still replaying are skipped: their welcome may not be queued yet,
+        and their replay reads storage, so a gap in the live feed reaches them as a gap in
+        what they hold (which the replay fills, or reports itself)."""
         slow = []
         for viewer in self._sites.get(site, {}).values():
-            if not viewer.push_notice(frame):
+            if viewer._held is None and not viewer.push_notice(frame):
                 slow.append(viewer)
         return slow
 

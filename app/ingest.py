@@ -107,10 +107,14 @@ def create_app(settings: Settings) -> IngestApp:
         try:
             yield
         finally:
-            await committer.close()  # commit (and ack) what was accepted before stopping
-            await publications.close()
-            await client.aclose()
-            await pool.close()
+            try:
+                await committer.close()  # commit (and ack) what was accepted before stopping
+            finally:
+                try:
+                    await publications.close()
+                finally:
+                    await client.aclose()
+                    await pool.close()
 
     api = FastAPI(title="Sitewire ingest", lifespan=lifespan, docs_url=None, redoc_url=None)
 

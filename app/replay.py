@@ -327,6 +327,9 @@ async def run_replay(
             return
         missing = viewer.go_live()
         target = None if missing is None else missing - 1
+        if target is not None and viewer.after >= target:
+            # Nothing to read: held events did not fit the queue. Let it drain first.
+            await _wait_for_room(viewer, drained, viewer.max_bytes // 2)
 
 
 async def _read_page(replayer: Replayer, viewer: Viewer, target: int) -> list[Event] | None:

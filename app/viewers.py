@@ -81,6 +81,8 @@ async def join(
     except BaseException:  # StorageUnavailable included: the viewer resumes later
         state.feeds.leave(viewer)
         raise
+    if start.after is not None:
+        state.feeds.note_head(site.id, start.head)
     viewer.push_notice(welcome(site.id, site.epoch, start, live=state.feeds.live(site.id)))
     return viewer, start
 

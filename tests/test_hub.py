@@ -211,6 +211,21 @@ def test_moving_held_events_behind_the_replay_never_overflows() -> None:
     assert v.queued_bytes == 45 and v.held_bytes == 0
 
 
+def test_held_events_with_no_room_left_are_read_from_storage_later() -> None:
+    """A notice can take the queue past half its cap: held events that no longer fit stay
+    held, and the replay is asked to read up to them (never a silent skip)."""
+    v, _ = viewer(max_bytes=100)
+    v.start_replay()
+    v.push_replay(1, b"x" * 45)
+    assert v.push_notice(b"n" * 20)
+    assert v.push(2, b"a" * 20) and v.push(3, b"b" * 20)
+    assert v.go_live() == 3  # 2 fitted; 3 did not: read storage up to just before it
+    assert v.after == 2 and v.held_bytes == 20
+    v.take()
+    assert v.go_live() is None
+    assert [data for _, _, data in v.take()] == [b"b" * 20]
+
+
 def test_caught_up_viewers_get_one_shared_frame_others_the_queue() -> None:
     from app.hub import ws_broadcast_frame
 

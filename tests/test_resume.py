@@ -14,6 +14,7 @@ from pathlib import Path
 
 import asyncpg
 import httpx
+import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -247,3 +248,31 @@ async def test_a_resume_postgresql_must_serve_waits_for_it(
         await watching.close()
         gateway.stop()
         ingest.stop()
+
+
+async def test_sse_last_event_id_wins_over_the_first_urls_start(
+    spawn: Callable[..., AppProcess], site: str, pool: asyncpg.Pool
+) -> None:
+    """An EventSource opened with `?minutes=30` reconnects with that URL plus Last-Event-ID:
+    the header wins (it was a 400, and the browser gave up). Two starts in the query are
+    still refused, as on the WebSocket."""
+    ingest = spawn("ingest", **FAST)
+    gateway = spawn("gateway", **FAST)
+    cursors = await post_events(ingest.url, site, 3)
+    url = f"{gateway.url}/v1/sites/{site}/events"
+    async with httpx.AsyncClient(timeout=10) as client:
+        both = {"token": token(site), "last": "5", "since": cursors[0]}
+        refused = await client.get(url, params=both)
+        assert refused.status_code == 400
+        assert refused.json()["error"]["code"] == "invalid_request"
+        first_url = {"token": token(site), "minutes": "30"}
+        resumed = {"Last-Event-ID": cursors[0]}
+        async with client.stream("GET", url, params=first_url, headers=resumed) as stream:
+            assert stream.status_code == 200
+            lines = stream.aiter_lines()
+            async with asyncio.timeout(10):
+                async for line in lines:
+                    if line.startswith("data: ") and '"welcome"' in line:
+                        welcome = orjson.loads(line[6:])
+                        break
+    assert welcome["cursor"] == cursors[0] and welcome["recovered"] is True
