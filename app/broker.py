@@ -16,7 +16,7 @@ import socket
 import ssl
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
 import hiredis
@@ -41,6 +41,39 @@ REDIS_ERRORS = (
     redis.exceptions.RedisError,
     redis.exceptions.RedisClusterException,
 )
+
+
+class Breaker:
+    """Per Redis server: after a failure, calls skip it for `backoff_s`; then one call at a
+    time probes it while the others still skip, until a call succeeds. A hung server (which
+    answers nothing and refuses nothing) so costs about one timed-out call per `backoff_s`,
+    not every caller's full timeout. Callers bound their own calls (`asyncio.timeout`)."""
+
+    def __init__(self, servers: int, backoff_s: float) -> None:
+        self.backoff_s = backoff_s
+        #: Skipped until this monotonic time (0.0: healthy), and whether a probe is in flight.
+        self._skip_until = [0.0] * servers
+        self._probing = [False] * servers
+
+    @contextlib.contextmanager
+    def call(self, index: int) -> Iterator[bool]:
+        """`with breaker.call(i) as allowed:` make the call only if `allowed`; an exception
+        of REDIS_ERRORS leaving the block trips the breaker (and propagates)."""
+        probe = bool(self._skip_until[index])  # tripped: this call probes, alone
+        if probe and (self._probing[index] or self._skip_until[index] > time.monotonic()):
+            yield False
+            return
+        self._probing[index] = probe
+        try:
+            yield True
+        except REDIS_ERRORS:  # TimeoutError included
+            self._skip_until[index] = time.monotonic() + self.backoff_s
+            raise
+        finally:
+            if probe:
+                self._probing[index] = False
+        self._skip_until[index] = 0.0
+
 
 #: KEYS[1] = window; ARGV[1] = channel, ARGV[2] = window size, then offset/payload pairs.
 #: The channel shares the window's hash tag, so in a Cluster both are in the script's slot.

@@ -432,13 +432,8 @@ class Feeds:
         except STORAGE_ERRORS:
             return
         for site, head in heads.items():
-            seq = self._seq.get(site)
-            if seq is None:
-                continue
-            if seq.last is None:  # no baseline yet (storage was down when it subscribed)
-                seq.last = head
-            elif seq.last < head:
-                await self.catch_up(site, head, window=False)
+            self.note_head(site, head)  # the baseline, if storage was down when it subscribed
+            await self.catch_up(site, head, window=False)
 
     async def _check_positions(self) -> None:
         """Pub/sub can drop a message silently, and ingest cannot publish while Redis is down:

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 
-from app.broker import REDIS_ERRORS
+from app.broker import REDIS_ERRORS, Breaker
 from app.codes import ErrorCode
 from app.errors import ApiError
 from app.metrics import IngestMetrics
@@ -63,10 +63,7 @@ class RateLimiter:
         self._metrics = metrics
         self._shards = shards
         self._scripts = [c.register_script(CHECK_SCRIPT) for c in shards.clients]
-        #: Per server: skipped until this monotonic time (0.0: healthy), and whether the one
-        #: request that probes it after that is in flight.
-        self._skip_until = [0.0] * len(shards.clients)
-        self._probing = [False] * len(shards.clients)
+        self._breaker = Breaker(len(shards.clients), CHECK_BACKOFF_S)
 
     @property
     def enabled(self) -> bool:
@@ -80,25 +77,19 @@ class RateLimiter:
         minute = int(now // 60)
         keys = [self._names.rate_site(site, int(now)), self._names.rate_ip(site, ip_key, minute)]
         index = self._shards.index(site)
-        probe = bool(self._skip_until[index])  # tripped: this request probes, alone
-        if probe and (self._probing[index] or self._skip_until[index] > time.monotonic()):
-            self._metrics.ratelimit_unavailable.inc()
-            return
-        self._probing[index] = probe
         try:
-            # Both counters live in the site's hash slot on the site's server: one script, one
-            # round trip, and in a Cluster one node.
-            async with asyncio.timeout(CHECK_TIMEOUT_S):
-                script = self._scripts[index]
-                verdict = await script(keys=keys, args=[n, self._site_limit, self._ip_limit])
+            with self._breaker.call(index) as allowed:
+                if not allowed:
+                    self._metrics.ratelimit_unavailable.inc()
+                    return
+                # Both counters live in the site's hash slot on the site's server: one script,
+                # one round trip, and in a Cluster one node.
+                async with asyncio.timeout(CHECK_TIMEOUT_S):
+                    script = self._scripts[index]
+                    verdict = await script(keys=keys, args=[n, self._site_limit, self._ip_limit])
         except REDIS_ERRORS:  # TimeoutError included
-            self._skip_until[index] = time.monotonic() + CHECK_BACKOFF_S
             self._metrics.ratelimit_unavailable.inc()
             return
-        finally:
-            if probe:
-                self._probing[index] = False
-        self._skip_until[index] = 0.0
         if verdict == 1:
             raise ApiError(
                 ErrorCode.RATE_LIMITED,

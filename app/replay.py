@@ -25,7 +25,7 @@ from typing import TypeVar, cast
 import asyncpg
 import orjson
 
-from app.broker import REDIS_ERRORS
+from app.broker import REDIS_ERRORS, Breaker
 from app.codes import CloseCode
 from app.history import Event, from_postgres, from_window
 from app.hub import Viewer
@@ -128,21 +128,21 @@ class Replayer:
         self._reads = asyncio.Semaphore(MAX_CONCURRENT_READS)
         #: Pages recently read from PostgreSQL: key -> (kept until, events), oldest first.
         self._recent: OrderedDict[tuple[object, ...], tuple[float, list[Event]]] = OrderedDict()
-        #: Redis servers (by shard index) whose windows are skipped until a monotonic time.
-        self._skip_window: dict[int, float] = {}
+        #: Redis servers whose windows are skipped for a while after a failure.
+        self._windows = Breaker(len(shards.clients), WINDOW_BACKOFF_S)
 
     async def _window(self, site: str, first: int, last: int) -> list[Event] | None:
         """Offsets first..last from the site's Redis window when it holds all of them; None
         when it does not, or its server failed, was slow, or failed a moment ago."""
         index = self._shards.index(site)
-        if self._skip_window.get(index, 0.0) > time.monotonic():
-            return None
         try:
-            async with asyncio.timeout(WINDOW_TIMEOUT_S):
-                client = self._shards.clients[index]
-                return await from_window(client, self._names, site, first, last)
+            with self._windows.call(index) as allowed:
+                if not allowed:
+                    return None
+                async with asyncio.timeout(WINDOW_TIMEOUT_S):
+                    client = self._shards.clients[index]
+                    return await from_window(client, self._names, site, first, last)
         except REDIS_ERRORS:  # TimeoutError included
-            self._skip_window[index] = time.monotonic() + WINDOW_BACKOFF_S
             return None
 
     async def _shared(self, key: tuple[object, ...], read: Callable[[], Awaitable[T]]) -> T:

@@ -439,3 +439,23 @@ async def test_tls_with_a_private_ca_named_in_the_url(
         await publisher.aclose()
         await sub.close()
         await untrusting.close()
+
+
+def test_a_breaker_skips_a_failed_server_then_lets_one_probe_through() -> None:
+    from app.broker import Breaker
+
+    breaker = Breaker(servers=2, backoff_s=0.05)
+    with pytest.raises(TimeoutError), breaker.call(0) as allowed:
+        assert allowed
+        raise TimeoutError  # a hung server's call, timed out by its caller
+    with breaker.call(0) as allowed:
+        assert not allowed  # skipped during the backoff
+    with breaker.call(1) as allowed:
+        assert allowed  # other servers are not affected
+    time.sleep(0.06)
+    with breaker.call(0) as probing:
+        assert probing
+        with breaker.call(0) as other:
+            assert not other  # one probe at a time
+    with breaker.call(0) as allowed, breaker.call(0) as again:
+        assert allowed and again  # the probe succeeded: healthy again
