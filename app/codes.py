@@ -27,9 +27,11 @@ class ErrorCode(Enum):
     UNKNOWN_SITE = ("unknown_site", 404)
     NOT_FOUND = ("not_found", 404)
     METHOD_NOT_ALLOWED = ("method_not_allowed", 405)
+    REQUEST_TIMEOUT = ("request_timeout", 408)
     TOO_LARGE = ("too_large", 413)
     UNSUPPORTED_MEDIA_TYPE = ("unsupported_media_type", 415)
     RATE_LIMITED = ("rate_limited", 429)
+    HEADERS_TOO_LARGE = ("headers_too_large", 431)
     INTERNAL = ("internal", 500)
     STORAGE_UNAVAILABLE = ("storage_unavailable", 503)
 

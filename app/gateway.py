@@ -36,6 +36,7 @@ from app.errors import ApiError
 from app.feed import Feeds
 from app.health import Checks, health_router
 from app.history import from_postgres
+from app.http import ABORT
 from app.hub import Hub, Viewer, sse_chunk
 from app.metrics import DeliveryStats, GatewayMetrics
 from app.names import Names
@@ -285,8 +286,10 @@ class SseStream(Response):
         self.state = state
         self.site = site
         self.req = req
+        self._scope: Scope = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._scope = scope
         state = self.state
         wake, drained = asyncio.Event(), asyncio.Event()
         try:
@@ -346,8 +349,16 @@ class SseStream(Response):
         except TimeoutError:
             state.metrics.closes.labels("write_timeout").inc()
             viewer.fail(CloseCode.SLOW_CONSUMER)
+            self._abort()  # the client does not read: nothing more can reach it
         except OSError:
             viewer.release()
+
+    def _abort(self) -> None:
+        """Drop the connection at once, write buffer and all (app.http.ABORT): a close would
+        wait for a client that does not read."""
+        abort = self._scope.get("extensions", {}).get(ABORT, {}).get("abort")
+        if abort is not None:
+            abort()
 
     async def _refuse(self, send: Send, code: int) -> None:
         with contextlib.suppress(Exception):
@@ -359,7 +370,7 @@ class SseStream(Response):
 
     async def _close(self, send: Send, code: int) -> None:
         body = orjson.dumps({"type": "close", "code": code, "reason": CloseCode(code).name.lower()})
-        with contextlib.suppress(Exception):
+        try:
             async with asyncio.timeout(1.0):
                 await send(
                     {
@@ -368,6 +379,8 @@ class SseStream(Response):
                         "more_body": False,
                     }
                 )
+        except Exception:  # the close event could not be written (the client does not read)
+            self._abort()
 
 
 _SSE_START: Message = {

@@ -78,6 +78,15 @@ class Settings:
     #: send them in one frame per viewer (app/hub.py Pacer); 0, the default, never holds: a
     #: busy gateway batches anyway (app/feed.py), and holds cost latency (docs/decisions.md).
     fanout_max_hold_ms: float = 0.0
+    #: SITEWIRE_HEADER_TIMEOUT_S: a request's line and headers must arrive within this long
+    #: of the connection (or of a keep-alive request's first byte); else 408 (app/http.py).
+    header_timeout_s: float = 30.0
+    #: SITEWIRE_BODY_TIMEOUT_S: a request's body must arrive within this long of its headers.
+    body_timeout_s: float = 30.0
+    #: SITEWIRE_MAX_HEADER_BYTES: most bytes of request line and headers; else 431.
+    max_header_bytes: int = 32 * 1024
+    #: SITEWIRE_KEEPALIVE_S: an idle keep-alive connection is closed after this long.
+    keepalive_s: int = 5
     #: SITEWIRE_LOG_LEVEL: DEBUG, INFO, WARNING or ERROR.
     log_level: str = "INFO"
     #: SITEWIRE_RETENTION_DAYS: events older than this are deleted by `sitewire worker`
@@ -125,6 +134,12 @@ class Settings:
             fanout_max_hold_ms=r.float(
                 "SITEWIRE_FANOUT_MAX_HOLD_MS", cls.fanout_max_hold_ms, 0.0, 1000
             ),
+            header_timeout_s=r.float("SITEWIRE_HEADER_TIMEOUT_S", cls.header_timeout_s, 0.1, 60),
+            body_timeout_s=r.float("SITEWIRE_BODY_TIMEOUT_S", cls.body_timeout_s, 0.1, 600),
+            max_header_bytes=r.int(
+                "SITEWIRE_MAX_HEADER_BYTES", cls.max_header_bytes, 1024, 1 << 20
+            ),
+            keepalive_s=r.int("SITEWIRE_KEEPALIVE_S", cls.keepalive_s, 1, 600),
             log_level=r.get("SITEWIRE_LOG_LEVEL", cls.log_level, _log_level),
             retention_days=r.int("SITEWIRE_RETENTION_DAYS", cls.retention_days, 0, 36500),
             worker_interval_s=r.float(

@@ -11,7 +11,7 @@ from typing import Literal
 
 import uvicorn
 
-from app import gateway, ingest, logs
+from app import gateway, http, ingest, logs
 from app.settings import Settings
 from app.websocket import MAX_CLIENT_FRAME, protocol_class
 
@@ -94,6 +94,9 @@ def serve(role: Role, settings: Settings, host: str, port: int, reuse_port: bool
         # larger ones are refused by the transport itself (1009). Keepalive pings are the
         # gateway's own (settings.ping_interval_s / ping_timeout_s).
         ws_max_size=16 * MAX_CLIENT_FRAME,
+        # Bounds uvicorn lacks (header and body deadlines, header size): app/http.py.
+        http=http.protocol_class(settings),
+        timeout_keep_alive=settings.keepalive_s,
         timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5,
         server_header=False,
     )

@@ -1,0 +1,182 @@
+"""uvicorn's HTTP/1.1 protocol (httptools) with the bounds it lacks, for both roles.
+
+uvicorn bounds only the idle time between two requests on a keep-alive connection. A client
+could otherwise hold a connection for ever by sending nothing, send its headers a byte at a
+time (slowloris), send one endless header (300 MB of it took ingest from 200 to 811 MB), or
+never finish a body. Each connection here must:
+
+- complete its request line and headers within `header_timeout_s` of connecting (or, on a
+  keep-alive connection, of the request's first byte): else 408 and the connection closes;
+- keep its headers within `max_header_bytes` bytes and MAX_HEADERS headers: else 431;
+- complete its body within `body_timeout_s` of its headers: else 408 (or a plain close once
+  the response has begun).
+
+It also hands the app a way to drop a connection at once: `scope["extensions"]
+["sitewire.abort"]` (ABORT). Closing a transport waits for its write buffer to drain, which a
+client that stopped reading never lets happen: a Server-Sent Events viewer closed as slow kept
+its socket and megabytes of kernel buffers until the OS gave up.
+
+Refusals use the documented error shape (app.codes). A WebSocket upgrade leaves this protocol
+once its headers are in, so the limits end there; app.websocket bounds streams itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import orjson
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from app.codes import ErrorCode
+from app.errors import ApiError
+from app.settings import Settings
+
+#: Most header lines in one request (Envoy's default is 100).
+MAX_HEADERS = 100
+#: The scope extension holding a callable that aborts the connection (no drain, no FIN).
+ABORT = "sitewire.abort"
+#: After a refusal, how long what the client still sends is read and dropped before the
+#: connection closes (nginx's lingering close; see `_linger`).
+LINGER_S = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class HttpLimits:
+    header_timeout_s: float
+    body_timeout_s: float
+    max_header_bytes: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> HttpLimits:
+        return cls(settings.header_timeout_s, settings.body_timeout_s, settings.max_header_bytes)
+
+
+class BoundedHttp(HttpToolsProtocol):
+    """One HTTP/1.1 connection under `limits` (set on the class by `protocol_class`)."""
+
+    limits: ClassVar[HttpLimits]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: From the connection (or a keep-alive request's first byte) to its headers.
+        self._in_headers = True
+        self._header_bytes = 0
+        self._header_count = 0
+        self._deadline: asyncio.TimerHandle | None = None
+        #: Refused: the answer is written, input is dropped until the connection closes.
+        self._refused = False
+
+    # -- the request's phases ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm(self.limits.header_timeout_s)
+
+    def on_message_begin(self) -> None:
+        if self._refused:
+            return
+        super().on_message_begin()
+        if not self._in_headers:  # the next request on a keep-alive connection
+            self._in_headers = True
+            self._header_bytes = 0
+            self._arm(self.limits.header_timeout_s)
+        self._header_count = 0
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._refused:
+            return
+        self._header_count += 1
+        if self._header_count > MAX_HEADERS:
+            self._refuse(ErrorCode.HEADERS_TOO_LARGE, f"more than {MAX_HEADERS} headers")
+            return
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if self._refused:  # refused halfway through this read: no request reaches the app
+            return
+        self._in_headers = False
+        self._arm(self.limits.body_timeout_s)
+        self.scope["extensions"] = {ABORT: {"abort": self.transport.abort}}
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._refused:
+            return
+        self._disarm()
+        super().on_message_complete()
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._in_headers:
+            self._header_bytes += len(data)
+        super().data_received(data)
+        # Checked after parsing, so that headers and a body in one read are not counted as
+        # headers; an endless header is refused within one read of the limit.
+        if self._in_headers and self._header_bytes > self.limits.max_header_bytes:
+            limit = self.limits.max_header_bytes
+            self._refuse(ErrorCode.HEADERS_TOO_LARGE, f"request headers over {limit} bytes")
+
+    def handle_websocket_upgrade(self) -> None:
+        self._disarm()  # the WebSocket protocol takes the connection over
+        super().handle_websocket_upgrade()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    # -- deadlines and refusals --------------------------------------------------------------
+
+    def _arm(self, seconds: float) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(seconds, self._expired)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expired(self) -> None:
+        self._deadline = None
+        what = "headers" if self._in_headers else "body"
+        self._refuse(ErrorCode.REQUEST_TIMEOUT, f"the request's {what} took too long")
+
+    def _refuse(self, code: ErrorCode, message: str) -> None:
+        """Answer with `code` unless a response has begun, and close the connection."""
+        self._disarm()
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.disconnected = True  # the app, if running, sees the client gone
+            self.cycle.message_event.set()
+            if self.cycle.response_started:
+                self.transport.close()
+                return
+        body = orjson.dumps(ApiError(code, message).body())
+        head = (
+            f"HTTP/1.1 {code.status} {code.code}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        )
+        self.transport.write(head.encode() + body)
+        self._linger()
+
+    def _linger(self) -> None:
+        """Close without losing the answer: closing a socket with unread input makes the
+        kernel send a reset, which can destroy the answer before the client reads it. So stop
+        writing (the client sees the end of the answer), drop whatever it still sends, and
+        close after LINGER_S."""
+        self._refused = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(LINGER_S, self.transport.close)
+
+
+def protocol_class(settings: Settings) -> type[BoundedHttp]:
+    """The HTTP protocol class for uvicorn (`Config(http=...)`), bound to these limits."""
+    return type("BoundedHttp", (BoundedHttp,), {"limits": HttpLimits.from_settings(settings)})

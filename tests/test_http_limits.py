@@ -1,0 +1,199 @@
+"""Every connection a client can hold on either role is bounded (app/http.py): time to send
+headers and a body, header bytes and count. Tried with raw sockets against real processes,
+with short deadlines so the tests stay quick."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable
+
+import httpx
+import orjson
+import pytest
+
+from app.http import MAX_HEADERS
+from tests.processes import AppProcess
+from tests.test_gateway import FAST, token
+from tests.test_ingest import BROWSER
+from tests.test_resume import post_large
+
+pytestmark = pytest.mark.slow
+
+#: Deadlines the processes under test run with (the defaults are 30 s).
+SHORT = {**FAST, "SITEWIRE_HEADER_TIMEOUT_S": "1", "SITEWIRE_BODY_TIMEOUT_S": "1"}
+
+
+@contextlib.asynccontextmanager
+async def connected(port: int) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A raw TCP connection, closed afterwards whatever the server did to it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def answer_and_close(reader: asyncio.StreamReader, within: float = 10.0) -> bytes:
+    """Everything the server sends until it closes the connection (bounded). Start it before
+    writing more: once a write fails on the closed connection, the reader raises that error
+    instead of returning what it had buffered."""
+    received = b""
+    with contextlib.suppress(ConnectionError):
+        async with asyncio.timeout(within):
+            while chunk := await reader.read(65536):
+                received += chunk
+    return received
+
+
+def status_and_error(raw: bytes) -> tuple[int, str]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split()[1]), orjson.loads(body)["error"]["code"]
+
+
+@pytest.fixture(params=["ingest", "gateway"])
+def server(request: pytest.FixtureRequest, spawn: Callable[..., AppProcess]) -> AppProcess:
+    return spawn(request.param, **SHORT)
+
+
+async def test_a_connection_that_sends_nothing_is_closed(server: AppProcess) -> None:
+    async with connected(server.port) as (reader, _):
+        began = time.monotonic()
+        raw = await answer_and_close(reader)
+        assert time.monotonic() - began < 5  # a bound: the deadline is 1 s
+        assert status_and_error(raw) == (408, "request_timeout")
+
+
+async def test_headers_sent_a_byte_at_a_time_are_cut_off(server: AppProcess) -> None:
+    """Slowloris: each byte keeps the connection busy, but the headers never complete."""
+    async with connected(server.port) as (reader, writer):
+        answer = asyncio.create_task(answer_and_close(reader))
+        request = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 1000
+        began = time.monotonic()
+        with contextlib.suppress(ConnectionError):
+            for byte in request:
+                if answer.done() or time.monotonic() - began > 10:
+                    break
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(0.05)
+        raw = await answer
+        assert time.monotonic() - began < 5
+        assert status_and_error(raw) == (408, "request_timeout")
+
+
+async def test_an_endless_header_is_refused_long_before_it_ends(server: AppProcess) -> None:
+    async with connected(server.port) as (reader, writer):
+        answer = asyncio.create_task(answer_and_close(reader))
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Endless: ")
+        sent = 0
+        with contextlib.suppress(ConnectionError):
+            while sent < 64 * 1024 * 1024 and not answer.done():
+                writer.write(b"a" * 65536)
+                await writer.drain()
+                sent += 65536
+                await asyncio.sleep(0)  # let the answer be read as soon as it comes
+        raw = await answer
+        assert sent < 4 * 1024 * 1024  # refused within a read or two of the 32 KiB limit
+        assert status_and_error(raw) == (431, "headers_too_large")
+
+
+async def test_too_many_headers_are_refused(server: AppProcess) -> None:
+    async with connected(server.port) as (reader, writer):
+        headers = b"".join(b"X-H%d: v\r\n" % i for i in range(MAX_HEADERS + 1))
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n")
+        assert status_and_error(await answer_and_close(reader)) == (431, "headers_too_large")
+
+
+async def test_an_unfinished_chunked_body_is_cut_off_and_nothing_stored(
+    spawn: Callable[..., AppProcess], site: str
+) -> None:
+    ingest = spawn("ingest", **SHORT)
+    async with connected(ingest.port) as (reader, writer):
+        writer.write(
+            b"POST /api/event HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"User-Agent: " + BROWSER.encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b'5\r\n{"sit\r\n'
+        )
+        began = time.monotonic()
+        raw = await answer_and_close(reader)
+        assert time.monotonic() - began < 5
+        assert status_and_error(raw)[0] in (400, 408)  # the app may see the client go first
+        async with httpx.AsyncClient() as client:
+            history = await client.get(
+                f"{spawn('gateway', **SHORT).url}/v1/sites/{site}/history",
+                params={"token": token(site)},
+            )
+        assert history.json()["events"] == []
+
+
+async def test_well_behaved_clients_are_unaffected(
+    spawn: Callable[..., AppProcess], site: str
+) -> None:
+    """Keep-alive requests, each under its own deadline, and a stream that lasts longer than
+    every deadline: the limits cover receiving requests, never serving them."""
+    ingest = spawn("ingest", **SHORT)
+    gateway = spawn("gateway", **SHORT)
+    async with httpx.AsyncClient(headers={"User-Agent": BROWSER}) as client:
+        for i in range(3):  # one connection, kept alive across the deadline
+            body = {"site": site, "name": "pageview", "url": f"https://{site}/{i}"}
+            r = await client.post(f"{ingest.url}/api/event", json=body)
+            assert r.status_code == 202
+            await asyncio.sleep(0.7)
+        url = f"{gateway.url}/v1/sites/{site}/events"
+        async with client.stream("GET", url, params={"token": token(site), "last": "3"}) as r:
+            assert r.status_code == 200
+            seen = 0
+            async with asyncio.timeout(10):
+                async for line in r.aiter_lines():
+                    seen += line.startswith("id: ")
+                    if seen == 3:
+                        break
+            await asyncio.sleep(1.5)  # past both deadlines, the stream is still open
+            assert not r.is_closed
+
+
+def established(port: int) -> int:
+    """Server-side TCP connections of `port` still established (the kernel's own count)."""
+    out = subprocess.run(
+        ["ss", "-Htn", "state", "established", f"( sport = :{port} )"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return len(out.splitlines())
+
+
+async def test_sse_viewers_that_never_read_lose_their_sockets(
+    spawn: Callable[..., AppProcess], site: str
+) -> None:
+    """Closed as slow, an SSE viewer that does not read is dropped at once: no socket, file
+    descriptor or kernel buffer left behind (a close would wait for it to read)."""
+    ingest = spawn("ingest", **FAST)
+    gateway = spawn("gateway", **FAST, SITEWIRE_WRITE_TIMEOUT_S="0.5")
+    idle = []
+    for _ in range(5):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", gateway.port))
+        path = f"/v1/sites/{site}/events?token={token(site)}"
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        idle.append(sock)  # never read from
+    try:
+        deadline = time.monotonic() + 30
+        while established(gateway.port) < 5:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        # ~9 MB to each: more than the kernel's socket buffers hold, so writes stall.
+        await post_large(ingest.url, site, 1500, 6000)
+        while established(gateway.port) > 0:
+            assert time.monotonic() < deadline, f"{established(gateway.port)} still open"
+            await asyncio.sleep(0.1)
+    finally:
+        for sock in idle:
+            sock.close()
