@@ -1,6 +1,6 @@
 """Server-side enrichment: client IP, bot detection, device class, cookieless visitor id.
 
-Privacy rules (docs/privacy.md): the raw IP is used only inside this process to compute a
+Privacy rules (docs/ingest.md, "Privacy"): the raw IP is used only inside this process to compute a
 salted hash and is never stored, logged or published. The salt changes every UTC day and is
 deleted after 48 hours, so a visitor id cannot be linked across days.
 """
@@ -10,12 +10,15 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import os
+import re
 import time
 import uuid
 from functools import lru_cache
 
+import re2
 import user_agents
-from crawlerdetect import CrawlerDetect
+from crawlerdetect.providers.crawlers import data as crawler_patterns
+from crawlerdetect.providers.exclusions import data as exclusion_patterns
 
 from app.settings import IPNetwork
 
@@ -48,11 +51,50 @@ def _is_trusted(address: str, trusted: tuple[IPNetwork, ...]) -> bool:
     return any(ip in net for net in trusted)
 
 
+class Crawlers:
+    """crawlerdetect's lists (1,400 crawler patterns, 50 exclusions) matched in linear time.
+
+    crawlerdetect itself joins each list into one Python regular expression, whose cost grows
+    with the text and with how it backtracks: a crafted 1,000-character User-Agent took
+    80-150 ms (normal ones 0.2-1 ms), from anyone, on every request. RE2 matches the same
+    patterns by automaton, in time linear in the text (0.1 ms for those). The one pattern RE2
+    cannot express (a negative lookahead, `Yandex(?!Search)`) stays in Python's engine, alone:
+    a literal prefix, cheap to scan. Same verdicts as crawlerdetect (tests/test_enrich.py).
+    """
+
+    def __init__(self) -> None:
+        options = re2.Options()
+        options.case_sensitive = False
+        options.log_errors = False  # the pattern it refuses is expected, not worth a log line
+        fast = [p for p in crawler_patterns if _re2_accepts(p, options)]
+        slow = [p for p in crawler_patterns if p not in set(fast)]
+        self._exclusions = re2.compile("(?:" + "|".join(exclusion_patterns) + ")", options)
+        self._fast = re2.compile("(?:" + "|".join(fast) + ")", options)
+        self._slow = re.compile("(?:" + "|".join(slow) + ")", re.IGNORECASE) if slow else None
+
+    def match(self, user_agent: str) -> bool:
+        """crawlerdetect's `is_crawler`: exclusions removed, then any crawler pattern."""
+        agent = self._exclusions.sub("", user_agent.strip())
+        if not agent:
+            return False
+        if self._fast.search(agent) is not None:
+            return True
+        return self._slow is not None and self._slow.search(agent) is not None
+
+
+def _re2_accepts(pattern: str, options: re2.Options) -> bool:
+    try:
+        re2.compile(pattern, options)
+    except re2.error:
+        return False
+    return True
+
+
 class BotDetector:
     """Decides whether a request comes from a bot or automation; returns the drop reason."""
 
     def __init__(self) -> None:
-        self._crawlers = CrawlerDetect()
+        self._crawlers = Crawlers()
         self.reason = lru_cache(maxsize=8192)(self._reason)
 
     def _reason(self, user_agent: str) -> str | None:
@@ -61,15 +103,21 @@ class BotDetector:
         lowered = user_agent.lower()
         if any(marker in lowered for marker in _AUTOMATION_MARKERS):
             return "automation"
-        if self._crawlers.isCrawler(user_agent):
+        if self._crawlers.match(user_agent):
             return "bot"
         return None
+
+
+#: The part of a User-Agent the device parser reads. Its regular expressions cost time in
+#: proportion to the text (8 ms for a crafted 1,000 characters, 0.6 ms for a phone's
+#: agent); real agents are under 300 characters and name their device near the start.
+DEVICE_UA_CHARS = 400
 
 
 @lru_cache(maxsize=8192)
 def device_class(user_agent: str) -> str:
     """desktop, mobile, tablet or other."""
-    parsed = user_agents.parse(user_agent)
+    parsed = user_agents.parse(user_agent[:DEVICE_UA_CHARS])
     if parsed.is_tablet:
         return "tablet"
     if parsed.is_mobile:
