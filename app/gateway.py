@@ -53,8 +53,10 @@ log = logging.getLogger(__name__)
 
 #: Seconds between two housekeeping passes (write timeouts, metrics).
 HOUSEKEEPING_S = 0.5
-#: Most events one history page returns.
+#: Most events one history page returns, and most bytes of events (at least one event): a
+#: page of large events ends early, with `next` where it stopped.
 HISTORY_MAX_LIMIT = 1000
+HISTORY_MAX_BYTES = 1024 * 1024
 #: SSE comment line sent when a stream is idle, so proxies and dead peers are noticed.
 SSE_HEARTBEAT_S = 15.0
 
@@ -245,7 +247,14 @@ async def _history_page(state: GatewayState, site: Site, query: Mapping[str, str
         raise ApiError(
             ErrorCode.STORAGE_UNAVAILABLE, "history is unavailable", retry_after=2
         ) from None
-    next_cursor = format_cursor(site.epoch, events[-1][0]) if len(events) == limit else None
+    full = len(events) == limit
+    size = 0
+    for kept, (_, payload) in enumerate(events):
+        size += len(payload) + 1
+        if size > HISTORY_MAX_BYTES and kept:
+            events, full = events[:kept], True
+            break
+    next_cursor = format_cursor(site.epoch, events[-1][0]) if full else None
     body = (
         b'{"events":['
         + b",".join(p for _, p in events)

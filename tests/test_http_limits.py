@@ -197,3 +197,25 @@ async def test_sse_viewers_that_never_read_lose_their_sockets(
     finally:
         for sock in idle:
             sock.close()
+
+
+async def test_a_history_page_is_bounded_in_bytes_and_pages_on(
+    spawn: Callable[..., AppProcess], site: str
+) -> None:
+    """300 events of 6 KB asked for in one page: the page stops at 1 MiB with `next`, and
+    following `next` gives every event once."""
+    ingest = spawn("ingest", **FAST)
+    gateway = spawn("gateway", **FAST)
+    await post_large(ingest.url, site, 300, 6000)
+    offsets: list[int] = []
+    params: dict[str, str] = {"token": token(site), "limit": "1000"}
+    async with httpx.AsyncClient(timeout=30) as client:
+        while True:
+            r = await client.get(f"{gateway.url}/v1/sites/{site}/history", params=params)
+            assert r.status_code == 200 and len(r.content) <= 1024 * 1024 + 100
+            page = r.json()
+            offsets += [e["offset"] for e in page["events"]]
+            if page["next"] is None:
+                break
+            params["after"] = page["next"]
+    assert offsets == list(range(1, 301))

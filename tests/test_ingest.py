@@ -131,6 +131,19 @@ async def test_batch_has_a_result_per_item_and_bad_items_do_not_poison_it(
     assert orjson.loads(stored[1]["props"]) == {"plan": "pro"}
 
 
+async def test_one_per_event_size_limit_on_both_endpoints(
+    ingest: httpx.AsyncClient, pool: asyncpg.Pool, site: str
+) -> None:
+    """An event over SITEWIRE_MAX_EVENT_BYTES (16 KiB) is 413 alone and 413 in a batch (it
+    was stored from a batch), and nothing of it is stored."""
+    big = event(site, props={f"k{i}": "x" * 2000 for i in range(10)})  # ~20 KB
+    assert (await ingest.post("/api/event", json=big)).status_code == 413
+    r = await ingest.post("/api/events", json=[big, event(site)])
+    assert [x["status"] for x in r.json()["results"]] == [413, 202]
+    assert r.json()["results"][0]["error"]["code"] == "too_large"
+    assert [row["site_offset"] for row in await rows(pool, site)] == [1]
+
+
 async def test_group_commit_shares_transactions(ingest: httpx.AsyncClient, site: str) -> None:
     n = 200
     responses = await asyncio.gather(
