@@ -31,8 +31,9 @@ PropValue = str | int | float | bool
 
 # One regex scan instead of a Python-level loop over every character (profiled: the URL
 # checks were a third of validation).
-_CONTROL = re.compile(r"[\x00-\x1f]")
-_SPACE_OR_CONTROL = re.compile(r"[\x00-\x20]")
+#: C0 controls, DEL and C1 controls (U+009B is a terminal's CSI: it could spoof `tail`).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_SPACE_OR_CONTROL = re.compile(r"[\x00-\x20\x7f-\x9f]")
 
 
 # Not frozen: built once per event on the hot path (a frozen dataclass's __init__ costs twice

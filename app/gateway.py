@@ -41,7 +41,7 @@ from app.hub import Hub, Viewer, sse_chunk
 from app.metrics import DeliveryStats, GatewayMetrics
 from app.names import Names
 from app.replay import BadStart, Replayer, StartRequest, StorageUnavailable, parse_start
-from app.responses import error_response
+from app.responses import API_OPTIONS, error_response, install_error_handlers
 from app.settings import Settings
 from app.shards import RedisShards
 from app.sites import Site, SiteCache
@@ -163,7 +163,7 @@ def create_app(settings: Settings) -> GatewayApp:
             await client.aclose()
             await pool.close()
 
-    app = FastAPI(title="Sitewire gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="Sitewire gateway", lifespan=lifespan, **API_OPTIONS)
 
     def checks() -> Checks:
         state: GatewayState = app.state.gateway
@@ -171,9 +171,7 @@ def create_app(settings: Settings) -> GatewayApp:
 
     app.include_router(health_router("gateway", checks, frozenset({"serving"}), registry))
 
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError) -> Response:
-        return error_response(exc)
+    install_error_handlers(app)
 
     @app.get("/v1/sites/{site}/events")
     async def events(request: Request, site: str) -> Response:

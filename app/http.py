@@ -123,6 +123,10 @@ class BoundedHttp(HttpToolsProtocol):
             limit = self.limits.max_header_bytes
             self._refuse(ErrorCode.HEADERS_TOO_LARGE, f"request headers over {limit} bytes")
 
+    def send_400_response(self, msg: str) -> None:
+        """A request the parser cannot read: the documented error shape, not uvicorn's text."""
+        self._refuse(ErrorCode.INVALID_REQUEST, msg)
+
     def handle_websocket_upgrade(self) -> None:
         self._disarm()  # the WebSocket protocol takes the connection over
         super().handle_websocket_upgrade()

@@ -19,7 +19,6 @@ import asyncpg
 import orjson
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CollectorRegistry
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from app import enrich
@@ -33,7 +32,7 @@ from app.health import Checks, health_router
 from app.metrics import IngestMetrics
 from app.names import Names
 from app.ratelimit import RateLimiter
-from app.responses import error_response
+from app.responses import API_OPTIONS, install_error_handlers
 from app.salts import SaltKeeper
 from app.settings import Settings
 from app.shards import RedisShards
@@ -116,7 +115,7 @@ def create_app(settings: Settings) -> IngestApp:
                     await client.aclose()
                     await pool.close()
 
-    api = FastAPI(title="Sitewire ingest", lifespan=lifespan, docs_url=None, redoc_url=None)
+    api = FastAPI(title="Sitewire ingest", lifespan=lifespan, **API_OPTIONS)
 
     def checks() -> Checks:
         state: IngestState = api.state.ingest
@@ -124,7 +123,7 @@ def create_app(settings: Settings) -> IngestApp:
 
     # Ingest needs only PostgreSQL to acknowledge events; Redis is reported but optional.
     api.include_router(health_router("ingest", checks, frozenset({"postgres"}), registry))
-    _install_error_handlers(api)
+    install_error_handlers(api)
     _install_routes(api)
     return IngestApp(api)
 
@@ -153,15 +152,6 @@ class IngestApp:
                 await _serve_post(self.api.state.ingest, handler, Incoming(scope, receive), send)
                 return
         await self.api(scope, receive, send)
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        code = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}.get(
-            exc.status_code, ErrorCode.INVALID_REQUEST
-        )
-        return error_response(ApiError(code, str(exc.detail)))
 
 
 def _install_routes(app: FastAPI) -> None:

@@ -149,3 +149,33 @@ def test_fuzz_decoder_never_crashes(body: bytes) -> None:
         return
     with contextlib.suppress(ApiError):
         validate(doc)
+
+
+#: C0 and C1 controls and DEL: a terminal obeys them (U+009B starts an escape sequence).
+CONTROLS = [chr(c) for c in [*range(0x20), *range(0x7F, 0xA0)]]
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.text(st.characters(codec="utf-8") | st.sampled_from(CONTROLS), max_size=130),
+    st.text(st.characters(codec="utf-8") | st.sampled_from(CONTROLS), max_size=60),
+)
+def test_fuzz_names_and_paths_of_any_unicode(name: str, path: str) -> None:
+    """Arbitrary unicode in a name and in a URL's path: accepted as given, or refused with a
+    reason; an accepted event never carries a control character to a terminal."""
+    doc = {**GOOD, "name": name, "url": f"https://example.com/{path}"}
+    try:
+        event = validate(doc)
+    except ApiError as exc:
+        assert exc.code is ErrorCode.INVALID_EVENT and exc.field in ("name", "url")
+        return
+    assert event.name == name
+    for text in (event.name, event.url, event.path):
+        assert not any(c in CONTROLS for c in text), repr(text)
+
+
+@pytest.mark.parametrize("bad", ["\x7f", "\x9b", "\x85", "\x1b[2J"])
+def test_control_characters_in_a_name_are_refused(bad: str) -> None:
+    with pytest.raises(ApiError) as info:
+        validate({**GOOD, "name": f"Sign{bad}up"})
+    assert info.value.field == "name"

@@ -219,3 +219,18 @@ async def test_a_history_page_is_bounded_in_bytes_and_pages_on(
                 break
             params["after"] = page["next"]
     assert offsets == list(range(1, 301))
+
+
+async def test_errors_everywhere_have_the_documented_shape(server: AppProcess) -> None:
+    """Unknown paths, wrong methods and unreadable requests answer in the error shape; no
+    trailing-slash redirect (it carried the token to a Host-built URL), no OpenAPI schema."""
+    async with httpx.AsyncClient() as client:
+        for path in ("/nowhere", "/openapi.json", "/docs", "/v1/sites/a.com/history/"):
+            r = await client.get(f"{server.url}{path}?token=secret", follow_redirects=False)
+            assert r.status_code == 404, path
+            assert r.json()["error"]["code"] == "not_found", path
+        r = await client.delete(f"{server.url}/healthz")
+        assert (r.status_code, r.json()["error"]["code"]) == (405, "method_not_allowed")
+    async with connected(server.port) as (reader, writer):
+        writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+        assert status_and_error(await answer_and_close(reader)) == (400, "invalid_request")

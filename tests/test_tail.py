@@ -125,6 +125,16 @@ def test_readable_lines_are_aligned_and_filtered() -> None:
     assert printer.printed == 1
 
 
+def test_control_characters_are_printed_as_escapes() -> None:
+    """An event stored before ingest refused them must not drive the terminal."""
+    out, err = io.StringIO(), io.StringIO()
+    printer = Printer(out, err, as_json=False, colour=False)
+    printer.event({**EVENT, "name": "\x1b[2J\x9bspoof\x7f"})
+    line = out.getvalue()
+    assert "\x1b" not in line and "\x9b" not in line and "\x7f" not in line
+    assert "\\x1b[2J\\x9bspoof\\x7f" in line
+
+
 def test_incomplete_recovery_is_visible() -> None:
     out, err = io.StringIO(), io.StringIO()
     printer = Printer(out, err, as_json=True, colour=True)

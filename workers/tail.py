@@ -8,6 +8,7 @@ recovery was incomplete, and exits cleanly on Ctrl-C.
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import sys
 from dataclasses import dataclass
@@ -42,14 +43,14 @@ class Printer:
             self.out.write(orjson.dumps(event).decode() + "\n")
         else:
             when = datetime.fromisoformat(event["ts"].replace("Z", "+00:00")).astimezone()
-            name = f"{event['name'][:24]:<24}"
+            name = f"{printable(event['name'])[:24]:<24}"
             self.out.write(
                 f"{self._c('dim', when.strftime('%H:%M:%S'))}  "
                 f"{self._c('name', name)}  "
-                f"{event['path'][:40]:<40}  "
-                f"{(event.get('referrer_host') or '-')[:24]:<24}  "
-                f"{event['device']:<7}  "
-                f"{self._c('dim', event['visitor'][:8])}\n"
+                f"{printable(event['path'])[:40]:<40}  "
+                f"{printable(event.get('referrer_host') or '-')[:24]:<24}  "
+                f"{printable(event['device']):<7}  "
+                f"{self._c('dim', printable(event['visitor'])[:8])}\n"
             )
         self.out.flush()
         self.printed += 1
@@ -70,6 +71,17 @@ class Printer:
     def _warn(self, text: str) -> None:
         self.err.write(self._c("warn", f"! {text}") + "\n")
         self.err.flush()
+
+
+#: Control characters (C0, DEL, C1): written raw, they would drive the terminal.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """`text` with control characters shown as escapes: an event's fields come from the
+    internet, and a terminal obeys what it prints (ingest refuses them; this is the second
+    line of defence, for events stored before it did)."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 STORAGE_DELIVERY = "the gateway lost Redis: events come from storage, up to ~1 s late"
