@@ -234,3 +234,41 @@ async def test_errors_everywhere_have_the_documented_shape(server: AppProcess) -
     async with connected(server.port) as (reader, writer):
         writer.write(b"NOT HTTP AT ALL\r\n\r\n")
         assert status_and_error(await answer_and_close(reader)) == (400, "invalid_request")
+
+
+async def posting_latencies(url: str, site: str, count: int) -> list[float]:
+    """Seconds each of `count` sequential posts took (each on a fresh connection)."""
+    latencies = []
+    for i in range(count):
+        async with httpx.AsyncClient(headers={"User-Agent": BROWSER}) as client:
+            began = time.monotonic()
+            body = {"site": site, "name": "pageview", "url": f"https://{site}/{i}"}
+            r = await client.post(f"{url}/api/event", json=body)
+            latencies.append(time.monotonic() - began)
+            assert r.status_code == 202
+    return sorted(latencies)
+
+
+async def test_thousands_of_idle_sockets_are_closed_and_cost_others_little(
+    spawn: Callable[..., AppProcess], site: str
+) -> None:
+    """5,000 connections that send nothing: served clients are unaffected meanwhile, and
+    every idle one is closed once its header deadline passes."""
+    ingest = spawn("ingest", **{**SHORT, "SITEWIRE_HEADER_TIMEOUT_S": "3"})
+    quiet = await posting_latencies(ingest.url, site, 40)
+    idle = []
+    try:
+        for _ in range(5000):
+            idle.append(await asyncio.open_connection("127.0.0.1", ingest.port))
+        busy = await posting_latencies(ingest.url, site, 40)
+        p99 = busy[int(len(busy) * 0.99)]
+        quiet_p99 = quiet[int(len(quiet) * 0.99)]
+        print(f"idle sockets: p99 {quiet_p99 * 1000:.1f} ms quiet, {p99 * 1000:.1f} ms with 5,000")
+        assert p99 < 3 * quiet_p99 + 0.05  # a ratio within one run, with room for a noisy host
+        deadline = time.monotonic() + 20
+        while established(ingest.port) > 0:
+            assert time.monotonic() < deadline, f"{established(ingest.port)} still open"
+            await asyncio.sleep(0.2)
+    finally:
+        for _, writer in idle:
+            writer.close()
