@@ -77,35 +77,38 @@ async def post_large(ingest_url: str, site: str, count: int, size: int) -> None:
     """`count` events of about `size` bytes each (props of up to 2,000 bytes a value)."""
     values = max(1, size // 2000)
     props = {f"k{i}": "x" * min(2000, size // values) for i in range(values)}
+    per_batch = max(1, min(50, 480_000 // size))  # within the 512 KiB batch limit
     async with httpx.AsyncClient(headers={"User-Agent": BROWSER}, timeout=30) as client:
-        for first in range(0, count, 50):
+        for first in range(0, count, per_batch):
             batch = [
                 {"site": site, "name": "big", "url": f"https://{site}/{i}", "props": props}
-                for i in range(first, min(count, first + 50))
+                for i in range(first, min(count, first + per_batch))
             ]
             r = await client.post(f"{ingest_url}/api/events", json=batch)
             assert r.status_code == 202 and all(x["status"] == 202 for x in r.json()["results"])
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(("count", "size"), [(300, 6000), (2000, 16000)])
 async def test_replays_of_large_events_reach_a_reader_that_reads(
-    spawn: Callable[..., AppProcess], site: str, pool: asyncpg.Pool
+    spawn: Callable[..., AppProcess], site: str, pool: asyncpg.Pool, count: int, size: int
 ) -> None:
-    """300 events of 6 KB are 1.8 MB, over the 1 MiB queue: the replay is paced by what the
-    queue can take, so every viewer that reads gets all of them, whichever way it starts."""
+    """300 events of 6 KB are 1.8 MB, 2,000 of 16 KB 32 MB, both over the 1 MiB queue: the
+    replay is paced by what the queue can take, so every viewer that reads gets all of them,
+    whichever way it starts."""
     ingest = spawn("ingest", **FAST)
     gateway = spawn("gateway", **FAST, SITEWIRE_REPLAY_WINDOW="100")
-    await post_large(ingest.url, site, 300, 6000)
+    await post_large(ingest.url, site, count, size)
     epoch = await epoch_of(pool, site)
     viewers = [
         await WsViewer.open(gateway.ws_url, site, token(site), f"&since={epoch}-0"),
-        await WsViewer.open(gateway.ws_url, site, token(site), "&last=300"),
+        await WsViewer.open(gateway.ws_url, site, token(site), f"&last={count}"),
         await WsViewer.open(gateway.ws_url, site, token(site), "&minutes=30"),
         await SseViewer.open(gateway.url, site, token(site), {"Last-Event-ID": f"{epoch}-0"}),
     ]
     for viewer in viewers:
-        await viewer.wait_for(300, timeout=30)
-        assert viewer.offsets == list(range(1, 301))
+        await viewer.wait_for(count, timeout=60)
+        assert viewer.offsets == list(range(1, count + 1))
         assert viewer.close_code is None
         await viewer.close()
 
