@@ -304,8 +304,11 @@ class Feeds:
             self._sent_at[site] = asyncio.get_running_loop().time()
         self.stats.direct(sent.frames, sent.events, events)
         for viewer in sent.slow:
+            self._slow(viewer)
+
+    def _slow(self, viewer: Viewer) -> None:
+        if viewer.fail(CloseCode.SLOW_CONSUMER):
             self._metrics.closes.labels("slow_consumer").inc()
-            viewer.fail(CloseCode.SLOW_CONSUMER)
 
     def _spent(self, started: float) -> None:
         now = time.perf_counter()
@@ -315,7 +318,7 @@ class Feeds:
         self._deliver(site, [])  # events held for the tick come before the notice
         frame = orjson.dumps(body)
         for viewer in self.hub.notice(site, frame):
-            viewer.fail(CloseCode.SLOW_CONSUMER)
+            self._slow(viewer)
 
     # -- gaps -------------------------------------------------------------------------------
 

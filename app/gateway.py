@@ -354,8 +354,8 @@ class SseStream(Response):
                     state.stats.count(items)
                     state.stats.frames += 1
         except TimeoutError:
-            state.metrics.closes.labels("write_timeout").inc()
-            viewer.fail(CloseCode.SLOW_CONSUMER)
+            if viewer.fail(CloseCode.SLOW_CONSUMER):  # not already closed as slow: count it
+                state.metrics.closes.labels("write_timeout").inc()
             self._abort()  # the client does not read: nothing more can reach it
         except OSError:
             viewer.release()

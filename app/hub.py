@@ -154,12 +154,15 @@ class Viewer:
         self.queued_bytes = 0
         return items
 
-    def fail(self, code: int) -> None:
-        """Ask the connection to close with `code` (slow consumer, drain, protocol error)."""
-        if self.close_code is None:
+    def fail(self, code: int) -> bool:
+        """Ask the connection to close with `code` (slow consumer, drain, protocol error).
+        True the first time: the caller counts the close then, so each is counted once."""
+        first = self.close_code is None
+        if first:
             self.close_code = code
         self.release()
         self.wake()
+        return first
 
     def release(self) -> None:
         """Drop the queue (the connection is gone) so its memory is freed at once."""

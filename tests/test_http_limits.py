@@ -169,20 +169,33 @@ def established(port: int) -> int:
     return len(out.splitlines())
 
 
-async def test_sse_viewers_that_never_read_lose_their_sockets(
-    spawn: Callable[..., AppProcess], site: str
+#: Requests that open a stream: SSE, and a WebSocket upgrade.
+STREAM_REQUESTS = {
+    "sse": "GET /v1/sites/{site}/events?token={token} HTTP/1.1\r\nHost: x\r\n\r\n",
+    "websocket": (
+        "GET /v1/sites/{site}/stream?token={token} HTTP/1.1\r\nHost: x\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("transport", sorted(STREAM_REQUESTS))
+async def test_viewers_that_never_read_lose_their_sockets(
+    spawn: Callable[..., AppProcess], site: str, transport: str
 ) -> None:
-    """Closed as slow, an SSE viewer that does not read is dropped at once: no socket, file
-    descriptor or kernel buffer left behind (a close would wait for it to read)."""
+    """Closed as slow, a viewer that does not read is dropped: no socket, file descriptor or
+    kernel buffer left behind (an SSE close would wait for it to read for ever; a WebSocket
+    one is aborted when its close frame is not answered)."""
     ingest = spawn("ingest", **FAST)
     gateway = spawn("gateway", **FAST, SITEWIRE_WRITE_TIMEOUT_S="0.5")
+    request = STREAM_REQUESTS[transport].format(site=site, token=token(site)).encode()
     idle = []
     for _ in range(5):
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.connect(("127.0.0.1", gateway.port))
-        path = f"/v1/sites/{site}/events?token={token(site)}"
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        sock.sendall(request)
         idle.append(sock)  # never read from
     try:
         deadline = time.monotonic() + 30
@@ -194,9 +207,18 @@ async def test_sse_viewers_that_never_read_lose_their_sockets(
         while established(gateway.port) > 0:
             assert time.monotonic() < deadline, f"{established(gateway.port)} still open"
             await asyncio.sleep(0.1)
+        closes = await metric_sum(gateway.url, "sitewire_gateway_closes_total")
+        assert closes == 5  # each close counted once, whichever way it was found
     finally:
         for sock in idle:
             sock.close()
+
+
+async def metric_sum(url: str, name: str) -> float:
+    """The sum of a Prometheus counter's series."""
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(f"{url}/metrics")).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
 
 
 async def test_a_history_page_is_bounded_in_bytes_and_pages_on(
