@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import socket
 import subprocess
 import time
@@ -294,3 +295,42 @@ async def test_thousands_of_idle_sockets_are_closed_and_cost_others_little(
     finally:
         for _, writer in idle:
             writer.close()
+
+
+async def flood(url: str, site: str, user_agent: str, stop: asyncio.Event) -> int:
+    """Posts as one sender with `user_agent`, 100 a second, until `stop`; returns how many."""
+    sent = 0
+    async with httpx.AsyncClient(headers={"User-Agent": user_agent}) as client:
+        while not stop.is_set():
+            body = {"site": site, "name": "pageview", "url": f"https://{site}/flood"}
+            await client.post(f"{url}/api/event", json=body)
+            sent += 1
+            await asyncio.sleep(0.01)
+    return sent
+
+
+async def p99_beside(url: str, site: str, user_agent: str) -> float:
+    """Normal posts' p99 while two senders flood with `user_agent`."""
+    stop = asyncio.Event()
+    senders = [asyncio.create_task(flood(url, site, user_agent, stop)) for _ in range(2)]
+    try:
+        latencies = await posting_latencies(url, site, 60)
+    finally:
+        stop.set()
+        await asyncio.gather(*senders)
+    return latencies[int(len(latencies) * 0.99)]
+
+
+async def test_a_flood_of_crafted_user_agents_costs_what_any_flood_does(
+    spawn: Callable[..., AppProcess], site: str
+) -> None:
+    """Two senders of crafted 1,000-character User-Agents (made slow for a backtracking
+    matcher; they moved normal p50 from 5 to 296 ms before RE2) cost served clients no more
+    than the same flood of browsers does (a ratio within one run)."""
+    ingest = spawn("ingest", **SHORT)
+    crafted = "".join(random.Random(2).choice("ab") for _ in range(1000))
+    browsers = await p99_beside(ingest.url, site, BROWSER)
+    attack = await p99_beside(ingest.url, site, crafted)
+    quiet_ms, attack_ms = browsers * 1000, attack * 1000
+    print(f"normal p99 beside a flood: {quiet_ms:.1f} ms of browsers, {attack_ms:.1f} ms crafted")
+    assert attack < 2 * browsers + 0.02
