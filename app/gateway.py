@@ -34,7 +34,7 @@ from app.codes import CloseCode, ErrorCode
 from app.connections import Status, open_pool, probe_postgres
 from app.errors import ApiError
 from app.feed import Feeds
-from app.health import Checks, health_router
+from app.health import Checks, Health
 from app.history import from_postgres
 from app.http import ABORT
 from app.hub import Hub, Viewer, sse_chunk
@@ -116,10 +116,12 @@ class GatewayState:
 class GatewayApp:
     """The gateway's ASGI entry (the FastAPI app) and what its WebSocket protocol class needs:
     the state and the token secret. WebSocket streams never reach ASGI under
-    `sitewire gateway` (app.websocket); under another server an upgrade gets FastAPI's 403."""
+    `sitewire gateway` (app.websocket); under another server an upgrade gets FastAPI's 403.
+    `internal` is the internal listener's app (metrics; app.health)."""
 
-    def __init__(self, api: FastAPI, secret: str) -> None:
+    def __init__(self, api: FastAPI, internal: FastAPI, secret: str) -> None:
         self.api = api
+        self.internal = internal
         self.secret = secret
 
     @property
@@ -169,7 +171,8 @@ def create_app(settings: Settings) -> GatewayApp:
         state: GatewayState = app.state.gateway
         return state.checks
 
-    app.include_router(health_router("gateway", checks, frozenset({"serving"}), registry))
+    health = Health("gateway", checks, frozenset({"serving"}), registry)
+    app.include_router(health.public_router())
 
     install_error_handlers(app)
 
@@ -208,7 +211,7 @@ def create_app(settings: Settings) -> GatewayApp:
         site_info = await viewers.authorize(state, secret, site, _token(request))
         return await _history_page(state, site_info, request.query_params)
 
-    return GatewayApp(app, secret)
+    return GatewayApp(app, health.internal_app(), secret)
 
 
 def _token(request: Request) -> str | None:

@@ -28,7 +28,7 @@ from app.codes import ErrorCode
 from app.connections import Status, open_pool, probe_postgres
 from app.errors import ApiError, StorageUnavailable, unknown_site
 from app.events import EventIn, check_media_type, decode_json, parse_batch, validate
-from app.health import Checks, health_router
+from app.health import Checks, Health
 from app.metrics import IngestMetrics
 from app.names import Names
 from app.ratelimit import RateLimiter
@@ -122,20 +122,23 @@ def create_app(settings: Settings) -> IngestApp:
         return state.checks
 
     # Ingest needs only PostgreSQL to acknowledge events; Redis is reported but optional.
-    api.include_router(health_router("ingest", checks, frozenset({"postgres"}), registry))
+    health = Health("ingest", checks, frozenset({"postgres"}), registry)
+    api.include_router(health.public_router())
     install_error_handlers(api)
     _install_routes(api)
-    return IngestApp(api)
+    return IngestApp(api, health.internal_app())
 
 
 class IngestApp:
     """The ingest ASGI entry. `POST /api/event` and `POST /api/events` are served as raw ASGI:
     they are the whole point of the process, and FastAPI's routing and middleware cost three
     times the handler itself (profiled; docs/performance.md). Everything else (preflight, the
-    script, health, metrics, 404s) goes to the FastAPI app."""
+    script, health, 404s) goes to the FastAPI app. `internal` is the internal listener's app
+    (metrics; app.health)."""
 
-    def __init__(self, api: FastAPI) -> None:
+    def __init__(self, api: FastAPI, internal: FastAPI) -> None:
         self.api = api
+        self.internal = internal
 
     @property
     def state(self) -> Any:
@@ -226,12 +229,13 @@ async def post_event(state: IngestState, incoming: Incoming) -> Reply:
     site = await _known_site(state, event.site)
     client = _client(incoming, state.settings)
     _check_origin(client, site)
+    salt = await _salt(state)
+    # Limited before any work on the User-Agent: a client over its limit costs one counter.
+    await state.limiter.check(site.id, enrich.ip_key(salt, client.ip), 1)
     reason = state.bots.reason(client.user_agent)
     if reason is not None:
         state.metrics.dropped.labels(reason).inc()
         return 202, {"ok": True, "dropped": reason}, {DROPPED_HEADER: reason}
-    salt = await _salt(state)
-    await state.limiter.check(site.id, enrich.ip_key(salt, client.ip), 1)
     [outcome] = await _store(state, _enriched([event], client, salt))
     if outcome is None:
         raise unknown_site(event.site)
@@ -243,12 +247,8 @@ async def post_events(state: IngestState, incoming: Incoming) -> Reply:
     doc = await _read_json(incoming, state.settings.max_batch_bytes)
     items = parse_batch(doc, state.settings.max_batch_events)
     client = _client(incoming, state.settings)
-    reason = state.bots.reason(client.user_agent)
-    if reason is not None:
-        state.metrics.dropped.labels(reason).inc(len(items))
-        results: list[dict[str, Any]] = [{"status": 202, "dropped": reason}] * len(items)
-        return 202, {"results": results}, {DROPPED_HEADER: reason}
-    return 202, {"results": await _store_batch(state, items, client)}, {}
+    results, reason = await _store_batch(state, items, client)
+    return 202, {"results": results}, {DROPPED_HEADER: reason} if reason else {}
 
 
 _POSTS = {"/api/event": post_event, "/api/events": post_events}
@@ -256,9 +256,9 @@ _POSTS = {"/api/event": post_event, "/api/events": post_events}
 
 async def _store_batch(
     state: IngestState, items: list[Any], client: Client
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], str | None]:
     """Validate each item on its own (one bad event never poisons the others), then store the
-    good ones in one submission."""
+    good ones in one submission; with the reason when the client's events are dropped."""
     results: list[dict[str, Any] | None] = [None] * len(items)
     valid: list[tuple[int, EventIn]] = []
     limit = state.settings.max_event_bytes
@@ -284,10 +284,16 @@ async def _store_batch(
         key = enrich.ip_key(salt, client.ip)
         for site_id, count in Counter(e.site for _, e in good).items():
             await state.limiter.check(site_id, key, count)
+        reason = state.bots.reason(client.user_agent)
+        if reason is not None:
+            state.metrics.dropped.labels(reason).inc(len(good))
+            for i, _ in good:
+                results[i] = {"status": 202, "dropped": reason}
+            return [r for r in results if r is not None], reason
         outcomes = await _store(state, _enriched([e for _, e in good], client, salt))
         for (i, event), outcome in zip(good, outcomes, strict=True):
             results[i] = _result(event, outcome)
-    return [r for r in results if r is not None]
+    return [r for r in results if r is not None], None
 
 
 async def _refused_sites(

@@ -24,6 +24,7 @@ class AppProcess:
     ) -> None:
         self.role = role
         self.port = port or free_port()
+        self.internal_port = free_port()  # metrics and probes (app.health)
         self.env = env
         self.log_path = log_dir / f"{role}-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -33,11 +34,21 @@ class AppProcess:
         return f"http://127.0.0.1:{self.port}"
 
     @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def internal_url(self) -> str:
+        return f"http://127.0.0.1:{self.internal_port}"
+
+    @property
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30.0) -> AppProcess:
         cmd = [sys.executable, "-m", "workers.cli", self.role, "--port", str(self.port)]
+        cmd += ["--internal-port", str(self.internal_port)]
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 cmd, env={**os.environ, **self.env}, stdout=log, stderr=log, cwd=ROOT

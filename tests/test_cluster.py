@@ -218,7 +218,7 @@ async def test_streams_across_gateways_through_a_slot_move_and_a_master_restart(
     for w in [late, *(w for pair in watchers.values() for w in pair)]:
         await w.close()
     for g in (g1, g2):  # the slot move and the restart each re-homed subscriptions
-        assert await metric(g.url, "sitewire_gateway_redis_reconnects_total") >= 2, g.log()
+        assert await metric(g.internal_url, "sitewire_gateway_redis_reconnects_total") >= 2, g.log()
         assert "redis cluster channels moved" in g.log()
 
 

@@ -173,7 +173,10 @@ async def test_resume_older_than_the_redis_window_comes_from_postgres(
     await viewer.wait_for(55)
     assert viewer.offsets == list(range(6, 61))
     assert viewer.notices[0]["recovered"] is True and viewer.notices[0]["cursor"] == f"{epoch}-5"
-    assert await metric(gateway.url, 'sitewire_gateway_replay_reads_total{source="postgres"}') > 0
+    assert (
+        await metric(gateway.internal_url, 'sitewire_gateway_replay_reads_total{source="postgres"}')
+        > 0
+    )
     await post_events(ingest.url, site, 5, start=60)
     await viewer.wait_for(60)  # then live, seamlessly
     assert viewer.offsets == list(range(6, 66))
@@ -181,7 +184,10 @@ async def test_resume_older_than_the_redis_window_comes_from_postgres(
     recent = await WsViewer.open(gateway.ws_url, site, token(site), f"&since={epoch}-60")
     await recent.wait_for(5)
     assert recent.offsets == list(range(61, 66))
-    assert await metric(gateway.url, 'sitewire_gateway_replay_reads_total{source="redis"}') > 0
+    assert (
+        await metric(gateway.internal_url, 'sitewire_gateway_replay_reads_total{source="redis"}')
+        > 0
+    )
     await viewer.close()
     await recent.close()
 
@@ -288,7 +294,10 @@ async def test_replay_is_paged_within_the_viewer_queue(
     await viewer.wait_for(3000, timeout=30)
     assert viewer.offsets == list(range(1, 3001))
     assert viewer.close_code is None
-    assert await metric(gateway.url, 'sitewire_gateway_closes_total{reason="slow_consumer"}') == 0
+    assert (
+        await metric(gateway.internal_url, 'sitewire_gateway_closes_total{reason="slow_consumer"}')
+        == 0
+    )
     await viewer.close()
 
 
@@ -305,8 +314,12 @@ async def test_reconnect_storm_shares_postgres_reads(
     for v in viewers:
         await v.wait_for(300)
         assert v.offsets == list(range(1, 301))
-    reads = await metric(gateway.url, 'sitewire_gateway_replay_reads_total{source="postgres"}')
-    shared = await metric(gateway.url, 'sitewire_gateway_replay_reads_total{source="shared"}')
+    reads = await metric(
+        gateway.internal_url, 'sitewire_gateway_replay_reads_total{source="postgres"}'
+    )
+    shared = await metric(
+        gateway.internal_url, 'sitewire_gateway_replay_reads_total{source="shared"}'
+    )
     # 40 viewers x 2 pages each would be 80 reads without sharing.
     assert shared > 0 and reads < 80, (reads, shared)
     for v in viewers:

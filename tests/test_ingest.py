@@ -36,13 +36,28 @@ async def make_ingest(settings: Settings) -> AsyncIterator[Ingest]:
         client = httpx.AsyncClient(
             transport=transport, base_url="http://ingest", headers={"User-Agent": BROWSER}
         )
+        # The internal listener's app (metrics), as `sitewire ingest --internal-port` serves it.
+        internal = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app.internal), base_url="http://internal"
+        )
+        INTERNAL[client] = internal
         stack.append((lifespan, client))
+        stack.append((None, internal))
         return client
 
     yield make
     for lifespan, client in reversed(stack):
         await client.aclose()
-        await lifespan.__aexit__(None, None, None)
+        if lifespan is not None:
+            await lifespan.__aexit__(None, None, None)
+
+
+#: Each test client's client of the same app's internal listener.
+INTERNAL: dict[httpx.AsyncClient, httpx.AsyncClient] = {}
+
+
+async def metrics_text(ingest: httpx.AsyncClient) -> str:
+    return (await INTERNAL[ingest].get("/metrics")).text
 
 
 @pytest.fixture
@@ -152,7 +167,7 @@ async def test_group_commit_shares_transactions(ingest: httpx.AsyncClient, site:
     assert all(r.status_code == 202 for r in responses)
     offsets = sorted(int(r.json()["cursor"].split("-")[1]) for r in responses)
     assert offsets == list(range(1, n + 1))
-    metrics = (await ingest.get("/metrics")).text
+    metrics = await metrics_text(ingest)
     commits = _metric(metrics, "sitewire_ingest_commit_batch_events_count")
     assert commits < n / 4, f"{commits} commits for {n} concurrent requests"
     assert _metric(metrics, "sitewire_ingest_accepted_events_total") == n
@@ -263,8 +278,36 @@ async def test_bots_are_dropped_with_a_reason(
     assert r.headers[DROPPED_HEADER] == reason
     assert r.json() == {"ok": True, "dropped": reason}
     assert await rows(pool, site) == []
-    metrics = (await ingest.get("/metrics")).text
+    metrics = await metrics_text(ingest)
     assert f'sitewire_ingest_dropped_events_total{{reason="{reason}"}} 1.0' in metrics
+
+
+async def test_a_bot_over_its_rate_limit_is_refused_before_its_user_agent_is_read(
+    make_ingest: Ingest, pool: asyncpg.Pool, site: str
+) -> None:
+    """The limit comes first: a client over it costs a Redis counter, never pattern matching."""
+    ingest = await make_ingest(rate_ip_per_min=2)
+    crawler = {"User-Agent": "curl/8.5.0"}
+    for _ in range(2):
+        r = await ingest.post("/api/event", json=event(site), headers=crawler)
+        assert r.status_code == 202 and r.json()["dropped"] == "bot"
+    r = await ingest.post("/api/event", json=event(site), headers=crawler)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limited"
+    r = await ingest.post("/api/events", json=[event(site)], headers=crawler)
+    assert r.status_code == 429
+    assert await rows(pool, site) == []
+
+
+async def test_a_bot_batch_is_validated_and_its_valid_events_dropped(
+    ingest: httpx.AsyncClient, pool: asyncpg.Pool, site: str
+) -> None:
+    batch = [event(site), {"site": site, "name": ""}, event(site)]
+    r = await ingest.post("/api/events", json=batch, headers={"User-Agent": "curl/8.5.0"})
+    assert r.status_code == 202 and r.headers[DROPPED_HEADER] == "bot"
+    results = r.json()["results"]
+    assert results[0] == results[2] == {"status": 202, "dropped": "bot"}
+    assert results[1]["status"] == 400
+    assert await rows(pool, site) == []
 
 
 async def test_cors(ingest: httpx.AsyncClient, pool: asyncpg.Pool, site: str) -> None:

@@ -155,14 +155,15 @@ async def test_redis_down_still_stores_and_acknowledges(
             assert (await _post_one(proc.url, site)).status_code == 202
         ready = await _get(f"{proc.url}/readyz")
         assert ready.status_code == 200 and ready.json()["redis"] == "unavailable"
-        metrics = (await _get(f"{proc.url}/metrics")).text
+        metrics = (await _get(f"{proc.internal_url}/metrics")).text
         assert "sitewire_ingest_publish_gap_events_total 5.0" in metrics
         assert await pool.fetchval("SELECT count(*) FROM events WHERE site = $1", site) == 6
         private_redis.start()
         await asyncio.sleep(1.2)  # past the publisher's back-off
         assert (await _post_one(proc.url, site)).status_code == 202
         assert (
-            "sitewire_ingest_published_events_total 2.0" in (await _get(f"{proc.url}/metrics")).text
+            "sitewire_ingest_published_events_total 2.0"
+            in (await _get(f"{proc.internal_url}/metrics")).text
         )
     finally:
         proc.stop()

@@ -160,14 +160,14 @@ async def test_an_idle_viewer_costs_less_than_16_kib(
     assert gateway.proc is not None
     name = 'sitewire_gateway_connections{transport="websocket"}'
     warm = [await ws_connect(_Quiet, f"{gateway.ws_url}{stream_path(site)}") for _ in range(20)]
-    await wait_metric(gateway.url, name, 20.0)
+    await wait_metric(gateway.internal_url, name, 20.0)
     before = _rss_kib(gateway.proc.pid)
     clients = []
     for _ in range(count // 100):
         clients += await asyncio.gather(
             *(ws_connect(_Quiet, f"{gateway.ws_url}{stream_path(site)}") for _ in range(100))
         )
-    await wait_metric(gateway.url, name, float(count + 20), timeout=30)
+    await wait_metric(gateway.internal_url, name, float(count + 20), timeout=30)
     per_viewer = (_rss_kib(gateway.proc.pid) - before) / count
     assert per_viewer <= 16, f"{per_viewer:.1f} KiB per idle viewer"
     for transport, _ in warm + clients:

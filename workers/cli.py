@@ -122,7 +122,15 @@ def _serve_command(role: str, default_port: int) -> click.Command:
     @click.option("--host", default="127.0.0.1", show_default=True)
     @click.option("--port", default=default_port, show_default=True, type=int)
     @click.option("--reuse-port", is_flag=True, help="Share the port with other replicas.")
-    def command(host: str, port: int, reuse_port: bool) -> None:
+    @click.option(
+        "--internal-port",
+        type=int,
+        help="Serve /metrics (and /healthz, /readyz) on this private port; off when unset.",
+    )
+    @click.option("--internal-host", default="127.0.0.1", show_default=True)
+    def command(
+        host: str, port: int, reuse_port: bool, internal_port: int | None, internal_host: str
+    ) -> None:
         from workers.serve import serve
 
         settings = _settings()
@@ -130,7 +138,12 @@ def _serve_command(role: str, default_port: int) -> click.Command:
         _require(settings.redis_url, "REDIS_URL")
         if role == "gateway":
             _require(settings.secret, "SITEWIRE_SECRET")
-        serve("ingest" if role == "ingest" else "gateway", settings, host, port, reuse_port)
+        if internal_port == port:
+            raise click.BadParameter("must differ from --port", param_hint="--internal-port")
+        internal = (internal_host, internal_port) if internal_port is not None else None
+        serve(
+            "ingest" if role == "ingest" else "gateway", settings, host, port, reuse_port, internal
+        )
 
     return command
 

@@ -25,7 +25,7 @@ from app import tokens
 from app.migrate import migrate
 from app.settings import Settings
 from app.sites import SiteExists, create_site
-from workers.embedded import EmbeddedPostgres, EmbeddedRedis
+from workers.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 
 DEMO_SITE = "demo.sitewire.dev"
 DEMO_PATHS = ("/", "/pricing", "/blog/launch", "/docs", "/docs/api", "/signup")
@@ -51,6 +51,8 @@ class Stack:
         self.replicas = {"ingest": ingests, "gateway": gateways}
         self._stoppers: list[EmbeddedPostgres | EmbeddedRedis] = []
         self._children: list[subprocess.Popen[bytes]] = []
+        #: Each replica's private metrics port (app/health.py), by role.
+        self.internal_ports: dict[str, list[int]] = {"ingest": [], "gateway": []}
 
     def run(self) -> None:
         signal.signal(signal.SIGTERM, _interrupt)
@@ -98,7 +100,10 @@ class Stack:
             if self.replicas[role] > 1:
                 cmd.append("--reuse-port")  # the kernel spreads connections over replicas
             for _ in range(self.replicas[role]):
-                self._children.append(subprocess.Popen(cmd, env=env))
+                internal = free_port()  # metrics are per process: one port each
+                self.internal_ports[role].append(internal)
+                replica = [*cmd, "--internal-port", str(internal)]
+                self._children.append(subprocess.Popen(replica, env=env))
 
     def _wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -118,16 +123,25 @@ class Stack:
         token = tokens.issue(secret, DEMO_SITE, 7 * 86400)
         print(
             "\nSitewire is running.\n"
-            f"  ingest    http://127.0.0.1:{i}  (POST /api/event, /script.js, /metrics)\n"
+            f"  ingest    http://127.0.0.1:{i}  (POST /api/event, /script.js)\n"
             f"  gateway   http://127.0.0.1:{g}  (/v1/sites/SITE/stream, /events, /history)\n"
             f"  replicas  {self.replicas['ingest']} ingest, {self.replicas['gateway']} gateway "
             "(each role shares one port: SO_REUSEPORT)\n"
+            f"  metrics   {self._metrics_urls()}\n"
             f"  demo site {DEMO_SITE}" + (" receiving demo traffic" if self.demo else "") + "\n"
             f"\n  dashboard http://127.0.0.1:{g}/dashboard/{DEMO_SITE}?token={token}\n"
             f"  tail      sitewire tail {DEMO_SITE} --gateway http://127.0.0.1:{g} "
             f"--token {token}\n"
             "\nPress Ctrl-C to stop.\n",
             flush=True,
+        )
+
+    def _metrics_urls(self) -> str:
+        """Each replica's /metrics, on its private port (not the role's public one)."""
+        return ", ".join(
+            f"{role} http://127.0.0.1:{port}/metrics"
+            for role, ports in self.internal_ports.items()
+            for port in ports
         )
 
     async def _idle(self) -> None:

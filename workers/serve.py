@@ -10,6 +10,7 @@ from types import FrameType
 from typing import Literal
 
 import uvicorn
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app import gateway, http, ingest, logs
 from app.settings import Settings
@@ -73,13 +74,44 @@ def listening_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     return sock
 
 
-def serve(role: Role, settings: Settings, host: str, port: int, reuse_port: bool = False) -> None:
+class Listeners:
+    """One server, two listening sockets: a request that arrives on the internal one (metrics
+    and probes, app.health) goes to the role's internal app, everything else (the lifespan
+    included) to the role's app. One server, so one set of signal handlers and one shutdown."""
+
+    def __init__(self, app: ingest.IngestApp | gateway.GatewayApp, internal_port: int) -> None:
+        self.app = app
+        self.internal_port = internal_port
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        server = scope.get("server")
+        if scope["type"] == "http" and server is not None and server[1] == self.internal_port:
+            await self.app.internal(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
+def serve(
+    role: Role,
+    settings: Settings,
+    host: str,
+    port: int,
+    reuse_port: bool = False,
+    internal: tuple[str, int] | None = None,
+) -> None:
+    """Serve `role` on host:port; with `internal` (host, port), metrics and probes there too."""
     logs.configure(role, settings.log_level)
     app: ingest.IngestApp | gateway.GatewayApp = (
         ingest.create_app(settings) if role == "ingest" else gateway.create_app(settings)
     )
+    sockets = [listening_socket(host, port, reuse_port)]
+    entry: ASGIApp = app
+    if internal is not None:
+        # Never shared with other replicas: each process's metrics must be its own.
+        sockets.append(listening_socket(*internal, reuse_port=False))
+        entry = Listeners(app, internal[1])
     config = uvicorn.Config(
-        app,
+        entry,
         host=host,
         port=port,
         log_config=None,
@@ -106,4 +138,4 @@ def serve(role: Role, settings: Settings, host: str, port: int, reuse_port: bool
         async def drain() -> None:
             await app.state.gateway.drain()
 
-    _Server(config, drain).run(sockets=[listening_socket(host, port, reuse_port)])
+    _Server(config, drain).run(sockets=sockets)
