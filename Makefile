@@ -4,15 +4,34 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+PIP    := $(BIN)/python -m pip --disable-pip-version-check
+# Exact versions (with hashes) of everything `make` installs: the runtime dependencies and the
+# dev and local extras, resolved for Linux x86_64 and CPython 3.11 (this machine, CI, the image).
+LOCK   := requirements.lock
+# `make lock` keeps the pins that still fit pyproject.toml; `make lock LOCK_ARGS=--upgrade`
+# moves every pin to the newest release, `LOCK_ARGS='--upgrade-package uvicorn'` one of them.
+LOCK_ARGS ?=
+PIP_TOOLS := pip-tools==7.6.2
 
-.PHONY: install run test lint typecheck fmt pytest bench chaos clean
+.PHONY: install lock run test lint typecheck fmt pytest bench chaos clean
 
-$(STAMP): pyproject.toml
+# The lock first, with hashes, then the project itself without resolving anything again.
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PIP) install --quiet --require-hashes -r $(LOCK)
+	$(PIP) install --quiet --no-deps -e .
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Regenerate the lock from pyproject.toml (runtime + dev + local); commit it with the change.
+lock:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet '$(PIP_TOOLS)'
+	CUSTOM_COMPILE_COMMAND='make lock' $(BIN)/pip-compile --quiet $(LOCK_ARGS) \
+	  --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
+	  --extra dev --extra local --output-file $(LOCK) pyproject.toml
+	sed -i '1i # Resolved for Linux x86_64 and CPython 3.11 (environment markers were evaluated there).' $(LOCK)
 
 run: $(STAMP)
 	$(BIN)/sitewire run

