@@ -25,6 +25,29 @@ from app.codes import CloseCode
 Handler = Callable[[dict[str, Any]], None]
 
 
+#: Where `sitewire tail` connects when neither --gateway nor SITEWIRE_GATEWAY says.
+DEFAULT_GATEWAY = "ws://127.0.0.1:8001"
+
+
+def gateway_urls(raw: str) -> list[str]:
+    """Comma-separated gateway base URLs (SITEWIRE_GATEWAY) as WebSocket URLs."""
+    urls = [gateway_url(part) for part in raw.split(",") if part.strip()]
+    if not urls:
+        raise ValueError("must name at least one gateway URL")
+    return urls
+
+
+def gateway_url(raw: str) -> str:
+    """A gateway base URL as a WebSocket URL (http:// and https:// are accepted too)."""
+    url = raw.strip().rstrip("/")
+    for http, ws in (("http://", "ws://"), ("https://", "wss://")):
+        if url.startswith(http):
+            url = ws + url[len(http) :]
+    if not url.startswith(("ws://", "wss://")):
+        raise ValueError(f"{raw.strip()!r} is not a ws://, wss://, http:// or https:// URL")
+    return url
+
+
 class StreamClosed(Exception):
     """The server closed the stream with a do-not-reconnect code."""
 

@@ -9,10 +9,6 @@
   site's burst to each viewer as one frame. This batches without a timer: what arrives while
   the gateway writes one burst's frames is the next burst, so a busy gateway sends fewer,
   fuller frames and an idle one sends each event at once (docs/decisions.md).
-- Optionally, live events are also paced (app.hub.Pacer, off unless
-  SITEWIRE_FANOUT_MAX_HOLD_MS is set): above 80 % load a site that sent a frame less than the
-  pacer's hold ago keeps its next events until the hold has passed, unless its next events
-  are not due before then (the hold would catch nothing).
 - Gaps (an offset skipped: out-of-order publication by two ingest replicas, or a message Redis
   pub/sub dropped) are held for `gap_hold_ms`, then repaired from the Redis window, else from
   PostgreSQL. Only when both fail do viewers get a `gap` notice with `recovered: false`.
@@ -29,8 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
-import time
 from collections import defaultdict
 
 import asyncpg
@@ -40,7 +34,7 @@ from app.broker import REDIS_ERRORS, Burst
 from app.cluster import Subscriptions, subscribers
 from app.codes import CloseCode
 from app.history import Event, site_heads
-from app.hub import Hub, Pacer, Sequencer, Viewer
+from app.hub import Hub, Sequencer, Viewer
 from app.metrics import DeliveryStats, GatewayMetrics
 from app.names import Names
 from app.replay import UNBOUNDED, Replayer
@@ -99,18 +93,6 @@ class Feeds:
         self._poller: asyncio.Task[None] | None = None
         #: Sites served from storage because their live events cannot arrive.
         self._polled: set[str] = set()
-        self.pacer = Pacer(max_hold_s=settings.fanout_max_hold_ms / 1000)
-        metrics.fanout_hold.set_function(lambda: self.pacer.hold_s)
-        metrics.fanout_load.set_function(lambda: self.pacer.load)
-        #: Live events kept until the site's hold has passed (in offset order), and the timer
-        #: that sends them.
-        self._pending: dict[str, list[Event]] = {}
-        self._timers: dict[str, asyncio.TimerHandle] = {}
-        #: loop.time() of each site's last frame.
-        self._sent_at: dict[str, float] = {}
-        #: Each site's arrivals: loop.time() of the last, and the smoothed time between two.
-        self._arrived_at: dict[str, float] = {}
-        self._interval: dict[str, float] = {}
 
     def start(self) -> None:
         for subscriber in self.subscribers:
@@ -119,8 +101,6 @@ class Feeds:
         self._poller = asyncio.create_task(self._poll_forever(), name="storage-poll")
 
     async def close(self) -> None:
-        for timer in self._timers.values():
-            timer.cancel()
         tasks = [self._checker, self._poller, *self._unsubscribes.values(), *self._repairs.values()]
         for task in tasks:
             if task is not None:
@@ -200,10 +180,6 @@ class Feeds:
                 del self._seq[site]
                 self._epochs.pop(site, None)
                 self._polled.discard(site)
-                self._deliver(site, [])  # nobody left to see them: only drops the timer
-                self._sent_at.pop(site, None)
-                self._arrived_at.pop(site, None)
-                self._interval.pop(site, None)
                 repair = self._repairs.pop(site, None)
                 if repair is not None:
                     repair.cancel()
@@ -223,11 +199,9 @@ class Feeds:
 
     def on_burst(self, burst: Burst) -> None:
         """Messages read from Redis at once, by site: each site's go out together, one frame
-        per viewer for the lot. The time this takes is the load the pacer follows."""
-        started = time.perf_counter()
+        per viewer for the lot."""
         for site, payloads in burst.items():
             self.on_messages(site, payloads)
-        self._spent(started)
 
     def on_messages(self, site: str, payloads: list[bytes]) -> None:
         seq = self._seq.get(site)
@@ -240,68 +214,14 @@ class Feeds:
                 log.error("dropped a malformed publication", extra={"site": site})
                 continue
             events.append((offset, payload))
-        ready = seq.offer_many(events)
-        if ready:
-            self._paced(site, ready)
+        self._deliver(site, seq.offer_many(events))
         if seq.missing() is not None and site not in self._repairs:
             self._repairs[site] = asyncio.create_task(self._repair(site), name=f"repair {site}")
 
-    def _paced(self, site: str, events: list[Event]) -> None:
-        """Send live events now, or, when the site sent a frame less than the pacer's hold ago
-        and more are expected before the hold has passed, keep them until then (app.hub.Pacer):
-        one frame per viewer for all."""
-        if not self.pacer.max_hold_s:  # pacing off (the default): every burst goes out now
-            self._send(site, events)
-            return
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        interval = self._arrival(site, now)
-        pending = self._pending.get(site)
-        if pending is not None:
-            pending.extend(events)
-            return
-        due = self._sent_at.get(site, -math.inf) + self.pacer.hold_s
-        # A hold that would end before the site's next events are due catches nothing: it
-        # only adds latency (a site at 100 events/s gains from a hold only above 20 ms).
-        if now + interval >= due:
-            self._send(site, events)
-            return
-        self._pending[site] = events
-        self._timers[site] = loop.call_at(due, self._flush, site)
-
-    def _arrival(self, site: str, now: float) -> float:
-        """Note that `site`'s events arrived at `now`; return the smoothed time between its
-        arrivals (infinite until there have been two)."""
-        last = self._arrived_at.get(site)
-        self._arrived_at[site] = now
-        if last is None:
-            return math.inf
-        interval = self._interval.get(site)
-        gap = now - last
-        interval = gap if interval is None else interval + 0.2 * (gap - interval)
-        self._interval[site] = interval
-        return interval
-
-    def _flush(self, site: str) -> None:
-        """The site's hold has passed: send what it kept."""
-        started = time.perf_counter()
-        del self._timers[site]
-        self._send(site, self._pending.pop(site))
-        self._spent(started)
-
     def _deliver(self, site: str, events: list[Event]) -> None:
-        """Send at once (repairs, catch-ups), behind any events the site still keeps."""
-        timer = self._timers.pop(site, None)
-        if timer is not None:
-            timer.cancel()
-            events = self._pending.pop(site) + events
-        if events:
-            self._send(site, events)
-
-    def _send(self, site: str, events: list[Event]) -> None:
+        if not events:
+            return
         sent = self.hub.publish_many(site, events)
-        if self.pacer.max_hold_s:
-            self._sent_at[site] = asyncio.get_running_loop().time()
         self.stats.direct(sent.frames, sent.events, events)
         for viewer in sent.slow:
             self._slow(viewer)
@@ -310,12 +230,7 @@ class Feeds:
         if viewer.fail(CloseCode.SLOW_CONSUMER):
             self._metrics.closes.labels("slow_consumer").inc()
 
-    def _spent(self, started: float) -> None:
-        now = time.perf_counter()
-        self.pacer.spent(now - started, now)
-
     def notice(self, site: str, body: dict[str, object]) -> None:
-        self._deliver(site, [])  # events held for the tick come before the notice
         frame = orjson.dumps(body)
         for viewer in self.hub.notice(site, frame):
             self._slow(viewer)

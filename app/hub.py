@@ -10,9 +10,6 @@ gateway wires it to sockets (app.websocket) and to Redis (app.broker).
   caught-up viewers get ready WebSocket frames, built once per burst (one per 256 KB) and
   written as the same bytes through their `sink`; the others get the same payloads queued.
 - `Sequencer` puts a site's events in offset order, drops duplicates and reports gaps.
-- `Pacer` decides how long a site's events may wait to share a frame, when an operator turns
-  it on (off by default: app/feed.py batches without it): not at all while the process is
-  lightly loaded, up to `max_hold_s` when writing frames saturates it.
 - `ws_frames` / `sse_chunk` turn a drained queue into as few writes as possible.
 """
 
@@ -107,10 +104,6 @@ class Viewer:
     def start_replay(self) -> None:
         """From now on live events are held until `go_live` (call before joining the hub)."""
         self._held = []
-
-    @property
-    def replaying(self) -> bool:
-        return self._held is not None
 
     def go_live(self) -> int | None:
         """Move held live events behind the replayed ones. Returns None when the viewer is
@@ -277,55 +270,6 @@ class Hub:
 
     def queued_bytes(self) -> int:
         return sum(v.queued_bytes for v in self.viewers())
-
-
-class Pacer:
-    """How long a site's events may wait for more, so that they share one frame per viewer.
-
-    A write to a viewer's socket costs about the same for one event or fifty (a syscall that
-    also runs the receiver's loopback TCP stack), so writes per second, not events, are what
-    saturate a gateway. While relaying live events keeps the process below `low` of its time
-    every burst goes out at once (`hold_s` 0: nothing added to latency). From `low` to `high`
-    the hold grows linearly to `max_hold_s`: a site that sent a frame less than `hold_s` ago
-    keeps its next events until then (if more are due before then: app.feed), so frames per
-    viewer per second stay near 1 / hold_s whatever the event rate. Load is wall time, so a
-    process that other processes crowd out of its core holds more too.
-    """
-
-    def __init__(
-        self,
-        max_hold_s: float = 0.04,
-        low: float = 0.8,
-        high: float = 1.0,
-        window_s: float = 0.1,
-    ) -> None:
-        self.max_hold_s = max_hold_s
-        self.low = low
-        self.high = high
-        self.window_s = window_s
-        #: The current hold (seconds); 0 sends every burst at once.
-        self.hold_s = 0.0
-        #: Smoothed share of wall time spent relaying live events (0..1).
-        self.load = 0.0
-        self._busy = 0.0
-        self._since: float | None = None
-
-    def spent(self, seconds: float, now: float) -> None:
-        """Account `seconds` of relaying work finished at `now` (monotonic seconds); every
-        `window_s` the load is re-measured and the hold follows it."""
-        if self._since is None:
-            self._since = now - seconds
-        self._busy += seconds
-        elapsed = now - self._since
-        if elapsed < self.window_s:
-            return
-        # Averaged with the previous window so that one quiet or busy window does not swing
-        # the hold from one end to the other (the hold itself changes the next load).
-        self.load = (self.load + min(1.0, self._busy / elapsed)) / 2
-        share = (self.load - self.low) / (self.high - self.low)
-        self.hold_s = self.max_hold_s * min(1.0, max(0.0, share))
-        self._busy = 0.0
-        self._since = now
 
 
 class Sequencer:

@@ -87,7 +87,6 @@ def create_app(settings: Settings) -> IngestApp:
             pool,
             metrics,
             max_events=settings.commit_max_events,
-            max_delay_s=settings.commit_max_delay_ms / 1000,
             after_commit=publications.put,
         )
         api.state.ingest = IngestState(
@@ -143,10 +142,6 @@ class IngestApp:
     @property
     def state(self) -> Any:
         return self.api.state
-
-    @property
-    def router(self) -> Any:
-        return self.api.router
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":

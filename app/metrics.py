@@ -108,16 +108,6 @@ class GatewayMetrics:
             ["source"],
             registry=registry,
         )
-        self.fanout_hold = Gauge(
-            "sitewire_gateway_fanout_hold_seconds",
-            "How long a site's live events may wait to share one frame (0 at light load)",
-            registry=registry,
-        )
-        self.fanout_load = Gauge(
-            "sitewire_gateway_fanout_load",
-            "Smoothed share of the process's wall time spent relaying live events (0..1)",
-            registry=registry,
-        )
         self.latency = Histogram(
             "sitewire_gateway_publish_to_send_seconds",
             "From the event's server timestamp to its write on a viewer socket",

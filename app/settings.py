@@ -46,11 +46,8 @@ class Settings:
     max_batch_bytes: int = 512 * 1024
     #: SITEWIRE_MAX_BATCH_EVENTS: most events in one POST /api/events.
     max_batch_events: int = 100
-    #: SITEWIRE_COMMIT_MAX_EVENTS: a group commit flushes when this many events wait...
+    #: SITEWIRE_COMMIT_MAX_EVENTS: most events in one group commit (app/store.py).
     commit_max_events: int = 1000
-    #: SITEWIRE_COMMIT_MAX_DELAY_MS: ...or when the oldest has waited this long. 0: at once;
-    #: events that arrive while a commit runs still share the next one.
-    commit_max_delay_ms: float = 0.0
     #: SITEWIRE_RATE_SITE_PER_SEC: events a site may send per second (all replicas). 0 = off.
     rate_site_per_sec: int = 2000
     #: SITEWIRE_RATE_IP_PER_MIN: events one client IP may send per minute (all replicas). 0 = off.
@@ -74,10 +71,6 @@ class Settings:
     drain_timeout_s: float = 5.0
     #: SITEWIRE_GAP_HOLD_MS: how long out-of-order events wait before a gap is repaired.
     gap_hold_ms: float = 50.0
-    #: SITEWIRE_FANOUT_MAX_HOLD_MS: the longest a busy gateway holds a site's live events to
-    #: send them in one frame per viewer (app/hub.py Pacer); 0, the default, never holds: a
-    #: busy gateway batches anyway (app/feed.py), and holds cost latency (docs/decisions.md).
-    fanout_max_hold_ms: float = 0.0
     #: SITEWIRE_HEADER_TIMEOUT_S: a request's line and headers must arrive within this long
     #: of the connection (or of a keep-alive request's first byte); else 408 (app/http.py).
     header_timeout_s: float = 30.0
@@ -94,10 +87,6 @@ class Settings:
     retention_days: int = 400
     #: SITEWIRE_WORKER_INTERVAL_S: seconds between two passes of the background jobs.
     worker_interval_s: float = 3600.0
-    #: SITEWIRE_GATEWAY: comma-separated gateway URLs `sitewire tail` connects to.
-    gateways: tuple[str, ...] = ("ws://127.0.0.1:8001",)
-    #: SITEWIRE_TOKEN: viewer token for `sitewire tail`.
-    viewer_token: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -114,9 +103,6 @@ class Settings:
             max_batch_bytes=r.int("SITEWIRE_MAX_BATCH_BYTES", cls.max_batch_bytes, 1024),
             max_batch_events=r.int("SITEWIRE_MAX_BATCH_EVENTS", cls.max_batch_events, 1, 1000),
             commit_max_events=r.int("SITEWIRE_COMMIT_MAX_EVENTS", cls.commit_max_events, 1),
-            commit_max_delay_ms=r.float(
-                "SITEWIRE_COMMIT_MAX_DELAY_MS", cls.commit_max_delay_ms, 0.0, 1000.0
-            ),
             rate_site_per_sec=r.int("SITEWIRE_RATE_SITE_PER_SEC", cls.rate_site_per_sec, 0),
             rate_ip_per_min=r.int("SITEWIRE_RATE_IP_PER_MIN", cls.rate_ip_per_min, 0),
             trusted_proxies=r.get("SITEWIRE_TRUSTED_PROXIES", (), _networks),
@@ -131,9 +117,6 @@ class Settings:
             ),
             drain_timeout_s=r.float("SITEWIRE_DRAIN_TIMEOUT_S", cls.drain_timeout_s, 0.1, 600),
             gap_hold_ms=r.float("SITEWIRE_GAP_HOLD_MS", cls.gap_hold_ms, 0.0, 10_000),
-            fanout_max_hold_ms=r.float(
-                "SITEWIRE_FANOUT_MAX_HOLD_MS", cls.fanout_max_hold_ms, 0.0, 1000
-            ),
             header_timeout_s=r.float("SITEWIRE_HEADER_TIMEOUT_S", cls.header_timeout_s, 0.1, 60),
             body_timeout_s=r.float("SITEWIRE_BODY_TIMEOUT_S", cls.body_timeout_s, 0.1, 600),
             max_header_bytes=r.int(
@@ -145,8 +128,6 @@ class Settings:
             worker_interval_s=r.float(
                 "SITEWIRE_WORKER_INTERVAL_S", cls.worker_interval_s, 1, 86400
             ),
-            gateways=r.get("SITEWIRE_GATEWAY", cls.gateways, _gateway_urls),
-            viewer_token=r.get("SITEWIRE_TOKEN", None, str),
         )
         if settings.redis_cluster and settings.redis_url and "unix://" in settings.redis_url:
             raise SettingsError("REDIS_CLUSTER", "needs redis:// or rediss:// seed node URLs")
@@ -261,21 +242,3 @@ def _log_level(raw: str) -> str:
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
     return level
-
-
-def _gateway_urls(raw: str) -> tuple[str, ...]:
-    urls = tuple(gateway_url(part) for part in raw.split(",") if part.strip())
-    if not urls:
-        raise ValueError("must name at least one gateway URL")
-    return urls
-
-
-def gateway_url(raw: str) -> str:
-    """A gateway base URL as a WebSocket URL (http:// and https:// are accepted too)."""
-    url = raw.strip().rstrip("/")
-    for http, ws in (("http://", "ws://"), ("https://", "wss://")):
-        if url.startswith(http):
-            url = ws + url[len(http) :]
-    if not url.startswith(("ws://", "wss://")):
-        raise ValueError(f"{raw.strip()!r} is not a ws://, wss://, http:// or https:// URL")
-    return url

@@ -1,9 +1,9 @@
 """PostgreSQL event storage with group commit.
 
 `Committer.submit()` returns once the events are committed (a durable ack). Concurrent callers
-share one transaction: the flush loop takes whatever is queued when the batch fills
-(`commit_max_events`) or the oldest waiter has waited `commit_max_delay_ms` (0 by default:
-what arrives while one commit runs forms the next), and commits it in one round trip through
+share one transaction: the flush loop takes whatever is queued as soon as it is free, up to
+`commit_max_events` (what arrives while one commit runs forms the next: no timer, so a lone
+event is committed at once), and commits it in one round trip through
 `sitewire_store_events` when it is small, with COPY otherwise. Offsets are allocated inside
 that transaction under each site's row lock, so per site they are gapless and follow commit
 order, across every ingest replica (docs/ingest.md explains the choice and its cost).
@@ -113,21 +113,17 @@ class Committer:
         metrics: IngestMetrics,
         *,
         max_events: int,
-        max_delay_s: float,
         after_commit: AfterCommit,
     ) -> None:
         self._pool = pool
         self._metrics = metrics
         self._max_events = max_events
-        self._max_delay_s = max_delay_s
         self._after_commit = after_commit
         # One future per submission, not per event: a batch of 50 costs one future and one
         # wake-up instead of 50 plus a gather (profiled on the batch benchmark).
         self._queue: deque[_Waiter] = deque()
         self._queued = 0  # events in the queue
-        self._oldest = 0.0
         self._wakeup = asyncio.Event()
-        self._full = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
 
@@ -138,7 +134,6 @@ class Committer:
         """Commit what is queued, then stop."""
         self._closing = True
         self._wakeup.set()
-        self._full.set()
         if self._task is not None:
             await self._task
 
@@ -147,13 +142,9 @@ class Committer:
         if self._closing:
             raise StorageUnavailable("shutting down")
         future: asyncio.Future[list[Outcome]] = asyncio.get_running_loop().create_future()
-        if not self._queue:
-            self._oldest = time.monotonic()
         self._queue.append((events, future))
         self._queued += len(events)
         self._wakeup.set()
-        if self._queued >= self._max_events:
-            self._full.set()
         return await future
 
     async def _run(self) -> None:
@@ -164,13 +155,7 @@ class Committer:
                     return
                 self._wakeup.clear()
                 continue
-            await self._wait_for_batch()
-            batch = self._take()
-            # Events left over from an overflowing batch have waited already: no extra delay.
-            self._oldest = time.monotonic() - self._max_delay_s
-            if self._queued < self._max_events:
-                self._full.clear()
-            await self._flush(batch)
+            await self._flush(self._take())
 
     def _take(self) -> list[_Waiter]:
         """Whole submissions, oldest first, up to max_events (at least one submission)."""
@@ -182,15 +167,6 @@ class Committer:
             size += len(waiter[0])
         self._queued -= size
         return batch
-
-    async def _wait_for_batch(self) -> None:
-        remaining = self._oldest + self._max_delay_s - time.monotonic()
-        if remaining > 0 and self._queued < self._max_events:
-            try:
-                async with asyncio.timeout(remaining):
-                    await self._full.wait()
-            except TimeoutError:
-                pass
 
     async def _flush(self, batch: list[_Waiter]) -> None:
         started = time.perf_counter()

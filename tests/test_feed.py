@@ -13,19 +13,12 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
 from app.feed import Feeds
-from app.hub import EVENT, NOTICE, Hub, Pacer, Viewer
+from app.hub import EVENT, Hub, Viewer
 from app.metrics import DeliveryStats, GatewayMetrics
 from app.names import Names
 from app.replay import Replayer
 from app.settings import Settings
 from app.shards import RedisShards
-
-
-class FixedPacer(Pacer):
-    """A pacer whose hold does not follow the load: what the test sets is what it holds."""
-
-    def spent(self, seconds: float, now: float) -> None:
-        pass
 
 
 @pytest.fixture
@@ -58,65 +51,16 @@ def queued(viewer: Viewer) -> list[int | str]:
     return [offset if kind == EVENT else "notice" for kind, offset, _ in viewer.take()]
 
 
-async def test_light_load_sends_every_burst_at_once(feeds: Feeds, site: str) -> None:
-    viewer = await live_viewer(feeds, site)
-    feeds.on_messages(site, [event(1)])
-    feeds.on_messages(site, [event(2), event(3)])
-    assert feeds.pacer.hold_s == 0.0
-    assert queued(viewer) == [1, 2, 3]
-
-
-async def test_held_events_go_out_together_in_order_before_a_notice(
+async def test_every_burst_goes_out_at_once_in_order_before_a_notice(
     feeds: Feeds, site: str
 ) -> None:
-    feeds.pacer = FixedPacer()
-    feeds.pacer.hold_s = 60.0
-    viewer = await live_viewer(feeds, site)
-    feeds.on_messages(site, [event(1)])  # the first frame in a while: at once
-    feeds.on_messages(site, [event(3)])  # out of order: held by the sequencer
-    feeds.on_messages(site, [event(2)])  # 2 and 3 now ready, held by the pacer
-    assert queued(viewer) == [1]
-    feeds.notice(site, {"type": "gap", "after": None, "recovered": True})
-    items = viewer.take()
-    assert [o if k == EVENT else "notice" for k, o, _ in items] == [2, 3, "notice"]
-    assert items[-1][0] == NOTICE
-
-
-async def test_held_events_go_out_on_the_tick(feeds: Feeds, site: str) -> None:
-    feeds.pacer = FixedPacer()
-    feeds.pacer.hold_s = 0.05
     viewer = await live_viewer(feeds, site)
     feeds.on_messages(site, [event(1)])
-    feeds.on_messages(site, [event(2)])
-    feeds.on_messages(site, [event(3), event(4)])
-    seen = queued(viewer)
-    async with asyncio.timeout(5):  # a deadline, not a speed check
-        while len(seen) < 4:
-            await asyncio.sleep(0.01)
-            seen += queued(viewer)
-    assert seen == [1, 2, 3, 4]
-
-
-async def test_a_hold_that_cannot_catch_another_event_is_not_taken(feeds: Feeds, site: str) -> None:
-    """Events 30 ms apart and a 50 ms hold: holding one would end before the next arrives, so
-    it would add latency and coalesce nothing. Events 10 ms apart under a 1 s hold are kept."""
-    feeds.pacer = FixedPacer()
-    feeds.pacer.hold_s = 0.05
-    viewer = await live_viewer(feeds, site)
-    for n in range(1, 5):
-        feeds.on_messages(site, [event(n)])
-        assert queued(viewer) == [n]  # at once, every time
-        await asyncio.sleep(0.03)  # a slower machine only makes the gap longer
-
-    feeds.pacer.hold_s = 1.0
-    feeds.on_messages(site, [event(5)])
-    await asyncio.sleep(0.01)
-    feeds.on_messages(site, [event(6)])
-    await asyncio.sleep(0.01)
-    feeds.on_messages(site, [event(7)])
-    assert queued(viewer) == []  # kept: more are due well before the hold ends
+    feeds.on_messages(site, [event(3)])  # out of order: held by the sequencer
+    assert queued(viewer) == [1]
+    feeds.on_messages(site, [event(2), event(4)])  # 2, 3 and 4 now ready: sent together
     feeds.notice(site, {"type": "gap", "after": None, "recovered": True})
-    assert queued(viewer) == [5, 6, 7, "notice"]
+    assert queued(viewer) == [2, 3, 4, "notice"]
 
 
 async def test_a_page_just_read_from_postgres_is_reused(

@@ -8,7 +8,6 @@ from app.codes import CloseCode
 from app.hub import (
     MAX_FRAME_BYTES,
     Hub,
-    Pacer,
     Sequencer,
     Viewer,
     event_count,
@@ -168,7 +167,7 @@ def test_replay_then_live_has_no_gap_and_no_duplicate_at_the_seam() -> None:
         assert v.push(offset, b"live%d" % offset)
     for offset in (11, 12, 13):  # the replay overlaps the live stream by one
         assert v.push_replay(offset, b"stored%d" % offset)
-    assert v.go_live() is None and not v.replaying
+    assert v.go_live() is None  # nothing held past the replay: live now
     assert v.push(16, b"live16")
     items = v.take()
     assert [o for _, o, _ in items] == [11, 12, 13, 14, 15, 16]
@@ -316,33 +315,6 @@ def test_a_transport_that_closed_under_the_hub_is_switched_off_and_its_events_qu
     slow, frames, direct = hub.publish_many("a.com", [(1, b'{"offset":1}')])
     assert slow == [] and frames == direct == 1 and len(written) == 1
     assert v.sink is None and [o for _, o, _ in v.take()] == [1]  # nothing skipped
-
-
-def test_pacer_holds_nothing_at_light_load() -> None:
-    pacer = Pacer(max_hold_s=0.025, low=0.3, high=0.7, window_s=0.1)
-    for i in range(1, 50):
-        pacer.spent(0.001, i * 0.01)  # 10 % of the time writing frames
-    assert pacer.hold_s == 0.0 and pacer.load < 0.3
-
-
-def test_pacer_hold_follows_the_load_up_to_its_cap_and_back() -> None:
-    pacer = Pacer(max_hold_s=0.025, low=0.3, high=0.7, window_s=0.1)
-    now = 0.0
-    for _ in range(50):  # saturated: 9 ms of every 10 ms spent writing frames
-        now += 0.01
-        pacer.spent(0.009, now)
-    assert pacer.hold_s == 0.025
-    holds = []
-    for _ in range(30):  # half loaded: the hold settles in between
-        now += 0.01
-        pacer.spent(0.005, now)
-        holds.append(pacer.hold_s)
-    assert 0.0 < holds[-1] < 0.025
-    assert holds == sorted(holds, reverse=True)  # it moves down smoothly, never swings back
-    now += 5.0  # quiet, then one small burst: the long quiet window is the measured load
-    pacer.spent(0.001, now)
-    pacer.spent(0.001, now + 0.1)
-    assert pacer.hold_s == 0.0
 
 
 def test_sequencer_offer_many_is_offer_in_a_row() -> None:

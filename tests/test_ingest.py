@@ -30,7 +30,7 @@ async def make_ingest(settings: Settings) -> AsyncIterator[Ingest]:
 
     async def make(**changes: Any) -> httpx.AsyncClient:
         app = create_app(settings.with_(**changes))
-        lifespan = app.router.lifespan_context(app)
+        lifespan = app.api.router.lifespan_context(app.api)
         await lifespan.__aenter__()
         transport = httpx.ASGITransport(app=app, client=(CLIENT_IP, 40000))
         client = httpx.AsyncClient(

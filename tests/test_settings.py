@@ -23,13 +23,11 @@ def test_values_are_parsed() -> None:
             "REDIS_URL": "redis://h:1/0",
             "SITEWIRE_KEY_PREFIX": "prod-eu",
             "SITEWIRE_SECRET": "s" * 40,
-            "SITEWIRE_COMMIT_MAX_DELAY_MS": "5.5",
             "SITEWIRE_TRUSTED_PROXIES": "10.0.0.0/8, 127.0.0.1",
             "SITEWIRE_LOG_LEVEL": "debug",
         }
     )
     assert s.key_prefix == "prod-eu"
-    assert s.commit_max_delay_ms == 5.5
     assert ipaddress.ip_address("10.1.2.3") in s.trusted_proxies[0]
     assert s.log_level == "DEBUG"
 
@@ -43,7 +41,6 @@ def test_values_are_parsed() -> None:
         ("SITEWIRE_SECRET", "short", "at least 32"),
         ("SITEWIRE_MAX_BATCH_EVENTS", "lots", "must be an integer"),
         ("SITEWIRE_MAX_BATCH_EVENTS", "0", "at least 1"),
-        ("SITEWIRE_COMMIT_MAX_DELAY_MS", "-1", "at least 0"),
         ("SITEWIRE_TRUSTED_PROXIES", "10.0.0.0/8,nope", "'nope' is not an IP"),
         ("SITEWIRE_LOG_LEVEL", "LOUD", "must be DEBUG"),
     ],

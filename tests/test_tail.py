@@ -107,6 +107,28 @@ def test_tail_needs_a_token() -> None:
     assert result.returncode == 2 and "viewer token is needed" in result.stderr
 
 
+async def test_tail_reads_its_gateway_and_token_from_the_environment(
+    spawn: Callable[..., AppProcess], site: str
+) -> None:
+    """SITEWIRE_GATEWAY and SITEWIRE_TOKEN are the client's own: no server setting reads them."""
+    gateway = spawn("gateway", **FAST)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SITEWIRE_")}
+    env.update(SITEWIRE_GATEWAY=f"http://127.0.0.1:1, {gateway.url}", SITEWIRE_TOKEN="forged")
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "workers.cli", "tail", site],
+        env=env, capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 1 and "code 4500" in result.stderr  # reached the gateway
+    env["SITEWIRE_GATEWAY"] = "ftp://nowhere"
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "workers.cli", "tail", site],
+        env=env, capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 2 and "SITEWIRE_GATEWAY" in result.stderr
+
+
 EVENT = {
     "cursor": "ab12cd34-7", "offset": 7, "id": "x", "site": "a.com", "name": "Signup",
     "url": "https://a.com/pricing", "path": "/pricing", "referrer": None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
@@ -193,12 +194,12 @@ def tail(
 ) -> None:
     """Print SITE's live events; reconnects and resumes by itself. Ctrl-C to stop."""
     from app import tokens
-    from app.client import StreamClient
-    from app.settings import gateway_url
+    from app.client import DEFAULT_GATEWAY, StreamClient, gateway_url, gateway_urls
     from workers import tail as tailing
 
+    # The client's own variables: read here, not by the servers' Settings.
+    token = token or os.environ.get("SITEWIRE_TOKEN") or None
     settings = _settings()
-    token = token or settings.viewer_token
     if not token and settings.secret:
         token = tokens.issue(settings.secret, site, 12 * 3600)  # operators holding the secret
     if not token:
@@ -206,9 +207,14 @@ def tail(
             "a viewer token is needed: --token, SITEWIRE_TOKEN or SITEWIRE_SECRET"
         )
     try:
-        urls = [gateway_url(g) for g in gateways] or list(settings.gateways)
+        urls = [gateway_url(g) for g in gateways]
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--gateway") from None
+    if not urls:
+        try:
+            urls = gateway_urls(os.environ.get("SITEWIRE_GATEWAY", DEFAULT_GATEWAY))
+        except ValueError as exc:
+            raise click.UsageError(f"SITEWIRE_GATEWAY {exc}") from None
     client = StreamClient(urls, site, token, lambda e: None, start=tailing.start_from(since, last))
     sys.exit(tailing.run(client, tailing.default_printer(as_json, text_filter)))
 
