@@ -5,6 +5,9 @@ private range (4000-4999), split in two:
 
 - 4000-4499: **reconnect** (with jittered backoff, to any gateway, resuming from the last cursor);
 - 4500-4999: **do not reconnect** until the cause is fixed (a new token, a registered site).
+
+A WebSocket connection can also end with one of RFC 6455's own codes (`StandardCloseCode`): a
+client that breaks the WebSocket protocol itself, or a gateway that stops.
 """
 
 from __future__ import annotations
@@ -49,9 +52,23 @@ class CloseCode(IntEnum):
     UNAUTHORIZED = 4500  # token missing, forged, expired or for another site
     UNKNOWN_SITE = 4501  # no such site
     BAD_REQUEST = 4502  # malformed cursor or parameter
-    PROTOCOL = 4503  # unknown message type, malformed frame
-    FRAME_TOO_LARGE = 4504  # a client frame over the limit
+    PROTOCOL = 4503  # unknown message type, invalid JSON
+    FRAME_TOO_LARGE = 4504  # a client message over the limit (whole or fragmented)
 
     @property
     def reconnect(self) -> bool:
         return 4000 <= self.value < 4500
+
+
+class StandardCloseCode(IntEnum):
+    """The RFC 6455 close codes (section 7.4.1) the gateway sends; WebSocket only. Kept apart
+    from `CloseCode`, whose codes are all in the private range and also reach SSE viewers."""
+
+    # Do not reconnect: the client broke the WebSocket protocol (RFC 6455 section 7.1.7).
+    PROTOCOL_ERROR = 1002  # unmasked frame, control frame over 125 bytes or fragmented,
+    # continuation frame out of order, reserved bit or unknown opcode (the parser's checks)
+    UNSUPPORTED_DATA = 1003  # a binary frame: the protocol is text JSON only
+    INVALID_DATA = 1007  # a text message that is not valid UTF-8 (whole or fragmented)
+    MESSAGE_TOO_BIG = 1009  # a message over 64 KiB, refused by the parser before it is read
+    # Reconnect: the gateway stopped before its drain reached this connection.
+    SERVICE_RESTART = 1012

@@ -13,6 +13,9 @@ An idle viewer costs one protocol object, its `ServerProtocol` and its `Viewer` 
   again on `resume_writing` when flow control held them back: no writer task, no Event.
 - Keepalive pings for every connection share one timer per process (`Keepalive`); write
   timeouts are enforced by the gateway's housekeeping sweep (`sweep_writes`).
+- Closing: once either side has started the closing handshake (or a frame failed the
+  connection), nothing but the close is sent and the viewer leaves the hub at once; the socket
+  is dropped if it has not closed within CLOSE_TIMEOUT_S, a timer cancelled when it has.
 
 Caught-up viewers get the hub's shared frames through `sink`: the transport's own `write`, set
 only while the connection can take a frame now (`_direct`).
@@ -31,12 +34,12 @@ from urllib.parse import parse_qs, unquote
 import orjson
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request
-from websockets.protocol import OPEN
+from websockets.protocol import CLOSED, CLOSING, OPEN
 from websockets.server import ServerProtocol
 
 from app import tokens, viewers
 from app.broker import REDIS_ERRORS
-from app.codes import CloseCode
+from app.codes import CloseCode, StandardCloseCode
 from app.hub import Viewer, ws_frames
 from app.replay import BadStart, StorageUnavailable, parse_start
 from app.store import STORAGE_ERRORS
@@ -64,8 +67,8 @@ class StreamProtocol(asyncio.Protocol):
     """One viewer's WebSocket connection on `GET /v1/sites/{site}/stream`."""
 
     __slots__ = (
-        "_server", "closing", "drained", "flush_pending", "fragments", "gone", "paused",
-        "ping_payload", "state", "task", "transport", "viewer", "write_started", "ws",
+        "_server", "abort_timer", "closing", "drained", "flush_pending", "fragments", "gone",
+        "paused", "ping_payload", "state", "task", "transport", "viewer", "write_started", "ws",
     )  # fmt: skip
 
     #: The gateway app this class serves; bound per process by `protocol_class`.
@@ -89,8 +92,12 @@ class StreamProtocol(asyncio.Protocol):
         self.flush_pending = False
         #: Flow control: the transport's buffer is over its high-water mark.
         self.paused = False
+        #: The closing handshake has started, from either side, or the connection failed.
         self.closing = False
+        #: `connection_lost` has run.
         self.gone = False
+        #: Drops the socket if it is still open CLOSE_TIMEOUT_S after we started closing it.
+        self.abort_timer: asyncio.TimerHandle | None = None
         #: The payload of the keepalive ping awaiting its pong (None: none outstanding).
         self.ping_payload: bytes | None = None
         #: A fragmented client message being put together (rare; None otherwise).
@@ -115,11 +122,17 @@ class StreamProtocol(asyncio.Protocol):
                     _forget_request(ws)
             elif isinstance(event, Frame):
                 self._frame(event)
+        if ws.state is CLOSING or ws.state is CLOSED:  # the peer's close, or a failed frame
+            self._closing()
         self._write_out()
 
     def eof_received(self) -> bool | None:
         if self.viewer is not None:  # the transport closes now: no more direct frames
             self.viewer.sink = None
+        if self.transport is not None:
+            # asyncio's close waits for the send buffer to drain, which a peer that stopped
+            # reading never lets happen: bound it as any other close.
+            self._abort_later(self.transport)
         return None  # close the transport: a viewer that half-closes is gone
 
     def pause_writing(self) -> None:
@@ -134,9 +147,14 @@ class StreamProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.gone = True
+        if self.abort_timer is not None:
+            # Pending, it would keep the transport (and its buffers) for CLOSE_TIMEOUT_S.
+            self.abort_timer.cancel()
+            self.abort_timer = None
         self.ping_payload = None
         # The keepalive queue may hold this object for up to an interval: keep it small.
         self.ws = None
+        self.transport = None
         self._server.connections.discard(self)
         if self.task is not None:
             self.task.cancel()
@@ -146,9 +164,9 @@ class StreamProtocol(asyncio.Protocol):
         """uvicorn's shutdown (after the drain): close what is left as uvicorn would, 1012."""
         if self.task is not None:
             self.task.cancel()
-        self._close(1012, "")
-        assert self.transport is not None
-        self.transport.close()
+        self._close(StandardCloseCode.SERVICE_RESTART, "")
+        if self.transport is not None:
+            self.transport.close()
 
     # -- the opening handshake and admission -----------------------------------------------
 
@@ -206,7 +224,7 @@ class StreamProtocol(asyncio.Protocol):
             self.task = None
 
     def _live(self, viewer: Viewer) -> bool:
-        if self.gone:
+        if self.gone or self.closing:
             self.state.feeds.leave(viewer)
             return False
         self.viewer = viewer
@@ -235,30 +253,53 @@ class StreamProtocol(asyncio.Protocol):
             if self.ping_payload is not None and bytes(frame.data) == self.ping_payload:
                 self.ping_payload = None
                 self.state.keepalive.watch(self)
-        elif opcode is Opcode.TEXT or opcode is Opcode.BINARY or opcode is Opcode.CONT:
+        elif opcode is Opcode.TEXT or opcode is Opcode.CONT:
             self._message_part(frame)
-        # PING and CLOSE are answered by `ServerProtocol` itself (see `_write_out`).
+        elif opcode is Opcode.BINARY:
+            # Refused at its first frame: a binary message is never put together.
+            self._fail(StandardCloseCode.UNSUPPORTED_DATA, "text frames only (JSON)")
+        # PING and CLOSE are answered by `ServerProtocol` itself (see `_write_out`), which also
+        # checks masking, control frame limits and the order of continuation frames (1002).
 
     def _message_part(self, frame: Frame) -> None:
-        data = bytes(frame.data)
-        if self.fragments is not None or not frame.fin:
-            self.fragments = (self.fragments or bytearray()) + data
-            if len(self.fragments) <= MAX_CLIENT_FRAME and not frame.fin:
-                return
+        """A text frame or a continuation of one (binary messages never get this far)."""
+        if not self._reading():
+            return
+        if frame.fin and self.fragments is None:
+            self._text(bytes(frame.data))
+            return
+        if self.fragments is None:
+            self.fragments = bytearray()
+        self.fragments += frame.data
+        if frame.fin:
             data, self.fragments = bytes(self.fragments), None
-        elif frame.opcode is Opcode.TEXT:
-            try:
-                data.decode()
-            except UnicodeDecodeError:
-                if self.ws is not None:
-                    self.ws.fail(1007, "invalid UTF-8")  # what uvicorn's implementation did
-                return
+            self._text(data)
+        elif len(self.fragments) > MAX_CLIENT_FRAME:
+            # Too large before its end: refused now, without waiting for (or decoding) the rest.
+            data, self.fragments = bytes(self.fragments), None
+            self._message(data)
+
+    def _reading(self) -> bool:
+        """Client messages still count: the connection is open and not asked to close (the
+        rest of a read that closes the connection is dropped, and a message that could not
+        be answered any more is not parsed)."""
+        viewer = self.viewer
+        return self._sendable() is not None and (viewer is None or viewer.close_code is None)
+
+    def _text(self, data: bytes) -> None:
+        """A whole text message, whether it came in one frame or in fragments: RFC 6455 wants
+        it valid UTF-8 (each fragment alone need not be: a character may straddle two)."""
+        try:
+            data.decode()
+        except UnicodeDecodeError:
+            self._fail(StandardCloseCode.INVALID_DATA, "invalid UTF-8")
+            return
         self._message(data)
 
     def _message(self, data: bytes) -> None:
         """Viewers send only `{"type":"ping"}`; anything else is a protocol error."""
         viewer = self.viewer
-        if viewer is None or self.closing:
+        if viewer is None:
             return
         if len(data) > MAX_CLIENT_FRAME:
             viewer.fail(CloseCode.FRAME_TOO_LARGE)
@@ -272,6 +313,15 @@ class StreamProtocol(asyncio.Protocol):
             return
         viewer.push_notice(PONG)
 
+    def _fail(self, code: StandardCloseCode, reason: str) -> None:
+        """Fail the connection (RFC 6455 section 7.1.7) for a frame that breaks the WebSocket
+        protocol, as the parser does for its own errors: a close frame, then the TCP close at
+        once, without waiting for the peer's. Called from `data_received`, which writes both."""
+        ws = self.ws
+        if ws is not None and ws.state is OPEN:
+            ws.fail(code, reason)
+            self._closing()
+
     # -- writing -------------------------------------------------------------------------------
 
     def _wake(self) -> None:
@@ -282,16 +332,17 @@ class StreamProtocol(asyncio.Protocol):
 
     def _flush(self) -> None:
         self.flush_pending = False
-        viewer, ws = self.viewer, self.ws
-        if viewer is None or ws is None:
+        viewer = self.viewer
+        if viewer is None:
             return
         if viewer.close_code is not None:
             if viewer.close_code == CloseCode.SHUTTING_DOWN:
                 self.state.metrics.closes.labels("shutting_down").inc()
             self._close(viewer.close_code, CloseCode(viewer.close_code).name.lower())
             return
-        if viewer.closed:
-            return
+        ws = self._sendable()
+        if ws is None or viewer.closed:
+            return  # the queue was dropped, or it can no longer be sent: the connection closes
         if self.paused:
             # Flow control: the frames wait in the queue (capped) until `resume_writing`.
             if not self.write_started:
@@ -323,16 +374,40 @@ class StreamProtocol(asyncio.Protocol):
 
     def _write_out(self) -> None:
         """Write what `ServerProtocol` produced (handshake, pongs, close frames); its empty
-        write means "close the TCP connection"."""
+        write means "close the TCP connection". Nothing is written once the transport is
+        closing: the peer could not get it."""
         transport, ws = self.transport, self.ws
         if transport is None or ws is None:
             return
         for data in ws.data_to_send():
+            if transport.is_closing():
+                return
             if data:
                 transport.write(data)
-            elif not transport.is_closing():
+            else:
                 transport.close()
                 self._direct()
+                self._abort_later(transport)
+
+    def _sendable(self) -> ServerProtocol | None:
+        """`ServerProtocol` while data frames and pings may be sent; None once either side has
+        started closing (it raises InvalidState for data frames then) or the transport is
+        closing or gone."""
+        ws, transport = self.ws, self.transport
+        if ws is None or ws.state is not OPEN or self.closing:
+            return None
+        if transport is None or transport.is_closing():
+            return None
+        return ws
+
+    def _closing(self) -> None:
+        """The closing handshake has started (from either side) or the connection failed: no
+        more frames but the close, and the viewer leaves the hub now, not at connection_lost
+        (its queue and shared frames could only be dropped). Keepalive stops too: the abort
+        timer bounds the wait for the peer from here on."""
+        self.closing = True
+        self.ping_payload = None
+        self._leave()
 
     def _close(self, code: int, reason: str) -> None:
         """Send a close frame, leave the hub, and drop the socket if the peer does not
@@ -341,21 +416,28 @@ class StreamProtocol(asyncio.Protocol):
         if self.closing or transport is None or self.gone:
             self._leave()
             return
-        self.closing = True
+        self._closing()
         if self.ws is not None and self.ws.state is OPEN:
             self.ws.send_close(code, reason[:120])
             self._write_out()
-        self._leave()
         if not transport.is_closing():
             transport.resume_reading()  # to read the peer's close frame
-            asyncio.get_running_loop().call_later(CLOSE_TIMEOUT_S, transport.abort)
+            self._abort_later(transport)
+
+    def _abort_later(self, transport: asyncio.Transport) -> None:
+        """Drop the socket in CLOSE_TIMEOUT_S unless it closes first (`connection_lost` cancels
+        this): a peer may never answer our close frame, or never read what is still buffered
+        in front of it (a transport's `close` waits for its buffer to drain)."""
+        if self.abort_timer is None and not self.gone:
+            loop = asyncio.get_running_loop()
+            self.abort_timer = loop.call_later(CLOSE_TIMEOUT_S, transport.abort)
 
     # -- keepalive and timeouts ------------------------------------------------------------
 
     def ping(self) -> bytes | None:
         """Send a keepalive ping (Keepalive calls this); its payload, or None when closed."""
-        transport, ws = self.transport, self.ws
-        if ws is None or self.closing or transport is None or transport.is_closing():
+        ws = self._sendable()
+        if ws is None:
             return None
         self.ping_payload = os.urandom(4)
         ws.send_ping(self.ping_payload)

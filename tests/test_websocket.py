@@ -1,28 +1,57 @@
 """The gateway's own WebSocket protocol (app.websocket), driven by real clients over real
-sockets: handshakes, frames before admission, fragmented messages, keepalive, and what an idle
-viewer costs."""
+sockets: handshakes, frames before admission, fragmented messages, keepalive, what an idle
+viewer costs, and what a closed one leaves behind. Malformed frames: test_websocket_frames."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import os
 import struct
-from collections.abc import Callable
+import weakref
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
 import pytest
+import uvicorn
 from picows import WSFrame, WSListener, WSTransport, ws_connect
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from app import gateway as gateway_app
+from app import http
 from app.codes import CloseCode
+from app.settings import Settings
+from app.websocket import MAX_CLIENT_FRAME, StreamProtocol, protocol_class
 from tests.processes import AppProcess
 from tests.test_gateway import FAST, _rss_kib, token, wait_metric
+from workers.embedded import free_port
 
 pytestmark = pytest.mark.slow
 
 TEXT, CONT, CLOSE, PING = 0x1, 0x0, 0x8, 0x9
+
+
+def encode_frame(
+    opcode: int, payload: bytes, *, fin: bool = True, mask: bool = True, rsv: int = 0
+) -> bytes:
+    """One frame, bit by bit as RFC 6455 section 5.2 lays it out; `mask=False` and `rsv`
+    make frames a client must never send."""
+    first = (0x80 if fin else 0) | (rsv << 4) | opcode
+    length = len(payload)
+    if length < 126:
+        head = bytes((first, length))
+    elif length < 1 << 16:
+        head = bytes((first, 126)) + struct.pack("!H", length)
+    else:
+        head = bytes((first, 127)) + struct.pack("!Q", length)
+    if not mask:
+        return head + payload
+    key = os.urandom(4)
+    masked = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+    return bytes((head[0], head[1] | 0x80)) + head[2:] + key + masked
 
 
 class RawClient:
@@ -48,11 +77,11 @@ class RawClient:
         return cls(reader, writer)
 
     def send(self, opcode: int, payload: bytes, fin: bool = True) -> None:
-        mask = os.urandom(4)
-        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        assert len(payload) < 126
-        first = (0x80 if fin else 0) | opcode
-        self.writer.write(bytes((first, 0x80 | len(payload))) + mask + masked)
+        self.writer.write(encode_frame(opcode, payload, fin=fin))
+
+    def write(self, data: bytes) -> None:
+        """Raw bytes, e.g. several frames in one write (one read on the server's side)."""
+        self.writer.write(data)
 
     async def frame(self) -> tuple[int, bytes]:
         first, second = await self.reader.readexactly(2)
@@ -73,11 +102,27 @@ class RawClient:
                 return message
 
     async def close_code(self) -> int:
+        return (await self.close_frame())[0]
+
+    async def close_frame(self) -> tuple[int, str]:
+        """The code and reason of the server's close frame (frames before it are skipped)."""
         while True:
             opcode, payload = await self.frame()
             if opcode == CLOSE:
                 code: int = struct.unpack("!H", payload[:2])[0]
-                return code
+                return code, payload[2:].decode()
+
+    async def closed_by_server(self, timeout: float = 5.0) -> bool:
+        """True when the server closes the TCP connection (after whatever it still sends)."""
+        try:
+            async with asyncio.timeout(timeout):
+                while await self.reader.read(65536):
+                    pass
+        except TimeoutError:
+            return False
+        except ConnectionResetError:
+            return True
+        return True
 
     def close(self) -> None:
         self.writer.close()
@@ -172,3 +217,102 @@ async def test_an_idle_viewer_costs_less_than_16_kib(
     assert per_viewer <= 16, f"{per_viewer:.1f} KiB per idle viewer"
     for transport, _ in warm + clients:
         transport.disconnect()
+
+
+@contextlib.asynccontextmanager
+async def in_process_gateway(
+    settings: Settings,
+) -> AsyncIterator[tuple[int, list[weakref.ref[StreamProtocol]]]]:
+    """The gateway served by uvicorn in this process, configured as workers.serve does, so a
+    test can see its connection objects: yields the port and a weak reference to each
+    WebSocket protocol object it made."""
+    app = gateway_app.create_app(settings)
+    made: list[weakref.ref[StreamProtocol]] = []
+
+    class Tracked(protocol_class(app)):  # type: ignore[misc]  # no __slots__: weakref-able
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(weakref.ref(self))
+
+    port = free_port()
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_config=None,
+        access_log=False,
+        ws=Tracked,
+        ws_max_size=16 * MAX_CLIENT_FRAME,
+        ws_per_message_deflate=False,
+        http=http.protocol_class(settings),
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    async with asyncio.timeout(10):
+        while not server.started:
+            assert not task.done(), "the in-process gateway did not start"
+            await asyncio.sleep(0.01)
+    try:
+        yield port, made
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def released(*refs: weakref.ref[Any]) -> bool:
+    """Whether every object is collected within ~1 s: a fifth of CLOSE_TIMEOUT_S, so an abort
+    timer left pending (it holds the transport for 5 s) cannot pass, while a collection
+    that takes a few loop turns has ample margin."""
+    for _ in range(100):
+        gc.collect()
+        if all(ref() is None for ref in refs):
+            return True
+        await asyncio.sleep(0.01)
+    return False
+
+
+async def _answer_our_close(client: RawClient) -> None:
+    client.send(TEXT, b'{"type":"subscribe"}')  # the server closes: 4503
+    assert await client.close_code() == CloseCode.PROTOCOL
+    client.send(CLOSE, struct.pack("!H", CloseCode.PROTOCOL))
+    assert await client.closed_by_server()
+
+
+async def _drop_after_our_close(client: RawClient) -> None:
+    client.send(TEXT, b'{"type":"subscribe"}')
+    assert await client.close_code() == CloseCode.PROTOCOL
+    client.writer.transport.abort()  # the transport is lost; the close is never answered
+
+
+async def _close_first(client: RawClient) -> None:
+    client.send(CLOSE, struct.pack("!H", 1000))
+    assert await client.close_code() == 1000
+    assert await client.closed_by_server()
+
+
+async def _break_the_protocol(client: RawClient) -> None:
+    client.write(encode_frame(TEXT, b'{"type":"ping"}', mask=False))
+    assert await client.close_code() == 1002
+    assert await client.closed_by_server()
+
+
+@pytest.mark.parametrize(
+    "ending", [_answer_our_close, _drop_after_our_close, _close_first, _break_the_protocol]
+)
+async def test_a_closed_connection_is_released_at_once(
+    settings: Settings, site: str, ending: Callable[[RawClient], Any]
+) -> None:
+    """Issue #17: a server-initiated close armed an abort timer that nothing cancelled, so
+    the transport of every closed connection stayed in memory for CLOSE_TIMEOUT_S. Once the
+    connection is closed, however it ended, the protocol object and its transport go.
+    Keepalive is off: its queue holds a connection until its next ping is due, by design."""
+    async with in_process_gateway(settings.with_(ping_interval_s=0)) as (port, made):
+        client = await RawClient.open(port, stream_path(site))
+        assert (await client.message())["type"] == "welcome"
+        conn = made[-1]()
+        assert conn is not None and conn.transport is not None
+        refs = (weakref.ref(conn), weakref.ref(conn.transport))
+        del conn
+        await ending(client)
+        assert await released(*refs)
+        client.close()
