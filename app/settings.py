@@ -31,10 +31,10 @@ class Settings:
     #: that, and starts an embedded server).
     database_url: str | None = None
     #: REDIS_URL: Redis URL (redis:// or unix://), or several comma-separated: independent
-    #: servers, each site on one of them (app/shards.py).
+    #: servers, each site on one of them (app/servers/redis.py).
     redis_url: str | None = None
     #: REDIS_CLUSTER: true when REDIS_URL names seed nodes of one Redis 7 Cluster, which is then
-    #: used with sharded pub/sub (app/cluster.py).
+    #: used with sharded pub/sub (app/broker/cluster.py).
     redis_cluster: bool = False
     #: SITEWIRE_KEY_PREFIX: prefix of every Redis key and channel; isolates deployments/tests.
     key_prefix: str = "sw"
@@ -46,7 +46,7 @@ class Settings:
     max_batch_bytes: int = 512 * 1024
     #: SITEWIRE_MAX_BATCH_EVENTS: most events in one POST /api/events.
     max_batch_events: int = 100
-    #: SITEWIRE_COMMIT_MAX_EVENTS: most events in one group commit (app/store.py).
+    #: SITEWIRE_COMMIT_MAX_EVENTS: most events in one group commit (app/store/writes.py).
     commit_max_events: int = 1000
     #: SITEWIRE_RATE_SITE_PER_SEC: events a site may send per second (all replicas). 0 = off.
     rate_site_per_sec: int = 2000
@@ -72,7 +72,7 @@ class Settings:
     #: SITEWIRE_GAP_HOLD_MS: how long out-of-order events wait before a gap is repaired.
     gap_hold_ms: float = 50.0
     #: SITEWIRE_HEADER_TIMEOUT_S: a request's line and headers must arrive within this long
-    #: of the connection (or of a keep-alive request's first byte); else 408 (app/http.py).
+    #: of the connection (or of a keep-alive request's first byte); else 408 (app/web/http.py).
     header_timeout_s: float = 30.0
     #: SITEWIRE_BODY_TIMEOUT_S: a request's body must arrive within this long of its headers.
     body_timeout_s: float = 30.0

@@ -16,6 +16,9 @@ from typing import Any
 
 import orjson
 
+#: An encoded event with its offset: what history reads return and viewers' queues hold.
+Event = tuple[int, bytes]
+
 _CURSOR_RE = re.compile(r"^([0-9a-f]{8})-([0-9]{1,18})$")
 #: The start of an event as `with_position` lays it out; a cursor holds no quote or escape.
 _EVENT_HEAD = re.compile(rb'\{"cursor":"[^"\\]*","offset":([0-9]{1,18})[,}]').match
@@ -92,6 +95,6 @@ def with_position(epoch: str, offset: int, body: bytes) -> bytes:
 
 @functools.lru_cache(maxsize=16)
 def _iso_ms(ts: datetime) -> str:
-    # Cached: every event of a request shares one timestamp (app.ingest), and formatting it
+    # Cached: every event of a request shares one timestamp (app.ingest.app), and formatting it
     # was a tenth of the per-event encoding cost.
     return ts.isoformat(timespec="milliseconds").replace("+00:00", "Z")

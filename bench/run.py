@@ -33,10 +33,10 @@ import redis.asyncio as aioredis
 from redis.asyncio.connection import parse_url
 
 from app import tokens
-from app.broker import PUBLISH_SCRIPT
-from app.migrate import migrate
+from app.broker.redis import PUBLISH_SCRIPT
 from app.names import Names
-from app.sites import create_site
+from app.store.migrate import migrate
+from app.store.sites import create_site
 from bench.loadgen import paced_post, percentile
 from workers.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 
@@ -234,7 +234,7 @@ def event(offset: int, site: str, now: str) -> bytes:
 
 class Publisher:
     """Publishes synthetic events the way ingest does: the same Lua script, one call per site
-    with all its due events (app.broker.Publisher does one per site per group commit). The
+    with all its due events (app.broker.redis.Publisher does one per site per group commit). The
     calls are packed by hiredis and written on a plain connection: redis-py's per-argument
     packing made this process, not the gateway, the limit above ~30k events/s."""
 

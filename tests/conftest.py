@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 
 from app.names import Names
 from app.settings import Settings
-from app.sites import create_site
+from app.store.sites import create_site
 from tests.disposable import DisposablePostgres
 from tests.processes import AppProcess
 from tests.servers import Servers, choose_servers, create_database, drop_database, postgres_root

@@ -24,7 +24,7 @@ class AppProcess:
     ) -> None:
         self.role = role
         self.port = port or free_port()
-        self.internal_port = free_port()  # metrics and probes (app.health)
+        self.internal_port = free_port()  # metrics and probes (app.web.health)
         self.env = env
         self.log_path = log_dir / f"{role}-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None

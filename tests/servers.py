@@ -20,7 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from app.migrate import migrate
+from app.store.migrate import migrate
 from workers.embedded import EmbeddedPostgres, EmbeddedRedis
 
 

@@ -20,7 +20,8 @@ import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from app.broker import Burst, Subscriber
+from app.broker.base import Burst
+from app.broker.pubsub import Subscriber
 from app.names import Names
 from tests.servers import Servers
 from workers.embedded import EmbeddedRedis, free_port
@@ -193,7 +194,7 @@ async def test_everything_read_in_one_turn_of_the_loop_is_handed_over_together()
     """A gateway busy writing frames lets messages pile up; the reads of one loop turn (each
     at most one buffer) become one burst, parsed in pieces (hiredis is quadratic in what it is
     fed at once)."""
-    from app.broker import FEED_BYTES, PubSubConnection
+    from app.broker.pubsub import FEED_BYTES, PubSubConnection
 
     handed: list[list[object]] = []
     conn = PubSubConnection(handed.append)
@@ -345,7 +346,7 @@ async def test_a_connection_that_times_out_authenticating_is_closed(
 ) -> None:
     """Redis accepts the connection (the kernel does) but answers nothing: opening gives up,
     and leaves no connection behind for Redis to find when it resumes."""
-    from app.broker import PubSubConnection
+    from app.broker.pubsub import PubSubConnection
 
     admin = aioredis.Redis.from_url(private_redis.url)
     try:
@@ -442,7 +443,7 @@ async def test_tls_with_a_private_ca_named_in_the_url(
 
 
 def test_a_breaker_skips_a_failed_server_then_lets_one_probe_through() -> None:
-    from app.broker import Breaker
+    from app.servers.redis import Breaker
 
     breaker = Breaker(servers=2, backoff_s=0.05)
     with pytest.raises(TimeoutError), breaker.call(0) as allowed:

@@ -18,8 +18,8 @@ import asyncpg
 import httpx
 import pytest
 
-from app.assets import Asset
-from app.sites import create_site
+from app.store.sites import create_site
+from app.web.assets import Asset
 from tests.clients import post_events
 from tests.processes import ROOT, AppProcess
 from tests.test_gateway import FAST, token

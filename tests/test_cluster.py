@@ -16,22 +16,19 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from prometheus_client import CollectorRegistry
 from redis.asyncio.cluster import RedisCluster
 
-import app.cluster
-from app.broker import Publisher
-from app.cluster import ShardedSubscriber
-from app.metrics import IngestMetrics
+import app.broker.cluster
+from app.broker.cluster import ShardedSubscriber
+from app.broker.redis import Publisher
 from app.names import Names
+from app.servers.redis import RedisShards
 from app.settings import Settings
-from app.shards import RedisShards
-from app.sites import create_site
+from app.store.sites import create_site
 from tests.cluster import LocalCluster, missing_redis7
 from tests.processes import AppProcess
 from tests.test_continuity import Steady, Watcher, epoch_of
 from tests.test_gateway import FAST, metric
-from tests.test_shards import stored
 
 pytestmark = [
     pytest.mark.slow,
@@ -76,7 +73,7 @@ def test_cluster_setting_is_validated() -> None:
 
 
 def test_node_urls_keep_the_seed_scheme_and_credentials() -> None:
-    node_url = app.cluster.node_url
+    node_url = app.broker.cluster.node_url
     assert node_url("redis://seed:7000", "10.0.0.2", 7001) == "redis://10.0.0.2:7001"
     assert (
         node_url("rediss://u:p%40w@seed:7000/0", "10.0.0.2", 7001)
@@ -119,19 +116,19 @@ async def test_sharded_publish_reaches_the_owning_node_and_follows_a_slot_move(
         client, shards.urls[0], names, inbox.on_burst, inbox.on_reconnect
     )
     subscriber.start()
-    publisher = Publisher(shards, names, 100, IngestMetrics(CollectorRegistry()))
+    publisher = Publisher(shards, names, 100)
     try:
         await subscriber.subscribe(site)
         assert [shard_subscribers(cluster, p, channel) for p in cluster.ports] == [1, 0, 0]
         assert cluster.node(first).execute_command("PUBSUB", "NUMSUB", channel)[1] == 0
-        await publisher.publish([stored(site, 1), stored(site, 2)])
+        await publisher.publish([publication(site, 1), publication(site, 2)])
         await inbox.wait(lambda: len(inbox.messages) == 2)
 
         cluster.migrate(channel, to=cluster.ports[1])
         await inbox.wait(lambda: inbox.moved == [site])
         assert [shard_subscribers(cluster, p, channel) for p in cluster.ports] == [0, 1, 0]
         assert cluster.node(cluster.ports[1]).zcard(names.window(site)) == 2  # moved with it
-        await publisher.publish([stored(site, 3)])
+        await publisher.publish([publication(site, 3)])
         await inbox.wait(lambda: len(inbox.messages) == 3)
         assert inbox.messages == [b"event 1", b"event 2", b"event 3"]
 
@@ -227,7 +224,7 @@ async def test_a_node_that_stops_answering_is_detected_and_its_channels_resubscr
 ) -> None:
     """A half-open connection (the node is alive to TCP but answers nothing) is found by an
     unanswered PING, not after TCP's many-minute timeout."""
-    monkeypatch.setattr(app.cluster, "HEALTH_CHECK_S", 0.3)
+    monkeypatch.setattr(app.broker.cluster, "HEALTH_CHECK_S", 0.3)
     shards = RedisShards(tuple(cluster.url.split(",")), cluster=True)
     port = cluster.ports[2]
     site = site_on(cluster, names, port)
@@ -262,11 +259,13 @@ async def test_a_cluster_that_requires_a_password_is_subscribed_on_every_node(
     assert "s3cret%3A%2F%40x" in cluster.url
     shards = RedisShards(tuple(cluster.url.split(",")), cluster=True)
     inbox = Inbox()
-    [subscriber] = app.cluster.subscribers(
-        shards, names, inbox.on_burst, inbox.on_reconnect, lambda: None
+    client = shards.clients[0]
+    assert isinstance(client, RedisCluster)
+    subscriber = ShardedSubscriber(
+        client, shards.urls[0], names, inbox.on_burst, inbox.on_reconnect
     )
     subscriber.start()
-    publisher = Publisher(shards, names, 100, IngestMetrics(CollectorRegistry()))
+    publisher = Publisher(shards, names, 100)
     sites = [site_on(cluster, names, port) for port in cluster.ports]
     try:
         for site in sites:
@@ -276,9 +275,13 @@ async def test_a_cluster_that_requires_a_password_is_subscribed_on_every_node(
             for p, s in zip(cluster.ports, sites, strict=True)
         ]
         assert counts == [1, 1, 1]
-        await publisher.publish([stored(site, 1) for site in sites])
+        await publisher.publish([publication(site, 1) for site in sites])
         await inbox.wait(lambda: len(inbox.messages) == 3)
         assert sorted(inbox.messages) == [b"event 1"] * 3
     finally:
         await subscriber.close()
         await shards.aclose()
+
+
+def publication(site: str, offset: int) -> tuple[str, int, bytes]:
+    return (site, offset, f"event {offset}".encode())

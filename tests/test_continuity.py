@@ -17,7 +17,7 @@ import pytest
 
 from app.client import StreamClient
 from app.settings import Settings
-from app.sites import get_site
+from app.store.sites import get_site
 from tests.clients import SseViewer, WsViewer, post_events
 from tests.conftest import env_for
 from tests.processes import AppProcess
@@ -367,7 +367,7 @@ async def test_history_page_is_indexed_on_a_big_site(pool: asyncpg.Pool, site: s
         site,
     )
     await pool.execute("ANALYZE events")
-    from app.history import EVENTS_AFTER_SQL, from_postgres
+    from app.store.reads import EVENTS_AFTER_SQL, from_postgres
 
     plan = "\n".join(
         r[0]
@@ -382,7 +382,7 @@ async def test_history_page_is_indexed_on_a_big_site(pool: asyncpg.Pool, site: s
 async def _lose_one_publication(pool: asyncpg.Pool, rclient: Any, names: Any, site: str) -> int:
     """Store an event and put it in the window, but never PUBLISH it: what Redis pub/sub does
     silently to a subscriber across a reconnect."""
-    from app.history import encode_row
+    from app.store.reads import encode_row
 
     epoch = await epoch_of(pool, site)
     async with pool.acquire() as conn, conn.transaction():

@@ -1,11 +1,10 @@
 """What Sitewire assumes of its dependencies, checked directly (issue #17).
 
-app.websocket, app.http and workers.serve use internals of uvicorn and websockets that no
-release promises to keep. An upgrade that moves one should fail here, by name, not in a
-gateway under load. Also: the installed versions satisfy pyproject.toml's lower bounds, the
-lock satisfies pyproject.toml, and `sitewire run` without the `local` extra says what to
-install. No servers needed.
-"""
+app.gateway.transports.websocket, app.web.http and workers.serve use internals of uvicorn and
+websockets that no release promises to keep. An upgrade that moves one should fail here, by name,
+not in a gateway under load. Also: the installed versions satisfy pyproject.toml's lower bounds, the
+lock satisfies pyproject.toml, and `sitewire run` without the `local` extra says what to install. No
+servers needed."""
 
 from __future__ import annotations
 
@@ -35,7 +34,7 @@ from websockets.http11 import Request
 from websockets.protocol import OPEN
 from websockets.server import ServerProtocol
 
-from app.websocket import _forget_request
+from app.gateway.transports.websocket import _forget_request
 
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -143,7 +142,7 @@ def test_uvicorn_config_takes_protocol_classes_and_the_settings_serve_uses() -> 
     )
     config.load()
     assert config.ws_protocol_class is Ws and config.http_protocol_class is Http
-    assert config.ws_max_size == 65536  # app.websocket reads it
+    assert config.ws_max_size == 65536  # app.gateway.transports.websocket reads it
 
 
 def test_uvicorn_server_state_has_what_app_websocket_uses() -> None:
@@ -208,8 +207,9 @@ def test_uvicorn_httptools_protocol_has_the_hooks_app_http_overrides() -> None:
 
 
 async def test_uvicorn_hands_a_websocket_upgrade_over_as_app_websocket_expects() -> None:
-    """app.websocket.StreamProtocol is built with these keyword arguments, gets the transport,
-    then exactly the request head (which is why `_forget_request` may drop the parser's)."""
+    """app.gateway.transports.websocket.StreamProtocol is built with these keyword arguments,
+    gets the transport, then exactly the request head (which is why `_forget_request` may drop
+    the parser's)."""
     made: dict[str, Any] = {}
 
     class Recorder(asyncio.Protocol):
@@ -239,7 +239,7 @@ async def test_uvicorn_hands_a_websocket_upgrade_over_as_app_websocket_expects()
 
 
 async def test_uvicorn_reports_an_unreadable_request_through_send_400_response() -> None:
-    """app.http overrides send_400_response to answer in the documented error shape."""
+    """app.web.http overrides send_400_response to answer in the documented error shape."""
     refused: list[str] = []
 
     class Http(HttpToolsProtocol):
@@ -303,8 +303,8 @@ def test_websockets_accept_adds_a_date_header_app_websocket_replaces() -> None:
 
 
 def test_websockets_parser_can_be_restarted_after_the_handshake() -> None:
-    """app.websocket._forget_request replaces `ServerProtocol.parser` with a fresh `parse()`
-    generator once the connection is OPEN; frames must still parse after that."""
+    """app.gateway.transports.websocket._forget_request replaces `ServerProtocol.parser` with a
+    fresh `parse()` generator once the connection is OPEN; frames must still parse after that."""
     ws = ServerProtocol(max_size=4096)
     ws.send_response(ws.accept(handshake(ws)))
     assert ws.state is OPEN

@@ -9,7 +9,7 @@ from crawlerdetect import CrawlerDetect
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.enrich import BotDetector, Crawlers
+from app.ingest.enrich import BotDetector, Crawlers
 
 BROWSERS = [
     "Mozilla/5.0 (X11; Linux x86_64; rv:130.0) Gecko/20100101 Firefox/130.0",

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from app.codes import ErrorCode
 from app.errors import ApiError
-from app.events import EventIn, check_media_type, decode_json, parse_batch, validate
+from app.ingest.events import EventIn, check_media_type, decode_json, parse_batch, validate
 
 GOOD = {"site": "example.com", "name": "pageview", "url": "https://example.com/a?b=1"}
 

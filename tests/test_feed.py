@@ -1,5 +1,5 @@
-"""A gateway's feed (app.feed) with real Redis and PostgreSQL but no sockets: how live events
-are paced into shared frames, and that pacing never reorders them."""
+"""A gateway's feed (app.gateway.feed) with real Redis and PostgreSQL but no sockets: how live
+events become frames in order, and how gaps and reconnects are repaired from storage."""
 
 from __future__ import annotations
 
@@ -12,21 +12,23 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
-from app.feed import Feeds
-from app.hub import EVENT, Hub, Viewer
-from app.metrics import DeliveryStats, GatewayMetrics
+from app.broker.redis import RedisBroker
+from app.gateway.feed import Feeds
+from app.gateway.hub import EVENT, Hub, Viewer
+from app.gateway.metrics import DeliveryStats, GatewayMetrics
+from app.gateway.replay import Replayer
 from app.names import Names
-from app.replay import Replayer
+from app.servers.redis import RedisShards
 from app.settings import Settings
-from app.shards import RedisShards
 
 
 @pytest.fixture
 async def feeds(settings: Settings, pool: asyncpg.Pool) -> AsyncIterator[Feeds]:
     metrics = GatewayMetrics(CollectorRegistry())
     shards = RedisShards(settings.require_redis())
-    replayer = Replayer(shards, pool, Names(settings.key_prefix), metrics)
-    feeds = Feeds(Hub(), settings, shards, pool, metrics, DeliveryStats(metrics), replayer)
+    broker = RedisBroker(shards, Names(settings.key_prefix), settings.replay_window)
+    replayer = Replayer(broker, pool, metrics)
+    feeds = Feeds(Hub(), settings, broker, pool, metrics, DeliveryStats(metrics), replayer)
     feeds.start()
     yield feeds
     await feeds.close()
@@ -69,13 +71,14 @@ async def test_a_page_just_read_from_postgres_is_reused(
     """A reconnect storm's viewers ask for the same replay pages a few milliseconds apart: a
     page read from PostgreSQL is kept briefly, and the next viewer asking gets it without a
     read (committed events never change)."""
-    from app import replay
-    from app.store import commit
+    from app.gateway import replay
+    from app.store.writes import commit
     from tests.test_store import new
 
     metrics = GatewayMetrics(CollectorRegistry())
     shards = RedisShards(settings.require_redis())
-    replayer = Replayer(shards, pool, Names(settings.key_prefix), metrics)
+    broker = RedisBroker(shards, Names(settings.key_prefix), settings.replay_window)
+    replayer = Replayer(broker, pool, metrics)
     epoch = await pool.fetchval("SELECT epoch FROM sites WHERE id = $1", site)
     try:
         # A read without a committed bound (a catch-up) may come before its range is stored:
@@ -107,11 +110,12 @@ async def test_a_viewer_joining_while_the_last_ones_unsubscribe_runs_is_subscrib
     way when a new viewer arrives. It must wait, then subscribe afresh, and get live events."""
     metrics = GatewayMetrics(CollectorRegistry())
     shards = RedisShards(settings.require_redis())
-    replayer = Replayer(shards, pool, Names(settings.key_prefix), metrics)
+    broker = RedisBroker(shards, Names(settings.key_prefix), settings.replay_window)
+    replayer = Replayer(broker, pool, metrics)
     quick = dataclasses.replace(settings, unsubscribe_delay_s=0.0)
-    feeds = Feeds(Hub(), quick, shards, pool, metrics, DeliveryStats(metrics), replayer)
+    feeds = Feeds(Hub(), quick, broker, pool, metrics, DeliveryStats(metrics), replayer)
     feeds.start()
-    subscriber = feeds.subscriber(site)
+    subscriber = feeds.subscriptions
     unsubscribing, go_on = asyncio.Event(), asyncio.Event()
     real_unsubscribe = subscriber.unsubscribe
 

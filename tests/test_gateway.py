@@ -16,11 +16,11 @@ import pytest
 import redis.asyncio as aioredis
 
 from app import tokens
-from app.broker import PUBLISH_SCRIPT
+from app.broker.redis import PUBLISH_SCRIPT
 from app.codes import CloseCode
 from app.names import Names
 from app.settings import Settings
-from app.sites import create_site
+from app.store.sites import create_site
 from tests.clients import SseViewer, WsViewer, post_events
 from tests.conftest import SECRET, env_for
 from tests.processes import AppProcess

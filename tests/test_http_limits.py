@@ -1,4 +1,4 @@
-"""Every connection a client can hold on either role is bounded (app/http.py): time to send
+"""Every connection a client can hold on either role is bounded (app/web/http.py): time to send
 headers and a body, header bytes and count. Tried with raw sockets against real processes,
 with short deadlines so the tests stay quick."""
 
@@ -16,7 +16,7 @@ import httpx
 import orjson
 import pytest
 
-from app.http import MAX_HEADERS
+from app.web.http import MAX_HEADERS
 from tests.processes import AppProcess
 from tests.test_gateway import FAST, token
 from tests.test_ingest import BROWSER

@@ -5,7 +5,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from app.codes import CloseCode
-from app.hub import (
+from app.gateway.hub import (
     MAX_FRAME_BYTES,
     Hub,
     Sequencer,
@@ -14,7 +14,7 @@ from app.hub import (
     sse_chunk,
     ws_frames,
 )
-from app.metrics import DeliveryStats, GatewayMetrics
+from app.gateway.metrics import DeliveryStats, GatewayMetrics
 
 
 def viewer(site: str = "a.com", max_bytes: int = 1000) -> tuple[Viewer, list[int]]:
@@ -150,7 +150,7 @@ def test_close_code_ranges(code: CloseCode) -> None:
 def test_event_age_reads_the_wire_timestamp() -> None:
     from datetime import UTC, datetime
 
-    from app.hub import event_age_s
+    from app.gateway.hub import event_age_s
 
     ts = datetime(2026, 1, 1, tzinfo=UTC)
     payload = orjson.dumps({"offset": 1, "ts": "2026-01-01T00:00:00.000Z"})
@@ -226,7 +226,7 @@ def test_held_events_with_no_room_left_are_read_from_storage_later() -> None:
 
 
 def test_caught_up_viewers_get_one_shared_frame_others_the_queue() -> None:
-    from app.hub import ws_broadcast_frame
+    from app.gateway.hub import ws_broadcast_frame
 
     hub = Hub()
     written: list[bytes] = []
@@ -252,7 +252,7 @@ def test_broadcast_frame_is_a_valid_unmasked_text_frame() -> None:
     from websockets.frames import Frame, Opcode
     from websockets.streams import StreamReader
 
-    from app.hub import ws_broadcast_frame
+    from app.gateway.hub import ws_broadcast_frame
 
     for size in (10, 200, 70_000):
         frame = ws_broadcast_frame([b'{"pad":"' + b"x" * size + b'"}'])
@@ -326,7 +326,7 @@ def test_sequencer_offer_many_is_offer_in_a_row() -> None:
 
 
 def test_a_burst_larger_than_a_frame_goes_out_as_several_shared_frames() -> None:
-    from app.hub import MAX_FRAME_BYTES
+    from app.gateway.hub import MAX_FRAME_BYTES
 
     hub = Hub()
     written: list[bytes] = []

@@ -13,7 +13,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from app.ingest import DROPPED_HEADER, create_app
+from app.ingest.app import DROPPED_HEADER, create_app
 from app.names import Names
 from app.settings import Settings
 
@@ -387,7 +387,7 @@ async def test_batch_checks_each_site_and_origin_for_its_own_events(
 def test_minted_ids_are_distinct_uuid7_with_the_current_time() -> None:
     import time
 
-    from app.enrich import new_event_ids
+    from app.ingest.enrich import new_event_ids
 
     before = time.time_ns() // 1_000_000
     ids = new_event_ids(500)

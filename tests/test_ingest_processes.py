@@ -15,10 +15,10 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from app.migrate import migrate
 from app.names import Names
 from app.settings import Settings
-from app.sites import create_site
+from app.store.migrate import migrate
+from app.store.sites import create_site
 from tests.disposable import DisposablePostgres
 from tests.processes import AppProcess
 from tests.test_ingest import BROWSER, event

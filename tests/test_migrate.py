@@ -6,7 +6,7 @@ import asyncpg
 import pytest
 
 from app.errors import ChecksumMismatch
-from app.migrate import load, migrate
+from app.store.migrate import load, migrate
 from tests.servers import Servers, create_database, drop_database, with_database
 
 

@@ -18,13 +18,14 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
-from app.metrics import GatewayMetrics
+from app.broker.redis import RedisBroker
+from app.gateway.metrics import GatewayMetrics
+from app.gateway.replay import Replayer, StartRequest, StorageUnavailable
 from app.names import Names
-from app.replay import Replayer, StartRequest, StorageUnavailable
+from app.servers.redis import RedisShards
 from app.settings import Settings
-from app.shards import RedisShards
-from app.sites import create_site
-from app.store import commit
+from app.store.sites import create_site
+from app.store.writes import commit
 from tests.clients import SseViewer, WsViewer, post_events
 from tests.conftest import env_for
 from tests.disposable import DisposablePostgres
@@ -39,7 +40,8 @@ from workers.embedded import EmbeddedRedis
 @pytest.fixture
 async def replayer(settings: Settings, pool: asyncpg.Pool) -> AsyncIterator[Replayer]:
     shards = RedisShards(settings.require_redis())
-    yield Replayer(shards, pool, Names(settings.key_prefix), GatewayMetrics(CollectorRegistry()))
+    broker = RedisBroker(shards, Names(settings.key_prefix), settings.replay_window)
+    yield Replayer(broker, pool, GatewayMetrics(CollectorRegistry()))
     await shards.aclose()
 
 
@@ -183,8 +185,8 @@ async def test_a_hung_redis_costs_the_rate_limiter_one_short_wait(
 ) -> None:
     """A hung Redis answers nothing and refuses nothing: the first check gives up after 0.2 s,
     and the checks after it pass at once (one probe at a time) until Redis answers again."""
-    from app.metrics import IngestMetrics
-    from app.ratelimit import CHECK_BACKOFF_S, RateLimiter
+    from app.ingest.metrics import IngestMetrics
+    from app.ingest.ratelimit import CHECK_BACKOFF_S, RateLimiter
 
     shards = RedisShards((private_redis.url,))
     metrics = IngestMetrics(CollectorRegistry())

@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
-from app.salts import get_or_create
 from app.settings import Settings
+from app.store.salts import get_or_create
 from tests.processes import ROOT
 from workers.retention import expire_events, run_once
 

@@ -10,21 +10,17 @@ import asyncpg
 import pytest
 import redis
 import redis.asyncio as aioredis
-from prometheus_client import CollectorRegistry
 
-from app.broker import Publisher
-from app.metrics import IngestMetrics
+from app.broker.redis import Publisher
 from app.names import Names
+from app.servers.redis import RedisShards
 from app.settings import Settings
-from app.shards import RedisShards
-from app.sites import create_site, get_site
-from app.store import Stored
+from app.store.sites import create_site, get_site
 from tests.clients import WsViewer, post_events
 from tests.conftest import env_for
 from tests.processes import AppProcess
 from tests.servers import Servers
 from tests.test_gateway import FAST, token
-from tests.test_store import new
 from workers.embedded import EmbeddedRedis, free_port
 
 pytestmark = pytest.mark.slow
@@ -106,14 +102,17 @@ async def test_a_dead_server_holds_up_only_its_own_sites(
     dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     shards = RedisShards((servers.redis_url, dead))
     live_site, dead_site = (site_on_shard(shards, i) for i in (0, 1))
-    metrics = IngestMetrics(CollectorRegistry())
-    publisher = Publisher(shards, names, 100, metrics)
+    publisher = Publisher(shards, names, 100)
     try:
-        for offset in (1, 2):  # the second commit skips the dead server without trying it
-            await publisher.publish([stored(live_site, offset), stored(dead_site, offset)])
+        results = [
+            await publisher.publish(
+                [publication(live_site, offset), publication(dead_site, offset)]
+            )
+            for offset in (1, 2)  # the second commit skips the dead server without trying it
+        ]
         assert await rclient.zcard(names.window(live_site)) == 2
-        assert metrics.published._value.get() == 2
-        assert metrics.publish_gap._value.get() == 2
+        assert [(r.published, r.lost) for r in results] == [(1, 1), (1, 1)]
+        assert results[1].why == "redis marked unavailable"
     finally:
         await shards.aclose()
 
@@ -125,19 +124,20 @@ async def test_several_sites_publish_after_the_server_forgot_the_script(
     A server that lost its script cache (restarted, SCRIPT FLUSH) answers NOSCRIPT: the script
     is loaded and the group sent again, so nothing becomes a gap."""
     shards = RedisShards((private_redis.url,))
-    metrics = IngestMetrics(CollectorRegistry())
-    publisher = Publisher(shards, names, 100, metrics)
+    publisher = Publisher(shards, names, 100)
     direct = aioredis.Redis.from_url(private_redis.url)
     try:
+        results = []
         for offset in (1, 2):
             await direct.script_flush()
-            await publisher.publish([stored("a.example", offset), stored("b.example", offset)])
+            pair = [publication("a.example", offset), publication("b.example", offset)]
+            results.append(await publisher.publish(pair))
             await direct.script_flush()
-            await publisher.publish([stored("c.example", offset)])  # one site: one call
+            # One site: one call.
+            results.append(await publisher.publish([publication("c.example", offset)]))
         for site in ("a.example", "b.example", "c.example"):
             assert await direct.zcard(names.window(site)) == 2
-        assert metrics.published._value.get() == 6
-        assert metrics.publish_gap._value.get() == 0
+        assert sum(r.published for r in results) == 6 and sum(r.lost for r in results) == 0
     finally:
         await direct.aclose()
         await shards.aclose()
@@ -150,6 +150,5 @@ def site_on_shard(shards: RedisShards, index: int) -> str:
             return site
 
 
-def stored(site: str, offset: int) -> Stored:
-    payload = f"event {offset}".encode()
-    return Stored(event=new(site), epoch="e", offset=offset, duplicate=False, payload=payload)
+def publication(site: str, offset: int) -> tuple[str, int, bytes]:
+    return (site, offset, f"event {offset}".encode())

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from app.errors import InvalidSiteId
-from app.sites import SiteExists, create_site, get_site, is_valid_site_id, validate_site_id
+from app.store.sites import SiteExists, create_site, get_site, is_valid_site_id, validate_site_id
 
 
 @pytest.mark.parametrize("site", ["example.com", "a.b-c.io", "x", "shop1.example.co.uk"])

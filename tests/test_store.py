@@ -13,8 +13,8 @@ import asyncpg
 import orjson
 import pytest
 
-from app.sites import create_site
-from app.store import NewEvent, Stored, commit
+from app.store.sites import create_site
+from app.store.writes import NewEvent, Stored, commit
 
 #: `small` for commit(): every commit through the function, or every commit through COPY.
 PATHS = {"function": 10_000, "copy": 0}

@@ -15,7 +15,7 @@ import asyncpg
 import orjson
 import pytest
 
-from app.sites import get_site
+from app.store.sites import get_site
 from tests.clients import post_events
 from tests.processes import ROOT, AppProcess
 from tests.test_gateway import FAST, token

@@ -1,6 +1,6 @@
-"""The gateway's own WebSocket protocol (app.websocket), driven by real clients over real
-sockets: handshakes, frames before admission, fragmented messages, keepalive, what an idle
-viewer costs, and what a closed one leaves behind. Malformed frames: test_websocket_frames."""
+"""The gateway's own WebSocket protocol (app.gateway.transports.websocket), driven by real clients
+over real sockets: handshakes, frames before admission, fragmented messages, keepalive, what an
+idle viewer costs, and what a closed one leaves behind. Malformed frames: test_websocket_frames."""
 
 from __future__ import annotations
 
@@ -20,11 +20,11 @@ from picows import WSFrame, WSListener, WSTransport, ws_connect
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from app import gateway as gateway_app
-from app import http
 from app.codes import CloseCode
+from app.gateway import app as gateway_app
+from app.gateway.transports.websocket import MAX_CLIENT_FRAME, StreamProtocol, protocol_class
 from app.settings import Settings
-from app.websocket import MAX_CLIENT_FRAME, StreamProtocol, protocol_class
+from app.web import http
 from tests.processes import AppProcess
 from tests.test_gateway import FAST, _rss_kib, token, wait_metric
 from workers.embedded import free_port
@@ -229,7 +229,7 @@ async def in_process_gateway(
     app = gateway_app.create_app(settings)
     made: list[weakref.ref[StreamProtocol]] = []
 
-    class Tracked(protocol_class(app)):  # type: ignore[misc]  # no __slots__: weakref-able
+    class Tracked(protocol_class(app.websockets)):  # type: ignore[misc]  # no __slots__: weakref-able
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             made.append(weakref.ref(self))

@@ -1,7 +1,7 @@
 """Malformed and unusual client frames against a real gateway process, written byte by byte
 over a plain TCP socket (issue #17). Some of these rules are enforced by the `websockets`
-sans-I/O parser under app.websocket, some by app.websocket itself: the tests pin the
-behaviour either way, so that neither a library upgrade nor a change of ours loosens it.
+sans-I/O parser under app.gateway.transports.websocket, some by that module itself: the tests
+pin the behaviour either way, so that neither a library upgrade nor a change of ours loosens it.
 
 A frame that breaks RFC 6455 fails the connection (section 7.1.7): the server sends a close
 frame with the RFC's code and closes the TCP connection without waiting for an answer."""

@@ -12,10 +12,10 @@ from typing import Any, TypeVar
 import asyncpg
 import click
 
-from app import migrate as migrations
 from app.errors import InvalidSiteId, MigrationError, SettingsError
 from app.settings import Settings
-from app.sites import SiteExists, create_site, list_sites
+from app.store import migrate as migrations
+from app.store.sites import SiteExists, create_site, list_sites
 
 T = TypeVar("T")
 
@@ -104,7 +104,7 @@ def sites_list() -> None:
 def sites_token(site: str, ttl: int) -> None:
     """Print a viewer token for SITE (signed with SITEWIRE_SECRET)."""
     from app import tokens
-    from app.sites import is_valid_site_id
+    from app.store.sites import is_valid_site_id
 
     secret = _require(_settings().secret, "SITEWIRE_SECRET")
     if not is_valid_site_id(site):

@@ -15,9 +15,9 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
-from app import salts
+from app.servers.postgres import STORAGE_ERRORS
 from app.settings import Settings
-from app.store import STORAGE_ERRORS
+from app.store import salts
 
 log = logging.getLogger(__name__)
 

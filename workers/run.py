@@ -21,9 +21,9 @@ from pathlib import Path
 import asyncpg
 
 from app import tokens
-from app.migrate import migrate
 from app.settings import Settings
-from app.sites import SiteExists, create_site
+from app.store.migrate import migrate
+from app.store.sites import SiteExists, create_site
 from workers.embedded import EmbeddedPostgres, EmbeddedRedis, MissingLocalExtra, free_port
 
 try:
@@ -55,7 +55,7 @@ class Stack:
         self.replicas = {"ingest": ingests, "gateway": gateways}
         self._stoppers: list[EmbeddedPostgres | EmbeddedRedis] = []
         self._children: list[subprocess.Popen[bytes]] = []
-        #: Each replica's private metrics port (app/health.py), by role.
+        #: Each replica's private metrics port (app/web/health.py), by role.
         self.internal_ports: dict[str, list[int]] = {"ingest": [], "gateway": []}
 
     def run(self) -> None:

@@ -12,9 +12,12 @@ from typing import Literal
 import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app import gateway, http, ingest, logs
+from app import logs
+from app.gateway import app as gateway
+from app.gateway.transports.websocket import MAX_CLIENT_FRAME, protocol_class
+from app.ingest import app as ingest
 from app.settings import Settings
-from app.websocket import MAX_CLIENT_FRAME, protocol_class
+from app.web import http
 
 Role = Literal["ingest", "gateway"]
 log = logging.getLogger(__name__)
@@ -76,7 +79,7 @@ def listening_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
 
 class Listeners:
     """One server, two listening sockets: a request that arrives on the internal one (metrics
-    and probes, app.health) goes to the role's internal app, everything else (the lifespan
+    and probes, app.web.health) goes to the role's internal app, everything else (the lifespan
     included) to the role's app. One server, so one set of signal handlers and one shutdown."""
 
     def __init__(self, app: ingest.IngestApp | gateway.GatewayApp, internal_port: int) -> None:
@@ -119,14 +122,16 @@ def serve(
         # Per-message compression costs ~64 KiB per connection; off (docs/decisions.md).
         ws_per_message_deflate=False,
         # The gateway's WebSocket streams are served by our own protocol class (no ASGI, no
-        # task per idle viewer: app.websocket); ingest has no WebSocket endpoint and keeps
-        # uvicorn's sans-I/O one, the leanest of its implementations.
-        ws=protocol_class(app) if isinstance(app, gateway.GatewayApp) else "websockets-sansio",
+        # task per idle viewer: app.gateway.transports.websocket); ingest has no WebSocket
+        # endpoint and keeps uvicorn's sans-I/O one, the leanest of its implementations.
+        ws=protocol_class(app.websockets)
+        if isinstance(app, gateway.GatewayApp)
+        else "websockets-sansio",
         # Frames up to 16x the protocol limit reach the app (closed with FRAME_TOO_LARGE);
         # larger ones are refused by the transport itself (1009). Keepalive pings are the
         # gateway's own (settings.ping_interval_s / ping_timeout_s).
         ws_max_size=16 * MAX_CLIENT_FRAME,
-        # Bounds uvicorn lacks (header and body deadlines, header size): app/http.py.
+        # Bounds uvicorn lacks (header and body deadlines, header size): app/web/http.py.
         http=http.protocol_class(settings),
         timeout_keep_alive=settings.keepalive_s,
         timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5,

@@ -27,7 +27,7 @@ import httpx
 from websockets.exceptions import WebSocketException
 
 from app.client import StreamClient
-from app.sites import create_site, get_site
+from app.store.sites import create_site, get_site
 from app.wire import parse_cursor
 from tests.chaos.report import Latency, ScenarioResult
 from tests.clients import WsViewer

@@ -17,7 +17,7 @@ import orjson
 
 from app.codes import ErrorCode
 from app.errors import ApiError
-from app.sites import is_valid_site_id
+from app.store.sites import is_valid_site_id
 
 MAX_NAME_CHARS = 120
 MAX_URL_BYTES = 2000

@@ -1,4 +1,4 @@
-"""Prometheus metrics, one registry per app instance (no import-time globals)."""
+"""The gateway's Prometheus metrics, one registry per app instance (no import-time globals)."""
 
 from __future__ import annotations
 
@@ -6,59 +6,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from app.hub import EVENT, event_age_s, event_count
-
-
-class IngestMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.accepted = Counter(
-            "sitewire_ingest_accepted_events", "Events committed", registry=registry
-        )
-        self.duplicates = Counter(
-            "sitewire_ingest_duplicate_events",
-            "Retried events already stored (acknowledged, stored once)",
-            registry=registry,
-        )
-        self.dropped = Counter(
-            "sitewire_ingest_dropped_events",
-            "Events dropped on purpose (202, not stored)",
-            ["reason"],
-            registry=registry,
-        )
-        self.rejected = Counter(
-            "sitewire_ingest_rejected_events",
-            "Events rejected with an error code",
-            ["code"],
-            registry=registry,
-        )
-        self.commit_batch = Histogram(
-            "sitewire_ingest_commit_batch_events",
-            "Events per group commit",
-            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000),
-            registry=registry,
-        )
-        self.commit_seconds = Histogram(
-            "sitewire_ingest_commit_seconds",
-            "Latency of one group commit",
-            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
-            registry=registry,
-        )
-        self.commit_failures = Counter(
-            "sitewire_ingest_commit_failures", "Group commits that failed", registry=registry
-        )
-        self.published = Counter(
-            "sitewire_ingest_published_events", "Events published to Redis", registry=registry
-        )
-        self.publish_gap = Counter(
-            "sitewire_ingest_publish_gap_events",
-            "Stored events that could not be published (Redis unavailable)",
-            registry=registry,
-        )
-        self.ratelimit_unavailable = Counter(
-            "sitewire_ingest_ratelimit_unavailable",
-            "Requests let through because the rate limiter could not reach Redis",
-            registry=registry,
-        )
+from app.gateway.hub import EVENT, event_age_s, event_count
 
 
 class GatewayMetrics:

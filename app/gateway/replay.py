@@ -6,7 +6,7 @@ the live feed first (live events are held aside), then replays storage from the 
 page by page, each page only once the viewer's queue has room, and finally moves the held live
 events behind the replay with no gap and no duplicate (`Viewer.go_live`).
 
-Pages come from the Redis window when it holds the whole page, else from PostgreSQL. Identical
+Pages come from the broker's window when it holds the whole page, else from PostgreSQL. Identical
 PostgreSQL reads in flight are shared, and pages just read are kept for a second (a reconnect
 storm after a gateway restart asks for the same pages many times); at most
 `MAX_CONCURRENT_READS` run at once.
@@ -25,15 +25,13 @@ from typing import TypeVar, cast
 import asyncpg
 import orjson
 
-from app.broker import REDIS_ERRORS, Breaker
+from app.broker.base import Broker
 from app.codes import CloseCode
-from app.history import Event, from_postgres, from_window
-from app.hub import Viewer
-from app.metrics import GatewayMetrics
-from app.names import Names
-from app.shards import RedisShards
-from app.store import STORAGE_ERRORS
-from app.wire import format_cursor, parse_cursor
+from app.gateway.hub import Viewer
+from app.gateway.metrics import GatewayMetrics
+from app.servers.postgres import STORAGE_ERRORS
+from app.store.reads import from_postgres
+from app.wire import Event, format_cursor, parse_cursor
 
 T = TypeVar("T")
 
@@ -54,12 +52,6 @@ RECENT_PAGES = 64
 #: Most events `?last=` may ask for, and most minutes `?minutes=` may.
 MAX_LAST = 10_000
 MAX_MINUTES = 24 * 60
-#: The longest a read of a Redis window may take; a hung Redis must not hold replays for
-#: the client's whole command timeout.
-WINDOW_TIMEOUT_S = 0.5
-#: After a window read failed or timed out, that server's windows are skipped for this long
-#: (PostgreSQL serves the pages).
-WINDOW_BACKOFF_S = 2.0
 #: How long a replay keeps retrying a page while storage is unreachable before it closes the
 #: viewer with 4004 (it resumes later from its last cursor), and the wait between tries.
 REPLAY_PATIENCE_S = 5.0
@@ -117,33 +109,14 @@ class Start:
 
 
 class Replayer:
-    def __init__(
-        self, shards: RedisShards, pool: asyncpg.Pool, names: Names, metrics: GatewayMetrics
-    ) -> None:
-        self._shards = shards
+    def __init__(self, broker: Broker, pool: asyncpg.Pool, metrics: GatewayMetrics) -> None:
+        self._broker = broker
         self._pool = pool
-        self._names = names
         self._metrics = metrics
         self._inflight: dict[tuple[object, ...], asyncio.Future[object]] = {}
         self._reads = asyncio.Semaphore(MAX_CONCURRENT_READS)
         #: Pages recently read from PostgreSQL: key -> (kept until, events), oldest first.
         self._recent: OrderedDict[tuple[object, ...], tuple[float, list[Event]]] = OrderedDict()
-        #: Redis servers whose windows are skipped for a while after a failure.
-        self._windows = Breaker(len(shards.clients), WINDOW_BACKOFF_S)
-
-    async def _window(self, site: str, first: int, last: int) -> list[Event] | None:
-        """Offsets first..last from the site's Redis window when it holds all of them; None
-        when it does not, or its server failed, was slow, or failed a moment ago."""
-        index = self._shards.index(site)
-        try:
-            with self._windows.call(index) as allowed:
-                if not allowed:
-                    return None
-                async with asyncio.timeout(WINDOW_TIMEOUT_S):
-                    client = self._shards.clients[index]
-                    return await from_window(client, self._names, site, first, last)
-        except REDIS_ERRORS:  # TimeoutError included
-            return None
 
     async def _shared(self, key: tuple[object, ...], read: Callable[[], Awaitable[T]]) -> T:
         """Run `read` once for all concurrent callers with the same key."""
@@ -172,7 +145,7 @@ class Replayer:
         PostgreSQL. `until` is an offset known to be committed, or UNBOUNDED."""
         last = min(until, after + PAGE)
         if window:
-            events = await self._window(site, after + 1, last)
+            events = await self._broker.window(site, after + 1, last)
             if events is not None:
                 self._metrics.replay_reads.labels("redis").inc()
                 return events
@@ -219,7 +192,7 @@ class Replayer:
 
     async def stored(self, site: str, offset: int) -> bool:
         """Whether the event at `offset` can still be read (window or PostgreSQL)."""
-        if await self._window(site, offset, offset):
+        if await self._broker.window(site, offset, offset):
             return True
         found = await self._pool.fetchval(
             "SELECT 1 FROM events WHERE site = $1 AND site_offset = $2", site, offset
@@ -353,7 +326,7 @@ def _go_live_now(viewer: Viewer) -> None:
 
 async def _wait_for_room(viewer: Viewer, drained: asyncio.Event, size: int) -> None:
     """Wait until `size` more bytes keep the queue under half its cap (or it is empty): the
-    other half is for live events held meanwhile (app.hub.Viewer)."""
+    other half is for live events held meanwhile (app.gateway.hub.Viewer)."""
     while (
         viewer.queued_bytes
         and viewer.queued_bytes + size > viewer.max_bytes // 2

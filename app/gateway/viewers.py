@@ -6,21 +6,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import orjson
 
 from app import tokens
 from app.codes import CloseCode, ErrorCode
 from app.errors import ApiError, unknown_site
-from app.hub import Viewer
-from app.replay import Start, StartRequest, run_replay, welcome
-from app.sites import Site, is_valid_site_id
-from app.store import STORAGE_ERRORS
+from app.gateway.hub import Viewer
+from app.gateway.replay import Start, StartRequest, run_replay, welcome
+from app.gateway.state import GatewayState
+from app.servers.postgres import STORAGE_ERRORS
+from app.store.sites import Site, is_valid_site_id
 from app.wire import format_cursor
-
-if TYPE_CHECKING:
-    from app.gateway import GatewayState
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +69,7 @@ async def join(
 ) -> tuple[Viewer, Start]:
     """Add a viewer to the live feed (holding live events), decide where its stream starts,
     and queue its welcome (`wake` is called whenever its queue goes non-empty). Raises
-    app.replay.StorageUnavailable when a resume cannot be judged now."""
+    app.gateway.replay.StorageUnavailable when a resume cannot be judged now."""
     viewer = Viewer(site.id, site.epoch, state.settings.viewer_queue_bytes, wake)
     viewer.start_replay()
     await state.feeds.join(viewer)

@@ -17,7 +17,8 @@ client that stopped reading never lets happen: a Server-Sent Events viewer close
 its socket and megabytes of kernel buffers until the OS gave up.
 
 Refusals use the documented error shape (app.codes). A WebSocket upgrade leaves this protocol
-once its headers are in, so the limits end there; app.websocket bounds streams itself.
+once its headers are in, so the limits end there; app.gateway.transports.websocket bounds
+streams itself.
 """
 
 from __future__ import annotations

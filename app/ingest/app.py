@@ -21,23 +21,26 @@ from fastapi import FastAPI, Request, Response
 from prometheus_client import CollectorRegistry
 from starlette.types import Receive, Scope, Send
 
-from app import enrich
-from app.assets import Asset
-from app.broker import Publisher, PublishQueue
+from app.broker.redis import RedisBroker
 from app.codes import ErrorCode
-from app.connections import Status, open_pool, probe_postgres
 from app.errors import ApiError, StorageUnavailable, unknown_site
-from app.events import EventIn, check_media_type, decode_json, parse_batch, validate
-from app.health import Checks, Health
-from app.metrics import IngestMetrics
+from app.ingest import enrich
+from app.ingest.committer import Committer
+from app.ingest.events import EventIn, check_media_type, decode_json, parse_batch, validate
+from app.ingest.metrics import IngestMetrics
+from app.ingest.publication import PublishQueue
+from app.ingest.ratelimit import RateLimiter
 from app.names import Names
-from app.ratelimit import RateLimiter
-from app.responses import API_OPTIONS, install_error_handlers
-from app.salts import SaltKeeper
+from app.servers import Status
+from app.servers.postgres import STORAGE_ERRORS, open_pool, probe_postgres
+from app.servers.redis import RedisShards
 from app.settings import Settings
-from app.shards import RedisShards
-from app.sites import Site, SiteCache
-from app.store import STORAGE_ERRORS, Committer, NewEvent, Outcome, Stored
+from app.store.salts import SaltKeeper
+from app.store.sites import Site, SiteCache
+from app.store.writes import NewEvent, Outcome, Stored
+from app.web.assets import Asset
+from app.web.health import Checks, Health
+from app.web.responses import API_OPTIONS, install_error_handlers
 from app.wire import format_cursor
 
 #: Response header naming why an event was dropped on purpose (still a 202).
@@ -82,7 +85,8 @@ def create_app(settings: Settings) -> IngestApp:
         pool = await open_pool(settings, connect_timeout=2.0)
         client = RedisShards.from_settings(settings)
         names = Names(settings.key_prefix)
-        publications = PublishQueue(Publisher(client, names, settings.replay_window, metrics))
+        broker = RedisBroker(client, names, settings.replay_window)
+        publications = PublishQueue(broker, metrics)
         committer = Committer(
             pool,
             metrics,
@@ -133,7 +137,7 @@ class IngestApp:
     they are the whole point of the process, and FastAPI's routing and middleware cost three
     times the handler itself (profiled; docs/performance.md). Everything else (preflight, the
     script, health, 404s) goes to the FastAPI app. `internal` is the internal listener's app
-    (metrics; app.health)."""
+    (metrics; app.web.health)."""
 
     def __init__(self, api: FastAPI, internal: FastAPI) -> None:
         self.api = api

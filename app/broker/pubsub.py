@@ -1,9 +1,11 @@
-"""Redis side of the stream: publishing (ingest) and subscribing (gateway).
+"""Redis pub/sub for the gateway: one connection per Redis server, carrying every site
+subscribed there (`Subscriber`), read in bulk by hiredis (`PubSubConnection`).
 
-Publication of a site's events is one Lua script, so it is atomic: each event is added to the
-site's replay window (a sorted set scored by offset, capped to the newest N) and PUBLISHed on
-the site's channel. Offsets come from PostgreSQL (app.store), so publishing is idempotent: a
-retried publish re-adds the same member and viewers drop offsets they already have.
+A gateway holds one pub/sub connection per server (per node in a Cluster: app.broker.cluster),
+whatever its number of sites and viewers. Replies are parsed in bulk and handed over as one
+`Burst` per read; a PING health check finds a stalled link in 2-3 s; after a reconnect every
+channel is subscribed again and confirmed before `on_reconnect` reports the sites, so the
+gateway's catch-up from storage starts only once live events flow again.
 """
 
 from __future__ import annotations
@@ -14,82 +16,19 @@ import logging
 import random
 import socket
 import ssl
-import time
-from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
 
 import hiredis
 import redis.exceptions
-from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import SSLConnection, parse_url
 
-from app.metrics import IngestMetrics
+from app.broker.base import Burst
 from app.names import Names
-from app.store import Stored
-
-if TYPE_CHECKING:
-    from app.shards import RedisShards
+from app.servers.redis import REDIS_ERRORS
 
 log = logging.getLogger(__name__)
 
-#: Everything a Redis call may raise when Redis, or a Cluster's slot map, is unavailable.
-REDIS_ERRORS = (
-    OSError,
-    TimeoutError,
-    redis.exceptions.RedisError,
-    redis.exceptions.RedisClusterException,
-)
-
-
-class Breaker:
-    """Per Redis server: after a failure, calls skip it for `backoff_s`; then one call at a
-    time probes it while the others still skip, until a call succeeds. A hung server (which
-    answers nothing and refuses nothing) so costs about one timed-out call per `backoff_s`,
-    not every caller's full timeout. Callers bound their own calls (`asyncio.timeout`)."""
-
-    def __init__(self, servers: int, backoff_s: float) -> None:
-        self.backoff_s = backoff_s
-        #: Skipped until this monotonic time (0.0: healthy), and whether a probe is in flight.
-        self._skip_until = [0.0] * servers
-        self._probing = [False] * servers
-
-    @contextlib.contextmanager
-    def call(self, index: int) -> Iterator[bool]:
-        """`with breaker.call(i) as allowed:` make the call only if `allowed`; an exception
-        of REDIS_ERRORS leaving the block trips the breaker (and propagates)."""
-        probe = bool(self._skip_until[index])  # tripped: this call probes, alone
-        if probe and (self._probing[index] or self._skip_until[index] > time.monotonic()):
-            yield False
-            return
-        self._probing[index] = probe
-        try:
-            yield True
-        except REDIS_ERRORS:  # TimeoutError included
-            self._skip_until[index] = time.monotonic() + self.backoff_s
-            raise
-        finally:
-            if probe:
-                self._probing[index] = False
-        self._skip_until[index] = 0.0
-
-
-#: KEYS[1] = window; ARGV[1] = channel, ARGV[2] = window size, then offset/payload pairs.
-#: The channel shares the window's hash tag, so in a Cluster both are in the script's slot.
-_SCRIPT = """
-local n = 0
-for i = 3, #ARGV, 2 do
-  redis.call('ZADD', KEYS[1], ARGV[i], ARGV[i + 1])
-  redis.call('%s', ARGV[1], ARGV[i + 1])
-  n = n + 1
-end
-redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -tonumber(ARGV[2]) - 1)
-return n
-"""
-PUBLISH_SCRIPT = _SCRIPT % "PUBLISH"
-#: In a Cluster, classic PUBLISH is broadcast to every node; SPUBLISH stays in the slot's shard.
-SHARDED_PUBLISH_SCRIPT = _SCRIPT % "SPUBLISH"
 
 #: Subscriber reconnect backoff: base * 2**attempt, capped, with full jitter.
 BACKOFF_BASE_S = 0.05
@@ -103,201 +42,15 @@ def reconnect_delay(attempt: int) -> float:
     return random.uniform(delay / 2, delay)
 
 
-#: After a failed publish, skip a site's Redis for this long instead of stalling every commit.
-BACKOFF_S = 1.0
-
-#: The longest one commit's publication may take before its sites count as a gap.
-PUBLISH_TIMEOUT_S = 2.0
-
-#: A site's events of one commit, as the publish script's ARGV tail: offset, payload, ...
-Pairs = dict[str, list[bytes | int]]
-
-
-class Publisher:
-    """Best-effort publisher: events are already durable when they get here. A failure is
-    counted as a gap (viewers recover it from history) and never reaches the client.
-
-    A commit's sites are published in groups, concurrently: one pipeline per server, or in a
-    Cluster one script call per site (redis-py cannot pipeline scripts there, and each call
-    must follow its own slot's MOVED/ASK redirections). A failed group marks its sites as
-    skipped for BACKOFF_S, so one dead server or node does not hold up the others' sites.
-    """
-
-    def __init__(
-        self, shards: RedisShards, names: Names, window: int, metrics: IngestMetrics
-    ) -> None:
-        self._shards = shards
-        self._names = names
-        self._window = window
-        self._metrics = metrics
-        script = SHARDED_PUBLISH_SCRIPT if shards.cluster else PUBLISH_SCRIPT
-        self._scripts = [c.register_script(script) for c in shards.clients]
-        self._skip_until: dict[str, float] = {}
-
-    async def publish(self, stored: list[Stored]) -> None:
-        by_site: Pairs = defaultdict(list)
-        for s in stored:
-            assert s.payload is not None
-            by_site[s.event.site] += [s.offset, s.payload]
-        skipped = self._take_skipped(by_site)
-        if skipped:
-            self.gap(skipped, "redis marked unavailable")
-        groups = self._groups(by_site)
-        results = await asyncio.gather(
-            *(self._publish_group(group, by_site) for group in groups), return_exceptions=True
-        )
-        failed, published, why = 0, 0, ""
-        for group, result in zip(groups, results, strict=True):
-            events = sum(len(by_site[site]) // 2 for site in group)
-            if result is None:
-                published += events
-                continue
-            if not isinstance(result, REDIS_ERRORS):
-                raise result
-            failed, why = failed + events, type(result).__name__
-            for site in group:
-                self._skip_until[site] = time.monotonic() + BACKOFF_S
-        self._metrics.published.inc(published)
-        if failed:
-            self.gap(failed, why)
-
-    def _take_skipped(self, by_site: Pairs) -> int:
-        """Drop the sites still marked unavailable; return how many events that left out."""
-        now, skipped = time.monotonic(), 0
-        for site, until in list(self._skip_until.items()):
-            if until <= now:
-                del self._skip_until[site]
-            elif site in by_site:
-                skipped += len(by_site.pop(site)) // 2
-        return skipped
-
-    def _groups(self, by_site: Pairs) -> list[list[str]]:
-        if self._shards.cluster:
-            return [[site] for site in by_site]
-        by_shard: dict[int, list[str]] = defaultdict(list)
-        for site in by_site:
-            by_shard[self._shards.index(site)].append(site)
-        return list(by_shard.values())
-
-    async def _publish_group(self, sites: list[str], by_site: Pairs) -> None:
-        # Bounded: the commit loop waits for this, and a Cluster client retries a dead node
-        # (reloading the slot map each time) far longer than a commit should wait.
-        async with asyncio.timeout(PUBLISH_TIMEOUT_S):
-            await self._publish_unbounded(sites, by_site)
-
-    async def _publish_unbounded(self, sites: list[str], by_site: Pairs) -> None:
-        index = self._shards.index(sites[0])
-        client, script = self._shards.clients[index], self._scripts[index]
-        if len(sites) == 1 or isinstance(client, RedisCluster):
-            # One call: EVALSHA, and EVAL only if the server lost its script cache.
-            site = sites[0]
-            await script(keys=[self._names.window(site)], args=self._args(site, by_site))
-            return
-        # Not redis-py's script-in-pipeline support: it asks SCRIPT EXISTS before every
-        # pipeline, one more round trip per commit (profiled). Load only when told NOSCRIPT;
-        # publishing is idempotent, so sending the whole group again is safe.
-        try:
-            await self._evalsha_pipeline(client, script.sha, sites, by_site)
-        except redis.exceptions.NoScriptError:
-            await client.script_load(script.script)
-            await self._evalsha_pipeline(client, script.sha, sites, by_site)
-
-    async def _evalsha_pipeline(
-        self, client: Redis, sha: str, sites: list[str], by_site: Pairs
-    ) -> None:
-        async with client.pipeline(transaction=False) as pipe:
-            for site in sites:
-                pipe.evalsha(sha, 1, self._names.window(site), *self._args(site, by_site))
-            await pipe.execute()
-
-    def _args(self, site: str, by_site: Pairs) -> list[bytes | int | str]:
-        return [self._names.channel(site), self._window, *by_site[site]]
-
-    def gap(self, count: int, why: str) -> None:
-        self._metrics.publish_gap.inc(count)
-        log.warning("events stored but not published", extra={"events": count, "error": why})
-
-
-#: Most events waiting for publication; beyond it the oldest are dropped (counted as a
-#: publish gap: gateways fill it from PostgreSQL). About 10 s of a busy ingest.
-PUBLISH_QUEUE_EVENTS = 100_000
-#: Most events one publication call carries: a backlog (after Redis hung) goes out in pieces
-#: that each fit PUBLISH_TIMEOUT_S, never as one script that would stall Redis itself.
-PUBLISH_BATCH_EVENTS = 5_000
-
-
-class PublishQueue:
-    """Publication off the commit path: `put` returns at once, and one task publishes what
-    has queued, in commit order, in as few calls as possible.
-
-    A commit's acknowledgement never waits for Redis: a hung Redis (which answers nothing
-    and refuses nothing) would otherwise hold every commit after it for the publish timeout.
-    Guarantee: at most once and in commit order per site; what is dropped (queue full, Redis
-    failed) is counted as `sitewire_ingest_publish_gap_events` and repaired by the gateways
-    from PostgreSQL, like any message pub/sub loses.
-    """
-
-    def __init__(self, publisher: Publisher, max_events: int = PUBLISH_QUEUE_EVENTS) -> None:
-        self._publisher = publisher
-        self._max_events = max_events
-        self._queue: list[Stored] = []
-        self._ready = asyncio.Event()
-        self._closing = False
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="publish")
-        self._task.add_done_callback(_log_crash)
-
-    def put(self, stored: list[Stored]) -> None:
-        self._queue += stored
-        overflow = len(self._queue) - self._max_events
-        if overflow > 0:
-            del self._queue[:overflow]
-            self._publisher.gap(overflow, "publish queue full")
-        self._ready.set()
-
-    async def close(self) -> None:
-        """Publish what is queued (for at most PUBLISH_TIMEOUT_S), then stop."""
-        self._closing = True
-        self._ready.set()
-        if self._task is None:
-            return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(PUBLISH_TIMEOUT_S):
-                await asyncio.shield(self._task)
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-
-    async def _run(self) -> None:
-        while True:
-            await self._ready.wait()
-            self._ready.clear()
-            while self._queue:
-                batch = self._queue[:PUBLISH_BATCH_EVENTS]
-                del self._queue[:PUBLISH_BATCH_EVENTS]
-                try:
-                    await self._publisher.publish(batch)
-                except Exception:  # a bug: lose this batch (gateways repair it), not the rest
-                    log.exception("publishing failed")
-                    self._publisher.gap(len(batch), "publishing failed")
-            if self._closing:
-                return
-
-
 #: Seconds between PINGs on an idle pub/sub connection; one unanswered for as long again
 #: means the connection is dead even if TCP has not noticed (a half-open socket, a hung or
 #: cut-off Redis). A stalled link is so found within 2-3 s, and the gateway serves its sites
-#: from PostgreSQL meanwhile (app.feed); the cost is one PING a second per idle connection.
+#: from PostgreSQL meanwhile (app.gateway.feed); the cost is one PING a second per idle connection.
 HEALTH_CHECK_S = 1.0
 CONNECT_TIMEOUT_S = 2.0
 #: The longest a resubscription waits for Redis to confirm every channel (many channels on a
 #: Redis just restarted may take more than one health-check interval).
 CONFIRM_TIMEOUT_S = 5.0
-
-#: A burst: every message read from the connection at once, grouped by site, in order.
-Burst = dict[str, list[bytes]]
 
 
 class Subscriber:

@@ -1,22 +1,15 @@
-"""PostgreSQL event storage with group commit.
-
-`Committer.submit()` returns once the events are committed (a durable ack). Concurrent callers
-share one transaction: the flush loop takes whatever is queued as soon as it is free, up to
-`commit_max_events` (what arrives while one commit runs forms the next: no timer, so a lone
-event is committed at once), and commits it in one round trip through
-`sitewire_store_events` when it is small, with COPY otherwise. Offsets are allocated inside
-that transaction under each site's row lock, so per site they are gapless and follow commit
-order, across every ingest replica (docs/ingest.md explains the choice and its cost).
+"""Writing events to PostgreSQL: `commit()` stores a batch in one transaction, in one round
+trip through `sitewire_store_events` when it is small, with COPY otherwise. Offsets are
+allocated inside that transaction under each site's row lock, so per site they are gapless and
+follow commit order, across every ingest replica (docs/ingest.md explains the choice and its
+cost). Ingest's group commit (app.ingest.committer) batches concurrent requests into it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 import uuid
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -25,14 +18,10 @@ import asyncpg
 import orjson
 from asyncpg.pool import PoolConnectionProxy
 
-from app.errors import StorageUnavailable
-from app.metrics import IngestMetrics
 from app.wire import encode_event_body, with_position
 
 log = logging.getLogger(__name__)
 
-#: Failures that mean "PostgreSQL did not confirm"; anything else is a bug and propagates.
-STORAGE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 _COLUMNS = (
     "site", "site_offset", "event_id", "name", "url", "path", "referrer", "referrer_host",
@@ -97,107 +86,6 @@ class Stored:
 
 #: None means the site no longer exists (deleted between validation and commit).
 Outcome = Stored | None
-#: Called with each commit's new events, in commit order; must not block (it runs in the
-#: commit loop: app.broker.PublishQueue.put).
-AfterCommit = Callable[[list[Stored]], None]
-
-
-#: One submission: its events and the future that receives their outcomes, in order.
-_Waiter = tuple[Sequence[NewEvent], asyncio.Future[list[Outcome]]]
-
-
-class Committer:
-    def __init__(
-        self,
-        pool: asyncpg.Pool,
-        metrics: IngestMetrics,
-        *,
-        max_events: int,
-        after_commit: AfterCommit,
-    ) -> None:
-        self._pool = pool
-        self._metrics = metrics
-        self._max_events = max_events
-        self._after_commit = after_commit
-        # One future per submission, not per event: a batch of 50 costs one future and one
-        # wake-up instead of 50 plus a gather (profiled on the batch benchmark).
-        self._queue: deque[_Waiter] = deque()
-        self._queued = 0  # events in the queue
-        self._wakeup = asyncio.Event()
-        self._closing = False
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="group-commit")
-
-    async def close(self) -> None:
-        """Commit what is queued, then stop."""
-        self._closing = True
-        self._wakeup.set()
-        if self._task is not None:
-            await self._task
-
-    async def submit(self, events: Sequence[NewEvent]) -> list[Outcome]:
-        """Store `events`; raise StorageUnavailable if PostgreSQL did not confirm the commit."""
-        if self._closing:
-            raise StorageUnavailable("shutting down")
-        future: asyncio.Future[list[Outcome]] = asyncio.get_running_loop().create_future()
-        self._queue.append((events, future))
-        self._queued += len(events)
-        self._wakeup.set()
-        return await future
-
-    async def _run(self) -> None:
-        while True:
-            await self._wakeup.wait()
-            if not self._queue:
-                if self._closing:
-                    return
-                self._wakeup.clear()
-                continue
-            await self._flush(self._take())
-
-    def _take(self) -> list[_Waiter]:
-        """Whole submissions, oldest first, up to max_events (at least one submission)."""
-        batch = [self._queue.popleft()]
-        size = len(batch[0][0])
-        while self._queue and size + len(self._queue[0][0]) <= self._max_events:
-            waiter = self._queue.popleft()
-            batch.append(waiter)
-            size += len(waiter[0])
-        self._queued -= size
-        return batch
-
-    async def _flush(self, batch: list[_Waiter]) -> None:
-        started = time.perf_counter()
-        events = [e for submitted, _ in batch for e in submitted]
-        try:
-            outcomes = await commit(self._pool, events)
-        except STORAGE_ERRORS as exc:
-            self._metrics.commit_failures.inc()
-            log.warning(
-                "group commit failed; nothing in it is acknowledged",
-                extra={"events": len(events), "error": type(exc).__name__},
-            )
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(StorageUnavailable(str(exc)))
-            return
-        self._metrics.commit_seconds.observe(time.perf_counter() - started)
-        self._metrics.commit_batch.observe(len(events))
-        start = 0
-        for submitted, fut in batch:
-            end = start + len(submitted)
-            if not fut.done():  # the client may have gone away; the events are stored anyway
-                fut.set_result(outcomes[start:end])
-            start = end
-        fresh = [o for o in outcomes if o is not None and not o.duplicate]
-        self._metrics.accepted.inc(len(fresh))
-        self._metrics.duplicates.inc(sum(1 for o in outcomes if o is not None and o.duplicate))
-        if fresh:
-            self._after_commit(fresh)
-
-
 #: Commits of at most this many events make one call to `sitewire_store_events` (one round trip,
 #: migrations/0003); larger ones COPY. The function inserts row by row, which costs PostgreSQL
 #: more per event than COPY, and the five round trips of the COPY path matter less the more

@@ -1,24 +1,16 @@
-"""Opening and probing the two backing servers. Apps call these from their lifespan."""
+"""PostgreSQL: opening the pool, probing it, and what its failures look like."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Literal
 
 import asyncpg
-import redis.asyncio as aioredis
-import redis.exceptions
-from redis.asyncio.cluster import RedisCluster
 
+from app.servers import PROBE_TIMEOUT_S, Status
 from app.settings import Settings
 
-#: How long a readiness probe waits for each server.
-PROBE_TIMEOUT_S = 1.0
-
-Status = Literal["ok", "unavailable"]
-
-#: A client for a site's Redis data: a plain server or a Cluster (same command API).
-RedisClient = aioredis.Redis | RedisCluster
+#: Failures that mean "PostgreSQL did not confirm"; anything else is a bug and propagates.
+STORAGE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 async def open_pool(settings: Settings, *, connect_timeout: float = 5.0) -> asyncpg.Pool:
@@ -48,14 +40,5 @@ async def probe_postgres(pool: asyncpg.Pool) -> Status:
         async with asyncio.timeout(PROBE_TIMEOUT_S):
             await pool.fetchval("SELECT 1")
         return "ok"
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
-        return "unavailable"
-
-
-async def probe_redis(client: RedisClient) -> Status:
-    try:
-        async with asyncio.timeout(PROBE_TIMEOUT_S):
-            await client.ping()
-        return "ok"
-    except (OSError, TimeoutError, redis.exceptions.RedisError):
+    except STORAGE_ERRORS:
         return "unavailable"

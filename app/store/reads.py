@@ -1,38 +1,18 @@
-"""Reading a site's past events by offset: from the Redis window, else from PostgreSQL.
+"""Reading a site's past events from PostgreSQL by offset (the broker's window comes first:
+app.gateway.replay).
 
-Both return `(offset, payload)` pairs in offset order, in the wire format of app.wire.
+Reads return `(offset, payload)` pairs in offset order, in the wire format of app.wire.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, cast
+from typing import Any
 
 import asyncpg
 import orjson
 
-from app.connections import RedisClient
-from app.names import Names
-from app.wire import encode_event_body, with_position
-
-Event = tuple[int, bytes]
-
-
-async def from_window(
-    client: RedisClient, names: Names, site: str, first: int, last: int
-) -> list[Event] | None:
-    """Offsets first..last from the Redis window, or None unless every one of them is there
-    (the window is capped and Redis may have lost it: only a complete range is proof)."""
-    if last < first:
-        return []
-    members = cast(
-        list[tuple[bytes, float]],
-        await client.zrangebyscore(names.window(site), first, last, withscores=True),
-    )
-    events = [(int(score), payload) for payload, score in members]
-    if len(events) != last - first + 1 or (events and events[0][0] != first):
-        return None
-    return events
+from app.wire import Event, encode_event_body, with_position
 
 
 async def site_heads(pool: asyncpg.Pool, sites: list[str]) -> dict[str, int]:

@@ -8,19 +8,68 @@ PostgreSQL (docs/operations.md). With one URL this is simply one client.
 
 With `REDIS_CLUSTER=true` the URLs are seed nodes of one Redis Cluster, reached through one
 cluster client that routes each command by hash slot; every site key carries the hash tag
-`{site}` (app/names.py), so the same single-script publication holds (app/cluster.py).
+`{site}` (app/names.py), so the same single-script publication holds (app/broker/cluster.py).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
 import zlib
+from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
+import redis.exceptions
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
-from app.connections import RedisClient, Status, probe_redis
+from app.servers import PROBE_TIMEOUT_S, Status
 from app.settings import Settings
+
+#: A client for a site's Redis data: a plain server or a Cluster (same command API).
+RedisClient = aioredis.Redis | RedisCluster
+
+#: Everything a Redis call may raise when Redis, or a Cluster's slot map, is unavailable.
+REDIS_ERRORS = (
+    OSError,
+    TimeoutError,
+    redis.exceptions.RedisError,
+    redis.exceptions.RedisClusterException,
+)
+
+
+class Breaker:
+    """Per Redis server: after a failure, calls skip it for `backoff_s`; then one call at a
+    time probes it while the others still skip, until a call succeeds. A hung server (which
+    answers nothing and refuses nothing) so costs about one timed-out call per `backoff_s`,
+    not every caller's full timeout. Callers bound their own calls (`asyncio.timeout`)."""
+
+    def __init__(self, servers: int, backoff_s: float) -> None:
+        self.backoff_s = backoff_s
+        #: Skipped until this monotonic time (0.0: healthy), and whether a probe is in flight.
+        self._skip_until = [0.0] * servers
+        self._probing = [False] * servers
+
+    @contextlib.contextmanager
+    def call(self, index: int) -> Iterator[bool]:
+        """`with breaker.call(i) as allowed:` make the call only if `allowed`; an exception
+        of REDIS_ERRORS leaving the block trips the breaker (and propagates)."""
+        probe = bool(self._skip_until[index])  # tripped: this call probes, alone
+        if probe and (self._probing[index] or self._skip_until[index] > time.monotonic()):
+            yield False
+            return
+        self._probing[index] = probe
+        try:
+            yield True
+        except REDIS_ERRORS:  # TimeoutError included
+            self._skip_until[index] = time.monotonic() + self.backoff_s
+            raise
+        finally:
+            if probe:
+                self._probing[index] = False
+        self._skip_until[index] = 0.0
+
 
 CONNECT_TIMEOUT_S = 1.0
 COMMAND_TIMEOUT_S = 2.0
@@ -75,3 +124,12 @@ def cluster_client(urls: tuple[str, ...]) -> RedisCluster:
         socket_connect_timeout=CONNECT_TIMEOUT_S,
         socket_timeout=COMMAND_TIMEOUT_S,
     )
+
+
+async def probe_redis(client: RedisClient) -> Status:
+    try:
+        async with asyncio.timeout(PROBE_TIMEOUT_S):
+            await client.ping()
+        return "ok"
+    except REDIS_ERRORS:
+        return "unavailable"

@@ -37,18 +37,19 @@ from websockets.http11 import Request
 from websockets.protocol import CLOSED, CLOSING, OPEN
 from websockets.server import ServerProtocol
 
-from app import tokens, viewers
-from app.broker import REDIS_ERRORS
+from app import tokens
+from app.broker.base import BrokerUnavailable
 from app.codes import CloseCode, StandardCloseCode
-from app.hub import Viewer, ws_frames
-from app.replay import BadStart, StorageUnavailable, parse_start
-from app.store import STORAGE_ERRORS
+from app.gateway import viewers
+from app.gateway.hub import Viewer, ws_frames
+from app.gateway.replay import BadStart, StorageUnavailable, parse_start
+from app.gateway.state import GatewayState
+from app.servers.postgres import STORAGE_ERRORS
 
 if TYPE_CHECKING:
     import uvicorn
     from uvicorn.server import ServerState
 
-    from app.gateway import GatewayApp, GatewayState
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +72,15 @@ class StreamProtocol(asyncio.Protocol):
         "paused", "ping_payload", "state", "task", "transport", "viewer", "write_started", "ws",
     )  # fmt: skip
 
-    #: The gateway app this class serves; bound per process by `protocol_class`.
-    gateway: ClassVar[GatewayApp]
+    #: The transport this class serves; bound per process by `protocol_class`.
+    host: ClassVar[WebSocketTransport]
 
     def __init__(
         self, config: uvicorn.Config, server_state: ServerState, app_state: dict[str, Any]
     ) -> None:
         self._server = server_state
-        self.state: GatewayState = self.gateway.state.gateway
+        assert self.host.state is not None  # uvicorn serves once the lifespan has started
+        self.state: GatewayState = self.host.state
         #: Handshake and frame parsing; None once the connection is lost (see connection_lost).
         self.ws: ServerProtocol | None = ServerProtocol(max_size=config.ws_max_size)
         self.transport: asyncio.Transport | None = None
@@ -186,7 +188,7 @@ class StreamProtocol(asyncio.Protocol):
         assert self.transport is not None
         # Frames sent before the viewer is admitted wait in the socket (uvicorn's queue did).
         self.transport.pause_reading()
-        self.state.keepalive.watch(self)
+        self.host.keepalive.watch(self)
         params = parse_qs(query)
         token = _first(params, "token") or tokens.bearer(request.headers.get("Authorization"))
         start = (_first(params, "since"), _first(params, "last"), _first(params, "minutes"))
@@ -201,7 +203,7 @@ class StreamProtocol(asyncio.Protocol):
         handshake is complete: refusals are close codes (docs/protocol.md)."""
         state = self.state
         try:
-            site_info = await viewers.check_viewer(state, self.gateway.secret, site, token)
+            site_info = await viewers.check_viewer(state, self.host.secret, site, token)
             req = parse_start(*start)
             viewer, begin = await viewers.join(state, site_info, req, self._wake)
             if self._live(viewer):
@@ -213,7 +215,7 @@ class StreamProtocol(asyncio.Protocol):
             self._close(CloseCode.BAD_REQUEST, str(exc))
         except StorageUnavailable:
             self._close(CloseCode.STORAGE_UNAVAILABLE, "storage unavailable, resume later")
-        except (TimeoutError, *REDIS_ERRORS, *STORAGE_ERRORS) as exc:
+        except (TimeoutError, BrokerUnavailable, *STORAGE_ERRORS) as exc:
             log.warning("could not subscribe", extra={"site": site, "error": repr(exc)})
             self._close(CloseCode.INTERNAL, "subscription failed, reconnect")
         except Exception:  # a bug: say so, and let the viewer reconnect
@@ -229,7 +231,7 @@ class StreamProtocol(asyncio.Protocol):
             return False
         self.viewer = viewer
         self._direct()
-        self.state.connections.add(self)
+        self.host.connections.add(self)
         self.state.metrics.connections.labels("websocket").inc()
         assert self.transport is not None
         self.transport.resume_reading()
@@ -242,7 +244,7 @@ class StreamProtocol(asyncio.Protocol):
         if viewer is None:
             return
         self.state.feeds.leave(viewer)
-        self.state.connections.discard(self)
+        self.host.connections.discard(self)
         self.state.metrics.connections.labels("websocket").dec()
 
     # -- client frames -----------------------------------------------------------------------
@@ -252,7 +254,7 @@ class StreamProtocol(asyncio.Protocol):
         if opcode is Opcode.PONG:
             if self.ping_payload is not None and bytes(frame.data) == self.ping_payload:
                 self.ping_payload = None
-                self.state.keepalive.watch(self)
+                self.host.keepalive.watch(self)
         elif opcode is Opcode.TEXT or opcode is Opcode.CONT:
             self._message_part(frame)
         elif opcode is Opcode.BINARY:
@@ -508,24 +510,41 @@ class Keepalive:
         self._pongs.clear()
 
 
-def protocol_class(app: GatewayApp) -> type[StreamProtocol]:
-    """The protocol class uvicorn instantiates per WebSocket connection, bound to `app`."""
+def protocol_class(host: WebSocketTransport) -> type[StreamProtocol]:
+    """The protocol class uvicorn instantiates per WebSocket connection, bound to `host`."""
 
     class GatewayStreamProtocol(StreamProtocol):
         __slots__ = ()
-        gateway = app
 
+    GatewayStreamProtocol.host = host
     return GatewayStreamProtocol
 
 
-def sweep_writes(state: GatewayState, now: float, timeout: float) -> None:
-    """Close connections whose queued frames have waited for flow control longer than
-    `timeout` (a viewer that stopped reading: its transport never drains)."""
-    for conn in list(state.connections):
-        if conn.write_started and now - conn.write_started > timeout:
-            if conn.viewer is None or conn.viewer.close_code is None:  # counted once
-                state.metrics.closes.labels("write_timeout").inc()
-            conn.write_timed_out()
+class WebSocketTransport:
+    """The gateway's WebSocket side: what its protocol class needs (the token secret, and the
+    gateway's state once its lifespan has started), the keepalive shared by every connection,
+    and the live connections, which the write-timeout sweep looks at."""
+
+    def __init__(self, secret: str, ping_interval_s: float, ping_timeout_s: float) -> None:
+        self.secret = secret
+        self.state: GatewayState | None = None
+        self.keepalive = Keepalive(ping_interval_s, ping_timeout_s)
+        self.connections: set[StreamProtocol] = set()
+
+    def start(self, state: GatewayState) -> None:
+        self.state = state
+
+    def close(self) -> None:
+        self.keepalive.close()
+
+    def sweep(self, now: float, timeout: float) -> None:
+        """Close connections whose queued frames have waited for flow control longer than
+        `timeout` (a viewer that stopped reading: its transport never drains)."""
+        for conn in list(self.connections):
+            if conn.write_started and now - conn.write_started > timeout:
+                if conn.viewer is None or conn.viewer.close_code is None:  # counted once
+                    conn.state.metrics.closes.labels("write_timeout").inc()
+                conn.write_timed_out()
 
 
 def _forget_request(ws: ServerProtocol) -> None:

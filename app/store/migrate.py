@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 #: Default location: the repository's migrations/ folder (next to app/) in a checkout, else
 #: ./migrations (the container image copies them to its working directory).
-_REPO_MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+_REPO_MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
 MIGRATIONS_DIR = _REPO_MIGRATIONS if _REPO_MIGRATIONS.is_dir() else Path("migrations")
 #: Arbitrary constant identifying Sitewire's migration lock (pg_advisory_lock key).
 LOCK_KEY = 0x5173_7769_7265

@@ -14,13 +14,12 @@ import asyncio
 import logging
 import time
 
-from app.broker import REDIS_ERRORS, Breaker
 from app.codes import ErrorCode
 from app.errors import ApiError
-from app.metrics import IngestMetrics
+from app.ingest.metrics import IngestMetrics
 from app.names import Names
+from app.servers.redis import REDIS_ERRORS, Breaker, RedisShards
 from app.settings import Settings
-from app.shards import RedisShards
 
 log = logging.getLogger(__name__)
 

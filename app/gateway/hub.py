@@ -1,7 +1,7 @@
 """The fanout core, free of I/O: viewers, their bounded queues, per-site order, frames.
 
 Everything here is plain Python driven by method calls, so it is tested synchronously. The
-gateway wires it to sockets (app.websocket) and to Redis (app.broker).
+gateway wires it to sockets (app.gateway.transports.websocket) and to Redis (app.broker.redis).
 
 - `Viewer` holds one connection's queue, capped in bytes. `push` never blocks: when the cap
   would be exceeded it returns False and the caller closes the viewer as a slow consumer.
@@ -275,7 +275,7 @@ class Hub:
 class Sequencer:
     """Delivers a site's events in offset order, exactly once, and spots gaps.
 
-    Offsets are gapless per site (app.store), so a jump from N to N+3 means two events were
+    Offsets are gapless per site (app.store.writes), so a jump from N to N+3 means two events were
     published out of order (two ingest replicas) or lost (Redis pub/sub drops messages across
     reconnects). They are held until the gap is filled (`fill`) or abandoned (`skip`).
     """

@@ -23,8 +23,8 @@ from collections.abc import Awaitable, Callable
 from fastapi import APIRouter, FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from app.connections import Status
-from app.responses import API_OPTIONS, install_error_handlers, json_response
+from app.servers import Status
+from app.web.responses import API_OPTIONS, install_error_handlers, json_response
 
 Checks = Callable[[], Awaitable[dict[str, Status]]]
 

@@ -1,6 +1,6 @@
 """Redis Cluster: the gateway's sharded subscriptions (SSUBSCRIBE), following slot moves.
 
-With `REDIS_CLUSTER=true` ingest publishes with SPUBLISH (app/broker.py), which delivers a
+With `REDIS_CLUSTER=true` ingest publishes with SPUBLISH (app/broker/redis.py), which delivers a
 message only within the shard that owns the channel's hash slot; classic PUBLISH would be
 broadcast over the cluster bus to every node. A shard channel can only be subscribed on the node
 that owns its slot, so a gateway holds one pub/sub connection per node it needs (`NodeLink`),
@@ -20,22 +20,16 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.exceptions
 from redis.asyncio.cluster import RedisCluster
 
-from app.broker import (
-    HEALTH_CHECK_S,
-    REDIS_ERRORS,
-    Burst,
-    PubSubConnection,
-    Subscriber,
-    reconnect_delay,
-)
+from app.broker.base import Burst
+from app.broker.pubsub import HEALTH_CHECK_S, PubSubConnection, reconnect_delay
 from app.names import Names
-from app.shards import RedisShards
+from app.servers.redis import REDIS_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +178,7 @@ class NodeLink:
 
 class ShardedSubscriber:
     """The gateway's subscriptions in a Redis Cluster; the same interface as
-    `broker.Subscriber`, so `app.feed` does not know which kind it holds."""
+    `app.broker.pubsub.Subscriber`, so `app.gateway.feed` does not know which kind it holds."""
 
     def __init__(
         self,
@@ -352,49 +346,3 @@ class ShardedSubscriber:
             log.info("redis cluster channels moved", extra={"sites": len(done)})
             await self._on_reconnect(done)
         return ok
-
-
-class Subscriptions(Protocol):
-    """What the gateway needs of a pub/sub connection: `broker.Subscriber` (one server) or
-    `ShardedSubscriber` (a whole Cluster)."""
-
-    @property
-    def sites(self) -> list[str]: ...
-
-    def start(self) -> None: ...
-
-    async def close(self) -> None: ...
-
-    async def subscribe(self, site: str, confirm_within: float = 5.0) -> None:
-        """Subscribe and wait for Redis to confirm. When Redis is unreachable or slow it
-        raises, but keeps the site: it is subscribed when Redis answers again, and reported
-        to `on_reconnect` then."""
-
-    async def unsubscribe(self, site: str) -> None: ...
-
-    def holds(self, site: str) -> bool:
-        """Whether the site's live events arrive now (subscribed, confirmed, on a connection
-        not known to be lost). Pub/sub delivers at most once: a message published while a
-        connection is down is lost, which is why the gateway repairs from storage."""
-
-
-def subscribers(
-    shards: RedisShards,
-    names: Names,
-    on_burst: Callable[[Burst], None],
-    on_reconnect: Callable[[list[str]], Awaitable[None]],
-    on_reconnect_attempt: Callable[[], None],
-) -> list[Subscriptions]:
-    """One subscriber per Redis server, or one for the whole Cluster; indexed like
-    `shards.clients`, so `shards.index(site)` picks a site's subscriber."""
-    if shards.cluster:
-        cluster = shards.clients[0]
-        assert isinstance(cluster, RedisCluster)
-        return [
-            ShardedSubscriber(
-                cluster, shards.urls[0], names, on_burst, on_reconnect, on_reconnect_attempt
-            )
-        ]
-    return [
-        Subscriber(url, names, on_burst, on_reconnect, on_reconnect_attempt) for url in shards.urls
-    ]

@@ -4,7 +4,7 @@
   per-site lock, rolled back on failure), the last one leaving schedules an unsubscribe after
   `unsubscribe_delay_s` that checks the count again (a reconnecting viewer keeps it warm).
 - Messages come in bursts: everything read from Redis in one turn of the event loop, grouped
-  by site (app.broker.PubSubConnection). Each message's offset is read without decoding the
+  by site (app.broker.pubsub.PubSubConnection). Each message's offset is read without decoding the
   JSON (app.wire.event_offset), the site's `Sequencer` puts them in order, and the hub sends a
   site's burst to each viewer as one frame. This batches without a timer: what arrives while
   the gateway writes one burst's frames is the next burst, so a busy gateway sends fewer,
@@ -15,7 +15,7 @@
 - A periodic position check compares each site's head in PostgreSQL with what was delivered,
   which catches a lost *last* message that no later offset would reveal.
 - A site whose live events cannot arrive (its Redis link is down, stalled or not yet
-  confirmed: `Subscriptions.holds`) is served from PostgreSQL instead, polled every
+  confirmed: `Subscriptions.holds`, app.broker.base) is served from PostgreSQL instead, polled every
   `POLL_S`, until the link is back; viewers are told with a `delivery` notice each way
   (docs/protocol.md). A gateway started while Redis is down serves every site this way.
 """
@@ -30,19 +30,17 @@ from collections import defaultdict
 import asyncpg
 import orjson
 
-from app.broker import REDIS_ERRORS, Burst
-from app.cluster import Subscriptions, subscribers
+from app.broker.base import Broker, BrokerUnavailable, Burst
 from app.codes import CloseCode
-from app.history import Event, site_heads
-from app.hub import Hub, Sequencer, Viewer
-from app.metrics import DeliveryStats, GatewayMetrics
+from app.gateway.hub import Hub, Sequencer, Viewer
+from app.gateway.metrics import DeliveryStats, GatewayMetrics
+from app.gateway.replay import UNBOUNDED, Replayer
 from app.names import Names
-from app.replay import UNBOUNDED, Replayer
+from app.servers.postgres import STORAGE_ERRORS
 from app.settings import Settings
-from app.shards import RedisShards
-from app.sites import get_site
-from app.store import STORAGE_ERRORS
-from app.wire import event_offset, format_cursor
+from app.store.reads import site_heads
+from app.store.sites import get_site
+from app.wire import Event, event_offset, format_cursor
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +63,7 @@ class Feeds:
         self,
         hub: Hub,
         settings: Settings,
-        shards: RedisShards,
+        broker: Broker,
         pool: asyncpg.Pool,
         metrics: GatewayMetrics,
         stats: DeliveryStats,
@@ -76,13 +74,12 @@ class Feeds:
         self._replayer = replayer
         self._settings = settings
         self._names = Names(settings.key_prefix)
-        self._shards = shards
         self._pool = pool
         self._metrics = metrics
-        # One pub/sub connection per Redis server, carrying every site of that server (in a
-        # Cluster: one per node, app/cluster.py).
-        self.subscribers = subscribers(
-            shards, self._names, self.on_burst, self.on_reconnect, metrics.redis_reconnects.inc
+        # With Redis: one pub/sub connection per server (per node in a Cluster), carrying
+        # every site there (app.broker.redis).
+        self.subscriptions = broker.subscriptions(
+            self.on_burst, self.on_reconnect, metrics.redis_reconnects.inc
         )
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._seq: dict[str, Sequencer] = {}
@@ -95,8 +92,7 @@ class Feeds:
         self._polled: set[str] = set()
 
     def start(self) -> None:
-        for subscriber in self.subscribers:
-            subscriber.start()
+        self.subscriptions.start()
         self._checker = asyncio.create_task(self._check_positions(), name="position-check")
         self._poller = asyncio.create_task(self._poll_forever(), name="storage-poll")
 
@@ -109,8 +105,7 @@ class Feeds:
             if task is not None:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        for subscriber in self.subscribers:
-            await subscriber.close()
+        await self.subscriptions.close()
 
     # -- viewers come and go ---------------------------------------------------------------
 
@@ -138,8 +133,8 @@ class Feeds:
             found = await get_site(self._pool, site)
             head = found.next_offset - 1 if found else None
         try:
-            await self.subscriber(site).subscribe(site, confirm_within=SUBSCRIBE_CONFIRM_S)
-        except (TimeoutError, *REDIS_ERRORS) as exc:
+            await self.subscriptions.subscribe(site, confirm_within=SUBSCRIBE_CONFIRM_S)
+        except (TimeoutError, BrokerUnavailable) as exc:
             # The subscriber keeps the site and subscribes it when Redis answers; until then
             # the poll serves it from PostgreSQL.
             log.warning(
@@ -159,7 +154,7 @@ class Feeds:
 
     def live(self, site: str) -> bool:
         """Whether the site's events arrive live (else this gateway polls storage for them)."""
-        return site not in self._polled and self.subscriber(site).holds(site)
+        return site not in self._polled and self.subscriptions.holds(site)
 
     def leave(self, viewer: Viewer) -> None:
         viewer.release()
@@ -176,7 +171,7 @@ class Feeds:
         self._unsubscribes.pop(site, None)
         async with self._locks[site]:
             if self.hub.count(site) == 0 and site in self._seq:
-                await self.subscriber(site).unsubscribe(site)
+                await self.subscriptions.unsubscribe(site)
                 del self._seq[site]
                 self._epochs.pop(site, None)
                 self._polled.discard(site)
@@ -186,9 +181,6 @@ class Feeds:
         if self.hub.count(site) == 0:  # a viewer that joined meanwhile may wait on this lock
             self._locks.pop(site, None)
         self._metrics.subscriptions.set(len(self._seq))
-
-    def subscriber(self, site: str) -> Subscriptions:
-        return self.subscribers[self._shards.index(site)]
 
     def head(self, site: str) -> int | None:
         """The last offset delivered live for `site` on this gateway (None: not known yet)."""
@@ -260,7 +252,7 @@ class Feeds:
     async def _read(
         self, site: str, after: int, until: int, *, window: bool = True
     ) -> list[Event] | None:
-        """A page of stored events after..until (window, else PostgreSQL: app.replay); None
+        """A page of stored events after..until (window, else PostgreSQL: app.gateway.replay); None
         when storage could not be read."""
         epoch = self._epochs.get(site)
         if epoch is None:  # unsubscribed meanwhile (its last viewer left): nothing to fill
@@ -333,7 +325,7 @@ class Feeds:
                 log.exception("storage poll failed")
 
     async def _poll(self) -> None:
-        down = {site for site in self._seq if not self.subscriber(site).holds(site)}
+        down = {site for site in self._seq if not self.subscriptions.holds(site)}
         for site in down - self._polled:
             log.warning("site served from storage: its redis link is down", extra={"site": site})
             self._polled.add(site)

@@ -1,0 +1,1 @@
+"""Moving committed events from ingest to gateways (app.broker.base has the interface)."""

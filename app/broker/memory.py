@@ -1,0 +1,141 @@
+"""A broker inside one process: `Broker` (app.broker.base) without a server.
+
+It is what the unit tests of the feed and the replay run on, and it keeps the interface
+honest: tests/test_broker_contract.py holds it to the same contract as the Redis broker. It
+can also be cut off and restored (`cut`, `restore`), as a Redis link can: while cut,
+publications reach no subscriber, subscribing fails (the site stays held), `holds` is False
+and the window cannot be read; on `restore` every subscription reports its sites to
+`on_reconnect`, as after a pub/sub reconnect. It cannot connect two processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Sequence
+
+from app.broker.base import (
+    BrokerUnavailable,
+    Burst,
+    OnBurst,
+    OnReconnect,
+    Publication,
+    PublishResult,
+    Subscriptions,
+)
+from app.servers import Status
+from app.wire import Event
+
+
+class MemoryBroker:
+    def __init__(self, window: int = 1000) -> None:
+        self._window_size = window
+        #: Each site's history: offset -> payload, the newest `window` offsets.
+        self._history: dict[str, dict[int, bytes]] = {}
+        self._subscriptions: list[_MemorySubscriptions] = []
+        self.available = True
+
+    async def publish(self, events: Sequence[Publication]) -> PublishResult:
+        if not self.available:
+            return PublishResult(0, len(events), "broker cut off")
+        bursts: dict[_MemorySubscriptions, Burst] = {}
+        for site, offset, payload in events:
+            self._remember(site, offset, payload)
+            for subs in self._subscriptions:
+                if site in subs.confirmed:
+                    bursts.setdefault(subs, {}).setdefault(site, []).append(payload)
+        # Handed over on a later turn of the loop, as a network broker's would be.
+        loop = asyncio.get_running_loop()
+        for subs, burst in bursts.items():
+            loop.call_soon(subs.on_burst, burst)
+        return PublishResult(len(events))
+
+    def _remember(self, site: str, offset: int, payload: bytes) -> None:
+        history = self._history.setdefault(site, {})
+        history[offset] = payload
+        if len(history) > self._window_size:
+            for old in sorted(history)[: len(history) - self._window_size]:
+                del history[old]
+
+    async def window(self, site: str, first: int, last: int) -> list[Event] | None:
+        if last < first:
+            return []
+        if not self.available:
+            return None
+        history = self._history.get(site, {})
+        if any(offset not in history for offset in range(first, last + 1)):
+            return None
+        return [(offset, history[offset]) for offset in range(first, last + 1)]
+
+    def subscriptions(
+        self, on_burst: OnBurst, on_reconnect: OnReconnect, on_reconnect_attempt: Callable[[], None]
+    ) -> Subscriptions:
+        subs = _MemorySubscriptions(self, on_burst, on_reconnect)
+        self._subscriptions.append(subs)
+        return subs
+
+    async def probe(self) -> Status:
+        return "ok" if self.available else "unavailable"
+
+    def cut(self) -> None:
+        """Cut every subscription's link: what is published meanwhile is lost to them."""
+        self.available = False
+        for subs in self._subscriptions:
+            subs.confirmed.clear()
+
+    def restore(self) -> None:
+        """The link is back: every held site is subscribed again, then reported."""
+        self.available = True
+        for subs in self._subscriptions:
+            subs.reconnected()
+
+    def forget(self, subs: _MemorySubscriptions) -> None:
+        with contextlib.suppress(ValueError):
+            self._subscriptions.remove(subs)
+
+
+class _MemorySubscriptions:
+    def __init__(self, broker: MemoryBroker, on_burst: OnBurst, on_reconnect: OnReconnect) -> None:
+        self._broker = broker
+        self.on_burst = on_burst
+        self._on_reconnect = on_reconnect
+        #: Sites held (subscribed, or waiting for the broker to come back).
+        self._held: set[str] = set()
+        #: Sites whose events arrive now.
+        self.confirmed: set[str] = set()
+        self._reports: set[asyncio.Task[None]] = set()
+
+    @property
+    def sites(self) -> list[str]:
+        return sorted(self._held)
+
+    def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        self._broker.forget(self)
+        for task in self._reports:
+            task.cancel()
+
+    async def subscribe(self, site: str, confirm_within: float = 5.0) -> None:
+        self._held.add(site)
+        if not self._broker.available:
+            raise BrokerUnavailable("broker cut off")
+        self.confirmed.add(site)
+
+    async def unsubscribe(self, site: str) -> None:
+        self._held.discard(site)
+        self.confirmed.discard(site)
+
+    def holds(self, site: str) -> bool:
+        return site in self.confirmed
+
+    def reconnected(self) -> None:
+        self.confirmed = set(self._held)
+        if self._held:
+            task = asyncio.get_running_loop().create_task(self._report(self.sites))
+            self._reports.add(task)
+            task.add_done_callback(self._reports.discard)
+
+    async def _report(self, sites: list[str]) -> None:
+        await self._on_reconnect(sites)

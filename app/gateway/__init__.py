@@ -1,0 +1,1 @@
+"""The gateway role: live feeds per site, replays, and the transports viewers use."""

@@ -1,0 +1,1 @@
+"""How viewers connect: one module per transport."""

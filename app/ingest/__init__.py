@@ -1,0 +1,1 @@
+"""The ingest role: validate, enrich, commit, acknowledge, hand over for publication."""

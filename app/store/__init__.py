@@ -1,0 +1,1 @@
+"""Events, sites and salts in PostgreSQL: the durable truth."""

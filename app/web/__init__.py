@@ -1,0 +1,1 @@
+"""HTTP plumbing both roles share: request bounds, error responses, health, static files."""
