@@ -1,18 +1,16 @@
-"""The JSON shape of a delivered event and of cursors, shared by live delivery and history.
+"""An event's position on the wire: cursors, the `cursor` and `offset` keys that lead every
+encoded event, and reading the offset back without decoding the rest.
 
-An event is encoded once, at ingest, into the bytes every viewer receives
-(docs/protocol.md, "Event object"). History rows read from PostgreSQL are encoded by the same
-function so a replayed event has the same fields and values as the live one (only the key order
-inside `props` may differ: jsonb does not keep it).
+An event's fields are encoded once, at ingest (app.schema.encode_body), into the bytes every
+viewer receives (docs/protocol.md, "Event object"); the commit prepends the position
+(`with_position`). History rows are encoded by the same functions, so a replayed event has the
+same fields and values as the live one (only the key order inside `props` may differ: jsonb
+does not keep it).
 """
 
 from __future__ import annotations
 
-import functools
 import re
-import uuid
-from datetime import datetime
-from typing import Any
 
 import orjson
 
@@ -52,49 +50,7 @@ def parse_cursor(value: str) -> tuple[str, int]:
     return match.group(1), int(match.group(2))
 
 
-def encode_event_body(
-    *,
-    event_id: uuid.UUID,
-    site: str,
-    name: str,
-    url: str,
-    path: str,
-    referrer: str | None,
-    referrer_host: str | None,
-    props: dict[str, Any],
-    visitor_id: int,
-    device: str,
-    ts: datetime,
-) -> bytes:
-    """Every field of an event except its position (cursor and offset), which only the commit
-    knows. Ingest encodes this while handling the request, so the commit, which PostgreSQL
-    and every waiting request wait on, only prepends the position (`with_position`)."""
-    return orjson.dumps(
-        {
-            "id": str(event_id),
-            "site": site,
-            "name": name,
-            "url": url,
-            "path": path,
-            "referrer": referrer,
-            "referrer_host": referrer_host,
-            "props": props,
-            # Hex of the salted daily hash: lets a dashboard count current visitors.
-            "visitor": f"{visitor_id & 0xFFFFFFFFFFFFFFFF:016x}",
-            "device": device,
-            "ts": _iso_ms(ts),
-        }
-    )
-
-
 def with_position(epoch: str, offset: int, body: bytes) -> bytes:
     """The complete event: `{"cursor":...,"offset":...,` then `body` without its opening brace.
     The epoch is 8 hex digits and the offset an int, so neither needs JSON escaping."""
     return b'{"cursor":"%s-%d","offset":%d,%s' % (epoch.encode(), offset, offset, body[1:])
-
-
-@functools.lru_cache(maxsize=16)
-def _iso_ms(ts: datetime) -> str:
-    # Cached: every event of a request shares one timestamp (app.ingest.app), and formatting it
-    # was a tenth of the per-event encoding cost.
-    return ts.isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -399,7 +399,7 @@ async def _lose_one_publication(pool: asyncpg.Pool, rclient: Any, names: Any, si
             site,
             offset,
         )
-    await rclient.zadd(names.window(site), {encode_row(site, epoch, row): offset})
+    await rclient.zadd(names.window(site), {encode_row(epoch, row): offset})
     return int(offset)
 
 

@@ -1,5 +1,5 @@
 """The group commit's two ways to store events, against real PostgreSQL: one round trip through
-`sitewire_store_events` for small commits, COPY for large ones. They must agree exactly."""
+`sitewire_store_rows` for small commits, COPY for large ones. They must agree exactly."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import asyncpg
 import orjson
 import pytest
 
+from app.schema import NewEvent
 from app.store.sites import create_site
-from app.store.writes import NewEvent, Stored, commit
+from app.store.writes import Stored, commit
 
 #: `small` for commit(): every commit through the function, or every commit through COPY.
 PATHS = {"function": 10_000, "copy": 0}

@@ -8,7 +8,8 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
-from app.wire import _EVENT_HEAD, encode_event_body, event_offset, with_position
+from app.schema import NewEvent
+from app.wire import _EVENT_HEAD, event_offset, with_position
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(),
@@ -18,7 +19,7 @@ JSON = st.recursive(
 
 
 def encoded(offset: int, props: dict[str, Any]) -> bytes:
-    body = encode_event_body(
+    body = NewEvent(
         event_id=uuid.uuid4(),
         site="example.com",
         name="pageview",
@@ -30,7 +31,7 @@ def encoded(offset: int, props: dict[str, Any]) -> bytes:
         visitor_id=42,
         device="desktop",
         ts=datetime.now(UTC),
-    )
+    ).body
     return with_position("9f8ba6a8", offset, body)
 
 

@@ -31,13 +31,14 @@ from app.ingest.metrics import IngestMetrics
 from app.ingest.publication import PublishQueue
 from app.ingest.ratelimit import RateLimiter
 from app.names import Names
+from app.schema import NewEvent
 from app.servers import Status
 from app.servers.postgres import STORAGE_ERRORS, open_pool, probe_postgres
 from app.servers.redis import RedisShards
 from app.settings import Settings
 from app.store.salts import SaltKeeper
 from app.store.sites import Site, SiteCache
-from app.store.writes import NewEvent, Outcome, Stored
+from app.store.writes import Outcome, Stored
 from app.web.assets import Asset
 from app.web.health import Checks, Health
 from app.web.responses import API_OPTIONS, install_error_handlers

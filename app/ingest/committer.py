@@ -16,8 +16,9 @@ import asyncpg
 
 from app.errors import StorageUnavailable
 from app.ingest.metrics import IngestMetrics
+from app.schema import NewEvent
 from app.servers.postgres import STORAGE_ERRORS
-from app.store.writes import NewEvent, Outcome, Stored, commit
+from app.store.writes import Outcome, Stored, commit
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,9 @@
 """Writing events to PostgreSQL: `commit()` stores a batch in one transaction, in one round
-trip through `sitewire_store_events` when it is small, with COPY otherwise. Offsets are
+trip through `sitewire_store_rows` when it is small, with COPY otherwise. Offsets are
 allocated inside that transaction under each site's row lock, so per site they are gapless and
 follow commit order, across every ingest replica (docs/ingest.md explains the choice and its
-cost). Ingest's group commit (app.ingest.committer) batches concurrent requests into it.
+cost). Ingest's group commit (app.ingest.committer) batches concurrent requests into it. The
+columns come from app.schema, both ways by name.
 """
 
 from __future__ import annotations
@@ -10,66 +11,20 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 import orjson
 from asyncpg.pool import PoolConnectionProxy
 
-from app.wire import encode_event_body, with_position
+from app.schema import JSON_COLUMNS, NAMES, NewEvent
+from app.wire import with_position
 
 log = logging.getLogger(__name__)
 
-
-_COLUMNS = (
-    "site", "site_offset", "event_id", "name", "url", "path", "referrer", "referrer_host",
-    "props", "visitor_id", "device", "ts",
-)  # fmt: skip
-
-
-# Not frozen: these are built per event on the hot path, and a frozen dataclass's __init__
-# (object.__setattr__ per field) costs twice as much. Nothing mutates them after creation.
-@dataclass(slots=True)
-class NewEvent:
-    """A validated, enriched event waiting to be stored."""
-
-    site: str
-    event_id: uuid.UUID
-    name: str
-    url: str
-    path: str
-    referrer: str | None
-    referrer_host: str | None
-    props: dict[str, Any]
-    visitor_id: int
-    device: str
-    ts: datetime
-    #: True when the server minted `event_id` (a fresh UUIDv7): it cannot already be stored,
-    #: so the commit skips its duplicate lookup.
-    minted: bool = False
-    #: The wire bytes without the position, and `props` as JSON text for the COPY. Encoded
-    #: when the event is built (while its request is handled) rather than in the commit, which
-    #: every waiting request and PostgreSQL wait on (docs/performance.md).
-    body: bytes = field(init=False)
-    props_json: str = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.body = encode_event_body(
-            event_id=self.event_id,
-            site=self.site,
-            name=self.name,
-            url=self.url,
-            path=self.path,
-            referrer=self.referrer,
-            referrer_host=self.referrer_host,
-            props=self.props,
-            visitor_id=self.visitor_id,
-            device=self.device,
-            ts=self.ts,
-        )
-        self.props_json = orjson.dumps(self.props).decode()
+#: COPY's columns: the event's position, then its fields.
+_COPY_COLUMNS = ("site_offset", *NAMES)
 
 
 @dataclass(slots=True)
@@ -86,16 +41,16 @@ class Stored:
 
 #: None means the site no longer exists (deleted between validation and commit).
 Outcome = Stored | None
-#: Commits of at most this many events make one call to `sitewire_store_events` (one round trip,
-#: migrations/0003); larger ones COPY. The function inserts row by row, which costs PostgreSQL
+#: Commits of at most this many events make one call to `sitewire_store_rows` (one round trip,
+#: migrations/0004); larger ones COPY. The function inserts row by row, which costs PostgreSQL
 #: more per event than COPY, and the five round trips of the COPY path matter less the more
 #: events share them (docs/performance.md).
 SMALL_COMMIT_EVENTS = 32
 
-_STORE_EVENTS_SQL = (
-    "SELECT epoch, site_offset, duplicate FROM sitewire_store_events("
-    "$1::text[], $2::uuid[], $3::boolean[], $4::text[], $5::text[], $6::text[], $7::text[], "
-    "$8::text[], $9::jsonb[], $10::bigint[], $11::text[], $12::timestamptz[])"
+#: One call stores a small commit (migrations/0004): rows as a JSON array of objects keyed by
+#: column, filled into the events table's own row type, so no column is named here.
+_STORE_ROWS_SQL = (
+    "SELECT epoch, site_offset, duplicate FROM sitewire_store_rows($1::jsonb, $2::boolean[])"
 )
 
 
@@ -112,14 +67,7 @@ async def commit(
 async def _commit_small(pool: asyncpg.Pool, events: Sequence[NewEvent]) -> list[Outcome]:
     # No explicit transaction: the call is its own, so it commits in the same round trip.
     async with pool.acquire() as conn:
-        rows = await conn.fetch(
-            _STORE_EVENTS_SQL,
-            [e.site for e in events], [e.event_id for e in events], [e.minted for e in events],
-            [e.name for e in events], [e.url for e in events], [e.path for e in events],
-            [e.referrer for e in events], [e.referrer_host for e in events],
-            [e.props_json for e in events], [e.visitor_id for e in events],
-            [e.device for e in events], [e.ts for e in events],
-        )  # fmt: skip
+        rows = await conn.fetch(_STORE_ROWS_SQL, _json_rows(events), [e.minted for e in events])
     outcomes: list[Outcome] = []
     for e, row in zip(events, rows, strict=True):
         epoch, offset, duplicate = row
@@ -163,7 +111,7 @@ async def _commit_copy(pool: asyncpg.Pool, events: Sequence[NewEvent]) -> list[O
             outcomes.append(Stored(e, epoch, offset, False, with_position(epoch, offset, e.body)))
             records.append(_record(offset, e))
         if records:
-            await conn.copy_records_to_table("events", records=records, columns=_COLUMNS)
+            await conn.copy_records_to_table("events", records=records, columns=_COPY_COLUMNS)
             await conn.execute(
                 "UPDATE sites SET next_offset = v.next FROM unnest($1::text[], $2::bigint[]) "
                 "AS v(id, next) WHERE sites.id = v.id",
@@ -192,7 +140,17 @@ async def _stored_before(
 
 
 def _record(offset: int, e: NewEvent) -> tuple[Any, ...]:
-    return (
-        e.site, offset, e.event_id, e.name, e.url, e.path, e.referrer, e.referrer_host,
-        e.props_json, e.visitor_id, e.device, e.ts,
-    )  # fmt: skip
+    """One COPY row: the position, then each column's value as stored."""
+    return (offset, *e.stored)
+
+
+def _json_rows(events: Sequence[NewEvent]) -> str:
+    """The rows for `sitewire_store_rows`: one JSON object per event, keyed by column (orjson
+    writes UUIDs and datetimes as PostgreSQL reads them; JSON columns go in as they are)."""
+    rows = []
+    for e in events:
+        row = dict(zip(NAMES, e.stored, strict=True))
+        for i in JSON_COLUMNS:
+            row[NAMES[i]] = orjson.Fragment(e.stored[i])
+        rows.append(row)
+    return orjson.dumps(rows).decode()
