@@ -69,6 +69,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("props", "jsonb", "props", from_sql=_json_object),
     Column("visitor_id", "bigint", "visitor", to_wire=_visitor_hex),
     Column("device", "text", "device"),
+    Column("country", "text", "country"),  # ISO 3166-1 alpha-2 from the client IP, or null
     Column("ts", "timestamptz", "ts", to_wire=_iso_ms),
 )
 NAMES: tuple[str, ...] = tuple(c.name for c in COLUMNS)
@@ -97,6 +98,7 @@ class NewEvent:
     props: dict[str, Any]
     visitor_id: int
     device: str
+    country: str | None
     ts: datetime
     #: True when the server minted `event_id` (a fresh UUIDv7): it cannot already be stored,
     #: so the commit skips its duplicate lookup.

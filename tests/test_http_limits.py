@@ -17,10 +17,9 @@ import orjson
 import pytest
 
 from app.web.http import MAX_HEADERS
+from tests.clients import post_large
 from tests.processes import AppProcess
-from tests.test_gateway import FAST, token
-from tests.test_ingest import BROWSER
-from tests.test_resume import post_large
+from tests.support import BROWSER, FAST, eventually, token
 
 pytestmark = pytest.mark.slow
 
@@ -145,7 +144,7 @@ async def test_well_behaved_clients_are_unaffected(
             body = {"site": site, "name": "pageview", "url": f"https://{site}/{i}"}
             r = await client.post(f"{ingest.url}/api/event", json=body)
             assert r.status_code == 202
-            await asyncio.sleep(0.7)
+            await asyncio.sleep(0.7)  # idle on purpose: 2.1 s in all, past the 1 s deadline
         url = f"{gateway.url}/v1/sites/{site}/events"
         async with client.stream("GET", url, params={"token": token(site), "last": "3"}) as r:
             assert r.status_code == 200
@@ -155,7 +154,7 @@ async def test_well_behaved_clients_are_unaffected(
                     seen += line.startswith("id: ")
                     if seen == 3:
                         break
-            await asyncio.sleep(1.5)  # past both deadlines, the stream is still open
+            await asyncio.sleep(1.5)  # on purpose: past both deadlines, the stream is still open
             assert not r.is_closed
 
 
@@ -199,15 +198,10 @@ async def test_viewers_that_never_read_lose_their_sockets(
         sock.sendall(request)
         idle.append(sock)  # never read from
     try:
-        deadline = time.monotonic() + 30
-        while established(gateway.port) < 5:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
+        await eventually(lambda: established(gateway.port) >= 5, 30, 0.05, "5 established")
         # ~9 MB to each: more than the kernel's socket buffers hold, so writes stall.
         await post_large(ingest.url, site, 1500, 6000)
-        while established(gateway.port) > 0:
-            assert time.monotonic() < deadline, f"{established(gateway.port)} still open"
-            await asyncio.sleep(0.1)
+        await eventually(lambda: established(gateway.port) == 0, 30, 0.1, "all 5 dropped")
         closes = await metric_sum(gateway.internal_url, "sitewire_gateway_closes_total")
         assert closes == 5  # each close counted once, whichever way it was found
     finally:
@@ -288,10 +282,7 @@ async def test_thousands_of_idle_sockets_are_closed_and_cost_others_little(
         quiet_p99 = quiet[int(len(quiet) * 0.99)]
         print(f"idle sockets: p99 {quiet_p99 * 1000:.1f} ms quiet, {p99 * 1000:.1f} ms with 5,000")
         assert p99 < 3 * quiet_p99 + 0.05  # a ratio within one run, with room for a noisy host
-        deadline = time.monotonic() + 20
-        while established(ingest.port) > 0:
-            assert time.monotonic() < deadline, f"{established(ingest.port)} still open"
-            await asyncio.sleep(0.2)
+        await eventually(lambda: established(ingest.port) == 0, 20, 0.2, "idle sockets closed")
     finally:
         for _, writer in idle:
             writer.close()
@@ -305,7 +296,7 @@ async def flood(url: str, site: str, user_agent: str, stop: asyncio.Event) -> in
             body = {"site": site, "name": "pageview", "url": f"https://{site}/flood"}
             await client.post(f"{url}/api/event", json=body)
             sent += 1
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # the pace of the flood, not a wait
     return sent
 
 

@@ -1,10 +1,9 @@
 """The fanout core, synchronously, without sockets or Redis."""
 
 import orjson
-import pytest
 from prometheus_client import CollectorRegistry
 
-from app.codes import CloseCode
+from app.codes import CloseCode, StandardCloseCode
 from app.gateway.hub import (
     MAX_FRAME_BYTES,
     Hub,
@@ -15,6 +14,7 @@ from app.gateway.hub import (
     ws_frames,
 )
 from app.gateway.metrics import DeliveryStats, GatewayMetrics
+from tests.processes import ROOT
 
 
 def viewer(site: str = "a.com", max_bytes: int = 1000) -> tuple[Viewer, list[int]]:
@@ -141,10 +141,20 @@ def test_sse_chunk_uses_the_cursor_as_id() -> None:
     )
 
 
-@pytest.mark.parametrize("code", list(CloseCode))
-def test_close_code_ranges(code: CloseCode) -> None:
-    assert 4000 <= code < 5000
-    assert code.reconnect == (code < 4500)
+def test_the_close_codes_clients_switch_on_are_the_documented_ones() -> None:
+    """docs/protocol.md's table is what client authors read: every code the gateway sends is
+    in it, under its name, and a client told to reconnect by the table is told so by the
+    code (and the other way round)."""
+    table = {}
+    for line in (ROOT / "docs" / "protocol.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].isdigit():
+            table[int(cells[0])] = (cells[1], cells[2].startswith("yes"))
+    sent = {c.value: (c.name.lower(), c.reconnect) for c in CloseCode}
+    standard = {c.value: c.name.lower() for c in StandardCloseCode}
+    assert {code: table[code] for code in sent if code in table} == sent
+    assert {code: table[code][0] for code in standard if code in table} == standard
+    assert table.keys() == sent.keys() | standard.keys()
 
 
 def test_event_age_reads_the_wire_timestamp() -> None:

@@ -16,8 +16,8 @@ import redis.asyncio as aioredis
 from app.ingest.app import DROPPED_HEADER, create_app
 from app.names import Names
 from app.settings import Settings
+from tests.support import BROWSER, event
 
-BROWSER = "Mozilla/5.0 (X11; Linux x86_64; rv:130.0) Gecko/20100101 Firefox/130.0"
 CLIENT_IP = "203.0.113.7"
 
 Ingest = Callable[..., Awaitable[httpx.AsyncClient]]
@@ -63,10 +63,6 @@ async def metrics_text(ingest: httpx.AsyncClient) -> str:
 @pytest.fixture
 async def ingest(make_ingest: Ingest) -> httpx.AsyncClient:
     return await make_ingest()
-
-
-def event(site: str, **extra: Any) -> dict[str, Any]:
-    return {"site": site, "name": "pageview", "url": f"https://{site}/pricing", **extra}
 
 
 async def rows(pool: asyncpg.Pool, site: str) -> list[asyncpg.Record]:
@@ -356,6 +352,31 @@ async def test_trusted_proxy_forwarded_for_is_used(
     await ingest.post("/api/event", json=event(site), headers={"X-Forwarded-For": "198.51.100.10"})
     stored = await rows(pool, site)
     assert stored[0]["visitor_id"] != stored[1]["visitor_id"]
+
+
+async def test_the_country_comes_from_the_client_ip_which_is_not_stored(
+    make_ingest: Ingest, pool: asyncpg.Pool, rclient: aioredis.Redis, names: Names, site: str
+) -> None:
+    import ipaddress
+
+    ingest = await make_ingest(trusted_proxies=(ipaddress.ip_network("203.0.113.0/24"),))
+    senders = ["81.2.69.160", "2a00:1450:4001:80b::200e", "8.8.8.8", "10.1.2.3"]
+    for ip in senders:
+        r = await ingest.post("/api/event", json=event(site), headers={"X-Forwarded-For": ip})
+        assert r.status_code == 202, r.text
+    # The proxy's own address (TEST-NET) has no country: null, as for private addresses.
+    assert (await ingest.post("/api/event", json=event(site))).status_code == 202
+    stored = await rows(pool, site)
+    assert [r["country"] for r in stored] == ["GB", "DE", "US", None, None]
+    assert [e["country"] for e in await window(rclient, names, site)] == [
+        "GB",
+        "DE",
+        "US",
+        None,
+        None,
+    ]
+    for row in stored:  # no column holds the address
+        assert not any(ip in str(value) for ip in senders for value in row.values())
 
 
 async def test_unknown_route_is_a_json_error(ingest: httpx.AsyncClient) -> None:

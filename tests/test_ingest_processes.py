@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from app.store.migrate import migrate
 from app.store.sites import create_site
 from tests.disposable import DisposablePostgres
 from tests.processes import AppProcess
-from tests.test_ingest import BROWSER, event
+from tests.support import BROWSER, env_for, event, eventually, sample
 from workers.embedded import EmbeddedRedis
 
 pytestmark = pytest.mark.slow
@@ -106,16 +106,14 @@ async def test_postgres_down_means_503_and_no_lost_ack(
     conn = await asyncpg.connect(dsn)
     await create_site(conn, "pgdown.example.com")
     await conn.close()
-    from tests.conftest import env_for
-
     proc = AppProcess("ingest", env_for(settings.with_(database_url=dsn), **NO_LIMITS), tmp_path)
     proc.start()
     try:
         load = Load()
         traffic = asyncio.create_task(load.run([proc.url], "pgdown.example.com", 3000, 10))
-        await asyncio.sleep(0.5)
+        await eventually(lambda: len(load.acked) >= 50, 30, what="acks before the stop")
         await asyncio.to_thread(private_postgres.stop)
-        await asyncio.sleep(1.5)
+        await eventually(lambda: 503 in load.statuses, 30, what="the outage seen by ingest")
         down = await _post_one(proc.url, "pgdown.example.com")
         await asyncio.to_thread(private_postgres.start)
         await traffic
@@ -144,27 +142,49 @@ async def _get(url: str) -> httpx.Response:
 async def test_redis_down_still_stores_and_acknowledges(
     settings: Settings, site: str, tmp_path: Path, pool: asyncpg.Pool, private_redis: EmbeddedRedis
 ) -> None:
-    from tests.conftest import env_for
-
     env = env_for(settings.with_(redis_url=private_redis.url), **NO_LIMITS)
     proc = AppProcess("ingest", env, tmp_path).start()
+    published = "sitewire_ingest_published_events_total"
+    gap = "sitewire_ingest_publish_gap_events_total"
+
+    async def outcome() -> tuple[float, float]:
+        """Events published, and events stored but not published (a gap): publication is off
+        the commit path, so each is counted a moment after its post is acknowledged."""
+        text = (await _get(f"{proc.internal_url}/metrics")).text
+        return sample(text, published), sample(text, gap)
+
+    def reaches(expected: tuple[float, float]) -> Callable[[], Awaitable[bool]]:
+        async def check() -> bool:
+            return await outcome() == expected
+
+        return check
+
     try:
         assert (await _post_one(proc.url, site)).status_code == 202
+        await eventually(reaches((1.0, 0.0)), what="the first post published")
         private_redis.stop()
         for _ in range(5):
             assert (await _post_one(proc.url, site)).status_code == 202
         ready = await _get(f"{proc.url}/readyz")
         assert ready.status_code == 200 and ready.json()["redis"] == "unavailable"
-        metrics = (await _get(f"{proc.internal_url}/metrics")).text
-        assert "sitewire_ingest_publish_gap_events_total 5.0" in metrics
+        await eventually(reaches((1.0, 5.0)), what="the five posts counted as a gap")
         assert await pool.fetchval("SELECT count(*) FROM events WHERE site = $1", site) == 6
         private_redis.start()
-        await asyncio.sleep(1.2)  # past the publisher's back-off
-        assert (await _post_one(proc.url, site)).status_code == 202
-        assert (
-            "sitewire_ingest_published_events_total 2.0"
-            in (await _get(f"{proc.internal_url}/metrics")).text
-        )
+
+        # One post at a time, each until its publication is settled (published, or counted as
+        # a gap while the publisher's back-off lasts), until one is published again.
+        async def published_again() -> bool:
+            before = await outcome()
+            assert (await _post_one(proc.url, site)).status_code == 202
+
+            async def settled() -> bool:
+                return sum(await outcome()) == sum(before) + 1
+
+            await eventually(settled, what="the post published or counted as a gap")
+            return (await outcome())[0] == before[0] + 1
+
+        await eventually(published_again, 10, 0.05, "publication resumed")
+        assert (await outcome())[0] == 2.0  # the first post and this one: none of the five
     finally:
         proc.stop()
 
@@ -177,9 +197,7 @@ async def test_killed_ingest_loses_only_unacknowledged_requests(
     traffic = asyncio.create_task(load.run([proc.url], site, 100_000, 20))
     # Kill it mid-traffic once some requests were acknowledged (waiting on acks, not a fixed
     # time: on a loaded machine 1.5 s was sometimes too few acks, with old and new code alike).
-    deadline = time.monotonic() + 30
-    while len(load.acked) <= 50 and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+    await eventually(lambda: len(load.acked) > 50, 30, 0.05, "50 acks before the kill")
     proc.kill()
     load.stopped = True
     await traffic

@@ -6,7 +6,7 @@ import asyncpg
 import pytest
 
 from app.errors import ChecksumMismatch
-from app.store.migrate import load, migrate
+from app.store.migrate import MIGRATIONS_DIR, load, migrate
 from tests.servers import Servers, create_database, drop_database, with_database
 
 
@@ -82,10 +82,14 @@ async def test_concurrent_runners_apply_each_file_once(empty_db: str, tmp_path: 
         await conn.close()
 
 
-def test_repository_migrations_are_ordered_and_numbered() -> None:
+def test_repository_migrations_are_numbered_without_gaps_or_strays() -> None:
+    """Every .sql file in migrations/ is loaded, numbered 0001, 0002, ... with no gap or
+    repeat (two branches adding the same number would apply in name order, silently)."""
+    on_disk = sorted(p.name for p in MIGRATIONS_DIR.iterdir() if p.suffix == ".sql")
     names = [m.name for m in load()]
-    assert names == sorted(names)
-    assert all(n[:4].isdigit() and n[4] == "_" for n in names)
+    assert names == on_disk
+    assert [int(n[:4]) for n in names] == list(range(1, len(names) + 1))
+    assert all(n[4] == "_" for n in names)
 
 
 def test_with_database_keeps_query() -> None:

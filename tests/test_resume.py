@@ -26,14 +26,10 @@ from app.servers.redis import RedisShards
 from app.settings import Settings
 from app.store.sites import create_site
 from app.store.writes import commit
-from tests.clients import SseViewer, WsViewer, post_events
-from tests.conftest import env_for
+from tests.clients import SseViewer, WsViewer, post_events, post_large
 from tests.disposable import DisposablePostgres
 from tests.processes import AppProcess
-from tests.test_continuity import epoch_of
-from tests.test_gateway import FAST, token
-from tests.test_ingest import BROWSER
-from tests.test_store import new
+from tests.support import FAST, env_for, epoch_of, eventually, new, token
 from workers.embedded import EmbeddedRedis
 
 
@@ -73,21 +69,6 @@ async def test_a_resume_that_storage_cannot_judge_is_refused_for_later(
     # Not a resume: it starts live (nothing was promised).
     start = await replayer.resolve(site, epoch, None, StartRequest(last=10))
     assert (start.after, start.recovered) == (None, None)
-
-
-async def post_large(ingest_url: str, site: str, count: int, size: int) -> None:
-    """`count` events of about `size` bytes each (props of up to 2,000 bytes a value)."""
-    values = max(1, size // 2000)
-    props = {f"k{i}": "x" * min(2000, size // values) for i in range(values)}
-    per_batch = max(1, min(50, 480_000 // size))  # within the 512 KiB batch limit
-    async with httpx.AsyncClient(headers={"User-Agent": BROWSER}, timeout=30) as client:
-        for first in range(0, count, per_batch):
-            batch = [
-                {"site": site, "name": "big", "url": f"https://{site}/{i}", "props": props}
-                for i in range(first, min(count, first + per_batch))
-            ]
-            r = await client.post(f"{ingest_url}/api/events", json=batch)
-            assert r.status_code == 202 and all(x["status"] == 202 for x in r.json()["results"])
 
 
 @pytest.mark.slow
@@ -134,10 +115,9 @@ async def test_a_gateway_started_while_redis_is_down_serves_from_storage(
         await post_events(ingest.url, site, 20)  # acknowledged, never published
         await viewer.wait_for(20, timeout=10)
         redis.start()
-        deadline = asyncio.get_running_loop().time() + 15
-        while not any(n.get("mode") == "live" for n in viewer.notices):
-            assert asyncio.get_running_loop().time() < deadline, viewer.notices
-            await asyncio.sleep(0.1)
+        await eventually(
+            lambda: any(n.get("mode") == "live" for n in viewer.notices), 15, what="live again"
+        )
         await post_events(ingest.url, site, 20, start=20)
         await viewer.wait_for(40, timeout=10)
         assert viewer.offsets == list(range(1, 41))
@@ -204,11 +184,11 @@ async def test_a_hung_redis_costs_the_rate_limiter_one_short_wait(
             began = loop.time()
             await asyncio.gather(*(limiter.check("a.example", "ip", 1) for _ in range(50)))
             assert loop.time() - began < 0.5
-            await asyncio.sleep(CHECK_BACKOFF_S)
+            await asyncio.sleep(CHECK_BACKOFF_S)  # the back-off runs out: the point of the test
             await asyncio.gather(*(limiter.check("a.example", "ip", 1) for _ in range(50)))
         finally:
             os.kill(private_redis.pid, signal.SIGCONT)
-        await asyncio.sleep(CHECK_BACKOFF_S)
+        await asyncio.sleep(CHECK_BACKOFF_S)  # as above: a timer of the breaker, not a wait
         await limiter.check("a.example", "ip", 1)  # a probe that succeeds closes the breaker
         await limiter.check("a.example", "ip", 1)
         now = int(time.time())

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import secrets
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,10 +20,9 @@ from app.servers.redis import RedisShards
 from app.settings import Settings
 from app.store.sites import create_site, get_site
 from tests.clients import WsViewer, post_events
-from tests.conftest import env_for
 from tests.processes import AppProcess
 from tests.servers import Servers
-from tests.test_gateway import FAST, token
+from tests.support import FAST, env_for, token
 from workers.embedded import EmbeddedRedis, free_port
 
 pytestmark = pytest.mark.slow
@@ -33,11 +35,25 @@ def test_settings_accept_several_redis_urls() -> None:
         Settings.from_env({"REDIS_URL": "redis://a:1/0,http://b"})
 
 
-def test_a_site_always_maps_to_the_same_server() -> None:
-    shards = RedisShards(("redis://127.0.0.1:1/0", "redis://127.0.0.1:2/0"))
-    assert shards.index("example.com") == shards.index("example.com")
-    spread = {shards.index(f"s{i}.example.com") for i in range(50)}
-    assert spread == {0, 1}
+def test_every_process_maps_a_site_to_the_same_server() -> None:
+    """Ingest publishes a site's events where gateways subscribe to them: the mapping must not
+    depend on the process (Python's own str hash is salted per process)."""
+    urls = ("redis://127.0.0.1:1/0", "redis://127.0.0.1:2/0")
+    sites = [f"s{i}.example.com" for i in range(50)]
+    ours = [RedisShards(urls).index(s) for s in sites]
+    assert set(ours) == {0, 1}  # both servers are used
+    program = (
+        "import sys; from app.servers.redis import RedisShards; "
+        f"shards = RedisShards({urls!r}); "
+        "print(' '.join(str(shards.index(s)) for s in sys.argv[1:]))"
+    )
+    for seed in ("1", "2"):
+        other = subprocess.run(
+            [sys.executable, "-c", program, *sites],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True, text=True, check=True, timeout=60,
+        )  # fmt: skip
+        assert [int(i) for i in other.stdout.split()] == ours
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import asyncio
 import random
 import secrets
 import uuid
-from datetime import UTC, datetime
 
 import asyncpg
 import orjson
@@ -16,18 +15,10 @@ import pytest
 from app.schema import NewEvent
 from app.store.sites import create_site
 from app.store.writes import Stored, commit
+from tests.support import new
 
 #: `small` for commit(): every commit through the function, or every commit through COPY.
 PATHS = {"function": 10_000, "copy": 0}
-
-
-def new(site: str, event_id: uuid.UUID | None = None, n: int = 0) -> NewEvent:
-    return NewEvent(
-        site=site, event_id=event_id or uuid.uuid4(), name="pageview",
-        url=f"https://{site}/p/{n}", path=f"/p/{n}", referrer=None, referrer_host=None,
-        props={"n": n}, visitor_id=7, device="desktop", ts=datetime.now(UTC),
-        minted=event_id is None,
-    )  # fmt: skip
 
 
 async def new_site(pool: asyncpg.Pool) -> str:

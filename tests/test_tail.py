@@ -18,7 +18,7 @@ import pytest
 from app.store.sites import get_site
 from tests.clients import post_events
 from tests.processes import ROOT, AppProcess
-from tests.test_gateway import FAST, token
+from tests.support import FAST, token
 from workers.tail import Printer, start_from
 
 pytestmark = pytest.mark.slow

@@ -7,13 +7,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import os
 import struct
 import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import orjson
 import pytest
 import uvicorn
 from picows import WSFrame, WSListener, WSTransport, ws_connect
@@ -25,111 +23,12 @@ from app.gateway import app as gateway_app
 from app.gateway.transports.websocket import MAX_CLIENT_FRAME, StreamProtocol, protocol_class
 from app.settings import Settings
 from app.web import http
+from tests.clients import CLOSE, CONT, PING, TEXT, RawClient, encode_frame, stream_path
 from tests.processes import AppProcess
-from tests.test_gateway import FAST, _rss_kib, token, wait_metric
+from tests.support import FAST, rss_kib, token, wait_metric
 from workers.embedded import free_port
 
 pytestmark = pytest.mark.slow
-
-TEXT, CONT, CLOSE, PING = 0x1, 0x0, 0x8, 0x9
-
-
-def encode_frame(
-    opcode: int, payload: bytes, *, fin: bool = True, mask: bool = True, rsv: int = 0
-) -> bytes:
-    """One frame, bit by bit as RFC 6455 section 5.2 lays it out; `mask=False` and `rsv`
-    make frames a client must never send."""
-    first = (0x80 if fin else 0) | (rsv << 4) | opcode
-    length = len(payload)
-    if length < 126:
-        head = bytes((first, length))
-    elif length < 1 << 16:
-        head = bytes((first, 126)) + struct.pack("!H", length)
-    else:
-        head = bytes((first, 127)) + struct.pack("!Q", length)
-    if not mask:
-        return head + payload
-    key = os.urandom(4)
-    masked = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
-    return bytes((head[0], head[1] | 0x80)) + head[2:] + key + masked
-
-
-class RawClient:
-    """A WebSocket client written out by hand, so a test controls every frame and sees
-    every frame (including pings, which library clients answer on their own)."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    @classmethod
-    async def open(cls, port: int, path: str) -> RawClient:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(
-            (
-                f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-                "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                "Sec-WebSocket-Version: 13\r\n\r\n"
-            ).encode()
-        )
-        head = await reader.readuntil(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 101 "), head
-        return cls(reader, writer)
-
-    def send(self, opcode: int, payload: bytes, fin: bool = True) -> None:
-        self.writer.write(encode_frame(opcode, payload, fin=fin))
-
-    def write(self, data: bytes) -> None:
-        """Raw bytes, e.g. several frames in one write (one read on the server's side)."""
-        self.writer.write(data)
-
-    async def frame(self) -> tuple[int, bytes]:
-        first, second = await self.reader.readexactly(2)
-        length = second & 0x7F
-        if length == 126:
-            (length,) = struct.unpack("!H", await self.reader.readexactly(2))
-        elif length == 127:
-            (length,) = struct.unpack("!Q", await self.reader.readexactly(8))
-        return first & 0x0F, await self.reader.readexactly(length)
-
-    async def message(self) -> dict[str, Any]:
-        """The next text frame's JSON (control frames other than close are skipped)."""
-        while True:
-            opcode, payload = await self.frame()
-            assert opcode != CLOSE, f"closed: {payload!r}"
-            if opcode == TEXT:
-                message: dict[str, Any] = orjson.loads(payload)
-                return message
-
-    async def close_code(self) -> int:
-        return (await self.close_frame())[0]
-
-    async def close_frame(self) -> tuple[int, str]:
-        """The code and reason of the server's close frame (frames before it are skipped)."""
-        while True:
-            opcode, payload = await self.frame()
-            if opcode == CLOSE:
-                code: int = struct.unpack("!H", payload[:2])[0]
-                return code, payload[2:].decode()
-
-    async def closed_by_server(self, timeout: float = 5.0) -> bool:
-        """True when the server closes the TCP connection (after whatever it still sends)."""
-        try:
-            async with asyncio.timeout(timeout):
-                while await self.reader.read(65536):
-                    pass
-        except TimeoutError:
-            return False
-        except ConnectionResetError:
-            return True
-        return True
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-def stream_path(site: str) -> str:
-    return f"/v1/sites/{site}/stream?token={token(site)}"
 
 
 async def test_an_upgrade_on_another_path_is_refused(
@@ -206,14 +105,14 @@ async def test_an_idle_viewer_costs_less_than_16_kib(
     name = 'sitewire_gateway_connections{transport="websocket"}'
     warm = [await ws_connect(_Quiet, f"{gateway.ws_url}{stream_path(site)}") for _ in range(20)]
     await wait_metric(gateway.internal_url, name, 20.0)
-    before = _rss_kib(gateway.proc.pid)
+    before = rss_kib(gateway.proc.pid)
     clients = []
     for _ in range(count // 100):
         clients += await asyncio.gather(
             *(ws_connect(_Quiet, f"{gateway.ws_url}{stream_path(site)}") for _ in range(100))
         )
     await wait_metric(gateway.internal_url, name, float(count + 20), timeout=30)
-    per_viewer = (_rss_kib(gateway.proc.pid) - before) / count
+    per_viewer = (rss_kib(gateway.proc.pid) - before) / count
     assert per_viewer <= 16, f"{per_viewer:.1f} KiB per idle viewer"
     for transport, _ in warm + clients:
         transport.disconnect()

@@ -13,17 +13,9 @@ from collections.abc import Callable
 
 import pytest
 
+from tests.clients import CLOSE, CONT, PING, TEXT, RawClient, encode_frame, stream_path
 from tests.processes import AppProcess
-from tests.test_gateway import FAST
-from tests.test_websocket import (
-    CLOSE,
-    CONT,
-    PING,
-    TEXT,
-    RawClient,
-    encode_frame,
-    stream_path,
-)
+from tests.support import FAST
 
 pytestmark = pytest.mark.slow
 

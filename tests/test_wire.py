@@ -30,6 +30,7 @@ def encoded(offset: int, props: dict[str, Any]) -> bytes:
         props=props,
         visitor_id=42,
         device="desktop",
+        country="NL",
         ts=datetime.now(UTC),
     ).body
     return with_position("9f8ba6a8", offset, body)
@@ -60,10 +61,10 @@ def test_position_prepended_to_a_body_gives_the_documented_layout() -> None:
     event = orjson.loads(encoded(42, {"plan": "pro", "n": 3}))
     assert list(event) == [
         "cursor", "offset", "id", "site", "name", "url", "path", "referrer", "referrer_host",
-        "props", "visitor", "device", "ts",
+        "props", "visitor", "device", "country", "ts",
     ]  # fmt: skip
     assert event["cursor"] == "9f8ba6a8-42"
     assert event["offset"] == 42
     assert event["props"] == {"plan": "pro", "n": 3}
     assert event["visitor"] == f"{42:016x}"
-    assert event["ts"].endswith("Z")
+    assert event["ts"].endswith("Z") and event["country"] == "NL"

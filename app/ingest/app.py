@@ -27,6 +27,7 @@ from app.errors import ApiError, StorageUnavailable, unknown_site
 from app.ingest import enrich
 from app.ingest.committer import Committer
 from app.ingest.events import EventIn, check_media_type, decode_json, parse_batch, validate
+from app.ingest.geo import Countries
 from app.ingest.metrics import IngestMetrics
 from app.ingest.publication import PublishQueue
 from app.ingest.ratelimit import RateLimiter
@@ -70,6 +71,7 @@ class IngestState:
     sites: SiteCache
     salts: SaltKeeper
     bots: enrich.BotDetector
+    countries: Countries
     limiter: RateLimiter
     committer: Committer
 
@@ -102,6 +104,7 @@ def create_app(settings: Settings) -> IngestApp:
             sites=SiteCache(pool),
             salts=SaltKeeper(pool),
             bots=enrich.BotDetector(),
+            countries=Countries(),
             limiter=RateLimiter(client, names, settings, metrics),
             committer=committer,
         )
@@ -236,7 +239,7 @@ async def post_event(state: IngestState, incoming: Incoming) -> Reply:
     if reason is not None:
         state.metrics.dropped.labels(reason).inc()
         return 202, {"ok": True, "dropped": reason}, {DROPPED_HEADER: reason}
-    [outcome] = await _store(state, _enriched([event], client, salt))
+    [outcome] = await _store(state, _enriched([event], client, salt, state.countries))
     if outcome is None:
         raise unknown_site(event.site)
     return 202, {"ok": True, **_accepted(outcome)}, {}
@@ -290,7 +293,9 @@ async def _store_batch(
             for i, _ in good:
                 results[i] = {"status": 202, "dropped": reason}
             return [r for r in results if r is not None], reason
-        outcomes = await _store(state, _enriched([e for _, e in good], client, salt))
+        outcomes = await _store(
+            state, _enriched([e for _, e in good], client, salt, state.countries)
+        )
         for (i, event), outcome in zip(good, outcomes, strict=True):
             results[i] = _result(event, outcome)
     return [r for r in results if r is not None], None
@@ -420,11 +425,15 @@ def _cors_headers(incoming: Incoming) -> dict[str, str]:
     return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
 
 
-def _enriched(events: list[EventIn], client: Client, salt: bytes) -> list[NewEvent]:
+def _enriched(
+    events: list[EventIn], client: Client, salt: bytes, countries: Countries
+) -> list[NewEvent]:
     """The request's events, ready to store. What depends only on the sender (device class,
-    time, visitor id per site, minted ids) is computed once per request, not per event."""
+    country, time, visitor id per site, minted ids) is computed once per request, not per
+    event."""
     ts = datetime.now(UTC)
     device = enrich.device_class(client.user_agent)
+    country = countries.code(client.ip)
     visitors: dict[str, int] = {}
     minted = iter(enrich.new_event_ids(sum(1 for e in events if e.id is None)))
     enriched = []
@@ -445,6 +454,7 @@ def _enriched(events: list[EventIn], client: Client, salt: bytes) -> list[NewEve
                 props=e.props,
                 visitor_id=visitor,
                 device=device,
+                country=country,
                 ts=ts,
                 minted=e.id is None,
             )

@@ -32,8 +32,7 @@ from app.wire import parse_cursor
 from tests.chaos.report import Latency, ScenarioResult
 from tests.clients import WsViewer
 from tests.processes import AppProcess
-from tests.test_gateway import token
-from tests.test_ingest import BROWSER
+from tests.support import BROWSER, token
 
 #: Events per second, all ingests together (the issue asks for 100-250).
 RATE = 150.0
@@ -408,7 +407,7 @@ async def post_through(scn: Scenario, fault: Fault) -> tuple[list[Post], Marks]:
     poster = Poster(scn.cluster.ingest_urls, scn.site).start()
     marks.posting_start = time.monotonic()
     try:
-        await asyncio.sleep(scn.pace.quiet_s)
+        await asyncio.sleep(scn.pace.quiet_s)  # the phases last this long, on purpose
         marks.fault_start = time.monotonic()
         await fault()
         marks.fault_end = time.monotonic()

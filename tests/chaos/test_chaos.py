@@ -31,9 +31,8 @@ from tests.chaos.harness import (
 )
 from tests.chaos.proxy import PausableProxy
 from tests.chaos.report import record
-from tests.conftest import env_for
 from tests.disposable import DisposablePostgres
-from tests.test_gateway import FAST
+from tests.support import FAST, env_for
 from workers.embedded import EmbeddedRedis
 
 PACE = pace_from_env()
@@ -72,7 +71,7 @@ async def start_scenario(
 async def killed_for(cluster: Cluster, role: str, seconds: float) -> None:
     """SIGKILL the first process of `role`, and start it again on its port `seconds` later."""
     cluster.kill(role, 0)
-    await asyncio.sleep(seconds)
+    await asyncio.sleep(seconds)  # the fault's length: down this long, on purpose
     await cluster.restart(role, 0)
 
 
@@ -93,7 +92,7 @@ async def test_rolling_sigterm(pace: Pace, cluster: Cluster, settings: Settings,
             exits.append(await cluster.terminate("gateway", i))
             await cluster.restart("gateway", i)
             if i == 0:
-                await asyncio.sleep(pace.settle_s)
+                await asyncio.sleep(pace.settle_s)  # the rollout's pace, on purpose
 
     result = await run_steady(scn, fault)
     result.notes.append(f"exit codes {exits}")
@@ -112,7 +111,7 @@ async def test_redis_sigkill_restarted_empty(
         os.kill(chaos_redis.pid, signal.SIGKILL)
         # stop() reaps the killed process (no zombie, no ResourceWarning) before the restart.
         await asyncio.to_thread(chaos_redis.stop)
-        await asyncio.sleep(pace.restart_delay_s)
+        await asyncio.sleep(pace.restart_delay_s)  # the fault's length, on purpose
         await asyncio.to_thread(chaos_redis.start)
 
     result = await run_steady(scn, fault)
@@ -129,7 +128,7 @@ async def test_redis_sigstop(
     async def fault() -> None:
         os.kill(chaos_redis.pid, signal.SIGSTOP)
         try:
-            await asyncio.sleep(pace.fault_s)
+            await asyncio.sleep(pace.fault_s)  # the fault's length, on purpose
         finally:
             os.kill(chaos_redis.pid, signal.SIGCONT)
 
@@ -161,7 +160,7 @@ async def test_gateway_cut_off_from_redis(
     async def fault() -> None:
         redis_proxy.pause()
         try:
-            await asyncio.sleep(pace.fault_s)
+            await asyncio.sleep(pace.fault_s)  # the fault's length, on purpose
         finally:
             redis_proxy.resume()
 
@@ -197,7 +196,7 @@ async def test_postgres_stopped(
     async def fault() -> None:
         await asyncio.to_thread(private_postgres.stop)
         try:
-            await asyncio.sleep(pace.fault_s)
+            await asyncio.sleep(pace.fault_s)  # the fault's length, on purpose
         finally:
             await asyncio.to_thread(private_postgres.start)
 
