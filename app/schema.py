@@ -69,6 +69,8 @@ COLUMNS: tuple[Column, ...] = (
     Column("props", "jsonb", "props", from_sql=_json_object),
     Column("visitor_id", "bigint", "visitor", to_wire=_visitor_hex),
     Column("device", "text", "device"),
+    Column("browser", "text", "browser"),  # family from the User-Agent, or null
+    Column("os", "text", "os"),  # family from the User-Agent, or null
     Column("country", "text", "country"),  # ISO 3166-1 alpha-2 from the client IP, or null
     Column("ts", "timestamptz", "ts", to_wire=_iso_ms),
 )
@@ -98,6 +100,8 @@ class NewEvent:
     props: dict[str, Any]
     visitor_id: int
     device: str
+    browser: str | None
+    os: str | None
     country: str | None
     ts: datetime
     #: True when the server minted `event_id` (a fresh UUIDv7): it cannot already be stored,

@@ -111,11 +111,17 @@ class SseViewer(Viewer):
 
     @classmethod
     async def open(
-        cls, base: str, site: str, token: str | None, headers: dict[str, str] | None = None
+        cls,
+        base: str,
+        site: str,
+        token: str | None,
+        headers: dict[str, str] | None = None,
+        query: dict[str, str] | None = None,
     ) -> SseViewer:
         viewer = cls()
         viewer.client = httpx.AsyncClient(timeout=httpx.Timeout(10, read=None))
         params = {"token": token} if token else {}
+        params.update(query or {})
         ready = asyncio.Event()
         viewer.task = asyncio.create_task(
             viewer._run(f"{base}/v1/sites/{site}/events", params, headers or {}, ready)

@@ -131,7 +131,8 @@ def new(site: str, event_id: uuid.UUID | None = None, n: int = 0) -> NewEvent:
     return NewEvent(
         site=site, event_id=event_id or uuid.uuid4(), name="pageview",
         url=f"https://{site}/p/{n}", path=f"/p/{n}", referrer=None, referrer_host=None,
-        props={"n": n}, visitor_id=7, device="desktop", country="NL", ts=datetime.now(UTC),
+        props={"n": n}, visitor_id=7, device="desktop", browser="Firefox", os="Linux",
+        country="NL", ts=datetime.now(UTC),
         minted=event_id is None,
     )  # fmt: skip
 

@@ -379,6 +379,24 @@ async def test_the_country_comes_from_the_client_ip_which_is_not_stored(
         assert not any(ip in str(value) for ip in senders for value in row.values())
 
 
+async def test_device_browser_and_os_come_from_one_user_agent_parse(
+    ingest: httpx.AsyncClient, pool: asyncpg.Pool, site: str
+) -> None:
+    iphone = (
+        "Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15 "
+        "(KHTML, like Gecko) Version/17.5 Mobile/15E148 Safari/604.1"
+    )
+    await ingest.post("/api/event", json=event(site))  # the client's default: Firefox on Linux
+    await ingest.post("/api/event", json=event(site), headers={"User-Agent": iphone})
+    await ingest.post("/api/event", json=event(site), headers={"User-Agent": "Mozilla/5.0 (X)"})
+    stored = [(r["device"], r["browser"], r["os"]) for r in await rows(pool, site)]
+    assert stored == [
+        ("desktop", "Firefox", "Linux"),
+        ("mobile", "Mobile Safari", "iOS"),
+        ("other", None, None),
+    ]
+
+
 async def test_unknown_route_is_a_json_error(ingest: httpx.AsyncClient) -> None:
     r = await ingest.get("/nope")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"

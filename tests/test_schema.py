@@ -58,7 +58,8 @@ async def test_a_new_column_needs_no_change_to_the_store_function(with_extra_col
         event = NewEvent(
             event_id=uuid.uuid4(), site="example.com", name="pageview",
             url="https://example.com/", path="/", referrer=None, referrer_host=None,
-            props={"plan": "pro"}, visitor_id=7, device="desktop", country=None,
+            props={"plan": "pro"}, visitor_id=7, device="desktop", browser=None, os=None,
+            country=None,
             ts=datetime.now(UTC),
         )  # fmt: skip
         rows = [{**dict(zip(NAMES, event.stored, strict=True)), "test_field": "hello"}]

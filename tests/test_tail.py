@@ -147,6 +147,14 @@ def test_readable_lines_are_aligned_and_filtered() -> None:
     assert printer.printed == 1
 
 
+def test_props_are_shown_after_the_columns() -> None:
+    out, err = io.StringIO(), io.StringIO()
+    printer = Printer(out, err, as_json=False, colour=False)
+    printer.event({**EVENT, "props": {"plan": "pro", "seats": 3, "note": "x" * 100}})
+    [line] = out.getvalue().splitlines()
+    assert line.split()[6:8] == ["plan=pro", "seats=3"] and line.endswith("…")
+
+
 def test_control_characters_are_printed_as_escapes() -> None:
     """An event stored before ingest refused them must not drive the terminal."""
     out, err = io.StringIO(), io.StringIO()

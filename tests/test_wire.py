@@ -30,6 +30,8 @@ def encoded(offset: int, props: dict[str, Any]) -> bytes:
         props=props,
         visitor_id=42,
         device="desktop",
+        browser="Firefox",
+        os="Linux",
         country="NL",
         ts=datetime.now(UTC),
     ).body
@@ -61,7 +63,7 @@ def test_position_prepended_to_a_body_gives_the_documented_layout() -> None:
     event = orjson.loads(encoded(42, {"plan": "pro", "n": 3}))
     assert list(event) == [
         "cursor", "offset", "id", "site", "name", "url", "path", "referrer", "referrer_host",
-        "props", "visitor", "device", "country", "ts",
+        "props", "visitor", "device", "browser", "os", "country", "ts",
     ]  # fmt: skip
     assert event["cursor"] == "9f8ba6a8-42"
     assert event["offset"] == 42

@@ -50,10 +50,18 @@ class Printer:
                 f"{printable(event['path'])[:40]:<40}  "
                 f"{printable(event.get('referrer_host') or '-')[:24]:<24}  "
                 f"{printable(event['device']):<7}  "
-                f"{self._c('dim', printable(event['visitor'])[:8])}\n"
+                f"{self._c('dim', printable(event['visitor'])[:8])}"
+                f"{self._props(event.get('props'))}\n"
             )
         self.out.flush()
         self.printed += 1
+
+    def _props(self, props: Any) -> str:
+        """A custom event's props, after the columns: `  plan=pro seats=3` (cut at 80)."""
+        if not isinstance(props, dict) or not props:
+            return ""
+        text = " ".join(f"{printable(str(k))}={printable(str(v))}" for k, v in props.items())
+        return "  " + self._c("dim", text[:80] + ("…" if len(text) > 80 else ""))
 
     def notice(self, notice: dict[str, Any]) -> None:
         kind = notice["type"]

@@ -29,6 +29,7 @@ from app.broker.redis import RedisBroker
 from app.codes import ErrorCode
 from app.errors import ApiError
 from app.gateway import viewers
+from app.gateway.analytics import Analytics, StatsUnavailable, parse_stats
 from app.gateway.feed import Feeds
 from app.gateway.hub import Hub
 from app.gateway.metrics import DeliveryStats, GatewayMetrics
@@ -44,7 +45,7 @@ from app.store.reads import from_postgres
 from app.store.sites import Site, SiteCache
 from app.web.assets import Asset
 from app.web.health import Checks, Health
-from app.web.responses import API_OPTIONS, install_error_handlers
+from app.web.responses import API_OPTIONS, install_error_handlers, json_response
 from app.wire import format_cursor, parse_cursor
 
 log = logging.getLogger(__name__)
@@ -91,13 +92,16 @@ def create_app(settings: Settings) -> GatewayApp:
         stats = DeliveryStats(metrics)
         replayer = Replayer(broker, pool, metrics)
         feeds = Feeds(hub, settings, broker, pool, metrics, stats, replayer)
+        analytics = Analytics(feeds, replayer, settings.viewer_queue_bytes)
         state = GatewayState(
-            settings, pool, broker, metrics, hub, feeds, SiteCache(pool), replayer, stats
-        )
+            settings, pool, broker, metrics, hub, feeds, SiteCache(pool), replayer, stats,
+            analytics,
+        )  # fmt: skip
         metrics.queue_bytes.set_function(hub.queued_bytes)
         app.state.gateway = state
         websockets.start(state)
         feeds.start()
+        analytics.start()
         chores = asyncio.create_task(housekeeping(state, websockets), name="housekeeping")
         try:
             yield
@@ -105,6 +109,7 @@ def create_app(settings: Settings) -> GatewayApp:
             if not state.draining:
                 await state.drain()
             chores.cancel()
+            await analytics.close()
             websockets.close()
             await feeds.close()
             await client.aclose()
@@ -136,7 +141,11 @@ def create_app(settings: Settings) -> GatewayApp:
                 req = parse_start(query.get("since"), query.get("last"), query.get("minutes"))
         except BadStart as exc:
             raise ApiError(ErrorCode.INVALID_REQUEST, str(exc), "since") from None
-        return SseStream(state, site_info, req)
+        try:
+            stats = parse_stats(query.get("stats"))
+        except ValueError as exc:
+            raise ApiError(ErrorCode.INVALID_REQUEST, str(exc), "stats") from None
+        return SseStream(state, site_info, req, stats)
 
     dashboard = Asset.load("dashboard.html", "text/html; charset=utf-8", max_age=300)
 
@@ -148,6 +157,17 @@ def create_app(settings: Settings) -> GatewayApp:
         response.headers["Referrer-Policy"] = "no-referrer"
         response.headers["X-Frame-Options"] = "DENY"
         return response
+
+    @app.get("/v1/sites/{site}/stats")
+    async def site_stats(request: Request, site: str) -> Response:
+        """The site's live aggregates of the last 30 minutes (docs/protocol.md, "Stats")."""
+        state: GatewayState = app.state.gateway
+        site_info = await viewers.authorize(state, secret, site, _token(request))
+        try:
+            body = await state.analytics.body(site_info)
+        except StatsUnavailable as exc:
+            raise ApiError(ErrorCode.STORAGE_UNAVAILABLE, str(exc), retry_after=2) from None
+        return json_response(body, headers={"Cache-Control": "no-store"})
 
     @app.get("/v1/sites/{site}/history")
     async def history(request: Request, site: str) -> Response:

@@ -34,12 +34,13 @@ from app.broker.base import Broker, BrokerUnavailable, Burst
 from app.codes import CloseCode
 from app.gateway.hub import Hub, Sequencer, Viewer
 from app.gateway.metrics import DeliveryStats, GatewayMetrics
-from app.gateway.replay import UNBOUNDED, Replayer
+from app.gateway.replay import UNBOUNDED, Replayer, Start, StartRequest, welcome
 from app.names import Names
 from app.servers.postgres import STORAGE_ERRORS
 from app.settings import Settings
 from app.store.reads import site_heads
 from app.store.sites import get_site
+from app.tasks import cancel_and_wait
 from app.wire import Event, event_offset, format_cursor
 
 log = logging.getLogger(__name__)
@@ -97,14 +98,9 @@ class Feeds:
         self._poller = asyncio.create_task(self._poll_forever(), name="storage-poll")
 
     async def close(self) -> None:
-        tasks = [self._checker, self._poller, *self._unsubscribes.values(), *self._repairs.values()]
-        for task in tasks:
-            if task is not None:
-                task.cancel()
-        for task in tasks:
-            if task is not None:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await cancel_and_wait(
+            [self._checker, self._poller, *self._unsubscribes.values(), *self._repairs.values()]
+        )
         await self.subscriptions.close()
 
     # -- viewers come and go ---------------------------------------------------------------
@@ -124,6 +120,23 @@ class Feeds:
             self.leave(viewer)
             raise
         self._metrics.subscriptions.set(len(self._seq))
+
+    async def admit(self, viewer: Viewer, req: StartRequest) -> Start:
+        """Join a new viewer to its site's feed (live events held aside), decide where its
+        stream starts, and queue its welcome; `run_replay` then takes it to live. Raises
+        app.gateway.replay.StorageUnavailable when a resume cannot be judged now."""
+        viewer.start_replay()
+        await self.join(viewer)
+        site = viewer.site
+        try:
+            start = await self._replayer.resolve(site, viewer.epoch, self.head(site), req)
+        except BaseException:  # StorageUnavailable included: the viewer resumes later
+            self.leave(viewer)
+            raise
+        if start.after is not None:
+            self.note_head(site, start.head)
+        viewer.push_notice(welcome(site, viewer.epoch, start, live=self.live(site)))
+        return start
 
     async def _subscribe(self, site: str, epoch: str) -> None:
         # Baseline: the site's head before subscribing, so an event published in between is

@@ -336,10 +336,15 @@ async def _wait_for_room(viewer: Viewer, drained: asyncio.Event, size: int) -> N
         await drained.wait()
 
 
-def welcome(site: str, epoch: str, start: Start, *, live: bool = True) -> bytes:
+def welcome(
+    site: str, epoch: str, start: Start, *, live: bool = True, stats_only: bool = False
+) -> bytes:
     """The first frame. `live` False: this gateway's Redis link is down, so events come from
-    PostgreSQL, polled (`delivery: "storage"`), until a `delivery` notice says otherwise."""
+    PostgreSQL, polled (`delivery: "storage"`), until a `delivery` notice says otherwise.
+    `stats_only`: the viewer asked for `stats` frames and no events."""
     body: dict[str, object] = {"type": "welcome", "site": site, "epoch": epoch}
+    if stats_only:
+        body["stats"] = "only"
     body["cursor"] = None if start.after is None else format_cursor(epoch, start.after)
     body["recovered"] = start.recovered
     if start.reason:

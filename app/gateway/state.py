@@ -13,6 +13,7 @@ import asyncpg
 
 from app.broker.base import Broker
 from app.codes import CloseCode
+from app.gateway.analytics import Analytics
 from app.gateway.feed import Feeds
 from app.gateway.hub import Hub
 from app.gateway.metrics import DeliveryStats, GatewayMetrics
@@ -36,6 +37,7 @@ class GatewayState:
     sites: SiteCache
     replayer: Replayer
     stats: DeliveryStats
+    analytics: Analytics
     draining: bool = False
 
     async def checks(self) -> dict[str, Status]:

@@ -12,6 +12,7 @@ import orjson
 from app import tokens
 from app.codes import CloseCode, ErrorCode
 from app.errors import ApiError, unknown_site
+from app.gateway.analytics import StatsMode
 from app.gateway.hub import Viewer
 from app.gateway.replay import Start, StartRequest, run_replay, welcome
 from app.gateway.state import GatewayState
@@ -65,22 +66,24 @@ async def check_viewer(state: GatewayState, secret: str, site: str, token: str |
 
 
 async def join(
-    state: GatewayState, site: Site, req: StartRequest, wake: Callable[[], None]
+    state: GatewayState,
+    site: Site,
+    req: StartRequest,
+    wake: Callable[[], None],
+    stats: StatsMode = "off",
 ) -> tuple[Viewer, Start]:
     """Add a viewer to the live feed (holding live events), decide where its stream starts,
-    and queue its welcome (`wake` is called whenever its queue goes non-empty). Raises
+    and queue its welcome (`wake` is called whenever its queue goes non-empty). With `stats`
+    it also gets `stats` frames; "only": no events at all (it never joins the feed). Raises
     app.gateway.replay.StorageUnavailable when a resume cannot be judged now."""
     viewer = Viewer(site.id, site.epoch, state.settings.viewer_queue_bytes, wake)
-    viewer.start_replay()
-    await state.feeds.join(viewer)
-    try:
-        start = await state.replayer.resolve(site.id, site.epoch, state.feeds.head(site.id), req)
-    except BaseException:  # StorageUnavailable included: the viewer resumes later
-        state.feeds.leave(viewer)
-        raise
-    if start.after is not None:
-        state.feeds.note_head(site.id, start.head)
-    viewer.push_notice(welcome(site.id, site.epoch, start, live=state.feeds.live(site.id)))
+    if stats == "only":
+        start = Start(after=None, recovered=None)
+        viewer.push_notice(welcome(site.id, site.epoch, start, stats_only=True))
+    else:
+        start = await state.feeds.admit(viewer, req)
+    if stats != "off":
+        state.analytics.subscribe(site, viewer)
     return viewer, start
 
 

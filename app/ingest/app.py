@@ -428,11 +428,11 @@ def _cors_headers(incoming: Incoming) -> dict[str, str]:
 def _enriched(
     events: list[EventIn], client: Client, salt: bytes, countries: Countries
 ) -> list[NewEvent]:
-    """The request's events, ready to store. What depends only on the sender (device class,
-    country, time, visitor id per site, minted ids) is computed once per request, not per
+    """The request's events, ready to store. What depends only on the sender (device, browser,
+    OS, country, time, visitor id per site, minted ids) is computed once per request, not per
     event."""
     ts = datetime.now(UTC)
-    device = enrich.device_class(client.user_agent)
+    agent = enrich.describe(client.user_agent)
     country = countries.code(client.ip)
     visitors: dict[str, int] = {}
     minted = iter(enrich.new_event_ids(sum(1 for e in events if e.id is None)))
@@ -453,7 +453,9 @@ def _enriched(
                 referrer_host=e.referrer_host,
                 props=e.props,
                 visitor_id=visitor,
-                device=device,
+                device=agent.device,
+                browser=agent.browser,
+                os=agent.os,
                 country=country,
                 ts=ts,
                 minted=e.id is None,

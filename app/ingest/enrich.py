@@ -1,4 +1,5 @@
-"""Server-side enrichment: client IP, bot detection, device class, cookieless visitor id.
+"""Server-side enrichment: client IP, bot detection, device, browser and OS, cookieless
+visitor id.
 
 Privacy rules (docs/ingest.md, "Privacy"): the raw IP is used only inside this process to compute a
 salted hash and is never stored, logged or published. The salt changes every UTC day and is
@@ -14,6 +15,7 @@ import re
 import time
 import uuid
 from functools import lru_cache
+from typing import NamedTuple
 
 import re2
 import user_agents
@@ -114,17 +116,31 @@ class BotDetector:
 DEVICE_UA_CHARS = 400
 
 
+class Agent(NamedTuple):
+    """What the User-Agent says about the sender: device class, browser and OS families."""
+
+    device: str  # desktop, mobile, tablet or other
+    browser: str | None  # "Chrome", "Firefox", "Mobile Safari", ...; None when unknown
+    os: str | None  # "Windows", "Mac OS X", "iOS", "Android", "Linux", ...; None when unknown
+
+
 @lru_cache(maxsize=8192)
-def device_class(user_agent: str) -> str:
-    """desktop, mobile, tablet or other."""
+def describe(user_agent: str) -> Agent:
+    """One parse of the User-Agent for the device class and the browser and OS families."""
     parsed = user_agents.parse(user_agent[:DEVICE_UA_CHARS])
     if parsed.is_tablet:
-        return "tablet"
-    if parsed.is_mobile:
-        return "mobile"
-    if parsed.is_pc:
-        return "desktop"
-    return "other"
+        device = "tablet"
+    elif parsed.is_mobile:
+        device = "mobile"
+    elif parsed.is_pc:
+        device = "desktop"
+    else:
+        device = "other"
+    return Agent(device, _known(parsed.browser.family), _known(parsed.os.family))
+
+
+def _known(family: str) -> str | None:
+    return None if not family or family == "Other" else family[:60]
 
 
 def visitor_id(salt: bytes, site: str, ip: str, user_agent: str) -> int:

@@ -41,6 +41,7 @@ from app import tokens
 from app.broker.base import BrokerUnavailable
 from app.codes import CloseCode, StandardCloseCode
 from app.gateway import viewers
+from app.gateway.analytics import parse_stats
 from app.gateway.hub import Viewer, ws_frames
 from app.gateway.replay import BadStart, StorageUnavailable, parse_start
 from app.gateway.state import GatewayState
@@ -193,11 +194,15 @@ class StreamProtocol(asyncio.Protocol):
         token = _first(params, "token") or tokens.bearer(request.headers.get("Authorization"))
         start = (_first(params, "since"), _first(params, "last"), _first(params, "minutes"))
         self.task = asyncio.get_running_loop().create_task(
-            self._admit(unquote(match[1]) if match else "", token, start)
+            self._admit(unquote(match[1]) if match else "", token, start, _first(params, "stats"))
         )
 
     async def _admit(
-        self, site: str, token: str | None, start: tuple[str | None, str | None, str | None]
+        self,
+        site: str,
+        token: str | None,
+        start: tuple[str | None, str | None, str | None],
+        stats: str | None,
     ) -> None:
         """Check the viewer, join it to the live feed, then replay what it asked for. The
         handshake is complete: refusals are close codes (docs/protocol.md)."""
@@ -205,7 +210,11 @@ class StreamProtocol(asyncio.Protocol):
         try:
             site_info = await viewers.check_viewer(state, self.host.secret, site, token)
             req = parse_start(*start)
-            viewer, begin = await viewers.join(state, site_info, req, self._wake)
+            try:
+                mode = parse_stats(stats)
+            except ValueError as exc:
+                raise BadStart(str(exc)) from None
+            viewer, begin = await viewers.join(state, site_info, req, self._wake, mode)
             if self._live(viewer):
                 self.drained = asyncio.Event()
                 await viewers.replay(state, viewer, begin, self.drained)

@@ -1,0 +1,182 @@
+"""A site's live aggregates over the last 30 minutes, from its events: pure counting, no I/O.
+
+`SiteStats.add` takes each event (its JSON object, as viewers receive it) exactly once, in
+offset order; `snapshot` answers the body of `GET /v1/sites/{site}/stats` and of `stats`
+frames (docs/protocol.md, "Stats"). Events are bucketed by the minute of their server
+timestamp; buckets older than the window are dropped.
+
+What is counted: `events` (all), `pageviews` (name "pageview"), unique visitors per minute,
+in the last 5 minutes (`visitors_now`) and in the window; per value, pageviews for pages, entry
+pages (a visitor's first pageview in the window), sources (`utm_source` of the URL, else the
+referrer's host, else "(direct)"), countries, devices, browsers and OS; events per goal (any
+other name) and per value of each goal's props. Memory is bounded per minute: at most
+MAX_VALUES distinct values per list (the rest count under "(other)") and the visitor ids seen.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from datetime import datetime, timedelta
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+WINDOW_MINUTES = 30
+NOW_MINUTES = 5
+#: Entries per list in a snapshot.
+TOP = 10
+#: Distinct values kept per list per minute; more are counted as OTHER.
+MAX_VALUES = 1000
+OTHER = "(other)"
+DIRECT = "(direct)"
+UNKNOWN = "(unknown)"
+#: Props values are counted by their text, cut to this many characters.
+PROP_VALUE_CHARS = 100
+
+DIMENSIONS = ("pages", "entry_pages", "sources", "countries", "devices", "browsers", "os")
+
+
+class Minute:
+    """The counts of one minute."""
+
+    __slots__ = ("events", "goal_props", "goals", "lists", "pageviews", "visitors")
+
+    def __init__(self) -> None:
+        self.events = 0
+        self.pageviews = 0
+        self.visitors: set[str] = set()
+        self.lists: dict[str, Counter[str]] = {name: Counter() for name in DIMENSIONS}
+        self.goals: Counter[str] = Counter()
+        self.goal_props: dict[str, dict[str, Counter[str]]] = {}
+
+
+class SiteStats:
+    def __init__(self) -> None:
+        #: Minute key ("2026-11-29T21:07") -> its counts.
+        self._minutes: dict[str, Minute] = {}
+        #: Visitor -> the minute of its latest pageview (for entry pages).
+        self._last_seen: dict[str, str] = {}
+        #: The last offset counted.
+        self.offset = 0
+        #: False once a gap could not be recovered: some events are missing from the counts.
+        self.complete = True
+
+    def add(self, event: dict[str, Any], offset: int) -> None:
+        """Count one event (offsets must come in order; an offset seen before is ignored)."""
+        if offset <= self.offset:
+            return
+        self.offset = offset
+        key = str(event["ts"])[:16]
+        minute = self._minutes.get(key)
+        if minute is None:
+            minute = self._minutes[key] = Minute()
+        minute.events += 1
+        visitor = str(event.get("visitor"))
+        minute.visitors.add(visitor)
+        name = str(event.get("name"))
+        if name != "pageview":
+            _count(minute.goals, name)
+            props = event.get("props") or {}
+            if isinstance(props, dict):
+                kept = minute.goal_props.setdefault(name, {})
+                for prop, value in props.items():
+                    _count(kept.setdefault(str(prop), Counter()), str(value)[:PROP_VALUE_CHARS])
+            return
+        minute.pageviews += 1
+        path = str(event.get("path"))
+        lists = minute.lists
+        _count(lists["pages"], path)
+        previous = self._last_seen.get(visitor)
+        if previous is None or previous < _window_start(key):
+            _count(lists["entry_pages"], path)
+        self._last_seen[visitor] = key
+        _count(lists["sources"], _source(event))
+        _count(lists["countries"], event.get("country") or UNKNOWN)
+        _count(lists["devices"], event.get("device") or UNKNOWN)
+        _count(lists["browsers"], event.get("browser") or UNKNOWN)
+        _count(lists["os"], event.get("os") or UNKNOWN)
+
+    def snapshot(self, now: datetime) -> dict[str, Any]:
+        """The aggregates of the 30 minutes up to `now` (UTC)."""
+        keys = [
+            (now - timedelta(minutes=i)).strftime("%Y-%m-%dT%H:%M")
+            for i in range(WINDOW_MINUTES - 1, -1, -1)
+        ]
+        self._forget_before(keys[0])
+        minutes = [self._minutes.get(k) for k in keys]
+        present = [m for m in minutes if m is not None]
+        recent = [m for m in minutes[-NOW_MINUTES:] if m is not None]
+        goals: Counter[str] = Counter()
+        for m in present:
+            goals.update(m.goals)
+        body: dict[str, Any] = {
+            "window_minutes": WINDOW_MINUTES,
+            "offset": self.offset,
+            "complete": self.complete,
+            "visitors_now": len(set().union(*(m.visitors for m in recent))),
+            "visitors": len(set().union(*(m.visitors for m in present))),
+            "pageviews": sum(m.pageviews for m in present),
+            "events": sum(m.events for m in present),
+            "per_minute": [
+                {
+                    "minute": f"{k}:00Z",
+                    "visitors": len(m.visitors) if m else 0,
+                    "pageviews": m.pageviews if m else 0,
+                    "events": m.events if m else 0,
+                }
+                for k, m in zip(keys, minutes, strict=True)
+            ],
+        }
+        for name in DIMENSIONS:
+            total: Counter[str] = Counter()
+            for m in present:
+                total.update(m.lists[name])
+            body[name] = _top(total)
+        body["goals"] = [
+            {**entry, "props": self._goal_props(present, entry["value"])} for entry in _top(goals)
+        ]
+        return body
+
+    def _goal_props(self, minutes: list[Minute], goal: str) -> dict[str, list[dict[str, Any]]]:
+        props: dict[str, Counter[str]] = {}
+        for m in minutes:
+            for prop, values in m.goal_props.get(goal, {}).items():
+                props.setdefault(prop, Counter()).update(values)
+        return {prop: _top(values) for prop, values in sorted(props.items())}
+
+    def _forget_before(self, first_key: str) -> None:
+        old = [k for k in self._minutes if k < first_key]
+        if not old:
+            return
+        for key in old:
+            del self._minutes[key]
+        self._last_seen = {v: k for v, k in self._last_seen.items() if k >= first_key}
+
+
+@functools.lru_cache(maxsize=64)
+def _window_start(key: str) -> str:
+    """The first minute of the window that ends with minute `key`."""
+    start = datetime.strptime(key, "%Y-%m-%dT%H:%M") - timedelta(minutes=WINDOW_MINUTES - 1)
+    return start.strftime("%Y-%m-%dT%H:%M")
+
+
+def _count(counter: Counter[str], value: str) -> None:
+    if value in counter or len(counter) < MAX_VALUES:
+        counter[value] += 1
+    else:
+        counter[OTHER] += 1
+
+
+def _source(event: dict[str, Any]) -> str:
+    url = event.get("url")
+    if isinstance(url, str) and "utm_source=" in url:
+        found = parse_qs(urlsplit(url).query).get("utm_source")
+        if found and found[0].strip():
+            return found[0].strip()[:PROP_VALUE_CHARS].lower()
+    host = event.get("referrer_host")
+    return str(host) if host else DIRECT
+
+
+def _top(counter: Counter[str]) -> list[dict[str, Any]]:
+    ranked = sorted(counter.items(), key=lambda item: (-item[1], item[0]))[:TOP]
+    return [{"value": value, "count": count} for value, count in ranked]

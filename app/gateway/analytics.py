@@ -1,0 +1,237 @@
+"""Live aggregates for viewers: one internal viewer per watched site, drained into its
+`SiteStats` (app.gateway.aggregates), and `stats` frames pushed to the viewers that asked.
+
+Aggregation is kept apart from the fan-out: the internal viewer joins the site's feed at
+`minutes=30` like any dashboard would, so the aggregates see every event exactly once and in
+order, through the same replay, gap repair and storage fallback as viewers, and survive a
+gateway restart (they are rebuilt from PostgreSQL) or Redis losing its data. The hub only
+queues events for it; counting runs in its own callback, so a bug there stops that site's
+statistics (logged, `complete: false` no more updates), never a stream. Two gateways count the
+same events in the same order: their numbers agree once both have seen the same offset.
+
+A site is watched while a viewer asks for stats, and LINGER_S after (so `GET /stats` polled
+now and then stays cheap); a watch costs one queued viewer and the counts of 30 minutes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import orjson
+
+from app.codes import CloseCode
+from app.gateway.aggregates import SiteStats
+from app.gateway.feed import Feeds
+from app.gateway.hub import EVENT, Viewer
+from app.gateway.replay import Replayer, StartRequest, StorageUnavailable, run_replay
+from app.store.sites import Site
+from app.tasks import cancel_and_wait
+
+log = logging.getLogger(__name__)
+
+StatsMode = Literal["off", "with", "only"]
+#: Seconds between two pushes of `stats` frames (a frame goes only when the body changed).
+PUSH_S = 1.0
+#: Seconds a site stays watched after its last stats viewer or request.
+LINGER_S = 60.0
+#: The longest `GET /stats` waits for a site's first count (the last 30 minutes, replayed).
+READY_TIMEOUT_S = 10.0
+#: Seconds before a watch whose internal viewer was closed (storage down) starts again.
+RETRY_S = 1.0
+WINDOW_MINUTES = 30
+
+
+class StatsUnavailable(Exception):
+    """The site's aggregates cannot be counted now (storage unreachable, or still loading)."""
+
+
+def parse_stats(value: str | None) -> StatsMode:
+    """The `stats` query parameter: absent or "0" (no stats), "1" (stats frames beside the
+    events), "only" (stats frames, no events)."""
+    if value in (None, "", "0"):
+        return "off"
+    if value == "1":
+        return "with"
+    if value == "only":
+        return "only"
+    raise ValueError("stats is 0, 1 or only")
+
+
+@dataclass
+class _Watch:
+    site: Site
+    stats: SiteStats = field(default_factory=SiteStats)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    viewer: Viewer | None = None
+    task: asyncio.Task[None] | None = None
+    drained: asyncio.Event = field(default_factory=asyncio.Event)
+    draining: bool = False
+    #: Set when the internal viewer was closed (its queue overflowed, storage went away).
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+    failed: bool = False
+    subscribers: list[Viewer] = field(default_factory=list)
+    last_pushed: bytes = b""
+    used_at: float = 0.0
+
+
+class Analytics:
+    def __init__(self, feeds: Feeds, replayer: Replayer, queue_bytes: int) -> None:
+        self._feeds = feeds
+        self._replayer = replayer
+        self._queue_bytes = queue_bytes
+        self._watches: dict[str, _Watch] = {}
+        self._ticker: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._ticker = asyncio.create_task(self._tick_forever(), name="stats")
+
+    async def close(self) -> None:
+        await cancel_and_wait([self._ticker, *(w.task for w in self._watches.values())])
+        for watch in self._watches.values():
+            if watch.viewer is not None:
+                self._feeds.leave(watch.viewer)
+        self._watches.clear()
+
+    # -- asking -----------------------------------------------------------------------------
+
+    async def body(self, site: Site) -> dict[str, Any]:
+        """The site's aggregates now (`GET /stats`); raises StatsUnavailable when they cannot
+        be counted within READY_TIMEOUT_S."""
+        watch = self._watch(site)
+        try:
+            async with asyncio.timeout(READY_TIMEOUT_S):
+                await watch.ready.wait()
+        except TimeoutError:
+            raise StatsUnavailable("statistics are still loading") from None
+        if watch.failed:
+            raise StatsUnavailable("statistics failed for this site")
+        return self._snapshot(watch)
+
+    def subscribe(self, site: Site, viewer: Viewer) -> None:
+        """Push `stats` frames to `viewer`: one as soon as the counts are ready, then at most
+        one per PUSH_S while they change, until the viewer is closed."""
+        watch = self._watch(site)
+        watch.subscribers.append(viewer)
+        if watch.ready.is_set():
+            self._push(watch, viewer, self._frame(watch))
+
+    # -- watching a site ---------------------------------------------------------------------
+
+    def _watch(self, site: Site) -> _Watch:
+        watch = self._watches.get(site.id)
+        if watch is None or watch.site.epoch != site.epoch:
+            watch = self._watches[site.id] = _Watch(site)
+            watch.task = asyncio.create_task(self._run(watch), name=f"stats {site.id}")
+        watch.used_at = asyncio.get_running_loop().time()
+        return watch
+
+    async def _run(self, watch: _Watch) -> None:
+        """Keep the internal viewer of the site joined: from 30 minutes ago the first time,
+        from its last counted offset after it was closed (storage down, a slow drain)."""
+        while True:
+            site = watch.site
+            since = watch.stats.offset
+            req = (
+                StartRequest(since=(site.epoch, since))
+                if since
+                else StartRequest(minutes=WINDOW_MINUTES)
+            )
+            viewer = Viewer(site.id, site.epoch, self._queue_bytes, lambda: self._wake(watch))
+            try:
+                start = await self._feeds.admit(viewer, req)
+            except StorageUnavailable:
+                await asyncio.sleep(RETRY_S)
+                continue
+            watch.viewer = viewer
+            watch.closed.clear()
+            try:
+                await run_replay(self._replayer, viewer, start, watch.drained, _no_gap_notice)
+                if viewer.close_code is None:
+                    self._drain(watch)
+                    watch.ready.set()
+                    await watch.closed.wait()
+            finally:
+                self._feeds.leave(viewer)
+                watch.viewer = None
+            await asyncio.sleep(RETRY_S)
+
+    def _wake(self, watch: _Watch) -> None:
+        if not watch.draining:
+            watch.draining = True
+            asyncio.get_running_loop().call_soon(self._drain, watch)
+
+    def _drain(self, watch: _Watch) -> None:
+        """Count what the internal viewer's queue holds. A failure stops this site's counts
+        (`failed`), never the stream the events came from."""
+        watch.draining = False
+        viewer = watch.viewer
+        if viewer is None:
+            return
+        for kind, offset, payload in viewer.take():
+            if watch.failed:
+                break
+            try:
+                if kind == EVENT:
+                    watch.stats.add(orjson.loads(payload), offset)
+                elif orjson.loads(payload).get("recovered") is False:
+                    watch.stats.complete = False  # a gap storage could not fill
+            except Exception:
+                log.exception("counting failed; no more statistics for this site",
+                              extra={"site": watch.site.id})  # fmt: skip
+                watch.failed = True
+        watch.drained.set()
+        if viewer.close_code is not None:
+            watch.closed.set()
+
+    # -- pushing -----------------------------------------------------------------------------
+
+    def _snapshot(self, watch: _Watch) -> dict[str, Any]:
+        body = watch.stats.snapshot(datetime.now(UTC))
+        return {"site": watch.site.id, "epoch": watch.site.epoch, **body}
+
+    def _frame(self, watch: _Watch) -> bytes:
+        return orjson.dumps({"type": "stats", "stats": self._snapshot(watch)})
+
+    def _push(self, watch: _Watch, viewer: Viewer, frame: bytes) -> None:
+        if not viewer.closed and not viewer.push_notice(frame):
+            viewer.fail(CloseCode.SLOW_CONSUMER)
+
+    async def _tick_forever(self) -> None:
+        while True:
+            await asyncio.sleep(PUSH_S)
+            try:
+                self._tick(asyncio.get_running_loop().time())
+            except Exception:  # a bug must not end the pushes for good
+                log.exception("stats push failed")
+
+    def _tick(self, now: float) -> None:
+        for site_id, watch in list(self._watches.items()):
+            watch.subscribers = [v for v in watch.subscribers if not v.closed]
+            if watch.subscribers:
+                watch.used_at = now
+            elif now - watch.used_at > LINGER_S:
+                self._stop(site_id, watch)
+                continue
+            if not watch.subscribers or not watch.ready.is_set() or watch.failed:
+                continue
+            body = orjson.dumps(self._snapshot(watch))
+            if body == watch.last_pushed:
+                continue
+            watch.last_pushed = body
+            frame = b'{"type":"stats","stats":' + body + b"}"
+            for viewer in watch.subscribers:
+                self._push(watch, viewer, frame)
+
+    def _stop(self, site_id: str, watch: _Watch) -> None:
+        del self._watches[site_id]
+        if watch.task is not None:
+            watch.task.cancel()
+
+
+def _no_gap_notice(viewer: Viewer, after: int) -> None:
+    """Replay gaps (retention removed events) need no notice here: those events are older than
+    the window anyway."""

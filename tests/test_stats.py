@@ -1,0 +1,325 @@
+"""Live aggregates (#18): counted from the stream by every gateway alike, equal to a SQL
+recomputation over the events table, pushed as `stats` frames, and apart from the fan-out."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import asyncpg
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+
+from app.broker.memory import MemoryBroker
+from app.gateway.aggregates import SiteStats
+from app.gateway.analytics import Analytics
+from app.gateway.feed import Feeds
+from app.gateway.hub import EVENT, Hub, Viewer
+from app.gateway.metrics import DeliveryStats, GatewayMetrics
+from app.gateway.replay import Replayer, StartRequest
+from app.settings import Settings
+from app.store.sites import get_site
+from app.store.writes import commit
+from tests.clients import SseViewer, WsViewer
+from tests.processes import AppProcess
+from tests.support import FAST, eventually, new, token
+
+IPHONE = (
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15 "
+    "(KHTML, like Gecko) Version/17.5 Mobile/15E148 Safari/604.1"
+)
+CHROME_MAC = (
+    "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/537.36 "
+    "(KHTML, like Gecko) Chrome/126.0.0.0 Safari/537.36"
+)
+FIREFOX = "Mozilla/5.0 (X11; Linux x86_64; rv:130.0) Gecko/20100101 Firefox/130.0"
+#: Senders: (IP seen through the trusted proxy, User-Agent). The IPs have known countries.
+SENDERS = [
+    ("81.2.69.160", IPHONE),  # GB
+    ("8.8.8.8", CHROME_MAC),  # US
+    ("2a00:1450:4001:80b::200e", FIREFOX),  # DE
+    ("81.2.69.161", CHROME_MAC),  # GB
+    ("8.8.4.4", IPHONE),  # US
+]
+
+
+def mix(site: str) -> list[tuple[int, dict[str, Any]]]:
+    """A known mix: (sender index, event) pairs; pageviews, sources, goals with props."""
+    events: list[tuple[int, dict[str, Any]]] = []
+    for i in range(60):
+        sender = i % len(SENDERS)
+        path = ["/", "/pricing", "/docs", "/blog/launch"][i % 4]
+        url = f"https://{site}{path}" + ("?utm_source=Newsletter" if i % 7 == 0 else "")
+        referrer = [None, "https://news.ycombinator.com/", "https://www.google.com/"][i % 3]
+        events.append((sender, {"site": site, "name": "pageview", "url": url,
+                                "referrer": referrer}))  # fmt: skip
+        if i % 6 == 0:
+            props = {"plan": ["pro", "team"][i % 2 == 0 and i % 12 == 0], "seats": i % 3}
+            events.append((sender, {"site": site, "name": "Signup", "url": url, "props": props}))
+    return events
+
+
+async def post_mix(ingest: str, site: str) -> int:
+    async with httpx.AsyncClient(timeout=10) as client:
+        for sender, body in mix(site):
+            ip, agent = SENDERS[sender]
+            headers = {"User-Agent": agent, "X-Forwarded-For": ip}
+            r = await client.post(f"{ingest}/api/event", json=body, headers=headers)
+            assert r.status_code == 202, r.text
+    return len(mix(site))
+
+
+async def recomputed(pool: asyncpg.Pool, site: str) -> dict[str, Any]:
+    """The same aggregates, recomputed with SQL over the events table."""
+    since = datetime.now(UTC) - timedelta(minutes=29)
+    since = since.replace(second=0, microsecond=0)
+    rows = await pool.fetch(
+        "SELECT * FROM events WHERE site = $1 AND ts >= $2 ORDER BY site_offset", site, since
+    )
+    views = [r for r in rows if r["name"] == "pageview"]
+
+    def top(values: list[Any]) -> list[dict[str, Any]]:
+        counts = Counter(v if v is not None else "(unknown)" for v in values)
+        ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:10]
+        return [{"value": v, "count": n} for v, n in ranked]
+
+    goals = Counter(r["name"] for r in rows if r["name"] != "pageview")
+
+    def source(row: asyncpg.Record) -> str:
+        utm = parse_qs(urlsplit(row["url"]).query).get("utm_source")
+        return utm[0].lower() if utm else row["referrer_host"] or "(direct)"
+
+    return {
+        "sources": top([source(r) for r in views]),
+        "events": len(rows),
+        "pageviews": len(views),
+        "visitors": len({r["visitor_id"] for r in rows}),
+        "pages": top([r["path"] for r in views]),
+        "countries": top([r["country"] for r in views]),
+        "devices": top([r["device"] for r in views]),
+        "browsers": top([r["browser"] for r in views]),
+        "os": top([r["os"] for r in views]),
+        "goals": {name: n for name, n in goals.items()},
+    }
+
+
+def comparable(stats: dict[str, Any]) -> dict[str, Any]:
+    keep = ("events", "pageviews", "visitors", "pages", "sources", "countries", "devices")
+    keep += ("browsers", "os")
+    return {
+        **{k: stats[k] for k in keep},
+        "goals": {g["value"]: g["count"] for g in stats["goals"]},
+    }
+
+
+@pytest.fixture
+def stack(
+    spawn: Callable[..., AppProcess], settings: Settings
+) -> tuple[AppProcess, AppProcess, AppProcess]:
+    proxied = {**FAST, "SITEWIRE_TRUSTED_PROXIES": "127.0.0.1,::1"}
+    ingest = spawn("ingest", **proxied)
+    return ingest, spawn("gateway", **FAST), spawn("gateway", **FAST)
+
+
+async def get_stats(gateway: AppProcess, site: str) -> dict[str, Any]:
+    async with httpx.AsyncClient(timeout=15) as client:
+        r = await client.get(f"{gateway.url}/v1/sites/{site}/stats", params={"token": token(site)})
+    assert r.status_code == 200, r.text
+    assert r.headers["cache-control"] == "no-store"
+    body: dict[str, Any] = r.json()
+    return body
+
+
+async def test_stats_equal_a_sql_recomputation_on_every_gateway(
+    stack: tuple[AppProcess, AppProcess, AppProcess], pool: asyncpg.Pool, site: str
+) -> None:
+    ingest, g1, g2 = stack
+    first = await get_stats(g1, site)  # watched from now on: counted from the stream
+    assert first["events"] == 0 and len(first["per_minute"]) == 30
+    count = await post_mix(ingest.url, site)
+    expected = await recomputed(pool, site)
+    assert expected["events"] == count
+
+    async def settled(gateway: AppProcess) -> dict[str, Any]:
+        return await eventually(
+            lambda: _at_offset(gateway, site, count), timeout=10, what="stats caught up"
+        )
+
+    s1, s2 = await settled(g1), await settled(g2)  # g2: counted from storage on first ask
+    assert comparable(s1) == expected
+    assert comparable(s2) == expected
+    assert s1["visitors_now"] == expected["visitors"] == len(SENDERS)
+    assert sum(m["events"] for m in s1["per_minute"]) == count
+    assert {"value": "newsletter", "count": 9} in s1["sources"]  # utm_source wins
+    [signup] = s1["goals"]
+    plans = {p["value"]: p["count"] for p in signup["props"]["plan"]}
+    assert sum(plans.values()) == 10 and set(plans) == {"pro", "team"}
+    assert s1["complete"] is True and s1["site"] == site
+
+
+async def _at_offset(gateway: AppProcess, site: str, offset: int) -> dict[str, Any] | None:
+    body = await get_stats(gateway, site)
+    return body if body["offset"] == offset else None
+
+
+async def test_stats_frames_on_the_stream_and_stats_only(
+    stack: tuple[AppProcess, AppProcess, AppProcess], site: str
+) -> None:
+    ingest, g1, _ = stack
+    both = await WsViewer.open(g1.ws_url, site, token(site), "&stats=1")
+    only = await WsViewer.open(g1.ws_url, site, token(site), "&stats=only")
+    sse = await SseViewer.open(g1.url, site, token(site), query={"stats": "only"})
+    try:
+        for viewer in (both, only, sse):
+            await eventually(lambda v=viewer: _stats_frames(v), timeout=10, what="first stats")
+        assert only.notices[0]["type"] == "welcome" and only.notices[0]["stats"] == "only"
+        await post_mix(ingest.url, site)
+        count = len(mix(site))
+        for viewer in (both, only, sse):
+            await eventually(
+                lambda v=viewer: _stats_frames(v) and _stats_frames(v)[-1]["offset"] == count,
+                timeout=10,
+                what="stats frame with every event",
+            )
+        assert len(both.events) == count  # stats beside the events
+        assert only.events == [] and sse.events == []  # stats only: one frame a second at most
+        frames = _stats_frames(only)
+        assert len(frames) <= 12  # pushed at most once a second, not once per event
+    finally:
+        for viewer in (both, only, sse):
+            await viewer.close()
+
+
+def _stats_frames(viewer: WsViewer | SseViewer) -> list[dict[str, Any]]:
+    return [n["stats"] for n in viewer.notices if n.get("type") == "stats"]
+
+
+async def test_stats_survive_a_gateway_restart(
+    stack: tuple[AppProcess, AppProcess, AppProcess], site: str
+) -> None:
+    ingest, g1, _ = stack
+    count = await post_mix(ingest.url, site)
+    before = await eventually(lambda: _at_offset(g1, site, count), timeout=10, what="counted")
+    g1.stop()
+    again = g1.restarted()
+    try:
+        after = await eventually(
+            lambda: _at_offset(again, site, count), timeout=10, what="recounted"
+        )
+    finally:
+        again.stop()
+    assert comparable(after) == comparable(before)
+
+
+async def test_a_bad_stats_parameter_is_refused(
+    stack: tuple[AppProcess, AppProcess, AppProcess], site: str
+) -> None:
+    _, g1, _ = stack
+    async with httpx.AsyncClient() as client:
+        r = await client.get(
+            f"{g1.url}/v1/sites/{site}/events", params={"token": token(site), "stats": "yes"}
+        )
+    assert r.status_code == 400 and r.json()["error"]["field"] == "stats"
+    ws = await WsViewer.open(g1.ws_url, site, token(site), "&stats=yes")
+    assert await ws.wait_closed() == 4502
+
+
+def test_site_stats_count_a_known_mix() -> None:
+    stats = SiteStats()
+    now = datetime(2026, 11, 29, 12, 30, 10, tzinfo=UTC)
+
+    def event(offset: int, ago: int, visitor: str, name: str = "pageview", **f: Any) -> None:
+        ts = (now - timedelta(minutes=ago)).isoformat().replace("+00:00", "Z")
+        stats.add({"ts": ts, "visitor": visitor, "name": name, "path": "/", **f}, offset)
+
+    event(1, 40, "old")  # outside the window: not counted
+    event(2, 20, "a", path="/a", country="GB")
+    event(3, 3, "a", path="/b", country="GB")  # a's second pageview: /a was its entry
+    event(4, 1, "b", path="/b", referrer_host="news.ycombinator.com")
+    event(5, 0, "b", name="Signup", props={"plan": "pro"})
+    event(5, 0, "b", name="Signup", props={"plan": "pro"})  # the same offset again: ignored
+    body = stats.snapshot(now)
+    assert (body["events"], body["pageviews"], body["visitors"], body["visitors_now"]) == (
+        4,
+        3,
+        2,
+        2,
+    )
+    assert body["entry_pages"] == [{"value": "/a", "count": 1}, {"value": "/b", "count": 1}]
+    assert body["pages"] == [{"value": "/b", "count": 2}, {"value": "/a", "count": 1}]
+    assert body["sources"] == [
+        {"value": "(direct)", "count": 2},
+        {"value": "news.ycombinator.com", "count": 1},
+    ]
+    assert body["goals"] == [
+        {"value": "Signup", "count": 1, "props": {"plan": [{"value": "pro", "count": 1}]}}
+    ]
+    assert body["per_minute"][-1] == {
+        "minute": "2026-11-29T12:30:00Z",
+        "visitors": 1,
+        "pageviews": 0,
+        "events": 1,
+    }
+    assert stats.snapshot(now + timedelta(minutes=10))["visitors_now"] == 0
+
+
+@dataclasses.dataclass
+class Gateway:
+    feeds: Feeds
+    broker: MemoryBroker
+    replayer: Replayer
+
+
+@pytest.fixture
+async def gateway(settings: Settings, pool: asyncpg.Pool) -> AsyncIterator[Gateway]:
+    """A gateway's feed on the in-process broker: no Redis, real PostgreSQL."""
+    metrics = GatewayMetrics(CollectorRegistry())
+    broker = MemoryBroker()
+    replayer = Replayer(broker, pool, metrics)
+    quick = dataclasses.replace(settings, unsubscribe_delay_s=0.0)
+    feeds = Feeds(Hub(), quick, broker, pool, metrics, DeliveryStats(metrics), replayer)
+    feeds.start()
+    yield Gateway(feeds, broker, replayer)
+    await feeds.close()
+
+
+async def test_a_failure_in_counting_stops_the_stats_not_the_stream(
+    gateway: Gateway, pool: asyncpg.Pool, site: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counting runs apart from the fan-out: a bug in it ends that site's statistics, and
+    viewers of the site go on receiving every event."""
+    feeds = gateway.feeds
+    analytics = Analytics(feeds, gateway.replayer, 1 << 20)
+    analytics.start()
+    found = await get_site(pool, site)
+    assert found is not None
+    viewer = Viewer(site, found.epoch, 1 << 20, lambda: None)
+    await feeds.admit(viewer, StartRequest())
+    viewer.go_live()
+    try:
+        await analytics.body(found)
+
+        def broken(self: SiteStats, event: dict[str, Any], offset: int) -> None:
+            raise RuntimeError("a bug in counting")
+
+        monkeypatch.setattr(SiteStats, "add", broken)
+        stored = await commit(pool, [new(site, n=i) for i in range(3)])
+        publications = [(site, s.offset, s.payload) for s in stored if s and s.payload]
+        await gateway.broker.publish(publications)  # as ingest would
+        seen: list[int] = []
+
+        def delivered() -> bool:
+            seen.extend(offset for kind, offset, _ in viewer.take() if kind == EVENT)
+            return len(seen) == 3
+
+        await eventually(delivered, timeout=5, what="events reached the viewer")
+        with pytest.raises(Exception, match="failed"):
+            await analytics.body(found)
+    finally:
+        await analytics.close()
+        feeds.leave(viewer)
