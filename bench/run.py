@@ -75,6 +75,8 @@ class Env:
     prefix: str
     logs: Path
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    #: Each Sitewire process's private metrics port, by its public port.
+    internal: dict[int, int] = field(default_factory=dict)
 
     def environ(self, **extra: str) -> dict[str, str]:
         env = dict(os.environ)
@@ -107,8 +109,15 @@ class Env:
         raise RuntimeError(f"{argv} did not start")
 
     def role(self, role: str, core: int = 0, **extra: str) -> tuple[subprocess.Popen[bytes], int]:
-        port = free_port()
-        return self.start(["workers.cli", role, "--port", str(port)], port, core, **extra), port
+        """A Sitewire process on a free port, with its metrics on a private one
+        (`self.metrics_url(port)`)."""
+        port, internal = free_port(), free_port()
+        self.internal[port] = internal
+        argv = ["workers.cli", role, "--port", str(port), "--internal-port", str(internal)]
+        return self.start(argv, port, core, **extra), port
+
+    def metrics_url(self, port: int) -> str:
+        return f"http://127.0.0.1:{self.internal[port]}/metrics"
 
     def naive(self, core: int = 0) -> tuple[subprocess.Popen[bytes], int]:
         port = free_port()
@@ -587,7 +596,7 @@ async def resume_storm(env: Env, quick: bool) -> dict[str, Any]:
     elapsed = time.perf_counter() - started
     load.close()
     async with httpx.AsyncClient() as client:
-        metrics = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+        metrics = (await client.get(env.metrics_url(port))).text
     env.stop(proc)
 
     def reads(source: str) -> float:

@@ -35,6 +35,10 @@ def test_quick_bench_runs_every_scenario(tmp_path: Path, database_url: str) -> N
     assert ("| 2 fanout 1 site", "host write µs just before (mean, as 0 host)") in rows
     exact = rows[("| 5 resume storm", "every viewer exact (events == viewers x behind)")]
     assert "| 1.00 |" in exact  # the reconnect storm replayed every event, once
+    # The storm's pages came from PostgreSQL, read through the gateway's metrics (on its
+    # private port): a zero here once meant the bench read /metrics where it no longer is.
+    reads = rows[("| 5 resume storm", "PostgreSQL page reads")].split(" | ")[2]
+    assert float(reads.replace(",", "")) > 0
     assert (tmp_path / "bench.json").exists()
 
 

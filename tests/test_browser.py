@@ -236,7 +236,18 @@ async def test_dashboard_shows_live_events_and_resumes_after_a_cut(
         paths = await wait_rows(dashboard, 3)
         rows = await stored(pool, shop, 3)  # the browser's requests may commit in any order
         assert paths == [r["path"] for r in reversed(rows)]  # newest (highest offset) first
-        assert await dashboard.inner_text("[data-testid=visitors]") == "1"
+        # The analytics view shows the server's aggregates: the same numbers as GET /stats.
+        await dashboard.wait_for_function(
+            "document.querySelector('[data-testid=pageviews]').textContent === '2'"
+        )
+        stats = await _stats(gateway, shop)
+        assert await dashboard.inner_text("[data-testid=visitors]") == str(stats["visitors_now"])
+        assert await dashboard.inner_text("[data-testid=events]") == str(stats["events"]) == "3"
+        pages = await dashboard.eval_on_selector_all(
+            "[data-testid=pages] li .v", "els => els.map(e => e.textContent)"
+        )
+        assert pages == [p["value"] for p in stats["pages"]]
+        assert await _chart_pageviews(dashboard) == stats["pageviews"] == 2
 
         # Cut the dashboard's connection: the gateway dies; events keep coming meanwhile.
         gateway.kill()
@@ -248,6 +259,11 @@ async def test_dashboard_shows_live_events_and_resumes_after_a_cut(
             await dashboard.wait_for_selector("[data-testid=status][data-state=live]")
             assert paths[:3] == ["/p/2", "/p/1", "/p/0"]  # resumed: nothing missed
             assert len(paths) == 6  # and nothing twice
+            # The chart moved with the new pageviews (counted by the replacement gateway).
+            await dashboard.wait_for_function(f"({CHART_SUM}) === 5")
+            # A page in a panel filters the log.
+            await dashboard.click("[data-testid=pages] li[data-filter='/checkout']")
+            assert await wait_rows(dashboard, 1) == ["/checkout"]
             await dashboard.fill("[data-testid=filter]", "checkout")
             assert await wait_rows(dashboard, 1) == ["/checkout"]
             await dashboard.fill("[data-testid=filter]", "")
@@ -275,3 +291,23 @@ async def test_dashboard_explains_a_missing_or_expired_token(
     await page.wait_for_selector("[data-testid=status][data-state=error]")
     assert "invalid or expired" in await page.inner_text("[data-testid=banner]")
     await context.close()
+
+
+async def _stats(gateway: AppProcess, site: str) -> dict[str, Any]:
+    async with httpx.AsyncClient(timeout=15) as client:
+        r = await client.get(f"{gateway.url}/v1/sites/{site}/stats", params={"token": token(site)})
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+#: The pageviews the chart's 30 bars add up to.
+CHART_SUM = (
+    "[...document.querySelectorAll('#chart rect')]"
+    ".reduce((n, r) => n + Number(r.dataset.pageviews), 0)"
+)
+
+
+async def _chart_pageviews(page: Page) -> int:
+    total: int = await page.evaluate(CHART_SUM)
+    return total

@@ -4,6 +4,7 @@ recomputation over the events table, pushed as `stats` frames, and apart from th
 from __future__ import annotations
 
 import dataclasses
+import signal
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -214,6 +215,21 @@ async def test_stats_survive_a_gateway_restart(
     finally:
         again.stop()
     assert comparable(after) == comparable(before)
+
+
+async def test_a_draining_gateway_sends_stats_only_viewers_elsewhere(
+    stack: tuple[AppProcess, AppProcess, AppProcess], site: str
+) -> None:
+    """Stats-only viewers are not in the hub, so the drain reaches them through the stats
+    service: 4000, like every other viewer, not the 1012 of a gateway that just stopped."""
+    _, g1, _ = stack
+    only = await WsViewer.open(g1.ws_url, site, token(site), "&stats=only")
+    try:
+        await eventually(lambda: _stats_frames(only), timeout=10, what="first stats")
+        g1.signal(signal.SIGTERM)
+        assert await only.wait_closed() == 4000
+    finally:
+        await only.close()
 
 
 async def test_a_bad_stats_parameter_is_refused(

@@ -170,19 +170,24 @@ def worker(once: bool) -> None:
         asyncio.run(retention.run(settings))
 
 
+def _viewer_options(command: Callable[..., None]) -> Callable[..., None]:
+    """--gateway and --token, as `tail` and `top` take them."""
+    command = click.option("--token", help="Viewer token (default SITEWIRE_TOKEN).")(command)
+    return click.option(
+        "--gateway",
+        "gateways",
+        multiple=True,
+        help="Gateway URL (repeatable; default SITEWIRE_GATEWAY or ws://127.0.0.1:8001).",
+    )(command)
+
+
 @main.command()
 @click.argument("site")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.option("--since", help="Resume after a cursor, or start a duration ago (10m, 2h).")
 @click.option("--last", type=click.IntRange(0, 10_000), help="Start with the last N events.")
 @click.option("--filter", "text_filter", help="Only events whose name or path contains this.")
-@click.option(
-    "--gateway",
-    "gateways",
-    multiple=True,
-    help="Gateway URL (repeatable; default SITEWIRE_GATEWAY or ws://127.0.0.1:8001).",
-)
-@click.option("--token", help="Viewer token (default SITEWIRE_TOKEN).")
+@_viewer_options
 def tail(
     site: str,
     as_json: bool,
@@ -193,15 +198,41 @@ def tail(
     token: str | None,
 ) -> None:
     """Print SITE's live events; reconnects and resumes by itself. Ctrl-C to stop."""
-    from app import tokens
-    from app.client import DEFAULT_GATEWAY, StreamClient, gateway_url, gateway_urls
+    from app.client import StreamClient
     from workers import tail as tailing
 
-    # The client's own variables: read here, not by the servers' Settings.
+    urls, token = _viewer(site, gateways, token)
+    client = StreamClient(urls, site, token, lambda e: None, start=tailing.start_from(since, last))
+    sys.exit(tailing.run(client, tailing.default_printer(as_json, text_filter)))
+
+
+@main.command()
+@click.argument("site")
+@click.option("--json", "as_json", is_flag=True, help="One stats object (JSON) per update.")
+@_viewer_options
+def top(site: str, as_json: bool, gateways: tuple[str, ...], token: str | None) -> None:
+    """Show SITE's live aggregates (last 30 minutes), redrawn every second. Ctrl-C to stop."""
+    from app.client import StreamClient
+    from workers import tail as tailing
+    from workers.top import Top
+
+    urls, token = _viewer(site, gateways, token)
+    client = StreamClient(urls, site, token, lambda e: None, start={"stats": "only"})
+    screen = Top(sys.stdout, sys.stderr, as_json, in_place=sys.stdout.isatty() and not as_json)
+    sys.exit(tailing.run(client, screen))
+
+
+def _viewer(site: str, gateways: tuple[str, ...], token: str | None) -> tuple[list[str], str]:
+    """The gateway URLs and the viewer token of `sitewire tail` and `sitewire top`: from the
+    options, else the client's own variables (SITEWIRE_GATEWAY, SITEWIRE_TOKEN), else a token
+    made with SITEWIRE_SECRET (operators)."""
+    from app import tokens
+    from app.client import DEFAULT_GATEWAY, gateway_url, gateway_urls
+
     token = token or os.environ.get("SITEWIRE_TOKEN") or None
     settings = _settings()
     if not token and settings.secret:
-        token = tokens.issue(settings.secret, site, 12 * 3600)  # operators holding the secret
+        token = tokens.issue(settings.secret, site, 12 * 3600)
     if not token:
         raise click.UsageError(
             "a viewer token is needed: --token, SITEWIRE_TOKEN or SITEWIRE_SECRET"
@@ -215,8 +246,7 @@ def tail(
             urls = gateway_urls(os.environ.get("SITEWIRE_GATEWAY", DEFAULT_GATEWAY))
         except ValueError as exc:
             raise click.UsageError(f"SITEWIRE_GATEWAY {exc}") from None
-    client = StreamClient(urls, site, token, lambda e: None, start=tailing.start_from(since, last))
-    sys.exit(tailing.run(client, tailing.default_printer(as_json, text_filter)))
+    return urls, token
 
 
 def _stack_options(command: Callable[..., None]) -> Callable[..., None]:

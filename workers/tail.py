@@ -13,7 +13,7 @@ import signal
 import sys
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 import orjson
 
@@ -108,7 +108,17 @@ def start_from(since: str | None, last: int | None) -> dict[str, str]:
     return {"since": since}
 
 
-def run(client: StreamClient, printer: Printer) -> int:
+class Output(Protocol):
+    """Where a stream goes: `Printer` (sitewire tail) or `workers.top.Top` (sitewire top)."""
+
+    err: TextIO
+
+    def event(self, event: dict[str, Any]) -> None: ...
+
+    def notice(self, notice: dict[str, Any]) -> None: ...
+
+
+def run(client: StreamClient, printer: Output) -> int:
     client.on_event = printer.event
     client.on_notice = printer.notice
 
@@ -120,7 +130,7 @@ def run(client: StreamClient, printer: Printer) -> int:
         try:
             await client.run(stop)
         except StreamClosed as closed:
-            printer.err.write(f"sitewire tail: {closed.reason or 'closed'} (code {closed.code})\n")
+            printer.err.write(f"sitewire: {closed.reason or 'closed'} (code {closed.code})\n")
             return 1
         return 0
 

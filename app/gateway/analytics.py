@@ -85,15 +85,21 @@ class Analytics:
         self._queue_bytes = queue_bytes
         self._watches: dict[str, _Watch] = {}
         self._ticker: asyncio.Task[None] | None = None
+        self._closed = False
 
     def start(self) -> None:
         self._ticker = asyncio.create_task(self._tick_forever(), name="stats")
 
     async def close(self) -> None:
+        """Stop counting (the gateway drains or stops); idempotent. Stats-only viewers, which
+        are not in the hub, are told to reconnect elsewhere here."""
+        self._closed = True
         await cancel_and_wait([self._ticker, *(w.task for w in self._watches.values())])
         for watch in self._watches.values():
             if watch.viewer is not None:
                 self._feeds.leave(watch.viewer)
+            for viewer in watch.subscribers:
+                viewer.fail(CloseCode.SHUTTING_DOWN)
         self._watches.clear()
 
     # -- asking -----------------------------------------------------------------------------
@@ -113,7 +119,10 @@ class Analytics:
 
     def subscribe(self, site: Site, viewer: Viewer) -> None:
         """Push `stats` frames to `viewer`: one as soon as the counts are ready, then at most
-        one per PUSH_S while they change, until the viewer is closed."""
+        one per PUSH_S while they change, until the viewer is closed. Never raises: a viewer
+        that joins while the gateway drains simply gets no stats (it is told to go anyway)."""
+        if self._closed:
+            return
         watch = self._watch(site)
         watch.subscribers.append(viewer)
         if watch.ready.is_set():
@@ -122,6 +131,8 @@ class Analytics:
     # -- watching a site ---------------------------------------------------------------------
 
     def _watch(self, site: Site) -> _Watch:
+        if self._closed:
+            raise StatsUnavailable("the gateway is shutting down")
         watch = self._watches.get(site.id)
         if watch is None or watch.site.epoch != site.epoch:
             watch = self._watches[site.id] = _Watch(site)
@@ -146,6 +157,10 @@ class Analytics:
             except StorageUnavailable:
                 await asyncio.sleep(RETRY_S)
                 continue
+            except Exception:  # a bug, or a broker error: try again, do not stop counting
+                log.exception("stats could not join the feed", extra={"site": site.id})
+                await asyncio.sleep(RETRY_S)
+                continue
             watch.viewer = viewer
             watch.closed.clear()
             try:
@@ -154,6 +169,8 @@ class Analytics:
                     self._drain(watch)
                     watch.ready.set()
                     await watch.closed.wait()
+            except Exception:
+                log.exception("stats replay failed", extra={"site": site.id})
             finally:
                 self._feeds.leave(viewer)
                 watch.viewer = None

@@ -58,6 +58,7 @@ class GatewayState:
         """Stop accepting viewers, tell each to reconnect elsewhere, wait (bounded) for them
         to go."""
         self.draining = True
+        await self.analytics.close()  # its internal viewers would only join again
         for viewer in self.hub.viewers():
             viewer.fail(CloseCode.SHUTTING_DOWN)
         deadline = time.monotonic() + self.settings.drain_timeout_s

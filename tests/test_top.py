@@ -1,0 +1,82 @@
+"""`sitewire top`: the live aggregates in the terminal (#18)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from tests.clients import post_events
+from tests.processes import ROOT, AppProcess
+from tests.support import FAST, eventually, token
+from workers.top import Top, render, sparkline
+
+STATS: dict[str, Any] = {
+    "site": "example.com", "epoch": "9f8ba6a8", "window_minutes": 30, "offset": 7,
+    "complete": True, "visitors_now": 2, "visitors": 3, "pageviews": 6, "events": 7,
+    "per_minute": [
+        {"minute": "", "visitors": 0, "pageviews": n % 3, "events": 0} for n in range(30)
+    ],
+    "pages": [{"value": "/pricing", "count": 4}, {"value": "/", "count": 2}],
+    "entry_pages": [], "sources": [{"value": "(direct)", "count": 6}],
+    "countries": [{"value": "GB", "count": 6}], "devices": [], "browsers": [], "os": [],
+    "goals": [{"value": "Signup", "count": 1, "props": {"plan": [{"value": "pro", "count": 1}]}}],
+}  # fmt: skip
+
+
+def test_render_shows_totals_sparkline_lists_and_goal_props() -> None:
+    text = render(STATS, width=100)
+    assert "visitors now 2" in text and "pageviews 6" in text and "events 7" in text
+    assert sparkline([0, 1, 2]) == " ▄█" and sparkline([0, 0]) == "  "
+    assert re.search(r"^/pricing +4\b", text, re.MULTILINE)
+    assert "Signup.plan: pro 1" in text
+
+
+def test_json_mode_prints_one_object_per_update() -> None:
+    out = io.StringIO()
+    screen = Top(out, io.StringIO(), as_json=True, in_place=False)
+    screen.notice({"type": "welcome", "stats": "only"})
+    screen.notice({"type": "stats", "stats": STATS})
+    screen.notice({"type": "stats", "stats": {**STATS, "events": 8}})
+    assert [orjson.loads(line)["events"] for line in out.getvalue().splitlines()] == [7, 8]
+
+
+async def test_sitewire_top_follows_the_site(spawn: Callable[..., AppProcess], site: str) -> None:
+    ingest, gateway = spawn("ingest", **FAST), spawn("gateway", **FAST)
+    proc = start_top(site, "--json", "--gateway", gateway.url, "--token", token(site))
+    lines: list[dict[str, Any]] = []
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(orjson.loads(line))
+
+    reader = asyncio.create_task(asyncio.to_thread(read))
+    try:
+        await eventually(lambda: lines, timeout=20, what="a first stats object")
+        assert lines[0]["site"] == site and lines[0]["events"] == 0
+        await post_events(ingest.url, site, 4)
+        await eventually(lambda: lines[-1]["pageviews"] == 4, timeout=20, what="counted")
+    finally:
+        proc.terminate()
+        await asyncio.to_thread(proc.wait, 20)
+        await reader
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()
+        proc.stderr.close()
+    assert proc.returncode == 0
+
+
+def start_top(*args: str) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SITEWIRE_")}
+    return subprocess.Popen(
+        [sys.executable, "-m", "workers.cli", "top", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT,
+    )  # fmt: skip

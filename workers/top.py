@@ -1,0 +1,99 @@
+"""`sitewire top SITE`: a site's live aggregates in the terminal, redrawn in place on each
+`stats` frame (at most once a second), or one JSON object per update with --json. It streams
+with `stats=only` (docs/protocol.md, "Stats"): one small frame a second whatever the site's
+event rate."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import orjson
+
+from workers.tail import printable
+
+BARS = " ▁▂▃▄▅▆▇█"
+#: Entries shown per list.
+SHOWN = 5
+PANELS = (
+    ("Pages", "pages"), ("Sources", "sources"), ("Countries", "countries"),
+    ("Devices", "devices"), ("Browsers", "browsers"), ("OS", "os"),
+)  # fmt: skip
+
+
+@dataclass
+class Top:
+    out: TextIO
+    err: TextIO
+    as_json: bool
+    #: Redraw in place (a terminal); otherwise each update is printed after the last.
+    in_place: bool
+    updates: int = 0
+    _notices: list[str] = field(default_factory=list)
+
+    def event(self, event: dict[str, Any]) -> None:
+        """Never called: the stream carries no events with stats=only."""
+
+    def notice(self, notice: dict[str, Any]) -> None:
+        if notice["type"] == "stats":
+            self.stats(notice["stats"])
+        elif notice["type"] == "gap" and notice.get("recovered") is False:
+            self._notices.append("some events could not be recovered: counts may be low")
+
+    def stats(self, stats: dict[str, Any]) -> None:
+        self.updates += 1
+        if self.as_json:
+            self.out.write(orjson.dumps(stats).decode() + "\n")
+        else:
+            self.out.write(("\x1b[H\x1b[2J" if self.in_place else "") + render(stats) + "\n")
+        self.out.flush()
+
+
+def render(stats: dict[str, Any], width: int | None = None) -> str:
+    """The aggregates as text: totals, a sparkline of pageviews per minute, the top lists."""
+    width = width or shutil.get_terminal_size((80, 24)).columns
+    lines = [
+        f"{printable(stats['site'])}  last {stats['window_minutes']} min   "
+        f"visitors now {stats['visitors_now']}   visitors {stats['visitors']}   "
+        f"pageviews {stats['pageviews']}   events {stats['events']}",
+        f"pageviews/min  {sparkline([m['pageviews'] for m in stats['per_minute']])}  now",
+    ]
+    if not stats.get("complete", True):
+        lines.append("(some events could not be recovered: counts may be low)")
+    column = max(24, min(40, width // 3))
+    blocks = [_block(title, stats.get(key, []), column) for title, key in PANELS]
+    blocks.append(_goals(stats.get("goals", []), column))
+    per_row = max(1, width // (column + 2))
+    for first in range(0, len(blocks), per_row):
+        row = blocks[first : first + per_row]
+        for i in range(max(len(b) for b in row)):
+            cells = [(b[i] if i < len(b) else "").ljust(column) for b in row]
+            lines.append("  ".join(cells).rstrip())
+        lines.append("")
+    return "\n".join(lines).rstrip("\n")
+
+
+def sparkline(values: list[int]) -> str:
+    top = max(values, default=0)
+    if top == 0:
+        return BARS[0] * len(values)
+    return "".join(BARS[round(v * (len(BARS) - 1) / top)] for v in values)
+
+
+def _block(title: str, entries: list[dict[str, Any]], column: int) -> list[str]:
+    lines = [title]
+    for entry in entries[:SHOWN]:
+        count = str(entry["count"])
+        value = printable(str(entry["value"]))[: column - len(count) - 2]
+        lines.append(f"{value.ljust(column - len(count) - 1)} {count}")
+    return lines if entries else [title, "-"]
+
+
+def _goals(goals: list[dict[str, Any]], column: int) -> list[str]:
+    lines = _block("Goals", goals, column)
+    for goal in goals[:SHOWN]:
+        for prop, values in goal.get("props", {}).items():
+            shown = ", ".join(f"{printable(str(v['value']))} {v['count']}" for v in values[:3])
+            lines.append(f"  {printable(goal['value'])}.{printable(prop)}: {shown}"[:column])
+    return lines
