@@ -71,6 +71,9 @@ class StreamClient:
     #: The cursor of the last event handled; reconnects resume after it.
     cursor: str | None = None
     connections: int = 0
+    #: Told of each failed connection or lost stream: the gateway URL, why, and the seconds
+    #: until the next attempt (so a command can say what it is doing instead of going quiet).
+    on_retry: Callable[[str, str, float], None] = lambda url, why, delay: None
 
     def _url(self, attempt: int) -> str:
         base = self.gateways[attempt % len(self.gateways)].rstrip("/")
@@ -87,23 +90,29 @@ class StreamClient:
         failures = 0
         attempt = 0
         while not stop.is_set():
+            url = self._url(attempt)
+            why = "the stream ended"
             try:
-                await self._session(self._url(attempt), stop)
+                await self._session(url, stop)
                 failures = 0
             except StreamClosed as closed:
                 if not reconnectable(closed.code):
                     raise
                 failures += 1
-            except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed):
+                why = f"closed with {closed.code} {closed.reason}".rstrip()
+            except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed) as exc:
                 failures += 1
+                why = str(exc) or type(exc).__name__
             except InvalidURI:
                 raise
             attempt += 1
             if stop.is_set():
                 return
             delay = min(self.backoff_max_s, self.backoff_base_s * 2 ** min(failures, 8))
+            delay = random.uniform(delay / 2, delay)
+            self.on_retry(url.split("?", 1)[0], why, delay)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), random.uniform(delay / 2, delay))
+                await asyncio.wait_for(stop.wait(), delay)
 
     async def _session(self, url: str, stop: asyncio.Event) -> None:
         async with connect(url, max_size=None, open_timeout=5, close_timeout=1) as ws:

@@ -131,6 +131,8 @@ async def test_batch_has_a_result_per_item_and_bad_items_do_not_poison_it(
     assert r.status_code == 202
     results = r.json()["results"]
     assert [x["status"] for x in results] == [202, 400, 404, 400, 202]
+    # A success is the single endpoint's success object plus its status (docs/ingest.md).
+    assert set(results[0]) == {"status", "ok", "id", "cursor", "duplicate"} and results[0]["ok"]
     assert results[1]["error"] == {
         "code": "invalid_event",
         "message": "name is required and must be a non-empty string",
@@ -301,7 +303,7 @@ async def test_a_bot_batch_is_validated_and_its_valid_events_dropped(
     r = await ingest.post("/api/events", json=batch, headers={"User-Agent": "curl/8.5.0"})
     assert r.status_code == 202 and r.headers[DROPPED_HEADER] == "bot"
     results = r.json()["results"]
-    assert results[0] == results[2] == {"status": 202, "dropped": "bot"}
+    assert results[0] == results[2] == {"status": 202, "ok": True, "dropped": "bot"}
     assert results[1]["status"] == 400
     assert await rows(pool, site) == []
 

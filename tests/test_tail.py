@@ -98,6 +98,19 @@ async def test_tail_refuses_a_bad_token(spawn: Callable[..., AppProcess], site: 
     assert code == 1 and "code 4500" in err
 
 
+async def test_tail_says_what_it_does_when_the_gateway_is_unreachable() -> None:
+    """Pointed at a port nothing listens on, tail says on stderr which gateway failed and
+    when it tries again, instead of printing nothing."""
+    tail = TailProcess("example.com", "--gateway", "http://127.0.0.1:1", "--token", "t")
+    assert tail.proc.stderr is not None
+    first = await asyncio.wait_for(asyncio.to_thread(tail.proc.stderr.readline), 20)
+    code, _ = await tail.interrupt()
+    assert code == 0
+    line = first.decode()
+    assert line.startswith("! ws://127.0.0.1:1/v1/sites/example.com/stream: ")
+    assert "trying again in" in line
+
+
 def test_tail_needs_a_token() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SITEWIRE_")}
     result = subprocess.run(

@@ -76,6 +76,10 @@ class Printer:
         if kind == "delivery":
             self._warn(STORAGE_DELIVERY if notice.get("mode") == "storage" else LIVE_DELIVERY)
 
+    def retry(self, url: str, why: str, delay: float) -> None:
+        """A connection failed or the stream ended: say so, and when the next try is."""
+        self._warn(f"{url}: {printable(why)}; trying again in {delay:.1f} s")
+
     def _warn(self, text: str) -> None:
         self.err.write(self._c("warn", f"! {text}") + "\n")
         self.err.flush()
@@ -117,10 +121,13 @@ class Output(Protocol):
 
     def notice(self, notice: dict[str, Any]) -> None: ...
 
+    def retry(self, url: str, why: str, delay: float) -> None: ...
+
 
 def run(client: StreamClient, printer: Output) -> int:
     client.on_event = printer.event
     client.on_notice = printer.notice
+    client.on_retry = printer.retry
 
     async def main() -> int:
         stop = asyncio.Event()

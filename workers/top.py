@@ -41,6 +41,10 @@ class Top:
         elif notice["type"] == "gap" and notice.get("recovered") is False:
             self._notices.append("some events could not be recovered: counts may be low")
 
+    def retry(self, url: str, why: str, delay: float) -> None:
+        self.err.write(f"! {url}: {printable(why)}; trying again in {delay:.1f} s\n")
+        self.err.flush()
+
     def stats(self, stats: dict[str, Any]) -> None:
         self.updates += 1
         if self.as_json:

@@ -134,7 +134,10 @@ class Analytics:
         if self._closed:
             raise StatsUnavailable("the gateway is shutting down")
         watch = self._watches.get(site.id)
-        if watch is None or watch.site.epoch != site.epoch:
+        if watch is not None and watch.site.epoch != site.epoch:
+            self._stop(site.id, watch)  # the site was registered again: a new offset sequence
+            watch = None
+        if watch is None:
             watch = self._watches[site.id] = _Watch(site)
             watch.task = asyncio.create_task(self._run(watch), name=f"stats {site.id}")
         watch.used_at = asyncio.get_running_loop().time()
@@ -244,6 +247,7 @@ class Analytics:
                 self._push(watch, viewer, frame)
 
     def _stop(self, site_id: str, watch: _Watch) -> None:
+        """Stop watching: the task leaves the feed as it ends (its `finally`)."""
         del self._watches[site_id]
         if watch.task is not None:
             watch.task.cancel()

@@ -291,7 +291,7 @@ async def _store_batch(
         if reason is not None:
             state.metrics.dropped.labels(reason).inc(len(good))
             for i, _ in good:
-                results[i] = {"status": 202, "dropped": reason}
+                results[i] = {"status": 202, "ok": True, "dropped": reason}
             return [r for r in results if r is not None], reason
         outcomes = await _store(
             state, _enriched([e for _, e in good], client, salt, state.countries)
@@ -323,7 +323,7 @@ def _rejected(state: IngestState, exc: ApiError) -> dict[str, Any]:
 def _result(event: EventIn, outcome: Outcome) -> dict[str, Any]:
     if outcome is None:
         return {"status": 404, **unknown_site(event.site).body()}
-    return {"status": 202, **_accepted(outcome)}
+    return {"status": 202, "ok": True, **_accepted(outcome)}
 
 
 def _accepted(outcome: Stored) -> dict[str, Any]:
