@@ -2,6 +2,7 @@
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -56,6 +57,23 @@ def test_sitewire_run_on_embedded_servers(tmp_path: Path) -> None:
         assert len(ready) == 2, (tmp_path / "run.log").read_text()
         for body in ready.values():
             assert body["postgres"] == "ok" and body["redis"] == "ok"
+        # A second stack on the same data folder, or the same ports, is refused at once, in one
+        # line, before it starts anything.
+        for data, expected in (("data", "another local stack is running"), ("other", "is in use")):
+            began = time.monotonic()
+            second = subprocess.run(
+                [sys.executable, "-m", "workers.cli", "up", "--data-dir", str(tmp_path / data),
+                 "--ingest-port", str(ingest), "--gateway-port", str(gateway)],
+                env=env, capture_output=True, text=True, timeout=30,
+            )  # fmt: skip
+            took = time.monotonic() - began
+            assert second.returncode == 1 and expected in second.stderr, second.stderr
+            assert len(second.stderr.strip().splitlines()) == 1 and took < 10
+        # The banner's commands run as printed: its `sitewire` is one this shell finds.
+        banner = (tmp_path / "run.log").read_text()
+        for line in banner.splitlines():
+            if line.strip().startswith(("tail ", "top ")):
+                assert shutil.which(line.split()[1]) is not None, line
         # Two gateway replicas share one port (SO_REUSEPORT): connections reach both, as each
         # replica's own metrics, on the private ports the banner names, show.
         metrics = _banner_metrics(tmp_path / "run.log", deadline)

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import random
 import secrets
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TextIO
 
 import asyncpg
 
@@ -55,11 +59,14 @@ class Stack:
         self.replicas = {"ingest": ingests, "gateway": gateways}
         self._stoppers: list[EmbeddedPostgres | EmbeddedRedis] = []
         self._children: list[subprocess.Popen[bytes]] = []
+        #: Held for the stack's life: one stack per data folder.
+        self._lock: TextIO | None = None
         #: Each replica's private metrics port (app/web/health.py), by role.
         self.internal_ports: dict[str, list[int]] = {"ingest": [], "gateway": []}
 
     def run(self) -> None:
         signal.signal(signal.SIGTERM, _interrupt)
+        self._claim()  # before anything starts: one clear line if this stack is already up
         try:
             env = self._prepare()
             self._start_children(env)
@@ -70,6 +77,27 @@ class Stack:
             print("\nstopping...", flush=True)
         finally:
             self._stop()
+
+    def _claim(self) -> None:
+        """Refuse at once, with one line, when the data folder is another stack's (a lock held
+        for this process's life) or a port is taken; nothing has been started yet."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = (self.data_dir / "stack.lock").open("w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(
+                f"sitewire: another local stack is running on {self.data_dir}; stop it first "
+                "(Ctrl-C where it runs), or use --data-dir for a second one"
+            ) from None
+        for name, port in (
+            ("--ingest-port", self.ingest_port),
+            ("--gateway-port", self.gateway_port),
+        ):
+            if not _port_free(port):
+                raise SystemExit(
+                    f"sitewire: port {port} is in use; stop what holds it, or choose {name}"
+                )
 
     def _prepare(self) -> dict[str, str]:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -134,7 +162,9 @@ class Stack:
             f"  metrics   {self._metrics_urls()}\n"
             f"  demo site {DEMO_SITE}" + (" receiving demo traffic" if self.demo else "") + "\n"
             f"\n  dashboard http://127.0.0.1:{g}/dashboard/{DEMO_SITE}?token={token}\n"
-            f"  tail      sitewire tail {DEMO_SITE} --gateway http://127.0.0.1:{g} "
+            f"  tail      {_sitewire()} tail {DEMO_SITE} --gateway http://127.0.0.1:{g} "
+            f"--token {token}\n"
+            f"  top       {_sitewire()} top {DEMO_SITE} --gateway http://127.0.0.1:{g} "
             f"--token {token}\n"
             "\nPress Ctrl-C to stop.\n",
             flush=True,
@@ -167,6 +197,31 @@ class Stack:
                 child.kill()
         for server in reversed(self._stoppers):
             server.stop()
+
+
+def _sitewire() -> str:
+    """The `sitewire` command as this shell can run it: plain `sitewire` when it is on the
+    PATH, else the virtualenv's script (relative to here when it is below this folder)."""
+    script = Path(sys.executable).with_name("sitewire")
+    found = shutil.which("sitewire")
+    if found is not None and Path(found).resolve() == script.resolve():
+        return "sitewire"
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
+
+
+def _port_free(port: int) -> bool:
+    """Whether nothing listens on `port` (a connection still in TIME_WAIT does not count, as
+    the servers themselves bind with SO_REUSEADDR)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _interrupt(signum: int, frame: object) -> None:
