@@ -31,7 +31,7 @@ def test_sitewire_run_on_embedded_servers(tmp_path: Path) -> None:
                 "workers.cli",
                 "run",
                 "--data-dir",
-                str(tmp_path / "data"),
+                str(tmp_path / ".sitewire"),
                 "--ingest-port",
                 str(ingest),
                 "--gateway-port",
@@ -59,7 +59,7 @@ def test_sitewire_run_on_embedded_servers(tmp_path: Path) -> None:
             assert body["postgres"] == "ok" and body["redis"] == "ok"
         # A second stack on the same data folder, or the same ports, is refused at once, in one
         # line, before it starts anything.
-        for data, expected in (("data", "another local stack is running"), ("other", "is in use")):
+        for data, expected in ((".sitewire", "another local stack is running"), ("b", "is in use")):
             began = time.monotonic()
             second = subprocess.run(
                 [sys.executable, "-m", "workers.cli", "up", "--data-dir", str(tmp_path / data),
@@ -69,6 +69,15 @@ def test_sitewire_run_on_embedded_servers(tmp_path: Path) -> None:
             took = time.monotonic() - began
             assert second.returncode == 1 and expected in second.stderr, second.stderr
             assert len(second.stderr.strip().splitlines()) == 1 and took < 10
+        # Commands typed beside the stack, in its folder, with no variable set, reach it.
+        bare = {k: v for k, v in env.items() if not k.startswith("SITEWIRE_")}
+        for args in (["sites", "create", "example.com"], ["sites", "token", "example.com"]):
+            done = subprocess.run(
+                [sys.executable, "-m", "workers.cli", *args],
+                env=bare, capture_output=True, text=True, timeout=60, cwd=tmp_path,
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            assert "using the local stack in .sitewire" in done.stderr
         # The banner's commands run as printed: its `sitewire` is one this shell finds.
         banner = (tmp_path / "run.log").read_text()
         for line in banner.splitlines():
@@ -79,7 +88,7 @@ def test_sitewire_run_on_embedded_servers(tmp_path: Path) -> None:
         metrics = _banner_metrics(tmp_path / "run.log", deadline)
         assert len(metrics["gateway"]) == 2 and len(metrics["ingest"]) == 1
         assert httpx.get(f"http://127.0.0.1:{gateway}/metrics", timeout=1).status_code == 404
-        secret = (tmp_path / "data" / "secret").read_text().strip()
+        secret = (tmp_path / ".sitewire" / "secret").read_text().strip()
         streams = _open_streams(gateway, tokens.issue(secret, DEMO_SITE, 600), 16)
         try:
             counts: list[float] = []
@@ -104,7 +113,7 @@ def test_sitewire_run_on_embedded_servers(tmp_path: Path) -> None:
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
     # Data stays in the local folder for the next run.
-    assert (tmp_path / "data" / "postgres" / "PG_VERSION").exists()
+    assert (tmp_path / ".sitewire" / "postgres" / "PG_VERSION").exists()
 
 
 def _banner_metrics(log: Path, deadline: float) -> dict[str, list[str]]:

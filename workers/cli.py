@@ -27,6 +27,17 @@ def _settings() -> Settings:
         raise click.ClickException(f"configuration error: {exc}") from None
 
 
+def _client_settings() -> Settings:
+    """Settings for a command typed beside a running `sitewire run`: the variables not set
+    come from that stack (workers/local.py), and the command says so."""
+    from workers import local
+
+    stack = local.fill_environ()
+    if stack is not None:
+        click.echo(f"using the local stack in {stack.data_dir} (sitewire run)", err=True)
+    return _settings()
+
+
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(coro)
@@ -52,7 +63,7 @@ def main() -> None:
 @main.command()
 def migrate() -> None:
     """Apply pending database migrations."""
-    dsn = _require(_settings().database_url, "DATABASE_URL")
+    dsn = _require(_client_settings().database_url, "DATABASE_URL")
 
     try:
         applied = _run(migrations.migrate(dsn))
@@ -71,7 +82,7 @@ def sites() -> None:
 @click.option("--domain", "domains", multiple=True, help="Another host allowed to post events.")
 def sites_create(site: str, domains: tuple[str, ...]) -> None:
     """Register SITE (a lowercase domain such as example.com)."""
-    dsn = _require(_settings().database_url, "DATABASE_URL")
+    dsn = _require(_client_settings().database_url, "DATABASE_URL")
 
     try:
         created = _run(_with_connection(dsn, lambda conn: create_site(conn, site, domains)))
@@ -85,7 +96,7 @@ def sites_create(site: str, domains: tuple[str, ...]) -> None:
 @sites.command("list")
 def sites_list() -> None:
     """List registered sites."""
-    dsn = _require(_settings().database_url, "DATABASE_URL")
+    dsn = _require(_client_settings().database_url, "DATABASE_URL")
 
     for s in _run(_with_connection(dsn, list_sites)):
         extra = f"  domains={','.join(s.domains)}" if s.domains else ""
@@ -106,7 +117,7 @@ def sites_token(site: str, ttl: int) -> None:
     from app import tokens
     from app.store.sites import is_valid_site_id
 
-    secret = _require(_settings().secret, "SITEWIRE_SECRET")
+    secret = _require(_client_settings().secret, "SITEWIRE_SECRET")
     if not is_valid_site_id(site):
         raise click.BadParameter(f"invalid site id {site!r}", param_hint="SITE")
     click.echo(tokens.issue(secret, site, ttl))
@@ -230,7 +241,7 @@ def _viewer(site: str, gateways: tuple[str, ...], token: str | None) -> tuple[li
     from app.client import DEFAULT_GATEWAY, gateway_url, gateway_urls
 
     token = token or os.environ.get("SITEWIRE_TOKEN") or None
-    settings = _settings()
+    settings = _client_settings()
     if not token and settings.secret:
         token = tokens.issue(settings.secret, site, 12 * 3600)
     if not token:

@@ -29,6 +29,7 @@ from app.settings import Settings
 from app.store.migrate import migrate
 from app.store.sites import SiteExists, create_site
 from workers.embedded import EmbeddedPostgres, EmbeddedRedis, MissingLocalExtra, free_port
+from workers.local import LOCK_FILE, STATE_FILE, LocalStack
 
 try:
     import httpx  # the `local` extra, as are the embedded servers: not in the production image
@@ -82,7 +83,7 @@ class Stack:
         """Refuse at once, with one line, when the data folder is another stack's (a lock held
         for this process's life) or a port is taken; nothing has been started yet."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._lock = (self.data_dir / "stack.lock").open("w")
+        self._lock = (self.data_dir / LOCK_FILE).open("w")
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -117,6 +118,9 @@ class Stack:
         asyncio.run(_migrate_and_seed(database_url, self.demo))
         env = dict(os.environ)
         env.update(DATABASE_URL=database_url, REDIS_URL=redis_url, SITEWIRE_SECRET=secret)
+        # Lets the commands typed beside this stack find it (workers/local.py).
+        gateway = f"http://127.0.0.1:{self.gateway_port}"
+        LocalStack(self.data_dir, database_url, redis_url, secret, gateway).write()
         return env
 
     def _stored_secret(self) -> str:
@@ -197,6 +201,7 @@ class Stack:
                 child.kill()
         for server in reversed(self._stoppers):
             server.stop()
+        (self.data_dir / STATE_FILE).unlink(missing_ok=True)
 
 
 def _sitewire() -> str:
