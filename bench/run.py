@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import hiredis
@@ -36,6 +35,7 @@ from redis.asyncio.connection import parse_url
 from app import tokens
 from app.broker.redis import PUBLISH_SCRIPT
 from app.names import Names
+from app.servers.postgres import create_database, drop_database
 from app.store.migrate import migrate
 from app.store.sites import create_site
 from bench.loadgen import paced_post, percentile
@@ -487,32 +487,12 @@ async def delete_keys(redis_url: str, prefix: str) -> None:
         await client.aclose()
 
 
-async def fresh_database(admin_dsn: str) -> str:
-    """A new, empty database of this run's own on the server of `admin_dsn`; its DSN."""
-    name = f"sw_bench_{secrets.token_hex(4)}"
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    return urlunsplit(urlsplit(admin_dsn)._replace(path=f"/{name}"))
-
-
-async def drop_database(admin_dsn: str, dsn: str) -> None:
-    name = urlsplit(dsn).path.lstrip("/")
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
-
-
 async def run(quick: bool, out: Path, only: set[str]) -> list[Row]:
     scratch = RESULTS / "scratch"
     scratch.mkdir(parents=True, exist_ok=True)
     rows: list[Row] = []
     with servers(scratch) as (admin_dsn, redis_url):
-        dsn = await fresh_database(admin_dsn)
+        dsn = await create_database(admin_dsn, "sw_bench")
         await migrate(dsn)
         env = Env(dsn, redis_url, f"bench{secrets.token_hex(3)}", scratch)
         try:

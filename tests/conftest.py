@@ -14,11 +14,12 @@ import redis
 import redis.asyncio as aioredis
 
 from app.names import Names
+from app.servers.postgres import drop_database
 from app.settings import Settings
 from app.store.sites import create_site
 from tests.disposable import DisposablePostgres
 from tests.processes import AppProcess
-from tests.servers import Servers, choose_servers, create_database, drop_database, postgres_root
+from tests.servers import Servers, choose_servers, create_database, postgres_root
 from tests.support import SECRET, env_for
 from workers.embedded import EmbeddedRedis
 

@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
-
+from app.servers import postgres
 from app.store.migrate import migrate
 from workers.embedded import EmbeddedPostgres, EmbeddedRedis
 
@@ -29,11 +26,6 @@ class Servers:
     admin_dsn: str  # a database we may CREATE DATABASE from
     redis_url: str
     how: str  # where each came from, for the report header
-
-
-def with_database(dsn: str, name: str) -> str:
-    parts = urlsplit(dsn)
-    return urlunsplit(parts._replace(path=f"/{name}"))
 
 
 def _docker_answers() -> bool:
@@ -88,21 +80,6 @@ def choose_servers(scratch: Path) -> Iterator[Servers]:
 
 async def create_database(admin_dsn: str, prefix: str = "sw_test") -> str:
     """Create and migrate a fresh database; return its DSN."""
-    name = f"{prefix}_{secrets.token_hex(4)}"
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    dsn = with_database(admin_dsn, name)
+    dsn = await postgres.create_database(admin_dsn, prefix)
     await migrate(dsn)
     return dsn
-
-
-async def drop_database(admin_dsn: str, dsn: str) -> None:
-    name = urlsplit(dsn).path.lstrip("/")
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()

@@ -6,19 +6,15 @@ import asyncpg
 import pytest
 
 from app.errors import ChecksumMismatch
+from app.servers.postgres import create_database, drop_database, with_database
 from app.store.migrate import MIGRATIONS_DIR, load, migrate
-from tests.servers import Servers, create_database, drop_database, with_database
+from tests.servers import Servers
 
 
 @pytest.fixture
 async def empty_db(servers: Servers) -> AsyncIterator[str]:
-    """A database with nothing in it (create_database migrates, so build one by hand)."""
+    """A database with nothing in it (not even migrated)."""
     dsn = await create_database(servers.admin_dsn, "sw_mig")
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
-    finally:
-        await conn.close()
     yield dsn
     await drop_database(servers.admin_dsn, dsn)
 

@@ -15,9 +15,10 @@ import orjson
 import pytest
 
 from app.schema import COLUMNS, NAMES, NewEvent
+from app.servers.postgres import drop_database
 from app.store.migrate import MIGRATIONS_DIR, migrate
 from app.store.sites import create_site
-from tests.servers import Servers, create_database, drop_database
+from tests.servers import Servers, create_database
 
 
 async def test_the_schema_is_the_events_table_and_new_event(pool: asyncpg.Pool) -> None:

@@ -25,6 +25,7 @@ from typing import TextIO
 import asyncpg
 
 from app import tokens
+from app.servers.postgres import with_database
 from app.settings import Settings
 from app.store.migrate import migrate
 from app.store.sites import SiteExists, create_site
@@ -241,7 +242,7 @@ async def _ensure_database(admin_dsn: str, name: str) -> str:
             await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
         await conn.close()
-    return admin_dsn.replace("/postgres?", f"/{name}?", 1)
+    return with_database(admin_dsn, name)
 
 
 async def _migrate_and_seed(dsn: str, demo: bool) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
@@ -42,3 +44,30 @@ async def probe_postgres(pool: asyncpg.Pool) -> Status:
         return "ok"
     except STORAGE_ERRORS:
         return "unavailable"
+
+
+def with_database(dsn: str, name: str) -> str:
+    """`dsn` pointed at database `name` (its query, a socket directory included, kept)."""
+    return urlunsplit(urlsplit(dsn)._replace(path=f"/{name}"))
+
+
+async def create_database(admin_dsn: str, prefix: str) -> str:
+    """A new, empty database named `prefix_<random>` on the server of `admin_dsn`; its DSN.
+    For tests and the bench, which each want a database of their own."""
+    name = f"{prefix}_{secrets.token_hex(4)}"
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return with_database(admin_dsn, name)
+
+
+async def drop_database(admin_dsn: str, dsn: str) -> None:
+    """Drop the database of `dsn`, closing its connections."""
+    name = urlsplit(dsn).path.lstrip("/")
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
