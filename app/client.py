@@ -48,6 +48,11 @@ def gateway_url(raw: str) -> str:
     return url
 
 
+class HandlerFailed(Exception):
+    """`on_event` or `on_notice` raised (its error is the cause). Not a connection problem:
+    the client stops instead of reconnecting (a closed stdout must end `sitewire tail`)."""
+
+
 class StreamClosed(Exception):
     """The server closed the stream with a do-not-reconnect code."""
 
@@ -134,7 +139,11 @@ class StreamClient:
                         if code is not None and code >= 4000:
                             raise StreamClosed(code, ws.close_reason or "") from None
                         raise
-                    self._handle(orjson.loads(raw))
+                    message = orjson.loads(raw)
+                    try:
+                        self._handle(message)
+                    except Exception as exc:
+                        raise HandlerFailed(repr(exc)) from exc
             finally:
                 stopper.cancel()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import signal
@@ -109,6 +110,32 @@ async def test_tail_says_what_it_does_when_the_gateway_is_unreachable() -> None:
     line = first.decode()
     assert line.startswith("! ws://127.0.0.1:1/v1/sites/example.com/stream: ")
     assert "trying again in" in line
+
+
+async def test_tail_stops_quietly_when_its_reader_goes_away(
+    spawn: Callable[..., AppProcess], site: str
+) -> None:
+    """`sitewire tail | head -1`: once head has gone, tail's next write meets a broken pipe and
+    tail exits 0, instead of taking it for a lost gateway and reconnecting forever."""
+    ingest, gateway = spawn("ingest", **FAST), spawn("gateway", **FAST)
+    await post_events(ingest.url, site, 1)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SITEWIRE_")}
+    tail = (
+        f"{sys.executable} -m workers.cli tail {site} --gateway {gateway.url} --token {token(site)}"
+    )
+    pipeline = await asyncio.create_subprocess_exec(
+        "bash", "-c", f"set -o pipefail; {tail} --last 1 | head -1",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env, cwd=ROOT,
+    )  # fmt: skip
+    sent = 1
+    while pipeline.returncode is None and sent < 200:  # keep tail writing until it stops
+        await post_events(ingest.url, site, 1, start=sent)
+        sent += 1
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(pipeline.wait(), 0.1)
+    out, err = await asyncio.wait_for(pipeline.communicate(), 20)
+    assert pipeline.returncode == 0, err.decode()
+    assert len(out.decode().splitlines()) == 1 and b"trying again" not in err
 
 
 def test_tail_needs_a_token() -> None:

@@ -8,6 +8,7 @@ recovery was incomplete, and exits cleanly on Ctrl-C.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import sys
@@ -17,7 +18,7 @@ from typing import Any, Protocol, TextIO
 
 import orjson
 
-from app.client import StreamClient, StreamClosed
+from app.client import HandlerFailed, StreamClient, StreamClosed
 
 COLOURS = {"name": "\033[36m", "dim": "\033[2m", "warn": "\033[33m", "reset": "\033[0m"}
 
@@ -139,6 +140,12 @@ def run(client: StreamClient, printer: Output) -> int:
         except StreamClosed as closed:
             printer.err.write(f"sitewire: {closed.reason or 'closed'} (code {closed.code})\n")
             return 1
+        except HandlerFailed as failed:
+            if not isinstance(failed.__cause__, BrokenPipeError):
+                raise
+            # The reader went away (`| head`): stop quietly, and keep Python's own flush at
+            # exit from failing on the same pipe.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
 
     return asyncio.run(main())
