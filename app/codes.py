@@ -37,6 +37,7 @@ class ErrorCode(Enum):
     HEADERS_TOO_LARGE = ("headers_too_large", 431)
     INTERNAL = ("internal", 500)
     STORAGE_UNAVAILABLE = ("storage_unavailable", 503)
+    BUSY = ("busy", 503)
 
 
 class CloseCode(IntEnum):
@@ -48,6 +49,7 @@ class CloseCode(IntEnum):
     INTERNAL = 4002  # unexpected server error
     STALE = 4003  # no pong within the timeout
     STORAGE_UNAVAILABLE = 4004  # a resume needs storage that does not answer: resume later
+    BUSY = 4005  # a bound of this gateway is reached (filtered stats in use): try again later
     # 4500-4999: do not reconnect without fixing the cause.
     UNAUTHORIZED = 4500  # token missing, forged, expired or for another site
     UNKNOWN_SITE = 4501  # no such site

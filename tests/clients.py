@@ -165,6 +165,8 @@ class SseViewer(Viewer):
             self.ids.append(event_id)
         else:
             self.notices.append(body)
+            if event_id is not None:  # a notice that moves the cursor (`sampled`)
+                self.ids.append(event_id)
             if kind == "close":
                 self.close_code = body["code"]
 
@@ -187,6 +189,18 @@ async def post_events(ingest_url: str, site: str, count: int, start: int = 0) ->
             assert r.status_code == 202, r.text
             cursors.append(r.json()["cursor"])
     return cursors
+
+
+async def post_batches(ingest_url: str, site: str, count: int, per_batch: int = 100) -> None:
+    """`count` pageviews in batches (fast: a burst for a stream to keep up with)."""
+    async with httpx.AsyncClient(headers={"User-Agent": BROWSER}, timeout=30) as client:
+        for first in range(0, count, per_batch):
+            batch = [
+                {"site": site, "name": "pageview", "url": f"https://{site}/b/{i}"}
+                for i in range(first, min(count, first + per_batch))
+            ]
+            r = await client.post(f"{ingest_url}/api/events", json=batch)
+            assert r.status_code == 202 and all(x["status"] == 202 for x in r.json()["results"])
 
 
 async def post_large(ingest_url: str, site: str, count: int, size: int) -> None:

@@ -19,7 +19,7 @@ import pytest
 
 from app.store.sites import create_site
 from app.web.assets import Asset
-from tests.clients import post_events
+from tests.clients import post_batches, post_events
 from tests.processes import ROOT, AppProcess
 from tests.support import FAST, SECRET, eventually, token, unavailable
 from workers.embedded import free_port
@@ -261,12 +261,28 @@ async def test_dashboard_shows_live_events_and_resumes_after_a_cut(
             assert len(paths) == 6  # and nothing twice
             # The chart moved with the new pageviews (counted by the replacement gateway).
             await dashboard.wait_for_function(f"({CHART_SUM}) === 5")
-            # A page in a panel filters the log.
+            # A page in a panel filters the log and the panels: the numbers of that page
+            # alone, as the server counts them (GET /stats?page=/checkout).
             await dashboard.click("[data-testid=pages] li[data-filter='/checkout']")
             assert await wait_rows(dashboard, 1) == ["/checkout"]
+            await dashboard.wait_for_selector("[data-testid=filters] .chip[data-filter=page]")
+            await dashboard.wait_for_function(
+                "document.querySelector('[data-testid=pageviews]').textContent === '1'"
+            )
+            only = await _stats(replacement, shop, page="/checkout")
+            assert only["pageviews"] == 1 and only["filters"] == {"page": "/checkout"}
+            assert await _panel(dashboard, "pages") == [p["value"] for p in only["pages"]]
+            assert await _panel(dashboard, "sources") == [s["value"] for s in only["sources"]]
             await dashboard.fill("[data-testid=filter]", "checkout")
             assert await wait_rows(dashboard, 1) == ["/checkout"]
             await dashboard.fill("[data-testid=filter]", "")
+            await dashboard.screenshot(path=str(artifacts / "dashboard-filtered.png"))
+            # Removing the filter brings every event back, in the log and the panels.
+            await dashboard.click("[data-testid=filters] .chip button")
+            await dashboard.wait_for_function(
+                "document.querySelector('[data-testid=pageviews]').textContent === '5'"
+            )
+            assert len(await wait_rows(dashboard, 6)) == 6
             await dashboard.screenshot(path=str(artifacts / "dashboard.png"))
             await dashboard.set_viewport_size({"width": 390, "height": 800})
             await dashboard.screenshot(path=str(artifacts / "dashboard-phone.png"))
@@ -293,9 +309,51 @@ async def test_dashboard_explains_a_missing_or_expired_token(
     await context.close()
 
 
-async def _stats(gateway: AppProcess, site: str) -> dict[str, Any]:
+async def test_a_fast_stream_switches_the_log_to_a_sample_and_back(
+    spawn: Callable[..., AppProcess], browser: Browser, site: str, artifacts: Path
+) -> None:
+    """More events than a person can read: the log shows a sample and says so, while the
+    numbers still count every event; when the rate falls, every event is shown again."""
+    ingest = spawn("ingest", **FAST)
+    gateway = spawn("gateway", **FAST)
+    context = await browser.new_context(viewport={"width": 1100, "height": 700})
+    dashboard = await context.new_page()
+    await dashboard.goto(f"{gateway.url}/dashboard/{site}?token={token(site)}")
+    await dashboard.wait_for_selector("[data-testid=status][data-state=live]")
+    total = 3000
+    await post_batches(ingest.url, site, total)
+    await dashboard.wait_for_selector("[data-testid=sampling].show")
+    assert "sample" in await dashboard.inner_text("[data-testid=sampling]")
+    await dashboard.wait_for_function(
+        f"document.querySelector('[data-testid=events]').textContent === '{total}'",
+        timeout=20_000,
+    )
+    shown = await dashboard.eval_on_selector_all("[data-testid=rows] tr", "els => els.length")
+    assert shown < total / 4  # a sample, not the lot
+    await dashboard.screenshot(path=str(artifacts / "dashboard-sampled.png"))
+    # Calm again: the dashboard goes back to every event by itself.
+    await dashboard.wait_for_selector(
+        "[data-testid=sampling]:not(.show)", state="attached", timeout=15_000
+    )
+    await post_events(ingest.url, site, 2, start=9000)
+    await dashboard.wait_for_function(  # both shown: no sample any more
+        "[...document.querySelectorAll('[data-testid=rows] td.path')].slice(0, 2)"
+        ".map(td => td.textContent).join() === '/p/9001,/p/9000'"
+    )
+    await context.close()
+
+
+async def _panel(page: Page, name: str) -> list[str]:
+    values: list[str] = await page.eval_on_selector_all(
+        f"[data-testid={name}] li .v", "els => els.map(e => e.textContent)"
+    )
+    return values
+
+
+async def _stats(gateway: AppProcess, site: str, **filters: str) -> dict[str, Any]:
+    params = {"token": token(site), **filters}
     async with httpx.AsyncClient(timeout=15) as client:
-        r = await client.get(f"{gateway.url}/v1/sites/{site}/stats", params={"token": token(site)})
+        r = await client.get(f"{gateway.url}/v1/sites/{site}/stats", params=params)
     assert r.status_code == 200, r.text
     body: dict[str, Any] = r.json()
     return body

@@ -17,8 +17,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from app.broker.memory import MemoryBroker
+from app.gateway import analytics as analytics_module
 from app.gateway.aggregates import SiteStats
-from app.gateway.analytics import Analytics
+from app.gateway.analytics import Analytics, StatsBusy
 from app.gateway.feed import Feeds
 from app.gateway.hub import EVENT, Hub, Viewer
 from app.gateway.metrics import DeliveryStats, GatewayMetrics
@@ -75,13 +76,24 @@ async def post_mix(ingest: str, site: str) -> int:
     return len(mix(site))
 
 
-async def recomputed(pool: asyncpg.Pool, site: str) -> dict[str, Any]:
-    """The same aggregates, recomputed with SQL over the events table."""
+def source(row: asyncpg.Record) -> str:
+    utm = parse_qs(urlsplit(row["url"]).query).get("utm_source")
+    return utm[0].lower() if utm else row["referrer_host"] or "(direct)"
+
+
+async def recomputed(
+    pool: asyncpg.Pool, site: str, filters: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """The same aggregates, recomputed with SQL over the events table (of the events whose
+    path, source or country equal `filters`)."""
     since = datetime.now(UTC) - timedelta(minutes=29)
     since = since.replace(second=0, microsecond=0)
     rows = await pool.fetch(
         "SELECT * FROM events WHERE site = $1 AND ts >= $2 ORDER BY site_offset", site, since
     )
+    labels = {"page": lambda r: r["path"], "source": source, "country": lambda r: r["country"]}
+    for name, value in (filters or {}).items():
+        rows = [r for r in rows if labels[name](r) == value]
     views = [r for r in rows if r["name"] == "pageview"]
 
     def top(values: list[Any]) -> list[dict[str, Any]]:
@@ -90,11 +102,6 @@ async def recomputed(pool: asyncpg.Pool, site: str) -> dict[str, Any]:
         return [{"value": v, "count": n} for v, n in ranked]
 
     goals = Counter(r["name"] for r in rows if r["name"] != "pageview")
-
-    def source(row: asyncpg.Record) -> str:
-        utm = parse_qs(urlsplit(row["url"]).query).get("utm_source")
-        return utm[0].lower() if utm else row["referrer_host"] or "(direct)"
-
     return {
         "sources": top([source(r) for r in views]),
         "events": len(rows),
@@ -127,9 +134,12 @@ def stack(
     return ingest, spawn("gateway", **FAST), spawn("gateway", **FAST)
 
 
-async def get_stats(gateway: AppProcess, site: str) -> dict[str, Any]:
+async def get_stats(
+    gateway: AppProcess, site: str, filters: dict[str, str] | None = None
+) -> dict[str, Any]:
+    params = {"token": token(site), **(filters or {})}
     async with httpx.AsyncClient(timeout=15) as client:
-        r = await client.get(f"{gateway.url}/v1/sites/{site}/stats", params={"token": token(site)})
+        r = await client.get(f"{gateway.url}/v1/sites/{site}/stats", params=params)
     assert r.status_code == 200, r.text
     assert r.headers["cache-control"] == "no-store"
     body: dict[str, Any] = r.json()
@@ -163,9 +173,42 @@ async def test_stats_equal_a_sql_recomputation_on_every_gateway(
     assert s1["complete"] is True and s1["site"] == site
 
 
-async def _at_offset(gateway: AppProcess, site: str, offset: int) -> dict[str, Any] | None:
-    body = await get_stats(gateway, site)
+async def _at_offset(
+    gateway: AppProcess, site: str, offset: int, filters: dict[str, str] | None = None
+) -> dict[str, Any] | None:
+    body = await get_stats(gateway, site, filters)
     return body if body["offset"] == offset else None
+
+
+async def test_filtered_stats_equal_a_filtered_sql_recomputation(
+    stack: tuple[AppProcess, AppProcess, AppProcess], pool: asyncpg.Pool, site: str
+) -> None:
+    """Click a page, a source or a country: the panels count only the matching events, on the
+    stream and in `GET /stats`, the same on every gateway."""
+    ingest, g1, g2 = stack
+    pricing = {"page": "/pricing"}
+    watching = await WsViewer.open(g1.ws_url, site, token(site), "&stats=only&page=%2Fpricing")
+    try:
+        count = await post_mix(ingest.url, site)
+        for filters in (pricing, {"country": "GB", "source": "(direct)"}, {"page": "/nowhere"}):
+            expected = await recomputed(pool, site, filters)
+            for gateway in (g1, g2):
+                body = await eventually(
+                    lambda g=gateway, f=filters: _at_offset(g, site, count, f),  # type: ignore[misc]
+                    timeout=10,
+                    what=f"stats of {filters}",
+                )
+                assert comparable(body) == expected and body["filters"] == filters
+        assert expected["events"] == 0  # /nowhere: nothing matches, every offset counted
+        frame = await eventually(
+            lambda: [f for f in _stats_frames(watching) if f["offset"] == count],
+            timeout=10,
+            what="filtered stats frame",
+        )
+        assert comparable(frame[-1]) == await recomputed(pool, site, pricing)
+        assert frame[-1]["filters"] == pricing and frame[-1]["pages"][0]["value"] == "/pricing"
+    finally:
+        await watching.close()
 
 
 async def test_stats_frames_on_the_stream_and_stats_only(
@@ -243,6 +286,11 @@ async def test_a_bad_stats_parameter_is_refused(
     assert r.status_code == 400 and r.json()["error"]["field"] == "stats"
     ws = await WsViewer.open(g1.ws_url, site, token(site), "&stats=yes")
     assert await ws.wait_closed() == 4502
+    async with httpx.AsyncClient() as client:
+        r = await client.get(
+            f"{g1.url}/v1/sites/{site}/stats", params={"token": token(site), "country": ""}
+        )
+    assert r.status_code == 400 and r.json()["error"]["field"] == "country"
 
 
 def test_site_stats_count_a_known_mix() -> None:
@@ -282,6 +330,22 @@ def test_site_stats_count_a_known_mix() -> None:
         "events": 1,
     }
     assert stats.snapshot(now + timedelta(minutes=10))["visitors_now"] == 0
+
+
+def test_filtered_site_stats_count_only_the_matching_events() -> None:
+    stats = SiteStats(filters=(("page", "/a"), ("country", "GB")))
+    now = datetime(2026, 11, 29, 12, 30, 10, tzinfo=UTC)
+    ts = now.isoformat().replace("+00:00", "Z")
+    rows = [("/a", "GB", "pageview"), ("/a", "US", "pageview"), ("/b", "GB", "pageview")]
+    rows += [("/a", "GB", "Signup"), ("/a", None, "pageview")]
+    for offset, (path, country, name) in enumerate(rows, start=1):
+        event = {"ts": ts, "visitor": str(offset), "name": name, "path": path}
+        stats.add({**event, "country": country}, offset)
+    body = stats.snapshot(now)
+    assert (body["events"], body["pageviews"], body["visitors"]) == (2, 1, 2)
+    assert body["offset"] == 5  # every event moves the offset, matched or not
+    assert body["filters"] == {"page": "/a", "country": "GB"}
+    assert body["countries"] == [{"value": "GB", "count": 1}]
 
 
 @dataclasses.dataclass
@@ -339,3 +403,29 @@ async def test_a_failure_in_counting_stops_the_stats_not_the_stream(
     finally:
         await analytics.close()
         feeds.leave(viewer)
+
+
+async def test_filtered_stats_are_bounded_per_gateway(
+    gateway: Gateway, pool: asyncpg.Pool, site: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At most MAX_FILTERED filtered watches: an unused one makes room, one that a viewer
+    subscribes to does not, and then a new filter is refused (busy) until one is free."""
+    monkeypatch.setattr(analytics_module, "MAX_FILTERED", 1)
+    analytics = Analytics(gateway.feeds, gateway.replayer, 1 << 20)
+    analytics.start()
+    found = await get_site(pool, site)
+    assert found is not None
+    a, b = (("page", "/a"),), (("page", "/b"),)
+    viewer = Viewer(site, found.epoch, 1 << 20, lambda: None)
+    try:
+        assert (await analytics.body(found, a))["filters"] == {"page": "/a"}
+        assert (await analytics.body(found, b))["filters"] == {"page": "/b"}  # /a made room
+        analytics.subscribe(found, viewer, b)
+        with pytest.raises(StatsBusy):
+            await analytics.body(found, a)
+        with pytest.raises(StatsBusy):
+            analytics.check_room(found, a)
+        analytics.check_room(found, b)  # the one in use is served
+        assert (await analytics.body(found))["filters"] == {}  # unfiltered: never bounded here
+    finally:
+        await analytics.close()

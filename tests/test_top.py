@@ -50,28 +50,46 @@ def test_json_mode_prints_one_object_per_update() -> None:
 
 async def test_sitewire_top_follows_the_site(spawn: Callable[..., AppProcess], site: str) -> None:
     ingest, gateway = spawn("ingest", **FAST), spawn("gateway", **FAST)
-    proc = start_top(site, "--json", "--gateway", gateway.url, "--token", token(site))
-    lines: list[dict[str, Any]] = []
+    viewer = ("--gateway", gateway.url, "--token", token(site))
+    procs = [
+        start_top(site, "--json", *viewer),
+        start_top(site, "--json", "--where", "page=/p/1", *viewer),
+    ]
+    lines: list[list[dict[str, Any]]] = [[], []]
 
-    def read() -> None:
+    def read(proc: subprocess.Popen[bytes], into: list[dict[str, Any]]) -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
-            lines.append(orjson.loads(line))
+            into.append(orjson.loads(line))
 
-    reader = asyncio.create_task(asyncio.to_thread(read))
+    readers = [
+        asyncio.create_task(asyncio.to_thread(read, proc, into))
+        for proc, into in zip(procs, lines, strict=True)
+    ]
+    everything, only = lines
     try:
-        await eventually(lambda: lines, timeout=20, what="a first stats object")
-        assert lines[0]["site"] == site and lines[0]["events"] == 0
+        await eventually(lambda: everything and only, timeout=20, what="first stats objects")
+        assert everything[0]["site"] == site and everything[0]["events"] == 0
         await post_events(ingest.url, site, 4)
-        await eventually(lambda: lines[-1]["pageviews"] == 4, timeout=20, what="counted")
+        await eventually(lambda: everything[-1]["pageviews"] == 4, timeout=20, what="counted")
+        await eventually(lambda: only[-1]["offset"] == 4, timeout=20, what="filtered, counted")
+        assert only[-1]["pageviews"] == 1 and only[-1]["filters"] == {"page": "/p/1"}
     finally:
-        proc.terminate()
-        await asyncio.to_thread(proc.wait, 20)
-        await reader
-        assert proc.stdout is not None and proc.stderr is not None
-        proc.stdout.close()
-        proc.stderr.close()
-    assert proc.returncode == 0
+        for proc in procs:
+            proc.terminate()
+            await asyncio.to_thread(proc.wait, 20)
+        await asyncio.gather(*readers)
+        for proc in procs:
+            assert proc.stdout is not None and proc.stderr is not None
+            proc.stdout.close()
+            proc.stderr.close()
+    assert [proc.returncode for proc in procs] == [0, 0]
+
+
+def test_a_bad_where_is_refused() -> None:
+    proc = start_top("example.com", "--where", "planet=mars", "--token", "x")
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2 and b"--where" in err
 
 
 def start_top(*args: str) -> subprocess.Popen[bytes]:

@@ -220,15 +220,33 @@ def tail(
 @main.command()
 @click.argument("site")
 @click.option("--json", "as_json", is_flag=True, help="One stats object (JSON) per update.")
+@click.option(
+    "--where",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Count only events with this page, source, country, device, browser or os "
+    "(repeatable), e.g. --where page=/pricing.",
+)
 @_viewer_options
-def top(site: str, as_json: bool, gateways: tuple[str, ...], token: str | None) -> None:
+def top(
+    site: str, as_json: bool, where: tuple[str, ...], gateways: tuple[str, ...], token: str | None
+) -> None:
     """Show SITE's live aggregates (last 30 minutes), redrawn every second. Ctrl-C to stop."""
     from app.client import StreamClient
+    from app.gateway.aggregates import FILTERS
     from workers import tail as tailing
     from workers.top import Top
 
+    filters: dict[str, str] = {}
+    for condition in where:
+        name, sep, value = condition.partition("=")
+        if not sep or name not in FILTERS or not value:
+            names = ", ".join(FILTERS)
+            raise click.BadParameter(f"NAME=VALUE with NAME one of {names}", param_hint="--where")
+        filters[name] = value
     urls, token = _viewer(site, gateways, token)
-    client = StreamClient(urls, site, token, lambda e: None, start={"stats": "only"})
+    start = {"stats": "only", **filters}
+    client = StreamClient(urls, site, token, lambda e: None, start=start)
     screen = Top(sys.stdout, sys.stderr, as_json, in_place=sys.stdout.isatty() and not as_json)
     sys.exit(tailing.run(client, screen))
 

@@ -63,6 +63,9 @@ def render(stats: dict[str, Any], width: int | None = None) -> str:
         f"pageviews {stats['pageviews']}   events {stats['events']}",
         f"pageviews/min  {sparkline([m['pageviews'] for m in stats['per_minute']])}  now",
     ]
+    if stats.get("filters"):
+        where = ", ".join(f"{k} = {v}" for k, v in stats["filters"].items())
+        lines.insert(1, f"only events where {printable(where)}")
     if not stats.get("complete", True):
         lines.append("(some events could not be recovered: counts may be low)")
     column = max(24, min(40, width // 3))

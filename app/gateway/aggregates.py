@@ -11,12 +11,17 @@ pages (a visitor's first pageview in the window), sources (`utm_source` of the U
 referrer's host, else "(direct)"), countries, devices, browsers and OS; events per goal (any
 other name) and per value of each goal's props. Memory is bounded per minute: at most
 MAX_VALUES distinct values per list (the rest count under "(other)") and the visitor ids seen.
+
+A `SiteStats` may count only the events matching filters (`page`, `source`, `country`,
+`device`, `browser`, `os`: each the same label the lists count): the dashboard's "click a
+value to filter the panels". Every offset still advances `offset`, matched or not.
 """
 
 from __future__ import annotations
 
 import functools
 from collections import Counter
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -34,6 +39,34 @@ UNKNOWN = "(unknown)"
 PROP_VALUE_CHARS = 100
 
 DIMENSIONS = ("pages", "entry_pages", "sources", "countries", "devices", "browsers", "os")
+#: The filters a stats request may carry: query parameter -> the list its labels fill.
+FILTERS = {
+    "page": "pages",
+    "source": "sources",
+    "country": "countries",
+    "device": "devices",
+    "browser": "browsers",
+    "os": "os",
+}
+#: The longest filter value accepted (a path, a source): the labels are cut shorter anyway.
+MAX_FILTER_CHARS = 1000
+
+#: A set of filters, in a canonical order: ((parameter, value), ...); () counts everything.
+Filters = tuple[tuple[str, str], ...]
+
+
+def parse_filters(query: Mapping[str, str]) -> Filters:
+    """The filters named in a query (`page`, `source`, ...); other parameters are ignored.
+    Raises ValueError for an empty or over-long value."""
+    found: list[tuple[str, str]] = []
+    for name in FILTERS:
+        value = query.get(name)
+        if value is None:
+            continue
+        if not value or len(value) > MAX_FILTER_CHARS:
+            raise ValueError(f"{name} must be 1 to {MAX_FILTER_CHARS} characters")
+        found.append((name, value))
+    return tuple(found)
 
 
 class Minute:
@@ -51,7 +84,9 @@ class Minute:
 
 
 class SiteStats:
-    def __init__(self) -> None:
+    def __init__(self, filters: Filters = ()) -> None:
+        #: Only events whose labels match all of these are counted.
+        self.filters = filters
         #: Minute key ("2026-11-29T21:07") -> its counts.
         self._minutes: dict[str, Minute] = {}
         #: Visitor -> the minute of its latest pageview (for entry pages).
@@ -66,6 +101,9 @@ class SiteStats:
         if offset <= self.offset:
             return
         self.offset = offset
+        labels = _labels(event) if self.filters else None
+        if labels is not None and any(labels[name] != value for name, value in self.filters):
+            return
         key = str(event["ts"])[:16]
         minute = self._minutes.get(key)
         if minute is None:
@@ -83,18 +121,15 @@ class SiteStats:
                     _count(kept.setdefault(str(prop), Counter()), str(value)[:PROP_VALUE_CHARS])
             return
         minute.pageviews += 1
-        path = str(event.get("path"))
         lists = minute.lists
-        _count(lists["pages"], path)
+        if labels is None:
+            labels = _labels(event)
+        for label, list_name in FILTERS.items():
+            _count(lists[list_name], labels[label])
         previous = self._last_seen.get(visitor)
         if previous is None or previous < _window_start(key):
-            _count(lists["entry_pages"], path)
+            _count(lists["entry_pages"], labels["page"])
         self._last_seen[visitor] = key
-        _count(lists["sources"], _source(event))
-        _count(lists["countries"], event.get("country") or UNKNOWN)
-        _count(lists["devices"], event.get("device") or UNKNOWN)
-        _count(lists["browsers"], event.get("browser") or UNKNOWN)
-        _count(lists["os"], event.get("os") or UNKNOWN)
 
     def snapshot(self, now: datetime) -> dict[str, Any]:
         """The aggregates of the 30 minutes up to `now` (UTC)."""
@@ -111,6 +146,7 @@ class SiteStats:
             goals.update(m.goals)
         body: dict[str, Any] = {
             "window_minutes": WINDOW_MINUTES,
+            "filters": dict(self.filters),
             "offset": self.offset,
             "complete": self.complete,
             "visitors_now": len(set().union(*(m.visitors for m in recent))),
@@ -165,6 +201,18 @@ def _count(counter: Counter[str], value: str) -> None:
         counter[value] += 1
     else:
         counter[OTHER] += 1
+
+
+def _labels(event: dict[str, Any]) -> dict[str, str]:
+    """The value the lists count for each filter name: what a filter is compared with."""
+    return {
+        "page": str(event.get("path")),
+        "source": _source(event),
+        "country": event.get("country") or UNKNOWN,
+        "device": event.get("device") or UNKNOWN,
+        "browser": event.get("browser") or UNKNOWN,
+        "os": event.get("os") or UNKNOWN,
+    }
 
 
 def _source(event: dict[str, Any]) -> str:

@@ -11,6 +11,10 @@ same events in the same order: their numbers agree once both have seen the same 
 
 A site is watched while a viewer asks for stats, and LINGER_S after (so `GET /stats` polled
 now and then stays cheap); a watch costs one queued viewer and the counts of 30 minutes.
+Filtered stats (`?page=/pricing`) are a watch of their own, counting only the matching events
+from the same stream: the first request for a filter reads 30 minutes from storage, like the
+site's first. At most MAX_FILTERED of them are kept per gateway; beyond, unused ones are
+dropped first, then requests for new filters are refused (`StatsBusy`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Any, Literal
 import orjson
 
 from app.codes import CloseCode
-from app.gateway.aggregates import SiteStats
+from app.gateway.aggregates import Filters, SiteStats
 from app.gateway.feed import Feeds
 from app.gateway.hub import EVENT, Viewer
 from app.gateway.replay import Replayer, StartRequest, StorageUnavailable, run_replay
@@ -43,10 +47,16 @@ READY_TIMEOUT_S = 10.0
 #: Seconds before a watch whose internal viewer was closed (storage down) starts again.
 RETRY_S = 1.0
 WINDOW_MINUTES = 30
+#: Filtered watches kept per gateway (each: one queued viewer, 30 minutes of counts).
+MAX_FILTERED = 64
 
 
 class StatsUnavailable(Exception):
     """The site's aggregates cannot be counted now (storage unreachable, or still loading)."""
+
+
+class StatsBusy(StatsUnavailable):
+    """MAX_FILTERED filtered watches are in use: a new filter must wait."""
 
 
 def parse_stats(value: str | None) -> StatsMode:
@@ -64,7 +74,7 @@ def parse_stats(value: str | None) -> StatsMode:
 @dataclass
 class _Watch:
     site: Site
-    stats: SiteStats = field(default_factory=SiteStats)
+    stats: SiteStats
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     viewer: Viewer | None = None
     task: asyncio.Task[None] | None = None
@@ -83,7 +93,7 @@ class Analytics:
         self._feeds = feeds
         self._replayer = replayer
         self._queue_bytes = queue_bytes
-        self._watches: dict[str, _Watch] = {}
+        self._watches: dict[tuple[str, Filters], _Watch] = {}
         self._ticker: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -104,10 +114,11 @@ class Analytics:
 
     # -- asking -----------------------------------------------------------------------------
 
-    async def body(self, site: Site) -> dict[str, Any]:
-        """The site's aggregates now (`GET /stats`); raises StatsUnavailable when they cannot
-        be counted within READY_TIMEOUT_S."""
-        watch = self._watch(site)
+    async def body(self, site: Site, filters: Filters = ()) -> dict[str, Any]:
+        """The site's aggregates now (`GET /stats`), of the events matching `filters`; raises
+        StatsUnavailable when they cannot be counted within READY_TIMEOUT_S, StatsBusy when
+        no more filtered watches can be kept."""
+        watch = self._watch(site, filters)
         try:
             async with asyncio.timeout(READY_TIMEOUT_S):
                 await watch.ready.wait()
@@ -117,31 +128,53 @@ class Analytics:
             raise StatsUnavailable("statistics failed for this site")
         return self._snapshot(watch)
 
-    def subscribe(self, site: Site, viewer: Viewer) -> None:
+    def check_room(self, site: Site, filters: Filters) -> None:
+        """Raise StatsBusy if a stats viewer with these filters could not be served now (call
+        before admitting it: `subscribe` itself never refuses)."""
+        if filters and (site.id, filters) not in self._watches and not self._room():
+            raise StatsBusy("too many filtered statistics in use on this gateway")
+
+    def subscribe(self, site: Site, viewer: Viewer, filters: Filters = ()) -> None:
         """Push `stats` frames to `viewer`: one as soon as the counts are ready, then at most
         one per PUSH_S while they change, until the viewer is closed. Never raises: a viewer
         that joins while the gateway drains simply gets no stats (it is told to go anyway)."""
         if self._closed:
             return
-        watch = self._watch(site)
+        watch = self._watch(site, filters, force=True)
         watch.subscribers.append(viewer)
         if watch.ready.is_set():
             self._push(watch, viewer, self._frame(watch))
 
     # -- watching a site ---------------------------------------------------------------------
 
-    def _watch(self, site: Site) -> _Watch:
+    def _watch(self, site: Site, filters: Filters, force: bool = False) -> _Watch:
         if self._closed:
             raise StatsUnavailable("the gateway is shutting down")
-        watch = self._watches.get(site.id)
+        key = (site.id, filters)
+        watch = self._watches.get(key)
         if watch is not None and watch.site.epoch != site.epoch:
-            self._stop(site.id, watch)  # the site was registered again: a new offset sequence
+            self._stop(key, watch)  # the site was registered again: a new offset sequence
             watch = None
         if watch is None:
-            watch = self._watches[site.id] = _Watch(site)
+            if filters and not self._room() and not force:
+                raise StatsBusy("too many filtered statistics in use on this gateway")
+            watch = self._watches[key] = _Watch(site, SiteStats(filters))
             watch.task = asyncio.create_task(self._run(watch), name=f"stats {site.id}")
         watch.used_at = asyncio.get_running_loop().time()
         return watch
+
+    def _room(self) -> bool:
+        """Whether one more filtered watch fits, after dropping the least recently used one
+        that no viewer subscribes to if needed."""
+        filtered = [(w.used_at, k) for k, w in self._watches.items() if k[1]]
+        if len(filtered) < MAX_FILTERED:
+            return True
+        unused = [(used, k) for used, k in filtered if not self._watches[k].subscribers]
+        if not unused:
+            return False
+        key = min(unused)[1]
+        self._stop(key, self._watches[key])
+        return True
 
     async def _run(self, watch: _Watch) -> None:
         """Keep the internal viewer of the site joined: from 30 minutes ago the first time,
@@ -229,12 +262,12 @@ class Analytics:
                 log.exception("stats push failed")
 
     def _tick(self, now: float) -> None:
-        for site_id, watch in list(self._watches.items()):
+        for key, watch in list(self._watches.items()):
             watch.subscribers = [v for v in watch.subscribers if not v.closed]
             if watch.subscribers:
                 watch.used_at = now
             elif now - watch.used_at > LINGER_S:
-                self._stop(site_id, watch)
+                self._stop(key, watch)
                 continue
             if not watch.subscribers or not watch.ready.is_set() or watch.failed:
                 continue
@@ -246,9 +279,9 @@ class Analytics:
             for viewer in watch.subscribers:
                 self._push(watch, viewer, frame)
 
-    def _stop(self, site_id: str, watch: _Watch) -> None:
+    def _stop(self, key: tuple[str, Filters], watch: _Watch) -> None:
         """Stop watching: the task leaves the feed as it ends (its `finally`)."""
-        del self._watches[site_id]
+        del self._watches[key]
         if watch.task is not None:
             watch.task.cancel()
 

@@ -29,7 +29,8 @@ from app.broker.redis import RedisBroker
 from app.codes import ErrorCode
 from app.errors import ApiError
 from app.gateway import viewers
-from app.gateway.analytics import Analytics, StatsUnavailable, parse_stats
+from app.gateway.aggregates import parse_filters
+from app.gateway.analytics import Analytics, StatsBusy, StatsUnavailable
 from app.gateway.feed import Feeds
 from app.gateway.hub import Hub
 from app.gateway.metrics import DeliveryStats, GatewayMetrics
@@ -142,10 +143,10 @@ def create_app(settings: Settings) -> GatewayApp:
         except BadStart as exc:
             raise ApiError(ErrorCode.INVALID_REQUEST, str(exc), "since") from None
         try:
-            stats = parse_stats(query.get("stats"))
-        except ValueError as exc:
-            raise ApiError(ErrorCode.INVALID_REQUEST, str(exc), "stats") from None
-        return SseStream(state, site_info, req, stats)
+            options = viewers.parse_options(query)
+        except viewers.BadOption as exc:
+            raise ApiError(ErrorCode.INVALID_REQUEST, str(exc), exc.field) from None
+        return SseStream(state, site_info, req, options)
 
     dashboard = Asset.load("dashboard.html", "text/html; charset=utf-8", max_age=300)
 
@@ -164,7 +165,13 @@ def create_app(settings: Settings) -> GatewayApp:
         state: GatewayState = app.state.gateway
         site_info = await viewers.authorize(state, secret, site, _token(request))
         try:
-            body = await state.analytics.body(site_info)
+            filters = parse_filters(request.query_params)
+        except ValueError as exc:
+            raise ApiError(ErrorCode.INVALID_REQUEST, str(exc), str(exc).split()[0]) from None
+        try:
+            body = await state.analytics.body(site_info, filters)
+        except StatsBusy as exc:
+            raise ApiError(ErrorCode.BUSY, str(exc), retry_after=5) from None
         except StatsUnavailable as exc:
             raise ApiError(ErrorCode.STORAGE_UNAVAILABLE, str(exc), retry_after=2) from None
         return json_response(body, headers={"Cache-Control": "no-store"})

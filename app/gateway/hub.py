@@ -25,6 +25,8 @@ import orjson
 #: Queue item kinds.
 EVENT = 0
 NOTICE = 1
+#: A queued item: (kind, offset, payload); a notice's offset is 0 unless it moves the cursor.
+Item = tuple[int, int, bytes]
 
 #: Largest coalesced WebSocket frame; more pending events are split over several frames.
 MAX_FRAME_BYTES = 256 * 1024
@@ -37,7 +39,7 @@ class Viewer:
 
     __slots__ = (
         "_held", "_items", "after", "close_code", "closed", "epoch", "held_bytes", "held_top",
-        "id", "max_bytes", "queued_bytes", "sink", "site", "wake",
+        "id", "max_bytes", "queued_bytes", "sample", "sink", "site", "wake",
     )  # fmt: skip
 
     def __init__(
@@ -73,6 +75,9 @@ class Viewer:
         #: viewers that go through the queue (SSE). The connection switches it on and off, so
         #: the hub's loop over 1,000 viewers makes one C call per viewer, not two Python ones.
         self.sink: Callable[[bytes], object] | None = None
+        #: A sampled stream's filter (app.gateway.sampling.Sampler.filter), applied as the queue
+        #: is taken; such a viewer never gets `sink` (its frames are not the shared ones).
+        self.sample: Callable[[list[Item], Callable[[], None]], list[Item]] | None = None
 
     def push(self, offset: int, payload: bytes) -> bool:
         """Queue a live event. False means the cap would be exceeded: close this viewer as
@@ -141,10 +146,13 @@ class Viewer:
             self.wake()
         return True
 
-    def take(self) -> list[tuple[int, int, bytes]]:
-        """Everything queued, oldest first; the queue is empty afterwards."""
+    def take(self) -> list[Item]:
+        """Everything queued, oldest first (a sampled viewer: what its sample keeps); the queue
+        is empty afterwards."""
         items, self._items = self._items, []
         self.queued_bytes = 0
+        if self.sample is not None and not self.closed:
+            return self.sample(items, self.wake)
         return items
 
     def fail(self, code: int) -> bool:
@@ -416,6 +424,8 @@ def sse_chunk(items: list[tuple[int, int, bytes]], epoch: str) -> bytes:
             parts.append(b"id: %s-%d\ndata: %s\n\n" % (epoch.encode(), offset, data))
         else:  # notices are rare: reading their type back is cheaper than carrying it
             kind_name = orjson.loads(data)["type"].encode()
+            if offset:  # a notice that moves the cursor (`sampled`): Last-Event-ID follows it
+                parts.append(b"id: %s-%d\n" % (epoch.encode(), offset))
             parts.append(b"event: %s\ndata: %s\n\n" % (kind_name, data))
     return b"".join(parts)
 

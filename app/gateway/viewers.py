@@ -5,22 +5,60 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import orjson
 
 from app import tokens
 from app.codes import CloseCode, ErrorCode
 from app.errors import ApiError, unknown_site
-from app.gateway.analytics import StatsMode
+from app.gateway.aggregates import Filters, parse_filters
+from app.gateway.analytics import StatsBusy, StatsMode, parse_stats
 from app.gateway.hub import Viewer
 from app.gateway.replay import Start, StartRequest, run_replay, welcome
+from app.gateway.sampling import Sampler, parse_sample
 from app.gateway.state import GatewayState
 from app.servers.postgres import STORAGE_ERRORS
 from app.store.sites import Site, is_valid_site_id
 from app.wire import format_cursor
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """What a viewer asked for beside its start position (docs/protocol.md)."""
+
+    stats: StatsMode = "off"
+    #: Narrow the `stats` frames to the matching events (the events themselves are not).
+    filters: Filters = ()
+    #: At most this many events a second, the rest reported in `sampled` notices.
+    sample: int | None = None
+
+
+class BadOption(ValueError):
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def parse_options(query: Mapping[str, str]) -> StreamOptions:
+    """The stream's query parameters `stats`, `sample` and the stats filters; raises
+    BadOption naming the parameter at fault."""
+    try:
+        stats = parse_stats(query.get("stats"))
+    except ValueError as exc:
+        raise BadOption(str(exc), "stats") from None
+    try:
+        sample = parse_sample(query.get("sample"))
+    except ValueError as exc:
+        raise BadOption(str(exc), "sample") from None
+    try:
+        filters = parse_filters(query)
+    except ValueError as exc:
+        raise BadOption(str(exc), str(exc).split()[0]) from None
+    return StreamOptions(stats, filters, sample)
 
 
 class Refused(Exception):
@@ -70,20 +108,30 @@ async def join(
     site: Site,
     req: StartRequest,
     wake: Callable[[], None],
-    stats: StatsMode = "off",
+    options: StreamOptions = StreamOptions(),
 ) -> tuple[Viewer, Start]:
     """Add a viewer to the live feed (holding live events), decide where its stream starts,
     and queue its welcome (`wake` is called whenever its queue goes non-empty). With `stats`
     it also gets `stats` frames; "only": no events at all (it never joins the feed). Raises
-    app.gateway.replay.StorageUnavailable when a resume cannot be judged now."""
+    app.gateway.replay.StorageUnavailable when a resume cannot be judged now, Refused when
+    its stats filters cannot be served now."""
+    stats = options.stats
+    if stats != "off":
+        try:
+            state.analytics.check_room(site, options.filters)
+        except StatsBusy as exc:
+            error = ApiError(ErrorCode.BUSY, str(exc), retry_after=5)
+            raise Refused(CloseCode.BUSY, error) from None
     viewer = Viewer(site.id, site.epoch, state.settings.viewer_queue_bytes, wake)
+    if options.sample is not None:
+        viewer.sample = Sampler(site.epoch, options.sample).filter
     if stats == "only":
         start = Start(after=None, recovered=None)
         viewer.push_notice(welcome(site.id, site.epoch, start, stats_only=True))
     else:
         start = await state.feeds.admit(viewer, req)
     if stats != "off":
-        state.analytics.subscribe(site, viewer)
+        state.analytics.subscribe(site, viewer, options.filters)
     return viewer, start
 
 

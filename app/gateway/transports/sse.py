@@ -15,7 +15,6 @@ from app.broker.base import BrokerUnavailable
 from app.codes import CloseCode, ErrorCode
 from app.errors import ApiError
 from app.gateway import viewers
-from app.gateway.analytics import StatsMode
 from app.gateway.hub import Viewer, sse_chunk
 from app.gateway.replay import StartRequest, StorageUnavailable
 from app.gateway.state import GatewayState
@@ -38,13 +37,17 @@ class SseStream(Response):
     media_type = "text/event-stream"
 
     def __init__(
-        self, state: GatewayState, site: Site, req: StartRequest, stats: StatsMode = "off"
+        self,
+        state: GatewayState,
+        site: Site,
+        req: StartRequest,
+        options: viewers.StreamOptions,
     ) -> None:
         super().__init__(status_code=200, media_type=self.media_type)
         self.state = state
         self.site = site
         self.req = req
-        self.stats: StatsMode = stats
+        self.options = options
         self._scope: Scope = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -52,11 +55,14 @@ class SseStream(Response):
         state = self.state
         wake, drained = asyncio.Event(), asyncio.Event()
         try:
-            viewer, start = await viewers.join(state, self.site, self.req, wake.set, self.stats)
+            viewer, start = await viewers.join(state, self.site, self.req, wake.set, self.options)
         except StorageUnavailable:
             # A stream that ends with a close event, not an HTTP error: EventSource gives up
             # on an error status, but reconnects (with Last-Event-ID) after a stream ends.
             await self._refuse(send, CloseCode.STORAGE_UNAVAILABLE)
+            return
+        except viewers.Refused as exc:  # a bound of this gateway (busy): try again later
+            await self._refuse(send, exc.close)
             return
         except (TimeoutError, BrokerUnavailable, *STORAGE_ERRORS):
             error = ApiError(ErrorCode.STORAGE_UNAVAILABLE, "subscription failed", retry_after=1)

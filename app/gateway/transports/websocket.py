@@ -41,7 +41,6 @@ from app import tokens
 from app.broker.base import BrokerUnavailable
 from app.codes import CloseCode, StandardCloseCode
 from app.gateway import viewers
-from app.gateway.analytics import parse_stats
 from app.gateway.hub import Viewer, ws_frames
 from app.gateway.replay import BadStart, StorageUnavailable, parse_start
 from app.gateway.state import GatewayState
@@ -193,8 +192,9 @@ class StreamProtocol(asyncio.Protocol):
         params = parse_qs(query)
         token = _first(params, "token") or tokens.bearer(request.headers.get("Authorization"))
         start = (_first(params, "since"), _first(params, "last"), _first(params, "minutes"))
+        options = {name: values[0] for name, values in params.items()}
         self.task = asyncio.get_running_loop().create_task(
-            self._admit(unquote(match[1]) if match else "", token, start, _first(params, "stats"))
+            self._admit(unquote(match[1]) if match else "", token, start, options)
         )
 
     async def _admit(
@@ -202,7 +202,7 @@ class StreamProtocol(asyncio.Protocol):
         site: str,
         token: str | None,
         start: tuple[str | None, str | None, str | None],
-        stats: str | None,
+        query: dict[str, str],
     ) -> None:
         """Check the viewer, join it to the live feed, then replay what it asked for. The
         handshake is complete: refusals are close codes (docs/protocol.md)."""
@@ -211,10 +211,10 @@ class StreamProtocol(asyncio.Protocol):
             site_info = await viewers.check_viewer(state, self.host.secret, site, token)
             req = parse_start(*start)
             try:
-                mode = parse_stats(stats)
-            except ValueError as exc:
+                options = viewers.parse_options(query)
+            except viewers.BadOption as exc:
                 raise BadStart(str(exc)) from None
-            viewer, begin = await viewers.join(state, site_info, req, self._wake, mode)
+            viewer, begin = await viewers.join(state, site_info, req, self._wake, options)
             if self._live(viewer):
                 self.drained = asyncio.Event()
                 await viewers.replay(state, viewer, begin, self.drained)
@@ -378,7 +378,14 @@ class StreamProtocol(asyncio.Protocol):
         viewer, transport = self.viewer, self.transport
         if viewer is None or viewer.closed:
             return
-        if transport is None or transport.is_closing() or self.paused or self.closing or self.gone:
+        if (
+            transport is None
+            or transport.is_closing()
+            or self.paused
+            or self.closing
+            or self.gone
+            or viewer.sample is not None  # its frames are its own, not the shared ones
+        ):
             viewer.sink = None
         else:
             viewer.sink = transport.write
