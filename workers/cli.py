@@ -103,6 +103,20 @@ def sites_list() -> None:
         click.echo(f"{s.id}  events={s.next_offset - 1}  created={s.created_at:%Y-%m-%d}{extra}")
 
 
+@sites.command("stats")
+@click.argument("site")
+@click.option("--days", default=7, show_default=True, type=click.IntRange(1, 366))
+def sites_stats(site: str, days: int) -> None:
+    """Events stored and dropped (bots, automation) per UTC day for SITE."""
+    from workers import report
+
+    dsn = _require(_client_settings().database_url, "DATABASE_URL")
+    found = _run(_with_connection(dsn, lambda conn: report.site_days(conn, site, days)))
+    if found is None:
+        raise click.ClickException(f"unknown site {site!r} (sitewire sites list shows them)")
+    click.echo(found)
+
+
 @sites.command("token")
 @click.argument("site")
 @click.option(

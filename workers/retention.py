@@ -1,4 +1,5 @@
-"""Background jobs: event retention and salt expiry (`sitewire worker`).
+"""Background jobs: event retention (events and dropped-event counts) and salt expiry
+(`sitewire worker`).
 
 Retention deletes a site's events older than `SITEWIRE_RETENTION_DAYS` in small batches, each
 its own short transaction, oldest offsets first, so it never holds long locks and ingest keeps
@@ -17,7 +18,7 @@ import asyncpg
 
 from app.servers.postgres import STORAGE_ERRORS
 from app.settings import Settings
-from app.store import salts
+from app.store import drops, salts
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,8 @@ class PassReport:
     deleted_events: int = 0
     batches: int = 0
     deleted_salts: int = 0
+    #: Days of dropped-event counts (per site and reason) past retention, as for events.
+    deleted_drop_counts: int = 0
 
 
 async def expire_events(
@@ -64,11 +67,14 @@ async def run_once(
     report = PassReport()
     if settings.retention_days:
         report = await expire_events(pool, now - timedelta(days=settings.retention_days))
+        cutoff = (now - timedelta(days=settings.retention_days)).date()
+        report.deleted_drop_counts = await drops.delete_before(pool, cutoff)
     report.deleted_salts = await salts.delete_expired(pool, now)
     log.info(
         "background pass done",
         extra={"deleted_events": report.deleted_events, "batches": report.batches,
-               "deleted_salts": report.deleted_salts},
+               "deleted_salts": report.deleted_salts,
+               "deleted_drop_counts": report.deleted_drop_counts},
     )  # fmt: skip
     return report
 

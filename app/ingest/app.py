@@ -26,6 +26,7 @@ from app.codes import ErrorCode
 from app.errors import ApiError, StorageUnavailable, unknown_site
 from app.ingest import enrich
 from app.ingest.committer import Committer
+from app.ingest.drops import DropCounts
 from app.ingest.events import EventIn, check_media_type, decode_json, parse_batch, validate
 from app.ingest.geo import Countries
 from app.ingest.metrics import IngestMetrics
@@ -74,6 +75,7 @@ class IngestState:
     countries: Countries
     limiter: RateLimiter
     committer: Committer
+    drops: DropCounts
 
     async def checks(self) -> dict[str, Status]:
         return {"postgres": await probe_postgres(self.pool), "redis": await self.redis.probe()}
@@ -107,9 +109,11 @@ def create_app(settings: Settings) -> IngestApp:
             countries=Countries(),
             limiter=RateLimiter(client, names, settings, metrics),
             committer=committer,
+            drops=DropCounts(pool),
         )
         publications.start()
         committer.start()
+        api.state.ingest.drops.start()
         try:
             yield
         finally:
@@ -119,6 +123,7 @@ def create_app(settings: Settings) -> IngestApp:
                 try:
                     await publications.close()
                 finally:
+                    await api.state.ingest.drops.close()
                     await client.aclose()
                     await pool.close()
 
@@ -238,6 +243,7 @@ async def post_event(state: IngestState, incoming: Incoming) -> Reply:
     reason = state.bots.reason(client.user_agent)
     if reason is not None:
         state.metrics.dropped.labels(reason).inc()
+        state.drops.count(site.id, reason)
         return 202, {"ok": True, "dropped": reason}, {DROPPED_HEADER: reason}
     [outcome] = await _store(state, _enriched([event], client, salt, state.countries))
     if outcome is None:
@@ -290,6 +296,8 @@ async def _store_batch(
         reason = state.bots.reason(client.user_agent)
         if reason is not None:
             state.metrics.dropped.labels(reason).inc(len(good))
+            for site_id, count in Counter(e.site for _, e in good).items():
+                state.drops.count(site_id, reason, count)
             for i, _ in good:
                 results[i] = {"status": 202, "ok": True, "dropped": reason}
             return [r for r in results if r is not None], reason

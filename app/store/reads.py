@@ -6,7 +6,7 @@ Reads return `(offset, payload)` pairs in offset order, in the wire format of ap
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 
 import asyncpg
 
@@ -53,3 +53,17 @@ def encode_row(epoch: str, row: asyncpg.Record) -> bytes:
     receive: the same bytes as when it was published live."""
     values = from_row([row[name] for name in NAMES])
     return with_position(epoch, row["site_offset"], encode_body(values))
+
+
+async def stored_by_day(
+    pool: asyncpg.Connection | asyncpg.Pool, site: str, since: date
+) -> dict[date, int]:
+    """The site's stored events per UTC day from `since` on (by the (site, ts) index; a scan of
+    those days' rows, fine for a command, not for a request path)."""
+    rows = await pool.fetch(
+        """SELECT (ts AT TIME ZONE 'UTC')::date AS day, count(*) AS n FROM events
+           WHERE site = $1 AND ts >= $2::date::timestamp AT TIME ZONE 'UTC' GROUP BY 1""",
+        site,
+        since,
+    )
+    return {row["day"]: row["n"] for row in rows}
