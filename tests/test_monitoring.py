@@ -1,7 +1,7 @@
-"""The dashboard and the alerts (deploy/grafana, deploy/prometheus) are checked offline: the rules
-by promtool (syntax and their unit tests), every query by promtool's parser, and every metric
-and label they name against what real ingest and gateway processes export. A renamed metric
-fails here, not on an operator's empty panel."""
+"""The dashboard, the alerts and the autoscaler's adapter (deploy/grafana, deploy/prometheus)
+are checked offline: the rules by promtool (syntax and their unit tests), every query by
+promtool's parser, and every metric and label they name against what real ingest and gateway
+processes export. A renamed metric fails here, not on an operator's empty panel."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ DEPLOY = ROOT / "deploy"
 PROMETHEUS = DEPLOY / "prometheus"
 ALERTS = PROMETHEUS / "alerts.yml"
 ALERTS_TEST = PROMETHEUS / "alerts_test.yml"
+ADAPTER = PROMETHEUS / "adapter-values.yaml"
 SCRAPE = PROMETHEUS / "prometheus.yml"
 DASHBOARD = DEPLOY / "grafana" / "sitewire.json"
 OPERATIONS = ROOT / "docs" / "operations.md"
@@ -89,6 +90,22 @@ def variable_queries() -> list[tuple[str, str]]:
             assert match, variable["query"]
             found.append((match[1], match[2]))
     return found
+
+
+def adapter_queries() -> list[str]:
+    """The adapter's queries as it sends them for one pod (its <<.Templates>> filled)."""
+    queries = []
+    for rule in yaml.safe_load(ADAPTER.read_text())["rules"]["custom"]:
+        series = rule["seriesQuery"]
+        [metric] = re.findall(r"^\w+", series)
+        filled = (
+            rule["metricsQuery"]
+            .replace("<<.Series>>", metric)
+            .replace("<<.LabelMatchers>>", 'namespace="sitewire",pod="sitewire-gateway-0"')
+            .replace("<<.GroupBy>>", "pod")
+        )
+        queries += [series, filled]
+    return queries
 
 
 # -- what a PromQL query names --------------------------------------------------------------
@@ -277,8 +294,8 @@ def test_the_dashboard_is_a_grafana_dashboard_showing_what_operators_need() -> N
 
 
 def test_every_query_is_valid_promql(tmp_path: Path) -> None:
-    """promtool parses each dashboard query, as recording rules."""
-    queries = dashboard_queries() + [sel for sel, _ in variable_queries()]
+    """promtool parses each dashboard and adapter query, as recording rules."""
+    queries = dashboard_queries() + adapter_queries() + [sel for sel, _ in variable_queries()]
     rules = []
     for i, query in enumerate(queries):
         for variable, value in GRAFANA_VARIABLES.items():
@@ -304,7 +321,7 @@ def test_queries_name_only_metrics_and_labels_the_processes_export(
         known[name] |= labels
     frozen = {name: frozenset(labels) for name, labels in known.items()}
     source = "\n".join(p.read_text() for p in (ROOT / "app").rglob("*.py"))
-    queries = [parse(q) for q in dashboard_queries()]
+    queries = [parse(q) for q in dashboard_queries() + adapter_queries()]
     queries += [parse(rule["expr"]) for rule in alert_rules()]
     for selector, label in variable_queries():
         query = parse(selector)
@@ -351,6 +368,19 @@ def test_the_scrape_config_is_valid_and_gives_the_labels_queries_use(tmp_path: P
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
-@pytest.mark.parametrize("path", [ALERTS, ALERTS_TEST, SCRAPE])
+def test_the_gateway_autoscaler_follows_cpu_and_viewers_per_pod() -> None:
+    docs = yaml.safe_load_all((DEPLOY / "k8s" / "gateway.yaml").read_text())
+    [hpa] = [d for d in docs if d and d["kind"] == "HorizontalPodAutoscaler"]
+    by_type = {m["type"]: m for m in hpa["spec"]["metrics"]}
+    assert by_type["Resource"]["resource"]["name"] == "cpu"
+    pods = by_type["Pods"]["pods"]
+    assert pods["target"]["type"] == "AverageValue" and int(pods["target"]["averageValue"]) > 0
+    # The name the adapter serves, from a gauge the gateway exports (checked above).
+    [rule] = yaml.safe_load(ADAPTER.read_text())["rules"]["custom"]
+    assert rule["name"]["as"] == pods["metric"]["name"]
+    assert rule["seriesQuery"].startswith("sitewire_gateway_connections{")
+
+
+@pytest.mark.parametrize("path", [ALERTS, ALERTS_TEST, ADAPTER, SCRAPE])
 def test_yaml_files_parse(path: Path) -> None:
     assert yaml.safe_load(path.read_text())
