@@ -20,7 +20,7 @@ from app.gateway.replay import Replayer
 from app.names import Names
 from app.servers.redis import RedisShards
 from app.settings import Settings
-from tests.support import new
+from tests.support import eventually, new
 
 
 @pytest.fixture
@@ -148,5 +148,35 @@ async def test_a_viewer_joining_while_the_last_ones_unsubscribe_runs_is_subscrib
         assert queued(second) == [1]
     finally:
         go_on.set()
+        await feeds.close()
+        await shards.aclose()
+
+
+async def test_a_gap_storage_cannot_fill_is_counted_as_unrecovered(
+    settings: Settings, pool: asyncpg.Pool, site: str
+) -> None:
+    """Most gap notices say `recovered: true`; the alert on lost events needs the others
+    counted apart (deploy/prometheus/alerts.yml, SitewireGapsNotRecovered)."""
+    registry = CollectorRegistry()
+    metrics = GatewayMetrics(registry)
+    shards = RedisShards(settings.require_redis())
+    broker = RedisBroker(shards, Names(settings.key_prefix), settings.replay_window)
+    feeds = Feeds(
+        Hub(), settings, broker, pool, metrics, DeliveryStats(metrics),
+        Replayer(broker, pool, metrics),
+    )  # fmt: skip
+    feeds.start()
+
+    def count(name: str) -> float | None:
+        return registry.get_sample_value(name)
+
+    try:
+        viewer = await live_viewer(feeds, site)
+        feeds.on_messages(site, [event(1)])
+        feeds.on_messages(site, [event(3)])  # 2 was never stored: neither store can fill it
+        await eventually(lambda: count("sitewire_gateway_unrecovered_gaps_total") == 1)
+        assert count("sitewire_gateway_gap_notices_total") == 1
+        assert queued(viewer) == [1, "notice", 3]
+    finally:
         await feeds.close()
         await shards.aclose()

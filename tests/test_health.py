@@ -2,7 +2,10 @@ from collections.abc import Callable
 
 import httpx
 
+from app.settings import Settings
 from tests.processes import AppProcess
+from tests.support import sample
+from workers.embedded import free_port
 
 
 def test_both_roles_answer_health_and_readiness(spawn: Callable[..., AppProcess]) -> None:
@@ -41,3 +44,22 @@ def test_metrics_and_the_replica_name_only_on_the_internal_port(
 def test_sigterm_stops_a_process(spawn: Callable[..., AppProcess]) -> None:
     proc = spawn("ingest")
     assert proc.stop(timeout=15) == 0
+
+
+def test_metrics_say_which_servers_answer_and_what_the_process_uses(
+    spawn: Callable[..., AppProcess], settings: Settings
+) -> None:
+    """Probed at each scrape, so an outage shows even when no request needs the server; and
+    the process's CPU and memory, which the dashboard sets beside frames and viewers."""
+    for role in ("ingest", "gateway"):
+        text = httpx.get(f"{spawn(role).internal_url}/metrics").text
+        assert sample(text, f'sitewire_{role}_server_up{{server="postgres"}}') == 1
+        assert sample(text, f'sitewire_{role}_server_up{{server="redis"}}') == 1
+        assert sample(text, "process_cpu_seconds_total") > 0
+        assert sample(text, "process_resident_memory_bytes") > 0
+    # Both roles start without Redis (ingest stores and acks; the gateway serves from storage).
+    nowhere = settings.with_(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    for role in ("ingest", "gateway"):
+        text = httpx.get(f"{spawn(role, nowhere).internal_url}/metrics", timeout=10).text
+        assert sample(text, f'sitewire_{role}_server_up{{server="postgres"}}') == 1
+        assert sample(text, f'sitewire_{role}_server_up{{server="redis"}}') == 0

@@ -281,6 +281,7 @@ class Feeds:
             return
         log.warning("could not repair a gap", extra={"site": site, "after": after})
         self._metrics.gaps.inc()
+        self._metrics.unrecovered_gaps.inc()
         self.notice(site, {"type": "gap", "after": format_cursor(epoch, after), "recovered": False})
         self._deliver(site, seq.skip())
 
@@ -315,6 +316,8 @@ class Feeds:
             if seq is None or epoch is None:  # its last viewer left while we caught up
                 continue
             self._metrics.gaps.inc()
+            if not recovered:
+                self._metrics.unrecovered_gaps.inc()
             after = format_cursor(epoch, seq.last) if seq.last is not None else None
             self.notice(
                 site,

@@ -41,6 +41,13 @@ class GatewayMetrics:
         self.gaps = Counter(
             "sitewire_gateway_gap_notices", "Gap notices sent to viewers", registry=registry
         )
+        # Apart from gap notices, most of which say `recovered: true` after a pub/sub
+        # reconnect: these are the ones whose viewers may lack events (the failure to alert on).
+        self.unrecovered_gaps = Counter(
+            "sitewire_gateway_unrecovered_gaps",
+            "Gap notices sent with recovered: false (events may be missing)",
+            registry=registry,
+        )
         self.polled_sites = Gauge(
             "sitewire_gateway_polled_sites",
             "Sites served from PostgreSQL because their Redis link is down",
