@@ -182,7 +182,7 @@ def worker(once: bool) -> None:
 
     settings = _settings()
     _require(settings.database_url, "DATABASE_URL")
-    logs.configure("worker", settings.log_level)
+    logs.configure("worker", settings.log_level, settings.log_format)
     if once:
         _run(retention.run(settings, once=True))
         return

@@ -24,7 +24,7 @@ from typing import TextIO
 
 import asyncpg
 
-from app import tokens
+from app import logs, tokens
 from app.servers.postgres import with_database
 from app.settings import Settings
 from app.store.migrate import migrate
@@ -121,6 +121,9 @@ class Stack:
         asyncio.run(_migrate_and_seed(database_url, self.demo))
         env = dict(os.environ)
         env.update(DATABASE_URL=database_url, REDIS_URL=redis_url, SITEWIRE_SECRET=secret)
+        # The children write to this process's stderr, so what `auto` means is decided here,
+        # once, for all of them: text for the person at this terminal, JSON into a pipe.
+        env.update(SITEWIRE_LOG_FORMAT=logs.resolve(self.settings.log_format, sys.stderr))
         # Lets the commands typed beside this stack find it (workers/local.py).
         gateway = f"http://127.0.0.1:{self.gateway_port}"
         LocalStack(self.data_dir, database_url, redis_url, secret, gateway).write()

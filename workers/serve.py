@@ -107,7 +107,7 @@ def serve(
     internal: tuple[str, int] | None = None,
 ) -> None:
     """Serve `role` on host:port; with `internal` (host, port), metrics and probes there too."""
-    logs.configure(role, settings.log_level)
+    logs.configure(role, settings.log_level, settings.log_format)
     app: ingest.IngestApp | gateway.GatewayApp = (
         ingest.create_app(settings) if role == "ingest" else gateway.create_app(settings)
     )
