@@ -2,7 +2,8 @@
 
 Starts PostgreSQL and Redis (embedded unless DATABASE_URL / REDIS_URL are set), migrates,
 registers a demo site, starts an ingest and a gateway process, optionally sends demo traffic,
-and stops everything it started on Ctrl-C or SIGTERM.
+and on Ctrl-C, SIGTERM or SIGHUP stops everything it started: those processes first, the
+servers last.
 """
 
 from __future__ import annotations
