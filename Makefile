@@ -15,12 +15,19 @@ PIP_TOOLS := pip-tools==7.6.2
 
 .PHONY: install lock run test lint typecheck fmt pytest bench chaos clean
 
-# The lock first, with hashes, then the project itself without resolving anything again.
+# The lock first, with hashes, then the project itself without resolving anything again. The
+# first install takes a minute or two: say so, and show pip's progress on one line
+# (tools/install.py), since silence that long looks like a hang.
 $(STAMP): pyproject.toml $(LOCK)
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --require-hashes -r $(LOCK)
-	$(PIP) install --quiet --no-deps -e .
-	touch $(STAMP)
+	@if test -x $(BIN)/python; then \
+	  echo "updating $(VENV): pyproject.toml or $(LOCK) changed..."; \
+	else \
+	  echo "installing Sitewire's dependencies into $(VENV) (first run only, about a minute or two)..."; \
+	  $(PYTHON) -m venv $(VENV); \
+	fi
+	@$(BIN)/python tools/install.py --disable-pip-version-check install --require-hashes -r $(LOCK)
+	@$(PIP) install --quiet --no-deps -e .
+	@touch $(STAMP)
 
 install: $(STAMP)
 
@@ -37,8 +44,8 @@ run: $(STAMP)
 	$(BIN)/sitewire run
 
 lint: $(STAMP)
-	$(BIN)/ruff check app workers tests bench
-	$(BIN)/ruff format --check app workers tests bench
+	$(BIN)/ruff check app workers tests bench tools
+	$(BIN)/ruff format --check app workers tests bench tools
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -49,8 +56,8 @@ pytest: $(STAMP)
 test: lint typecheck pytest
 
 fmt: $(STAMP)
-	$(BIN)/ruff check --fix app workers tests bench
-	$(BIN)/ruff format app workers tests bench
+	$(BIN)/ruff check --fix app workers tests bench tools
+	$(BIN)/ruff format app workers tests bench tools
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run

@@ -1,4 +1,6 @@
-"""Structured logs: one JSON object per line on stderr.
+"""Logs on stderr: one JSON object per line for machines, one plain line per record for a
+person at a terminal. `SITEWIRE_LOG_FORMAT` chooses: `json`, `text`, or `auto` (the default:
+text when stderr is a terminal, JSON otherwise).
 
 Never log personal data: no IP addresses, user agents, tokens or event payloads.
 """
@@ -8,10 +10,24 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Iterator
+from typing import Literal, TextIO
 
 import orjson
 
+from app.settings import LogFormat
+
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message"}
+#: uvicorn restates some messages with ANSI colour codes for its own console handler; kept,
+#: they put escape sequences into JSON and repeat the message.
+_DROPPED = {"color_message"}
+
+
+def _extras(record: logging.LogRecord) -> Iterator[tuple[str, object]]:
+    """What the call passed in `extra=`, minus what is only presentation."""
+    for key, value in record.__dict__.items():
+        if key not in _STANDARD and key not in _DROPPED:
+            yield key, value
 
 
 class JsonFormatter(logging.Formatter):
@@ -28,12 +44,43 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        for key, value in record.__dict__.items():
-            if key not in _STANDARD:
-                entry[key] = value
+        entry.update(_extras(record))
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(entry, default=str).decode()
+
+
+class TextFormatter(logging.Formatter):
+    """`14:02:07 warning gateway redis pub/sub connection lost error="Connection reset"`:
+    local time, level, role, message, then the extras as key=value; a traceback below."""
+
+    def __init__(self, role: str) -> None:
+        super().__init__()
+        self.role = role
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = time.strftime("%H:%M:%S", time.localtime(record.created))
+        parts = [when, f"{record.levelname.lower():<7}", f"{self.role:<7}", record.getMessage()]
+        parts += [f"{key}={_text_value(value)}" for key, value in _extras(record)]
+        line = " ".join(parts)
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def _text_value(value: object) -> str:
+    """A value as it reads in a text line: bare when it is one word, else quoted."""
+    text = str(value)
+    if text and not any(c.isspace() or c in "\"'=" for c in text):
+        return text
+    return orjson.dumps(text).decode()
+
+
+def resolve(log_format: LogFormat, stream: TextIO) -> Literal["json", "text"]:
+    """The format `auto` stands for on `stream`: text for a person, JSON for a pipe or file."""
+    if log_format != "auto":
+        return log_format
+    return "text" if stream.isatty() else "json"
 
 
 def _not_an_access_line(record: logging.LogRecord) -> bool:
@@ -44,9 +91,10 @@ def _not_an_access_line(record: logging.LogRecord) -> bool:
     return '"WebSocket ' not in message and message not in ("connection open", "connection closed")
 
 
-def configure(role: str, level: str) -> None:
+def configure(role: str, level: str, log_format: LogFormat = "auto") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter(role))
+    chosen = resolve(log_format, sys.stderr)
+    handler.setFormatter(TextFormatter(role) if chosen == "text" else JsonFormatter(role))
     handler.addFilter(_not_an_access_line)
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -12,7 +12,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 from app.errors import SettingsError
 
@@ -21,6 +21,8 @@ T = TypeVar("T")
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_\-]{1,32}$")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+#: How logs are written (app/logs.py); `auto` is decided by each process from its stderr.
+LogFormat = Literal["auto", "json", "text"]
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,9 @@ class Settings:
     keepalive_s: int = 5
     #: SITEWIRE_LOG_LEVEL: DEBUG, INFO, WARNING or ERROR.
     log_level: str = "INFO"
+    #: SITEWIRE_LOG_FORMAT: json (one object per line), text (for a person), or auto: text
+    #: when stderr is a terminal, else json (app/logs.py).
+    log_format: LogFormat = "auto"
     #: SITEWIRE_RETENTION_DAYS: events older than this are deleted by `sitewire worker`
     #: (0 keeps them forever).
     retention_days: int = 400
@@ -124,6 +129,7 @@ class Settings:
             ),
             keepalive_s=r.int("SITEWIRE_KEEPALIVE_S", cls.keepalive_s, 1, 600),
             log_level=r.get("SITEWIRE_LOG_LEVEL", cls.log_level, _log_level),
+            log_format=r.get("SITEWIRE_LOG_FORMAT", cls.log_format, _log_format),
             retention_days=r.int("SITEWIRE_RETENTION_DAYS", cls.retention_days, 0, 36500),
             worker_interval_s=r.float(
                 "SITEWIRE_WORKER_INTERVAL_S", cls.worker_interval_s, 1, 86400
@@ -242,3 +248,10 @@ def _log_level(raw: str) -> str:
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
     return level
+
+
+def _log_format(raw: str) -> LogFormat:
+    value = raw.lower()
+    if value not in {"auto", "json", "text"}:
+        raise ValueError("must be json, text or auto")
+    return cast(LogFormat, value)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 
 from app import tokens
@@ -114,6 +115,12 @@ def test_sitewire_run_on_embedded_servers(tmp_path: Path) -> None:
             httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
     # Data stays in the local folder for the next run.
     assert (tmp_path / ".sitewire" / "postgres" / "PG_VERSION").exists()
+    # Its output is a file, not a terminal: the children log JSON, without uvicorn's colours.
+    logged = [
+        orjson.loads(x) for x in (tmp_path / "run.log").read_text().splitlines() if x[:1] == "{"
+    ]
+    assert {entry["role"] for entry in logged} == {"ingest", "gateway"}
+    assert not [entry for entry in logged if "color_message" in entry]
 
 
 def _banner_metrics(log: Path, deadline: float) -> dict[str, list[str]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import socket
 import time
@@ -315,24 +314,6 @@ async def test_redis_restart_resubscribes_and_tells_viewers(
     finally:
         gateway.stop()
         ingest.stop()
-
-
-def test_token_command(database_url: str) -> None:
-    import subprocess
-    import sys
-
-    env = {**os.environ, "SITEWIRE_SECRET": SECRET}
-    out = subprocess.run(
-        [sys.executable, "-m", "workers.cli", "sites", "token", "example.com", "--ttl", "60"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout.strip()
-    tokens.verify(SECRET, out, "example.com")
-    with pytest.raises(tokens.InvalidToken):
-        tokens.verify(SECRET, out, "other.com")
 
 
 async def test_many_sites_subscribing_at_once(

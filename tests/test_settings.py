@@ -26,11 +26,13 @@ def test_values_are_parsed() -> None:
             "SITEWIRE_SECRET": "s" * 40,
             "SITEWIRE_TRUSTED_PROXIES": "10.0.0.0/8, 127.0.0.1",
             "SITEWIRE_LOG_LEVEL": "debug",
+            "SITEWIRE_LOG_FORMAT": "JSON",
         }
     )
     assert s.key_prefix == "prod-eu"
     assert ipaddress.ip_address("10.1.2.3") in s.trusted_proxies[0]
     assert s.log_level == "DEBUG"
+    assert s.log_format == "json"
 
 
 @pytest.mark.parametrize(
@@ -44,6 +46,7 @@ def test_values_are_parsed() -> None:
         ("SITEWIRE_MAX_BATCH_EVENTS", "0", "at least 1"),
         ("SITEWIRE_TRUSTED_PROXIES", "10.0.0.0/8,nope", "'nope' is not an IP"),
         ("SITEWIRE_LOG_LEVEL", "LOUD", "must be DEBUG"),
+        ("SITEWIRE_LOG_FORMAT", "yaml", "must be json, text or auto"),
     ],
 )
 def test_bad_value_names_the_variable(variable: str, value: str, fragment: str) -> None:

@@ -7,8 +7,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from app import tokens
 from app.errors import InvalidSiteId
 from app.store.sites import SiteExists, create_site, get_site, is_valid_site_id, validate_site_id
+
+SECRET = "test-secret-" + "x" * 32
 
 
 @pytest.mark.parametrize("site", ["example.com", "a.b-c.io", "x", "shop1.example.co.uk"])
@@ -63,7 +66,7 @@ async def test_database_refuses_invalid_id_even_bypassing_python(pool: asyncpg.P
 
 
 def _cli(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DATABASE_URL": database_url}
+    env = {**os.environ, "DATABASE_URL": database_url, "SITEWIRE_SECRET": SECRET}
     return subprocess.run(
         [sys.executable, "-m", "workers.cli", *args],
         env=env,
@@ -84,3 +87,23 @@ def test_cli_create_and_list(database_url: str) -> None:
     listed = _cli(database_url, "sites", "list")
     assert listed.returncode == 0 and "cli-site.example.net" in listed.stdout
     assert "Bad*Site" not in listed.stdout
+
+
+def test_cli_token_for_a_registered_site(database_url: str) -> None:
+    assert _cli(database_url, "sites", "create", "token-site.example.net").returncode == 0
+    done = _cli(database_url, "sites", "token", "token-site.example.net", "--ttl", "60")
+    assert done.returncode == 0, done.stderr
+    token = done.stdout.strip()
+    tokens.verify(SECRET, token, "token-site.example.net")
+    with pytest.raises(tokens.InvalidToken):
+        tokens.verify(SECRET, token, "other.example.net")
+
+
+def test_cli_token_refuses_a_site_that_is_not_registered(database_url: str) -> None:
+    """The gateway would refuse such a viewer (unknown_site): no token is printed."""
+    done = _cli(database_url, "sites", "token", "nosuch.example")
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == [
+        "Error: site nosuch.example is not registered: register it first "
+        "(sitewire sites create nosuch.example)"
+    ]

@@ -127,13 +127,22 @@ def sites_stats(site: str, days: int) -> None:
     help="Seconds until the token expires.",
 )
 def sites_token(site: str, ttl: int) -> None:
-    """Print a viewer token for SITE (signed with SITEWIRE_SECRET)."""
+    """Print a viewer token for SITE, a registered site (signed with SITEWIRE_SECRET)."""
     from app import tokens
-    from app.store.sites import is_valid_site_id
+    from app.errors import unknown_site
+    from app.store.sites import get_site, is_valid_site_id
 
-    secret = _require(_client_settings().secret, "SITEWIRE_SECRET")
+    settings = _client_settings()
+    secret = _require(settings.secret, "SITEWIRE_SECRET")
+    dsn = _require(settings.database_url, "DATABASE_URL")
     if not is_valid_site_id(site):
         raise click.BadParameter(f"invalid site id {site!r}", param_hint="SITE")
+    # The gateway refuses a viewer of a site that is not registered (unknown_site): a token
+    # for one would only move the failure to the dashboard, where it is harder to read.
+    if _run(_with_connection(dsn, lambda conn: get_site(conn, site))) is None:
+        raise click.ClickException(
+            f"{unknown_site(site).message}: register it first (sitewire sites create {site})"
+        )
     click.echo(tokens.issue(secret, site, ttl))
 
 
@@ -187,7 +196,7 @@ def worker(once: bool) -> None:
 
     settings = _settings()
     _require(settings.database_url, "DATABASE_URL")
-    logs.configure("worker", settings.log_level)
+    logs.configure("worker", settings.log_level, settings.log_format)
     if once:
         _run(retention.run(settings, once=True))
         return

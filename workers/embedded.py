@@ -97,8 +97,13 @@ class EmbeddedRedis:
 
     def start(self) -> None:
         """Start (or restart, on the same port) the server and wait until it answers."""
+        # Its own session, as PostgreSQL's (pg_ctl does the same): a Ctrl-C at the terminal
+        # must not stop it before the processes that use it (workers/run.py stops it last).
         self._proc = subprocess.Popen(
-            self._args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            self._args,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         self._wait_ready()
 

@@ -2,7 +2,8 @@
 
 Starts PostgreSQL and Redis (embedded unless DATABASE_URL / REDIS_URL are set), migrates,
 registers a demo site, starts an ingest and a gateway process, optionally sends demo traffic,
-and stops everything it started on Ctrl-C or SIGTERM.
+and on Ctrl-C, SIGTERM or SIGHUP stops everything it started: those processes first, the
+servers last.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import TextIO
 
 import asyncpg
 
-from app import tokens
+from app import logs, tokens
 from app.servers.postgres import with_database
 from app.settings import Settings
 from app.store.migrate import migrate
@@ -67,7 +68,9 @@ class Stack:
         self.internal_ports: dict[str, list[int]] = {"ingest": [], "gateway": []}
 
     def run(self) -> None:
+        # SIGTERM, and SIGHUP (the terminal closed), stop the stack the way Ctrl-C does.
         signal.signal(signal.SIGTERM, _interrupt)
+        signal.signal(signal.SIGHUP, _interrupt)
         self._claim()  # before anything starts: one clear line if this stack is already up
         try:
             env = self._prepare()
@@ -119,6 +122,9 @@ class Stack:
         asyncio.run(_migrate_and_seed(database_url, self.demo))
         env = dict(os.environ)
         env.update(DATABASE_URL=database_url, REDIS_URL=redis_url, SITEWIRE_SECRET=secret)
+        # The children write to this process's stderr, so what `auto` means is decided here,
+        # once, for all of them: text for the person at this terminal, JSON into a pipe.
+        env.update(SITEWIRE_LOG_FORMAT=logs.resolve(self.settings.log_format, sys.stderr))
         # Lets the commands typed beside this stack find it (workers/local.py).
         gateway = f"http://127.0.0.1:{self.gateway_port}"
         LocalStack(self.data_dir, database_url, redis_url, secret, gateway).write()
@@ -140,7 +146,11 @@ class Stack:
                 internal = free_port()  # metrics are per process: one port each
                 self.internal_ports[role].append(internal)
                 replica = [*cmd, "--internal-port", str(internal)]
-                self._children.append(subprocess.Popen(replica, env=env))
+                # Its own session: a Ctrl-C at the terminal signals the whole foreground
+                # process group at once, and only this process must get it, to stop the
+                # children in order (_stop; docs/decisions.md).
+                child = subprocess.Popen(replica, env=env, start_new_session=True)
+                self._children.append(child)
 
     def _wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -192,17 +202,39 @@ class Stack:
         raise SystemExit("a Sitewire process exited; stopping the rest")
 
     def _stop(self) -> None:
-        for child in self._children:
-            if child.poll() is None:
-                child.terminate()
-        for child in self._children:
-            try:
-                child.wait(15)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        """Stop in order: ingests and gateways first (each drains on SIGTERM, in parallel),
+        then the servers they use, so that none of them sees its Redis or PostgreSQL vanish
+        while it still serves. A second Ctrl-C skips the drains, never the servers' stop."""
+        try:
+            self._stop_children()
+        except KeyboardInterrupt:
+            self._kill_children()
+        # What is left is short (a few seconds at most) and must not be cut in half: a
+        # server killed midway is what the next `sitewire run` would trip over.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
         for server in reversed(self._stoppers):
             server.stop()
         (self.data_dir / STATE_FILE).unlink(missing_ok=True)
+
+    def _stop_children(self, timeout: float = 15.0) -> None:
+        for child in self._children:
+            if child.poll() is None:
+                child.terminate()
+        deadline = time.monotonic() + timeout
+        for child in self._children:
+            try:
+                child.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+    def _kill_children(self) -> None:
+        for child in self._children:
+            if child.poll() is None:
+                child.kill()
+        for child in self._children:
+            child.wait()
 
 
 def _sitewire() -> str:
@@ -231,7 +263,6 @@ def _port_free(port: int) -> bool:
 
 
 def _interrupt(signum: int, frame: object) -> None:
-    # SIGTERM stops the stack the same way Ctrl-C does.
     raise KeyboardInterrupt
 
 

@@ -56,7 +56,11 @@ class _Server(uvicorn.Server):
             await self._drain()
         except Exception:
             log.exception("drain failed; shutting down anyway")
-        self._exit(sig, None)
+        # A signal that came during the drain has already begun the shutdown: exiting again
+        # would count as a second signal, which for SIGINT is uvicorn's force-quit (it skips
+        # the lifespan's shutdown, whose cancelled task then logs a CancelledError traceback).
+        if not self.should_exit:
+            self._exit(sig, None)
 
     def _exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)
@@ -103,7 +107,7 @@ def serve(
     internal: tuple[str, int] | None = None,
 ) -> None:
     """Serve `role` on host:port; with `internal` (host, port), metrics and probes there too."""
-    logs.configure(role, settings.log_level)
+    logs.configure(role, settings.log_level, settings.log_format)
     app: ingest.IngestApp | gateway.GatewayApp = (
         ingest.create_app(settings) if role == "ingest" else gateway.create_app(settings)
     )

@@ -1,0 +1,109 @@
+"""app/logs.py: JSON for machines, text for a person at a terminal."""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import sys
+from collections.abc import Iterator
+
+import orjson
+import pytest
+
+from app import logs
+from app.settings import LogFormat
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _record(msg: str = "Started server process [%d]", **extra: object) -> logging.LogRecord:
+    record = logging.LogRecord("uvicorn.error", logging.INFO, __file__, 1, msg, (42,), None)
+    record.__dict__.update(extra)
+    return record
+
+
+@pytest.fixture
+def root_logging() -> Iterator[None]:
+    """configure() replaces the root logger's handlers: put pytest's back afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    access = logging.getLogger("uvicorn.access").disabled
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    logging.getLogger("uvicorn.access").disabled = access
+
+
+@pytest.mark.parametrize(
+    ("chosen", "tty", "expected"),
+    [
+        ("auto", True, "text"),
+        ("auto", False, "json"),
+        ("json", True, "json"),
+        ("text", False, "text"),
+    ],
+)
+def test_the_format_follows_the_setting_else_the_stream(
+    chosen: LogFormat, tty: bool, expected: str
+) -> None:
+    assert logs.resolve(chosen, _Terminal() if tty else io.StringIO()) == expected
+
+
+@pytest.mark.parametrize(
+    ("chosen", "formatter"),
+    [("json", logs.JsonFormatter), ("text", logs.TextFormatter)],
+)
+@pytest.mark.usefixtures("root_logging")
+def test_configure_installs_the_chosen_formatter(
+    chosen: LogFormat, formatter: type[logging.Formatter], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "stderr", _Terminal())  # auto would say text
+    logs.configure("gateway", "INFO", chosen)
+    (handler,) = logging.getLogger().handlers
+    assert type(handler.formatter) is formatter
+
+
+def test_json_keeps_the_extras_but_not_uvicorns_colours() -> None:
+    """uvicorn adds `color_message`, the message again with ANSI codes, for its console."""
+    record = _record(color_message="Started server process [\x1b[36m%d\x1b[0m]", sites=3)
+    line = logs.JsonFormatter("gateway").format(record)
+    assert "\x1b" not in line and "\\u001b" not in line
+    entry = orjson.loads(line)
+    assert entry["msg"] == "Started server process [42]" and entry["sites"] == 3
+    assert "color_message" not in entry
+    assert entry["level"] == "info" and entry["role"] == "gateway"
+    assert entry["logger"] == "uvicorn.error"
+
+
+def test_a_text_line_reads_time_level_role_message_then_extras() -> None:
+    record = _record(color_message="\x1b[36m", sites=3, error="Connection reset by peer")
+    line = logs.TextFormatter("gateway").format(record)
+    assert re.fullmatch(
+        r"\d\d:\d\d:\d\d info    gateway Started server process \[42\] "
+        r'sites=3 error="Connection reset by peer"',
+        line,
+    ), line
+
+
+def test_a_text_line_shows_the_traceback_below() -> None:
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logging.LogRecord(
+            "app", logging.ERROR, __file__, 1, "it failed", None, sys.exc_info()
+        )
+    first, *rest = logs.TextFormatter("ingest").format(record).splitlines()
+    assert first.endswith(" error   ingest  it failed")
+    assert rest[0] == "Traceback (most recent call last):" and rest[-1] == "ValueError: boom"
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [("ok", "ok"), ("two words", '"two words"'), ("", '""'), ('a"b', '"a\\"b"'), (1.5, "1.5")],
+)
+def test_text_values_are_quoted_only_when_they_must_be(value: object, shown: str) -> None:
+    assert logs.TextFormatter("worker").format(_record("m %d", key=value)).endswith(f" key={shown}")

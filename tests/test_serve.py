@@ -1,0 +1,47 @@
+"""workers/serve.py: the gateway's drain before uvicorn's shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import uvicorn
+from starlette.types import Receive, Scope, Send
+
+from workers.serve import _Server
+
+
+async def _app(scope: Scope, receive: Receive, send: Send) -> None:
+    raise AssertionError("not served in these tests")
+
+
+async def test_a_signal_during_the_drain_is_not_taken_for_a_second_ctrl_c() -> None:
+    """SIGINT, then SIGTERM while draining (a terminal's Ctrl-C and a supervisor's stop):
+    the drain's end must not count as one more SIGINT, which uvicorn takes for a force-quit
+    that skips the lifespan's shutdown (and logs its cancelled task's traceback)."""
+    released = asyncio.Event()
+    server = _Server(uvicorn.Config(_app, log_config=None), drain=released.wait)
+    server._loop = asyncio.get_running_loop()
+    server.handle_exit(signal.SIGINT, None)  # begins the drain
+    await asyncio.sleep(0)
+    server.handle_exit(signal.SIGTERM, None)  # shuts down now
+    assert server.should_exit and not server.force_exit
+    released.set()
+    assert server._drain_task is not None
+    await server._drain_task
+    assert not server.force_exit
+    assert server._captured_signals == []  # exit code 0, no re-raised signal
+
+
+async def test_the_first_signal_drains_then_shuts_down() -> None:
+    released = asyncio.Event()
+    server = _Server(uvicorn.Config(_app, log_config=None), drain=released.wait)
+    server._loop = asyncio.get_running_loop()
+    server.handle_exit(signal.SIGINT, None)
+    await asyncio.sleep(0)
+    assert not server.should_exit  # still serving while viewers are told to leave
+    released.set()
+    assert server._drain_task is not None
+    await server._drain_task
+    assert server.should_exit and not server.force_exit
+    assert server._captured_signals == []
