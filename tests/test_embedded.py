@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.embedded, pytest.mark.slow]
 
 def test_sitewire_run_on_embedded_servers(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
-    ingest, gateway = free_port(), free_port()
+    ingest, gateway, demo = free_port(), free_port(), free_port()
     with (tmp_path / "run.log").open("wb") as log:
         proc = subprocess.Popen(
             [
@@ -37,6 +37,8 @@ def test_sitewire_run_on_embedded_servers(tmp_path: Path) -> None:
                 str(ingest),
                 "--gateway-port",
                 str(gateway),
+                "--demo-port",
+                str(demo),
             ],
             env=env,
             stdout=log,
@@ -64,7 +66,8 @@ def test_sitewire_run_on_embedded_servers(tmp_path: Path) -> None:
             began = time.monotonic()
             second = subprocess.run(
                 [sys.executable, "-m", "workers.cli", "up", "--data-dir", str(tmp_path / data),
-                 "--ingest-port", str(ingest), "--gateway-port", str(gateway)],
+                 "--ingest-port", str(ingest), "--gateway-port", str(gateway),
+                 "--demo-port", str(free_port())],
                 env=env, capture_output=True, text=True, timeout=30,
             )  # fmt: skip
             took = time.monotonic() - began
@@ -84,6 +87,10 @@ def test_sitewire_run_on_embedded_servers(tmp_path: Path) -> None:
         for line in banner.splitlines():
             if line.strip().startswith(("tail ", "top ")):
                 assert shutil.which(line.split()[1]) is not None, line
+        # The demo page: the tracker installed, pointing at this stack's ingest.
+        page = httpx.get(f"http://127.0.0.1:{demo}/pricing", timeout=5).text
+        assert f'data-site="{DEMO_SITE}"' in page and f"127.0.0.1:{ingest}/script.js" in page
+        assert f"  demo page http://127.0.0.1:{demo}/" in (tmp_path / "run.log").read_text()
         # Two gateway replicas share one port (SO_REUSEPORT): connections reach both, as each
         # replica's own metrics, on the private ports the banner names, show.
         metrics = _banner_metrics(tmp_path / "run.log", deadline)

@@ -42,7 +42,8 @@ def test_ctrl_c_stops_everything_in_order_and_quietly(tmp_path: Path, sig: int) 
     data_dir = tmp_path / ".sitewire"
     ingest, gateway = free_port(), free_port()
     cmd = [sys.executable, "-m", "workers.cli", "run", "--data-dir", str(data_dir),
-           "--ingest-port", str(ingest), "--gateway-port", str(gateway)]  # fmt: skip
+           "--ingest-port", str(ingest), "--gateway-port", str(gateway),
+           "--demo-port", str(free_port())]  # fmt: skip
     terminal = Terminal()
     # Its own process group, as a shell runs a foreground job: Ctrl-C signals that group.
     proc = terminal.run(cmd, env)

@@ -311,7 +311,10 @@ def _stack_options(command: Callable[..., None]) -> Callable[..., None]:
                      help="Ingest replicas sharing the ingest port."),
         click.option("--gateways", default=2, show_default=True, type=click.IntRange(1, 16),
                      help="Gateway replicas sharing the gateway port."),
-        click.option("--demo/--no-demo", default=True, help="Send demo traffic to a demo site."),
+        click.option("--demo/--no-demo", default=True,
+                     help="A demo site with demo traffic, and a demo page with the tracker."),
+        click.option("--demo-port", default=8002, show_default=True, type=int,
+                     help="Port of the demo page (with --demo)."),
     ]  # fmt: skip
     for option in reversed(options):
         command = option(command)
@@ -321,12 +324,22 @@ def _stack_options(command: Callable[..., None]) -> Callable[..., None]:
 @main.command()
 @_stack_options
 def up(
-    data_dir: str, ingest_port: int, gateway_port: int, ingests: int, gateways: int, demo: bool
+    data_dir: str,
+    ingest_port: int,
+    gateway_port: int,
+    ingests: int,
+    gateways: int,
+    demo: bool,
+    demo_port: int,
 ) -> None:
-    """Run everything locally: servers (embedded unless configured), replicas, demo traffic."""
+    """Run everything locally: servers (embedded unless configured), replicas, demo traffic
+    and a demo page."""
     from workers.run import Stack
 
-    Stack(_settings(), data_dir, ingest_port, gateway_port, demo, ingests, gateways).run()
+    stack = Stack(
+        _settings(), data_dir, ingest_port, gateway_port, demo, ingests, gateways, demo_port
+    )
+    stack.run()
 
 
 @main.command()

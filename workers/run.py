@@ -30,6 +30,7 @@ from app.servers.postgres import with_database
 from app.settings import Settings
 from app.store.migrate import migrate
 from app.store.sites import SiteExists, create_site
+from workers.demo import DemoPage
 from workers.embedded import EmbeddedPostgres, EmbeddedRedis, MissingLocalExtra, free_port
 from workers.local import LOCK_FILE, STATE_FILE, LocalStack
 
@@ -39,6 +40,8 @@ except ModuleNotFoundError as exc:
     raise MissingLocalExtra(exc) from exc
 
 DEMO_SITE = "demo.sitewire.dev"
+#: Hosts the demo page is served from: the demo site accepts events from them.
+DEMO_ORIGINS = ("127.0.0.1", "localhost")
 DEMO_PATHS = ("/", "/pricing", "/blog/launch", "/docs", "/docs/api", "/signup")
 DEMO_REFERRERS = (None, "https://news.ycombinator.com/", "https://www.google.com/", None)
 
@@ -53,12 +56,16 @@ class Stack:
         demo: bool,
         ingests: int = 1,
         gateways: int = 1,
+        demo_port: int = 8002,
     ) -> None:
         self.settings = settings
         self.data_dir = Path(data_dir).resolve()
         self.ingest_port = ingest_port
         self.gateway_port = gateway_port
         self.demo = demo
+        #: The demo page's port (with `demo`): a shop with the tracker installed (workers/demo.py).
+        self.demo_port = demo_port
+        self._demo_page: DemoPage | None = None
         self.replicas = {"ingest": ingests, "gateway": gateways}
         self._stoppers: list[EmbeddedPostgres | EmbeddedRedis] = []
         self._children: list[subprocess.Popen[bytes]] = []
@@ -76,7 +83,10 @@ class Stack:
             env = self._prepare()
             self._start_children(env)
             self._wait_ready()
-            self._banner(env["SITEWIRE_SECRET"])
+            token = tokens.issue(env["SITEWIRE_SECRET"], DEMO_SITE, 7 * 86400)
+            if self.demo:
+                self._start_demo_page(token)
+            self._banner(token)
             asyncio.run(self._idle())
         except KeyboardInterrupt:
             print("\nstopping...", flush=True)
@@ -95,10 +105,10 @@ class Stack:
                 f"sitewire: another local stack is running on {self.data_dir}; stop it first "
                 "(Ctrl-C where it runs), or use --data-dir for a second one"
             ) from None
-        for name, port in (
-            ("--ingest-port", self.ingest_port),
-            ("--gateway-port", self.gateway_port),
-        ):
+        ports = [("--ingest-port", self.ingest_port), ("--gateway-port", self.gateway_port)]
+        if self.demo:
+            ports.append(("--demo-port", self.demo_port))
+        for name, port in ports:
             if not _port_free(port):
                 raise SystemExit(
                     f"sitewire: port {port} is in use; stop what holds it, or choose {name}"
@@ -165,9 +175,24 @@ class Stack:
                     raise SystemExit(f"process on port {port} did not become ready")
                 time.sleep(0.2)
 
-    def _banner(self, secret: str) -> None:
+    def _start_demo_page(self, token: str) -> None:
+        g = self.gateway_port
+        self._demo_page = DemoPage(
+            self.demo_port,
+            DEMO_SITE,
+            ingest=f"http://127.0.0.1:{self.ingest_port}",
+            dashboard=f"http://127.0.0.1:{g}/dashboard/{DEMO_SITE}?token={token}",
+            tail=f"{_sitewire()} tail {DEMO_SITE}",
+        )
+        self._demo_page.start()
+
+    def _banner(self, token: str) -> None:
         i, g = self.ingest_port, self.gateway_port
-        token = tokens.issue(secret, DEMO_SITE, 7 * 86400)
+        demo_page = (
+            f"  demo page {self._demo_page.url}  (a shop with the tracker: click around)\n"
+            if self._demo_page
+            else ""
+        )
         print(
             "\nSitewire is running.\n"
             f"  ingest    http://127.0.0.1:{i}  (POST /api/event, /script.js)\n"
@@ -176,7 +201,8 @@ class Stack:
             "(each role shares one port: SO_REUSEPORT)\n"
             f"  metrics   {self._metrics_urls()}\n"
             f"  demo site {DEMO_SITE}" + (" receiving demo traffic" if self.demo else "") + "\n"
-            f"\n  dashboard http://127.0.0.1:{g}/dashboard/{DEMO_SITE}?token={token}\n"
+            f"\n{demo_page}"
+            f"  dashboard http://127.0.0.1:{g}/dashboard/{DEMO_SITE}?token={token}\n"
             f"  tail      {_sitewire()} tail {DEMO_SITE} --gateway http://127.0.0.1:{g} "
             f"--token {token}\n"
             f"  top       {_sitewire()} top {DEMO_SITE} --gateway http://127.0.0.1:{g} "
@@ -205,6 +231,8 @@ class Stack:
         """Stop in order: ingests and gateways first (each drains on SIGTERM, in parallel),
         then the servers they use, so that none of them sees its Redis or PostgreSQL vanish
         while it still serves. A second Ctrl-C skips the drains, never the servers' stop."""
+        if self._demo_page is not None:
+            self._demo_page.stop()
         try:
             self._stop_children()
         except KeyboardInterrupt:
@@ -282,7 +310,13 @@ async def _migrate_and_seed(dsn: str, demo: bool) -> None:
         conn = await asyncpg.connect(dsn)
         try:
             with contextlib.suppress(SiteExists):
-                await create_site(conn, DEMO_SITE)
+                await create_site(conn, DEMO_SITE, DEMO_ORIGINS)
+            # A demo site made by an older version lacks the demo page's origins.
+            await conn.execute(
+                "UPDATE sites SET domains = $2 WHERE id = $1 AND NOT domains @> $2",
+                DEMO_SITE,
+                list(DEMO_ORIGINS),
+            )
         finally:
             await conn.close()
 

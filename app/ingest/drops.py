@@ -24,7 +24,7 @@ from app.tasks import cancel_and_wait
 log = logging.getLogger(__name__)
 
 #: Seconds between two writes of the counts.
-FLUSH_S = 5.0
+FLUSH_S = 1.0
 #: Most (site, day, reason) counts held between writes.
 MAX_KEYS = 10_000
 
