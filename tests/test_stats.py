@@ -429,3 +429,24 @@ async def test_filtered_stats_are_bounded_per_gateway(
         assert (await analytics.body(found))["filters"] == {}  # unfiltered: never bounded here
     finally:
         await analytics.close()
+
+
+async def test_new_filters_are_paced(
+    gateway: Gateway, pool: asyncpg.Pool, site: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each new filter reads 30 minutes from storage: a client cycling through filters gets
+    `busy` past the burst, while filters already counted keep answering."""
+    monkeypatch.setattr(analytics_module, "NEW_FILTERED_BURST", 2.0)
+    monkeypatch.setattr(analytics_module, "NEW_FILTERED_PER_S", 0.01)
+    analytics = Analytics(gateway.feeds, gateway.replayer, 1 << 20)
+    analytics.start()
+    found = await get_site(pool, site)
+    assert found is not None
+    try:
+        await analytics.body(found, (("page", "/1"),))
+        await analytics.body(found, (("page", "/2"),))
+        with pytest.raises(StatsBusy):
+            await analytics.body(found, (("page", "/3"),))
+        await analytics.body(found, (("page", "/1"),))  # already counted: served
+    finally:
+        await analytics.close()

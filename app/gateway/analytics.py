@@ -14,7 +14,9 @@ now and then stays cheap); a watch costs one queued viewer and the counts of 30 
 Filtered stats (`?page=/pricing`) are a watch of their own, counting only the matching events
 from the same stream: the first request for a filter reads 30 minutes from storage, like the
 site's first. At most MAX_FILTERED of them are kept per gateway; beyond, unused ones are
-dropped first, then requests for new filters are refused (`StatsBusy`).
+dropped first, then requests for new filters are refused (`StatsBusy`). New filtered watches
+are also paced (NEW_FILTERED_PER_S, bursts of NEW_FILTERED_BURST), since each costs a read of
+30 minutes: a client cycling through filters cannot make the gateway replay without end.
 """
 
 from __future__ import annotations
@@ -49,6 +51,10 @@ RETRY_S = 1.0
 WINDOW_MINUTES = 30
 #: Filtered watches kept per gateway (each: one queued viewer, 30 minutes of counts).
 MAX_FILTERED = 64
+#: New filtered watches a second per gateway, sustained, and the burst allowed (a person
+#: clicking through a dashboard's panels stays well inside it).
+NEW_FILTERED_PER_S = 1.0
+NEW_FILTERED_BURST = 10.0
 
 
 class StatsUnavailable(Exception):
@@ -96,6 +102,9 @@ class Analytics:
         self._watches: dict[tuple[str, Filters], _Watch] = {}
         self._ticker: asyncio.Task[None] | None = None
         self._closed = False
+        #: The pace of new filtered watches: a token bucket (tokens, when last refilled).
+        self._new_tokens = NEW_FILTERED_BURST
+        self._new_at = 0.0
 
     def start(self) -> None:
         self._ticker = asyncio.create_task(self._tick_forever(), name="stats")
@@ -164,8 +173,15 @@ class Analytics:
         return watch
 
     def _room(self) -> bool:
-        """Whether one more filtered watch fits, after dropping the least recently used one
-        that no viewer subscribes to if needed."""
+        """Whether one more filtered watch may start now: within the pace of new ones, and
+        within MAX_FILTERED after dropping the least recently used unwatched one if needed."""
+        now = asyncio.get_running_loop().time()
+        elapsed = now - self._new_at if self._new_at else 0.0
+        self._new_tokens = min(NEW_FILTERED_BURST, self._new_tokens + elapsed * NEW_FILTERED_PER_S)
+        self._new_at = now
+        if self._new_tokens < 1.0:
+            return False
+        self._new_tokens -= 1.0
         filtered = [(w.used_at, k) for k, w in self._watches.items() if k[1]]
         if len(filtered) < MAX_FILTERED:
             return True
