@@ -106,6 +106,8 @@ class WsViewer(Viewer):
 @dataclass
 class SseViewer(Viewer):
     ids: list[str] = field(default_factory=list)
+    #: Comment lines (": ping") received.
+    comments: int = 0
     status: int = 0
     client: httpx.AsyncClient | None = None
 
@@ -148,6 +150,8 @@ class SseViewer(Viewer):
                         data = line[6:].encode()
                     elif line.startswith("id: "):
                         event_id = line[4:]
+                    elif line.startswith(":"):
+                        self.comments += 1
                     elif line == "" and data:
                         self._dispatch(kind, data, event_id)
                         kind, data, event_id = "message", b"", None

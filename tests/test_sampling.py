@@ -115,3 +115,26 @@ async def test_a_bad_sample_parameter_is_refused(
     assert sse.status == 400 and sse.notices[0]["error"]["field"] == "sample"
     ws = await WsViewer.open(gateway.ws_url, site, token(site), "&sample=lots")
     assert await ws.wait_closed() == 4502
+
+
+async def test_a_sampled_replay_is_not_held_back(
+    stack: tuple[AppProcess, AppProcess], site: str
+) -> None:
+    """A replay waits for the viewer's queue to drain; a sampled viewer's queue is drained
+    even when all it held was left out, so a long replay goes at full speed, with no
+    keep-alive ping for every empty take."""
+    ingest, gateway = stack
+    total = 4000
+    await post_batches(ingest.url, site, total)
+    ws = await WsViewer.open(gateway.ws_url, site, token(site), f"&sample=2&last={total}")
+    query = {"sample": "2", "last": str(total)}
+    sse = await SseViewer.open(gateway.url, site, token(site), query=query)
+    try:
+        for viewer in (ws, sse):
+            await eventually(lambda v=viewer: _reached(v) == total, timeout=10, what="replayed")
+            notices = [n for n in viewer.notices if n["type"] == "sampled"]
+            assert len(viewer.events) + sum(n["skipped"] for n in notices) == total
+        assert sse.comments == 0  # a ping only after 15 s of silence, not per empty take
+    finally:
+        await ws.close()
+        await sse.close()

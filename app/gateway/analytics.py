@@ -140,8 +140,8 @@ class Analytics:
     def check_room(self, site: Site, filters: Filters) -> None:
         """Raise StatsBusy if a stats viewer with these filters could not be served now (call
         before admitting it: `subscribe` itself never refuses)."""
-        if filters and (site.id, filters) not in self._watches and not self._room():
-            raise StatsBusy("too many filtered statistics in use on this gateway")
+        if filters and (site.id, filters) not in self._watches:
+            self._make_room()
 
     def subscribe(self, site: Site, viewer: Viewer, filters: Filters = ()) -> None:
         """Push `stats` frames to `viewer`: one as soon as the counts are ready, then at most
@@ -165,32 +165,31 @@ class Analytics:
             self._stop(key, watch)  # the site was registered again: a new offset sequence
             watch = None
         if watch is None:
-            if filters and not self._room() and not force:
-                raise StatsBusy("too many filtered statistics in use on this gateway")
+            if filters and not force:
+                self._make_room()
             watch = self._watches[key] = _Watch(site, SiteStats(filters))
             watch.task = asyncio.create_task(self._run(watch), name=f"stats {site.id}")
         watch.used_at = asyncio.get_running_loop().time()
         return watch
 
-    def _room(self) -> bool:
-        """Whether one more filtered watch may start now: within the pace of new ones, and
-        within MAX_FILTERED after dropping the least recently used unwatched one if needed."""
+    def _make_room(self) -> None:
+        """Let one more filtered watch start, or raise StatsBusy saying why not: within the
+        pace of new ones, and within MAX_FILTERED after dropping the least recently used
+        unwatched one if needed."""
         now = asyncio.get_running_loop().time()
         elapsed = now - self._new_at if self._new_at else 0.0
         self._new_tokens = min(NEW_FILTERED_BURST, self._new_tokens + elapsed * NEW_FILTERED_PER_S)
         self._new_at = now
         if self._new_tokens < 1.0:
-            return False
-        self._new_tokens -= 1.0
+            raise StatsBusy("new filtered statistics start at most one a second; try again")
         filtered = [(w.used_at, k) for k, w in self._watches.items() if k[1]]
-        if len(filtered) < MAX_FILTERED:
-            return True
-        unused = [(used, k) for used, k in filtered if not self._watches[k].subscribers]
-        if not unused:
-            return False
-        key = min(unused)[1]
-        self._stop(key, self._watches[key])
-        return True
+        if len(filtered) >= MAX_FILTERED:
+            unused = [(used, k) for used, k in filtered if not self._watches[k].subscribers]
+            if not unused:
+                raise StatsBusy("every filtered statistics view of this gateway is in use")
+            key = min(unused)[1]
+            self._stop(key, self._watches[key])
+        self._new_tokens -= 1.0
 
     async def _run(self, watch: _Watch) -> None:
         """Keep the internal viewer of the site joined: from 30 minutes ago the first time,

@@ -97,9 +97,12 @@ class SseStream(Response):
                             {"type": "http.response.body", "body": pending, "more_body": True}
                         )
                     drained.set()
-                with contextlib.suppress(TimeoutError):
+                idle = False
+                try:
                     async with asyncio.timeout(SSE_HEARTBEAT_S):
                         await wake.wait()
+                except TimeoutError:
+                    idle = True
                 wake.clear()
                 if viewer.close_code is not None:
                     await self._close(send, viewer.close_code)
@@ -107,10 +110,14 @@ class SseStream(Response):
                 if viewer.closed:
                     return
                 items = viewer.take()
-                pending = sse_chunk(items, viewer.epoch) if items else b": ping\n\n"
+                pending = sse_chunk(items, viewer.epoch) if items else b""
                 if items:
                     state.stats.count(items)
                     state.stats.frames += 1
+                elif idle:
+                    pending = b": ping\n\n"  # silence for SSE_HEARTBEAT_S: proxies, dead peers
+                else:
+                    drained.set()  # a sampled viewer's queue, all of it left out: room again
         except TimeoutError:
             if viewer.fail(CloseCode.SLOW_CONSUMER):  # not already closed as slow: count it
                 state.metrics.closes.labels("write_timeout").inc()

@@ -361,6 +361,8 @@ class StreamProtocol(asyncio.Protocol):
             return
         items = viewer.take()
         if not items:
+            if self.drained is not None:
+                self.drained.set()  # a sampled viewer's queue, all of it left out: room again
             return
         frames = ws_frames(items)
         for frame in frames:
