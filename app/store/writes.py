@@ -130,9 +130,10 @@ async def _stored_before(
     retried = [e for e in events if not e.minted]
     if not retried:
         return {}
+    # A function (migrations/0008), not a query on a table, so that where retries are kept
+    # can change under running replicas.
     rows = await conn.fetch(
-        "SELECT e.site, e.event_id, e.site_offset FROM events e "
-        "JOIN unnest($1::text[], $2::uuid[]) AS k(site, event_id) USING (site, event_id)",
+        "SELECT site, event_id, site_offset FROM sitewire_stored_offsets($1::text[], $2::uuid[])",
         [e.site for e in retried],
         [e.event_id for e in retried],
     )
