@@ -353,6 +353,11 @@ BEGIN
 END
 $$;
 
--- step: drop what only this migration needed
+-- step: drop what only this migration needed, and 0003's function
 DROP PROCEDURE IF EXISTS sitewire_backfill_event_ids(timestamptz, integer);
 DROP FUNCTION IF EXISTS sitewire_legacy_bound();
+-- Kept by 0004 for replicas two releases back; it looks retries up in `events` by (site,
+-- event_id), which no month has an index for any more.
+DROP FUNCTION IF EXISTS sitewire_store_events(
+    text[], uuid[], boolean[], text[], text[], text[], text[], text[], jsonb[], bigint[],
+    text[], timestamptz[]);
