@@ -101,9 +101,10 @@ async def create_ahead(pool: asyncpg.Pool, now: datetime) -> int:
 
 async def drop_events(pool: asyncpg.Pool, part: Partition) -> int:
     """Drop a partition of `events` whose every event is past retention, with its stragglers;
-    how many stragglers. Finding them reads only indexes, outside any strong lock; deleting
-    them and detaching the partition is one short transaction under ACCESS EXCLUSIVE on the
-    parent (a monthly pause of ingest of at most the lock timeout plus a few milliseconds)."""
+    how many stragglers. Finding them reads by index (a probe per site), outside any strong
+    lock; deleting them and detaching the partition is one short transaction under ACCESS
+    EXCLUSIVE on the parent (a monthly pause of ingest of at most the lock timeout plus a few
+    milliseconds)."""
     assert part.upper is not None, "a partition with no upper bound is never past retention"
     async with pool.acquire() as conn:
         found = await conn.fetch(_STRAGGLERS_SQL.format(part=_ident(part.name)),
