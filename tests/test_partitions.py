@@ -64,13 +64,16 @@ async def test_a_new_install_has_this_month_and_the_next(own_pool: asyncpg.Pool)
 
 
 @pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("missing", ["month and day", "day"])
 async def test_a_commit_the_worker_was_late_for_makes_its_partitions(
-    own_pool: asyncpg.Pool, path: str, caplog: pytest.LogCaptureFixture
+    own_pool: asyncpg.Pool, path: str, missing: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Three months ahead there is no partition yet (no worker ran): the commit fails inside
-    PostgreSQL, stores nothing, makes the month and the day, and commits again."""
+    """Three months ahead there is no partition yet (no worker ran), five days ahead no day of
+    event_ids: the commit fails inside PostgreSQL, stores nothing, makes what is missing, and
+    commits again."""
     site = await new_site(own_pool)
-    later = month_start(datetime.now(UTC), 3) + timedelta(days=4, hours=5)
+    now = datetime.now(UTC)
+    later = month_start(now, 3) + timedelta(days=4) if missing != "day" else now + timedelta(days=5)
     with caplog.at_level(logging.WARNING, "app.store.writes"):
         out = await commit(own_pool, [at(new(site, uuid.uuid4()), later), new(site)], PATHS[path])
     assert [(o.offset, o.duplicate) for o in out if o] == [(1, False), (2, False)]
