@@ -80,6 +80,18 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
 
 
 @pytest.fixture
+async def own_pool(servers: Servers) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on a freshly migrated database of this test's own, dropped afterwards: for tests
+    that drop partitions, or that must see no other test's rows."""
+    dsn = await create_database(servers.admin_dsn, "sw_own")
+    p = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
+    assert p is not None
+    yield p
+    await p.close()
+    await drop_database(servers.admin_dsn, dsn)
+
+
+@pytest.fixture
 async def rclient(servers: Servers) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.Redis.from_url(servers.redis_url)
     yield client

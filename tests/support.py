@@ -124,17 +124,29 @@ def event(site: str, **extra: Any) -> dict[str, Any]:
     return {"site": site, "name": "pageview", "url": f"https://{site}/pricing", **extra}
 
 
-def new(site: str, event_id: uuid.UUID | None = None, n: int = 0) -> NewEvent:
-    """An event ready for app.store.writes.commit (what ingest builds from a request)."""
+def new(
+    site: str, event_id: uuid.UUID | None = None, n: int = 0, ts: datetime | None = None
+) -> NewEvent:
+    """An event ready for app.store.writes.commit (what ingest builds from a request), received
+    now unless `ts` says when."""
     from app.schema import NewEvent
 
     return NewEvent(
         site=site, event_id=event_id or uuid.uuid4(), name="pageview",
         url=f"https://{site}/p/{n}", path=f"/p/{n}", referrer=None, referrer_host=None,
         props={"n": n}, visitor_id=7, device="desktop", browser="Firefox", os="Linux",
-        country="NL", ts=datetime.now(UTC),
+        country="NL", ts=ts or datetime.now(UTC),
         minted=event_id is None,
     )  # fmt: skip
+
+
+async def cover(pool: asyncpg.Pool, since: datetime, until: datetime) -> None:
+    """Partitions of `events` and `event_ids` for since..until, for a test that writes rows
+    into the past (ingest makes them on demand; a raw INSERT does not)."""
+    from app.store import partitions
+
+    for table in partitions.PARTITIONED:
+        await partitions.create(pool, table, since, until)
 
 
 async def epoch_of(pool: asyncpg.Pool, site: str) -> str:

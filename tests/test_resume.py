@@ -19,8 +19,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from app.broker.redis import RedisBroker
+from app.gateway.hub import Viewer
 from app.gateway.metrics import GatewayMetrics
-from app.gateway.replay import Replayer, StartRequest, StorageUnavailable
+from app.gateway.replay import Replayer, Start, StartRequest, StorageUnavailable, run_replay
 from app.names import Names
 from app.servers.redis import RedisShards
 from app.settings import Settings
@@ -55,6 +56,24 @@ async def test_a_cursor_past_the_live_feed_but_committed_resumes_exactly(
     # Beyond the committed head: no such event was ever acknowledged.
     start = await replayer.resolve(site, epoch, 2, StartRequest(since=(epoch, 9)))
     assert (start.after, start.recovered, start.reason) == (5, False, "cursor_ahead")
+
+
+async def test_a_hole_inside_a_replayed_page_is_reported(
+    replayer: Replayer, pool: asyncpg.Pool, site: str
+) -> None:
+    """What is stored of a site is one contiguous range, except where an event with a clock
+    hours off went with its month (app.store.partitions): the replay says where it skipped,
+    as for the start of a page."""
+    await commit(pool, [new(site, n=i) for i in range(10)])
+    await pool.execute("DELETE FROM events WHERE site = $1 AND site_offset = 6", site)
+    epoch = await epoch_of(pool, site)
+    viewer = Viewer(site, epoch, 1 << 20, lambda: None)
+    gaps: list[int] = []
+    await run_replay(
+        replayer, viewer, Start(2, True, head=10), asyncio.Event(), lambda _, a: gaps.append(a)
+    )
+    assert [offset for _, offset, _ in viewer.take() if offset] == [3, 4, 5, 7, 8, 9, 10]
+    assert gaps == [5]
 
 
 async def test_a_resume_that_storage_cannot_judge_is_refused_for_later(

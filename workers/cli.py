@@ -190,7 +190,7 @@ main.add_command(_serve_command("gateway", 8001))
 @main.command()
 @click.option("--once", is_flag=True, help="Run one pass and exit.")
 def worker(once: bool) -> None:
-    """Run background jobs: event retention and salt expiry."""
+    """Run background jobs: partitions made ahead, event retention, salt expiry."""
     from app import logs
     from workers import retention
 

@@ -1,10 +1,15 @@
-"""Background jobs: event retention (events and dropped-event counts) and salt expiry
-(`sitewire worker`).
+"""Background jobs (`sitewire worker`): partitions made ahead, event retention, the retry
+window, dropped-event counts and salt expiry.
 
-Retention deletes a site's events older than `SITEWIRE_RETENTION_DAYS` in small batches, each
-its own short transaction, oldest offsets first, so it never holds long locks and ingest keeps
-committing meanwhile. Deleting the oldest offsets keeps the invariant resumes rely on: what is
-stored of a site is one contiguous offset range (docs/operations.md).
+`events` is partitioned by month of ts and `event_ids` (retries recognised) by day
+(migrations/0009, app.store.partitions). Each pass first makes the partitions ingest will need
+(this month and the next; today and two days ahead), so a commit never waits for one while
+the worker runs at least monthly. Retention then drops each month whose every event is older
+than `SITEWIRE_RETENTION_DAYS`, whole: no row deletes, no bloat, no vacuum. Only the table as it
+was before partitioning (`events_legacy`, no lower bound) is still trimmed by the old batched
+delete, oldest offsets first, until its last month is past retention too. Either way what is
+stored of a site stays one contiguous offset range, which resumes rely on
+(docs/operations.md).
 """
 
 from __future__ import annotations
@@ -18,18 +23,25 @@ import asyncpg
 
 from app.servers.postgres import STORAGE_ERRORS
 from app.settings import Settings
-from app.store import drops, salts
+from app.store import drops, partitions, salts
 
 log = logging.getLogger(__name__)
 
-#: Rows deleted per transaction.
+#: Rows deleted per transaction when trimming events_legacy.
 BATCH = 5000
 
 
 @dataclass
 class PassReport:
+    created_partitions: int = 0
+    #: Months of events dropped whole, and the events after their end deleted with them.
+    dropped_partitions: int = 0
+    deleted_stragglers: int = 0
+    #: Rows deleted from events_legacy, and in how many transactions.
     deleted_events: int = 0
     batches: int = 0
+    #: Days of retry-window entries dropped.
+    dropped_entry_days: int = 0
     deleted_salts: int = 0
     #: Days of dropped-event counts (per site and reason) past retention, as for events.
     deleted_drop_counts: int = 0
@@ -38,44 +50,46 @@ class PassReport:
 async def expire_events(
     pool: asyncpg.Pool, older_than: datetime, batch: int = BATCH, pause_s: float = 0.01
 ) -> PassReport:
+    """Drop the months of events entirely before `older_than`, oldest first, and trim the
+    unbounded first partition if it is only partly before it."""
     report = PassReport()
-    sites = [r["id"] for r in await pool.fetch("SELECT id FROM sites ORDER BY id")]
-    for site in sites:
-        while True:
-            status = await pool.execute(
-                """DELETE FROM events WHERE site = $1 AND site_offset IN (
-                       SELECT site_offset FROM events WHERE site = $1 AND ts < $2
-                       ORDER BY site_offset LIMIT $3)""",
-                site,
-                older_than,
-                batch,
-            )
-            deleted = int(status.split()[-1])
-            if deleted:
-                report.deleted_events += deleted
-                report.batches += 1
-            if deleted < batch:
-                break
-            await asyncio.sleep(pause_s)  # let other transactions through between batches
+    for part in await partitions.listed(pool, partitions.EVENTS):
+        if part.upper is not None and part.upper <= older_than:
+            report.deleted_stragglers += await partitions.drop_events(pool, part)
+            report.dropped_partitions += 1
+        elif part.lower is None:
+            deleted, batches = await partitions.trim(pool, part, older_than, batch, pause_s)
+            report.deleted_events += deleted
+            report.batches += batches
     return report
+
+
+async def expire_entries(pool: asyncpg.Pool, now: datetime) -> int:
+    """Drop the days of `event_ids` that ended more than the retry window ago; how many."""
+    dropped = 0
+    for part in await partitions.listed(pool, partitions.EVENT_IDS):
+        if part.upper is not None and part.upper <= now - partitions.RETRY_WINDOW:
+            await partitions.drop_entries(pool, part)
+            dropped += 1
+    return dropped
 
 
 async def run_once(
     pool: asyncpg.Pool, settings: Settings, now: datetime | None = None
 ) -> PassReport:
     now = now or datetime.now(UTC)
+    # First what ingest needs; then what a stopped pass left half-dropped.
+    created = await partitions.create_ahead(pool, now)
+    await partitions.drop_leftovers(pool)
     report = PassReport()
     if settings.retention_days:
         report = await expire_events(pool, now - timedelta(days=settings.retention_days))
         cutoff = (now - timedelta(days=settings.retention_days)).date()
         report.deleted_drop_counts = await drops.delete_before(pool, cutoff)
+    report.created_partitions = created
+    report.dropped_entry_days = await expire_entries(pool, now)
     report.deleted_salts = await salts.delete_expired(pool, now)
-    log.info(
-        "background pass done",
-        extra={"deleted_events": report.deleted_events, "batches": report.batches,
-               "deleted_salts": report.deleted_salts,
-               "deleted_drop_counts": report.deleted_drop_counts},
-    )  # fmt: skip
+    log.info("background pass done", extra=vars(report))
     return report
 
 

@@ -287,9 +287,11 @@ async def run_replay(
                 on_gap(viewer, viewer.after)
                 viewer.after = target
                 break
-            if page[0][0] != viewer.after + 1:
-                on_gap(viewer, viewer.after)
             for offset, payload in page:
+                # Checked per event, not per page: a hole can open inside a page too (an event
+                # whose ts was hours off went with its month: app.store.partitions).
+                if offset > viewer.after + 1:
+                    on_gap(viewer, viewer.after)
                 await _wait_for_room(viewer, drained, len(payload))
                 if viewer.closed:
                     return

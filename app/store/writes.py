@@ -12,6 +12,7 @@ import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, time
 from typing import Any
 
 import asyncpg
@@ -19,6 +20,7 @@ import orjson
 from asyncpg.pool import PoolConnectionProxy
 
 from app.schema import JSON_COLUMNS, NAMES, NewEvent
+from app.store import partitions
 from app.wire import with_position
 
 log = logging.getLogger(__name__)
@@ -54,11 +56,38 @@ _STORE_ROWS_SQL = (
 )
 
 
+#: Tries at making a missing partition from the commit path: the requests wait meanwhile, and
+#: only a partition being dropped or another attach holds the lock it needs.
+PARTITION_ATTEMPTS = 3
+
+
 async def commit(
     pool: asyncpg.Pool, events: Sequence[NewEvent], small: int = SMALL_COMMIT_EVENTS
 ) -> list[Outcome]:
     """Store `events` in one transaction; return an outcome per event, in order. Both ways
     lock the sites in id order, skip events already stored, and allocate gapless offsets."""
+    try:
+        return await _commit(pool, events, small)
+    except asyncpg.CheckViolationError as exc:
+        if not partitions.is_missing(exc):
+            raise
+        # No partition takes these events' ts: the worker has not run for a month, or this
+        # host's clock is off. The commit rolled back whole, so nothing is stored and no
+        # offset taken: make the partitions, and commit again.
+        log.warning(
+            "no partition for these events; creating it",
+            extra={"table": exc.table_name, "events": len(events)},
+        )
+        # Per UTC day they fall on, not the span from the first to the last: a clock that
+        # stepped by years within one batch must not make every month in between.
+        for day in sorted({e.ts.astimezone(UTC).date() for e in events}):
+            start = datetime.combine(day, time(), UTC)
+            for table in partitions.PARTITIONED:
+                await partitions.create(pool, table, start, start, attempts=PARTITION_ATTEMPTS)
+        return await _commit(pool, events, small)
+
+
+async def _commit(pool: asyncpg.Pool, events: Sequence[NewEvent], small: int) -> list[Outcome]:
     if len(events) <= small:
         return await _commit_small(pool, events)
     return await _commit_copy(pool, events)
@@ -124,15 +153,17 @@ async def _commit_copy(pool: asyncpg.Pool, events: Sequence[NewEvent]) -> list[O
 async def _stored_before(
     conn: PoolConnectionProxy, events: list[NewEvent]
 ) -> dict[tuple[str, uuid.UUID], int]:
-    """Offsets of events already stored, by (site, event id). Only client-sent ids can be
-    retries: a server-minted UUIDv7 is new, so batches without client ids skip a round trip
-    (were one ever to collide, the unique constraint fails the commit: nothing is acked)."""
+    """Offsets of events already stored, by (site, event id), within the retry window (48 hours
+    at least: app.store.partitions). Only client-sent ids can be retries: a server-minted
+    UUIDv7 is new, so batches without client ids skip a round trip (were one ever to collide
+    within a day, the day's primary key in `event_ids` fails the commit: nothing is acked)."""
     retried = [e for e in events if not e.minted]
     if not retried:
         return {}
+    # A function (migrations/0008), not a query on a table, so that where retries are kept
+    # can change under running replicas (0009 moved them to the dedup table `event_ids`).
     rows = await conn.fetch(
-        "SELECT e.site, e.event_id, e.site_offset FROM events e "
-        "JOIN unnest($1::text[], $2::uuid[]) AS k(site, event_id) USING (site, event_id)",
+        "SELECT site, event_id, site_offset FROM sitewire_stored_offsets($1::text[], $2::uuid[])",
         [e.site for e in retried],
         [e.event_id for e in retried],
     )
