@@ -58,6 +58,9 @@ class Settings:
     trusted_proxies: tuple[IPNetwork, ...] = field(default_factory=tuple)
     #: SITEWIRE_REPLAY_WINDOW: events kept per site in the Redis replay window.
     replay_window: int = 2000
+    #: SITEWIRE_REPLAY_WINDOW_TTL_S: a site's window expires this long after its last event
+    #: (replays then read PostgreSQL), so Redis holds windows of active sites only.
+    replay_window_ttl_s: int = 3600
     #: SITEWIRE_DB_POOL_SIZE: PostgreSQL connections per process.
     db_pool_size: int = 4
     #: SITEWIRE_VIEWER_QUEUE_BYTES: bytes queued for one viewer before it is closed as slow.
@@ -112,6 +115,9 @@ class Settings:
             rate_ip_per_min=r.int("SITEWIRE_RATE_IP_PER_MIN", cls.rate_ip_per_min, 0),
             trusted_proxies=r.get("SITEWIRE_TRUSTED_PROXIES", (), _networks),
             replay_window=r.int("SITEWIRE_REPLAY_WINDOW", cls.replay_window, 10),
+            replay_window_ttl_s=r.int(
+                "SITEWIRE_REPLAY_WINDOW_TTL_S", cls.replay_window_ttl_s, 60, 30 * 86400
+            ),
             db_pool_size=r.int("SITEWIRE_DB_POOL_SIZE", cls.db_pool_size, 1, 100),
             viewer_queue_bytes=r.int("SITEWIRE_VIEWER_QUEUE_BYTES", cls.viewer_queue_bytes, 4096),
             write_timeout_s=r.float("SITEWIRE_WRITE_TIMEOUT_S", cls.write_timeout_s, 0.05, 600),

@@ -22,7 +22,7 @@ from app.store.sites import create_site, get_site
 from tests.clients import WsViewer, post_events
 from tests.processes import AppProcess
 from tests.servers import Servers
-from tests.support import FAST, env_for, token
+from tests.support import FAST, env_for, eventually, token
 from workers.embedded import EmbeddedRedis, free_port
 
 pytestmark = pytest.mark.slow
@@ -168,3 +168,25 @@ def site_on_shard(shards: RedisShards, index: int) -> str:
 
 def publication(site: str, offset: int) -> tuple[str, int, bytes]:
     return (site, offset, f"event {offset}".encode())
+
+
+async def test_a_window_expires_after_its_sites_last_event(
+    servers: Servers, names: Names, rclient: aioredis.Redis
+) -> None:
+    """Redis holds the windows of recently active sites only: each publication renews its
+    window's TTL, and an idle site's window goes (its replays read PostgreSQL, as for any
+    range the window does not hold whole)."""
+    shards = RedisShards((servers.redis_url,))
+    site = site_on_shard(shards, 0)
+    try:
+        await Publisher(shards, names, 100, window_ttl_s=3600).publish([publication(site, 1)])
+        assert 3590 <= await rclient.ttl(names.window(site)) <= 3600
+        await Publisher(shards, names, 100, window_ttl_s=1).publish([publication(site, 2)])
+        assert await rclient.zcard(names.window(site)) == 2  # renewed, not reset
+
+        async def gone() -> bool:
+            return await rclient.exists(names.window(site)) == 0
+
+        await eventually(gone, timeout=5, what="window expired")
+    finally:
+        await shards.aclose()

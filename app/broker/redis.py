@@ -49,10 +49,12 @@ class RedisBroker:
     """`Broker` (app.broker.base) on Redis: one server, several (sites spread by hash), or a
     Cluster. The shards are the caller's: the rate limiter shares them."""
 
-    def __init__(self, shards: RedisShards, names: Names, window: int) -> None:
+    def __init__(
+        self, shards: RedisShards, names: Names, window: int, window_ttl_s: int = 3600
+    ) -> None:
         self.shards = shards
         self._names = names
-        self._publisher = Publisher(shards, names, window)
+        self._publisher = Publisher(shards, names, window, window_ttl_s)
         #: Redis servers whose windows are skipped for a while after a failure.
         self._windows = Breaker(len(shards.clients), WINDOW_BACKOFF_S)
 
@@ -143,16 +145,19 @@ class _Translated:
         return self._for(site).holds(site)
 
 
-#: KEYS[1] = window; ARGV[1] = channel, ARGV[2] = window size, then offset/payload pairs.
-#: The channel shares the window's hash tag, so in a Cluster both are in the script's slot.
+#: KEYS[1] = window; ARGV[1] = channel, ARGV[2] = window size, ARGV[3] = window TTL in
+#: seconds, then offset/payload pairs. The channel shares the window's hash tag, so in a
+#: Cluster both are in the script's slot. The TTL is renewed by every publication: only the
+#: windows of sites that received an event lately stay in memory.
 _SCRIPT = """
 local n = 0
-for i = 3, #ARGV, 2 do
+for i = 4, #ARGV, 2 do
   redis.call('ZADD', KEYS[1], ARGV[i], ARGV[i + 1])
   redis.call('%s', ARGV[1], ARGV[i + 1])
   n = n + 1
 end
 redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -tonumber(ARGV[2]) - 1)
+redis.call('EXPIRE', KEYS[1], ARGV[3])
 return n
 """
 PUBLISH_SCRIPT = _SCRIPT % "PUBLISH"
@@ -179,10 +184,13 @@ class Publisher:
     skipped for BACKOFF_S, so one dead server or node does not hold up the others' sites.
     """
 
-    def __init__(self, shards: RedisShards, names: Names, window: int) -> None:
+    def __init__(
+        self, shards: RedisShards, names: Names, window: int, window_ttl_s: int = 3600
+    ) -> None:
         self._shards = shards
         self._names = names
         self._window = window
+        self._window_ttl_s = window_ttl_s
         script = SHARDED_PUBLISH_SCRIPT if shards.cluster else PUBLISH_SCRIPT
         self._scripts = [c.register_script(script) for c in shards.clients]
         self._skip_until: dict[str, float] = {}
@@ -259,4 +267,4 @@ class Publisher:
             await pipe.execute()
 
     def _args(self, site: str, by_site: Pairs) -> list[bytes | int | str]:
-        return [self._names.channel(site), self._window, *by_site[site]]
+        return [self._names.channel(site), self._window, self._window_ttl_s, *by_site[site]]

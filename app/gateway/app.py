@@ -88,7 +88,9 @@ def create_app(settings: Settings) -> GatewayApp:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool = await open_pool(settings)
         client = RedisShards.from_settings(settings)
-        broker = RedisBroker(client, Names(settings.key_prefix), settings.replay_window)
+        broker = RedisBroker(
+            client, Names(settings.key_prefix), settings.replay_window, settings.replay_window_ttl_s
+        )
         hub = Hub()
         stats = DeliveryStats(metrics)
         replayer = Replayer(broker, pool, metrics)

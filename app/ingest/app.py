@@ -90,7 +90,7 @@ def create_app(settings: Settings) -> IngestApp:
         pool = await open_pool(settings, connect_timeout=2.0)
         client = RedisShards.from_settings(settings)
         names = Names(settings.key_prefix)
-        broker = RedisBroker(client, names, settings.replay_window)
+        broker = RedisBroker(client, names, settings.replay_window, settings.replay_window_ttl_s)
         publications = PublishQueue(broker, metrics)
         committer = Committer(
             pool,
