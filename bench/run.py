@@ -2,6 +2,9 @@
 
     python -m bench.run            # the full suite (several minutes)
     python -m bench.run --quick    # a smoke run (seconds; part of `make test`)
+    python -m bench.run --only 6   # scenario 6, 100,000 viewers and 10,000 sites
+                                   # (bench/scale.py; `make bench-scale`)
+    python -m bench.run --scale    # the full suite plus scenario 6
 
 Servers: DATABASE_URL / REDIS_URL, else TEST_DATABASE_URL / TEST_REDIS_URL, else embedded.
 The server under test is pinned to core 0, the load generator to core 1 (when there are two).
@@ -20,7 +23,7 @@ import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,8 +51,9 @@ PAD = "x" * 60  # brings an event to ~300 bytes
 CORES = os.cpu_count() or 1
 
 
-def pinned(core: int) -> list[str]:
-    return ["taskset", "-c", str(core)] if CORES >= 2 else []
+def pinned(core: int | None) -> list[str]:
+    """The command prefix that pins a process to `core` (None: not pinned)."""
+    return ["taskset", "-c", str(core)] if CORES >= 2 and core is not None else []
 
 
 @dataclass
@@ -92,29 +96,45 @@ class Env:
         )
         return env
 
-    def start(self, argv: list[str], port: int, core: int, **extra: str) -> subprocess.Popen[bytes]:
-        log = (self.logs / f"{argv[0]}-{port}.log").open("wb")
+    def start(
+        self,
+        argv: list[str],
+        port: int,
+        core: int | None,
+        extra: dict[str, str] | None = None,
+        ready_port: int | None = None,
+        preexec: Callable[[], None] | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """Start `python -m ARGV` with `extra` in its environment and wait until it answers
+        on `ready_port` (default `port`; replicas sharing a port are told apart by their private
+        ports). `preexec` runs in the child before it starts (bench/scale.py raises the child's
+        file limit there)."""
+        log = (self.logs / f"{argv[0]}-{ready_port or port}.log").open("ab")
         cmd = [*pinned(core), sys.executable, "-m", *argv]
-        proc = subprocess.Popen(cmd, env=self.environ(**extra), stdout=log, stderr=log, cwd=ROOT)
+        env = self.environ(**(extra or {}))
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, cwd=ROOT, preexec_fn=preexec)
         self.procs.append(proc)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             with contextlib.suppress(httpx.HTTPError):
                 path = "/readyz" if argv[0] == "workers.cli" else "/docs"
-                if httpx.get(f"http://127.0.0.1:{port}{path}", timeout=1).status_code < 500:
+                url = f"http://127.0.0.1:{ready_port or port}{path}"
+                if httpx.get(url, timeout=1).status_code < 500:
                     return proc
             if proc.poll() is not None:
                 raise RuntimeError(f"{argv} exited; see {log.name}")
             time.sleep(0.1)
         raise RuntimeError(f"{argv} did not start")
 
-    def role(self, role: str, core: int = 0, **extra: str) -> tuple[subprocess.Popen[bytes], int]:
+    def role(
+        self, role: str, core: int | None = 0, **extra: str
+    ) -> tuple[subprocess.Popen[bytes], int]:
         """A Sitewire process on a free port, with its metrics on a private one
         (`self.metrics_url(port)`)."""
         port, internal = free_port(), free_port()
         self.internal[port] = internal
         argv = ["workers.cli", role, "--port", str(port), "--internal-port", str(internal)]
-        return self.start(argv, port, core, **extra), port
+        return self.start(argv, port, core, extra), port
 
     def metrics_url(self, port: int) -> str:
         return f"http://127.0.0.1:{self.internal[port]}/metrics"
@@ -248,13 +268,28 @@ class Publisher:
     calls are packed by hiredis and written on a plain connection: redis-py's per-argument
     packing made this process, not the gateway, the limit above ~30k events/s."""
 
-    def __init__(self, env: Env, sites: list[str]) -> None:
+    def __init__(self, env: Env, sites: list[str], heads: asyncpg.Pool | None = None) -> None:
         self.url = env.redis_url
         self.names = Names(env.prefix)
         self.sites = sites
         self.offsets = dict.fromkeys(sites, 0)
+        #: With a pool, each tick first moves the sites' heads in PostgreSQL (`next_offset`), as
+        #: ingest's commit does before it publishes: a gateway judges a resume's cursor
+        #: against that head, so without it every resume would look ahead of the site.
+        self.heads = heads
         self._sha = b""
         self._conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def _commit_heads(self, sites: Iterable[str]) -> None:
+        if self.heads is None:
+            return
+        ids = list(sites)
+        await self.heads.execute(
+            "UPDATE sites SET next_offset = v.head + 1 FROM unnest($1::text[], $2::bigint[])"
+            " AS v(id, head) WHERE sites.id = v.id",
+            ids,
+            [self.offsets[s] for s in ids],
+        )
 
     async def _connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         if self._conn is None:
@@ -283,6 +318,7 @@ class Publisher:
                 offset = self.offsets[site]
                 by_site.setdefault(site, []).extend((offset, event(offset, site, now)))
             published += due
+            await self._commit_heads(by_site)
             writer.write(b"".join(self._call(site, pairs) for site, pairs in by_site.items()))
             await self._replies(reader, len(by_site))
             ticks += 1
@@ -304,6 +340,25 @@ class Publisher:
                 if isinstance(reply, Exception):
                     raise reply
                 count -= 1
+
+    async def level(self) -> None:
+        """Events to every site behind the others until all are at the same offset, so that a
+        viewer's last offset can be checked against its site's (bench/scale.py)."""
+        reader, writer = await self._connection()
+        top = max(self.offsets.values())
+        now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        calls = []
+        for site, offset in self.offsets.items():
+            pairs: list[int | bytes] = []
+            for next_offset in range(offset + 1, top + 1):
+                pairs.extend((next_offset, event(next_offset, site, now)))
+            if pairs:
+                self.offsets[site] = top
+                calls.append(self._call(site, pairs))
+        await self._commit_heads(self.offsets)
+        for i in range(0, len(calls), 100):
+            writer.write(b"".join(calls[i : i + 100]))
+            await self._replies(reader, len(calls[i : i + 100]))
 
     async def aclose(self) -> None:
         if self._conn is not None:
@@ -487,7 +542,7 @@ async def delete_keys(redis_url: str, prefix: str) -> None:
         await client.aclose()
 
 
-async def run(quick: bool, out: Path, only: set[str]) -> list[Row]:
+async def run(quick: bool, out: Path, only: set[str], scale: bool = False) -> list[Row]:
     scratch = RESULTS / "scratch"
     scratch.mkdir(parents=True, exist_ok=True)
     rows: list[Row] = []
@@ -496,7 +551,7 @@ async def run(quick: bool, out: Path, only: set[str]) -> list[Row]:
         await migrate(dsn)
         env = Env(dsn, redis_url, f"bench{secrets.token_hex(3)}", scratch)
         try:
-            rows += await _scenarios(env, quick, only)
+            rows += await _scenarios(env, quick, only, scale)
         finally:
             env.stop_all()
             await drop_database(admin_dsn, dsn)
@@ -505,7 +560,7 @@ async def run(quick: bool, out: Path, only: set[str]) -> list[Row]:
     return rows
 
 
-async def _scenarios(env: Env, quick: bool, only: set[str]) -> list[Row]:
+async def _scenarios(env: Env, quick: bool, only: set[str], scale: bool) -> list[Row]:
     rows: list[Row] = []
     if not only or "0" in only:
         rows += await _self_check_rows(quick)
@@ -519,6 +574,10 @@ async def _scenarios(env: Env, quick: bool, only: set[str]) -> list[Row]:
         rows += await _ingest_rows(env, quick)
     if not only or "5" in only:
         rows += await _resume_rows(env, quick)
+    if "6" in only or (scale and not only):
+        from bench.scale import scale_rows  # it builds on this module
+
+        rows += await scale_rows(env, quick, env.logs)
     return rows
 
 
@@ -721,9 +780,13 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.md")
-    parser.add_argument("--only", default="", help="Comma-separated scenario numbers (0-5).")
+    parser.add_argument("--only", default="", help="Comma-separated scenario numbers (0-6).")
+    parser.add_argument(
+        "--scale", action="store_true", help="Add scenario 6 (bench/scale.py) to the full suite."
+    )
     args = parser.parse_args()
-    asyncio.run(run(args.quick, args.out, {s for s in args.only.split(",") if s}))
+    only = {s for s in args.only.split(",") if s}
+    asyncio.run(run(args.quick, args.out, only, args.scale))
 
 
 if __name__ == "__main__":
