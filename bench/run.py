@@ -574,10 +574,11 @@ async def _scenarios(env: Env, quick: bool, only: set[str], scale: bool) -> list
         rows += await _ingest_rows(env, quick)
     if not only or "5" in only:
         rows += await _resume_rows(env, quick)
-    if "6" in only or (scale and not only):
+    parts = {p[1:] for p in only if p in ("6a", "6b")} or {"a", "b"}
+    if only & {"6", "6a", "6b"} or (scale and not only):
         from bench.scale import scale_rows  # it builds on this module
 
-        rows += await scale_rows(env, quick, env.logs)
+        rows += await scale_rows(env, quick, env.logs, parts)
     return rows
 
 
@@ -780,7 +781,9 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.md")
-    parser.add_argument("--only", default="", help="Comma-separated scenario numbers (0-6).")
+    parser.add_argument(
+        "--only", default="", help="Comma-separated scenario numbers (0-6; 6a, 6b)."
+    )
     parser.add_argument(
         "--scale", action="store_true", help="Add scenario 6 (bench/scale.py) to the full suite."
     )

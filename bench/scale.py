@@ -34,6 +34,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import resource
@@ -42,7 +43,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,6 +82,11 @@ class Sizes:
     churn_sites: int
     churn_cycles: int
     publish_s: float  # 6b: seconds of 1 event/s per site measured
+    #: 6a's rolling restart: 0 stops a replica, then starts its replacement; 1 starts the
+    #: replacement first (a third listener on the port), then stops the old one.
+    surge: int = 0
+    #: Gateway replicas on the port (`sitewire up --gateways 2`).
+    replicas: int = 2
 
     @property
     def site_viewers(self) -> int:
@@ -91,26 +96,41 @@ class Sizes:
 FULL = Sizes(100_000, 2, 16, 10.0, 10_000, 10, 1_000, 3, 10.0)
 QUICK = Sizes(1_000, 1, 2, 3.0, 100, 10, 10, 1, 3.0)
 
-
-def nofile_preexec(limit: int) -> Callable[[], None]:
-    """For `preexec_fn`: the child's RLIMIT_NOFILE raised to `limit` (root may raise the hard
-    limit too), else to its hard limit."""
-
-    def preexec() -> None:
-        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        want = max(hard, limit)
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
-        except (ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-    return preexec
+#: Files a gateway holds besides its viewers (listening sockets, PostgreSQL and Redis
+#: connections, its event loop, logs), with room to spare; and a viewers process.
+GATEWAY_FDS = 256
+VIEWER_FDS = 64
+#: SO_REUSEPORT spreads connections by a hash of their addresses, not evenly: a replica may get
+#: a few percent more than its share.
+SPREAD_MARGIN = 0.97
 
 
-def nofile_limit(viewers: int) -> int:
-    """What a gateway holding every viewer needs, within fs.nr_open."""
+def fd_ceiling() -> int:
+    """The most files a process the bench starts may open: the hard RLIMIT_NOFILE, first raised
+    to fs.nr_open when this process may (root with CAP_SYS_RESOURCE)."""
     nr_open = int(Path("/proc/sys/fs/nr_open").read_text())
-    return min(nr_open, viewers + 10_000)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (nr_open, nr_open))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+
+
+def replica_capacity() -> int:
+    """Viewers one gateway replica can hold under the file limit, spread margin included."""
+    return int((fd_ceiling() - GATEWAY_FDS) * SPREAD_MARGIN)
+
+
+def nofile_preexec() -> None:
+    """For `preexec_fn`: the child's RLIMIT_NOFILE raised to its hard limit (which
+    `fd_ceiling` raised in this process when it could; children inherit it)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def per_process(count: int, minimum: int) -> list[int]:
+    """`count` viewers split over viewers.c processes: at least `minimum`, and as many as the
+    file limit requires."""
+    procs = max(minimum, -(-count // (fd_ceiling() - VIEWER_FDS)))
+    return _split(count, procs)
 
 
 def cpu_s(pid: int) -> float:
@@ -119,12 +139,12 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def tcp_mem_kib() -> int:
-    """Memory of every TCP socket buffer on the host (/proc/net/sockstat, pages)."""
-    for line in Path("/proc/net/sockstat").read_text().splitlines():
-        if line.startswith("TCP:"):
-            parts = line.split()
-            return int(parts[parts.index("mem") + 1]) * os.sysconf("SC_PAGESIZE") // 1024
+def slab_kib() -> int:
+    """The kernel's slab memory (/proc/meminfo): sockets, their files and epoll entries live
+    there, outside every process's RSS. Host-wide, so other work on the host moves it too."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("Slab:"):
+            return int(line.split()[1])
     return 0
 
 
@@ -141,12 +161,13 @@ class Replicas:
     """Gateway replicas sharing one port with SO_REUSEPORT, as `sitewire up --gateways N`
     starts them; each answers its own metrics on a private port."""
 
-    def __init__(self, env: Env, count: int, nofile: int) -> None:
+    def __init__(self, env: Env, count: int) -> None:
         self.env = env
         self.port = free_port()
-        self.nofile = nofile
         self.procs: list[subprocess.Popen[bytes]] = []
         self.internal: list[int] = []
+        #: time.perf_counter() of each SIGTERM sent, in order.
+        self.sigterms: list[float] = []
         for _ in range(count):
             proc, internal = self._start()
             self.procs.append(proc)
@@ -156,14 +177,13 @@ class Replicas:
         internal = free_port()
         argv = ["workers.cli", "gateway", "--port", str(self.port), "--reuse-port"]
         argv += ["--internal-port", str(internal)]
-        proc = self.env.start(
-            argv, self.port, None, ready_port=internal, preexec=nofile_preexec(self.nofile)
-        )
+        proc = self.env.start(argv, self.port, None, ready_port=internal, preexec=nofile_preexec)
         return proc, internal
 
     def stop(self, i: int) -> None:
         """SIGTERM (the gateway drains its viewers with 4000), then wait for it to exit."""
         proc = self.procs[i]
+        self.sigterms.append(time.perf_counter())
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(60)
@@ -171,9 +191,16 @@ class Replicas:
             proc.kill()
             proc.wait()
 
-    def restart(self, i: int) -> None:
-        self.stop(i)
-        self.procs[i], self.internal[i] = self._start()
+    def restart(self, i: int, surge: bool = False) -> None:
+        """Replace replica i: stop it, then start the new one; with `surge`, the other way
+        round (three processes share the port for a moment)."""
+        if surge:
+            fresh = self._start()
+            self.stop(i)
+        else:
+            self.stop(i)
+            fresh = self._start()
+        self.procs[i], self.internal[i] = fresh
 
     def rss_kib(self) -> int:
         return sum(rss_kib(p.pid) for p in self.procs)
@@ -192,30 +219,40 @@ class Replicas:
 
 
 class Viewers:
-    """Several bench/viewers.c processes sharing `count` viewers (one epoll loop per process),
-    with reconnect-and-resume on. Viewer i of a process watches URL i mod len(urls)."""
+    """bench/viewers.c processes, `counts[i]` viewers in process i (one epoll loop each), with
+    reconnect-and-resume on. Viewer j of a process watches URL j mod len(urls)."""
 
     def __init__(
-        self, urls: list[str], count: int, procs: int, sources: int, scratch: Path, tag: str
+        self, urls: list[str], counts: list[int], sources: int, scratch: Path, tag: str
     ) -> None:
         binary = viewers_binary()
         if binary is None:
             raise RuntimeError("scenario 6 needs bench/viewers.c, and no C compiler was found")
-        self.count = count
         self.scratch = scratch
         self.tag = tag
         url_file = scratch / f"urls-{tag}.txt"
         url_file.write_text("\n".join(urls) + "\n")
         started = time.perf_counter()
         self.procs: list[subprocess.Popen[bytes]] = []
-        for n in _split(count, procs):
+        for n in counts:
             args = [str(binary), "--count", str(n), "--urls", str(url_file)]
             args += ["--sources", str(sources), "--reconnect", "--deadline", "300"]
             self.procs.append(subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE))
         ready = [self._read(p) for p in self.procs]
         self.seconds = time.perf_counter() - started
-        self.open = sum(r["open"] for r in ready)
+        self.opens = [r["open"] for r in ready]
         self.connect_rate = self.open / self.seconds
+
+    @property
+    def open(self) -> int:
+        """Viewers open after the connect phase (of the processes still running)."""
+        return sum(self.opens)
+
+    def quit_last(self, procs: int) -> None:
+        """Stop the last `procs` processes: their viewers' connections close at once."""
+        gone = self.procs[-procs:]
+        del self.procs[-procs:], self.opens[-procs:]
+        self._quit(gone)
 
     @staticmethod
     def _read(proc: subprocess.Popen[bytes]) -> dict[str, Any]:
@@ -276,12 +313,16 @@ class Viewers:
         self._read(proc)
 
     def close(self) -> None:
-        for proc in self.procs:
+        self._quit(self.procs)
+
+    @staticmethod
+    def _quit(procs: list[subprocess.Popen[bytes]]) -> None:
+        for proc in procs:
             assert proc.stdin is not None
             with contextlib.suppress(BrokenPipeError):
                 proc.stdin.write(b"quit\n")
                 proc.stdin.close()
-        for proc in self.procs:
+        for proc in procs:
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
@@ -348,27 +389,41 @@ async def register_sites(env: Env, count: int) -> list[str]:
 # -- 6a: 100,000 viewers of one site, broadcast, rolling restart ------------------------------
 
 
+def viewer_counts(sizes: Sizes) -> tuple[int, int]:
+    """How many viewers 6a can hold on `replicas` replicas under the file limit, and how many
+    of them a rolling restart can move: each replica stops while the others hold every viewer
+    (the surge order adds the replacement as one more)."""
+    capacity = replica_capacity()
+    count = min(sizes.viewers, capacity * sizes.replicas)
+    movable = capacity * (sizes.replicas - 1 + sizes.surge)
+    return count, min(count, movable)
+
+
 async def many_viewers(env: Env, sizes: Sizes, scratch: Path) -> dict[str, Any]:
     [site] = await register_sites(env, 1)
     ingest_proc, ingest_port = env.role("ingest", core=None)
-    gateways = Replicas(env, 2, nofile_limit(sizes.viewers))
+    gateways = Replicas(env, sizes.replicas)
     poster = Poster(ingest_port, site)
     viewers: Viewers | None = None
-    result: dict[str, Any] = {"viewers": sizes.viewers}
+    count, moved = viewer_counts(sizes)
+    # The viewers the restart moves are their own processes: the others leave before it.
+    counts = per_process(moved, sizes.viewer_procs)
+    extra = per_process(count - moved, 1) if count > moved else []
+    result: dict[str, Any] = {"count": count, "moved": moved, "fd_ceiling": fd_ceiling()}
     try:
         await asyncio.sleep(1.0)
-        rss_before, tcp_before = gateways.rss_kib(), tcp_mem_kib()
+        rss_before, slab_before = gateways.rss_kib(), slab_kib()
         url = stream_urls(gateways.port, [site])[0]
         viewers = await asyncio.to_thread(
-            Viewers, [url], sizes.viewers, sizes.viewer_procs, sizes.sources, scratch, "6a"
+            Viewers, [url], counts + extra, sizes.sources, scratch, "6a"
         )
         result["open"] = viewers.open
         result["connect_s"] = viewers.seconds
         print(f"  6a: {viewers.open} open in {viewers.seconds:.1f} s", file=sys.stderr, flush=True)
         await asyncio.sleep(2.0)
-        rss_after, tcp_after = gateways.rss_kib(), tcp_mem_kib()
+        rss_after, slab_after = gateways.rss_kib(), slab_kib()
         result["kib_per_viewer"] = (rss_after - rss_before) / max(1, viewers.open)
-        result["tcp_kib_per_viewer"] = (tcp_after - tcp_before) / max(1, viewers.open)
+        result["slab_kib_per_viewer"] = (slab_after - slab_before) / max(1, viewers.open)
         spread = [metric(m, "sitewire_gateway_connections") for m in await gateways.metrics()]
         result["spread"] = spread
 
@@ -378,11 +433,15 @@ async def many_viewers(env: Env, sizes: Sizes, scratch: Path) -> dict[str, Any]:
         await asyncio.sleep(2.0)
         seen = await viewers.status()
         result.update(await viewers.latencies_ms())
-        result["delivered"] = seen["events"] / (poster.posted * sizes.viewers)
+        result["delivered"] = seen["events"] / (poster.posted * viewers.open)
         result["broadcast"] = seen
         result["kib_per_viewer_after"] = (gateways.rss_kib() - rss_before) / max(1, viewers.open)
         print(f"  6a broadcast: {json.dumps(seen)}", file=sys.stderr, flush=True)
 
+        if extra:
+            viewers.quit_last(len(extra))
+            await asyncio.sleep(2.0)
+        result["moved_open"] = viewers.open
         result.update(await rolling_restart(gateways, viewers, poster, sizes))
         return result
     finally:
@@ -396,9 +455,10 @@ async def many_viewers(env: Env, sizes: Sizes, scratch: Path) -> dict[str, Any]:
 async def rolling_restart(
     gateways: Replicas, viewers: Viewers, poster: Poster, sizes: Sizes
 ) -> dict[str, Any]:
-    """SIGTERM replica 0, start it again, then replica 1, events posted at 1 event/s all
-    along; seconds from the first SIGTERM until every viewer is open again on a new replica,
-    resumed, and has every event acknowledged so far."""
+    """Replace replica 0 (SIGTERM it, then start a new one on the port; with `surge` the other
+    way round), then replica 1, events posted at 1 event/s all along. Returns the seconds from
+    the first SIGTERM until every viewer is open again on a new replica, resumed, and has every
+    event acknowledged so far."""
     await viewers.acommand("reset")
     stop = asyncio.Event()
     posting = asyncio.create_task(poster.every_second(None, stop))
@@ -407,25 +467,30 @@ async def rolling_restart(
 
     def restart_all() -> None:
         for i in range(len(gateways.procs)):
-            gateways.restart(i)
+            gateways.restart(i, surge=bool(sizes.surge))
             restarted[f"replica {i} ready s"] = time.perf_counter() - started
 
     restarting = asyncio.create_task(asyncio.to_thread(restart_all))
     done_s: float | None = None
     status: dict[str, Any] = {}
     limit = 180.0
+    trace: list[str] = []
     try:
         while time.perf_counter() - started < limit:
             await asyncio.sleep(0.25)
             acked = poster.acked
             status = await viewers.status()
+            trace.append(
+                f"{time.perf_counter() - started:.2f}s open={status['open']} "
+                f"welcomed={status['welcomed']} min_last={status['min_last']}/{acked}"
+            )
             if (
                 restarting.done()
-                and status["open"] == sizes.viewers
-                and status["welcomed"] == sizes.viewers
+                and status["open"] == viewers.open
+                and status["welcomed"] == viewers.open
                 and status["min_last"] >= acked
             ):
-                done_s = time.perf_counter() - started
+                done_s = time.perf_counter() - gateways.sigterms[0]  # from the first SIGTERM
                 break
         await restarting
     finally:
@@ -433,12 +498,15 @@ async def rolling_restart(
         await posting
     await asyncio.sleep(1.5)
     final = await viewers.status()
-    print(f"  6a restart: {json.dumps(final)} {restarted}", file=sys.stderr, flush=True)
+    sigterms = [round(t - started, 2) for t in gateways.sigterms[-len(gateways.procs) :]]
+    print("  6a restart trace:\n    " + "\n    ".join(trace[::4]), file=sys.stderr)
+    print(f"  6a restart: {json.dumps(final)} {restarted} SIGTERMs at {sigterms} s",
+          file=sys.stderr, flush=True)  # fmt: skip
     exact = (
         final["dups"] == 0
         and final["gaps"] == 0
         and final["unrecovered"] == 0
-        and final["recovered"] >= sizes.viewers
+        and final["recovered"] >= viewers.open
         and final["min_last"] >= poster.acked
     )
     return {
@@ -468,21 +536,23 @@ def subscribe_calls(info: dict[str, Any]) -> int:
 async def many_sites(env: Env, sizes: Sizes, scratch: Path) -> dict[str, Any]:
     sites = await register_sites(env, sizes.sites)
     churned, steady = sites[: sizes.churn_sites], sites[sizes.churn_sites :]
-    gateways = Replicas(env, 2, nofile_limit(sizes.site_viewers))
+    # As many viewers per site as the replicas' file limits allow, up to `per_site`.
+    per_site = min(sizes.per_site, replica_capacity() * sizes.replicas // sizes.sites)
+    gateways = Replicas(env, sizes.replicas)
     heads = await asyncpg.create_pool(env.database_url, min_size=1, max_size=2)
     publisher = Publisher(env, sites, heads)
     stable: Viewers | None = None
     churn: Viewers | None = None
-    result: dict[str, Any] = {"sites": sizes.sites}
+    result: dict[str, Any] = {"sites": sizes.sites, "per_site": per_site}
     try:
         await asyncio.sleep(1.0)
         churn = await asyncio.to_thread(
-            Viewers, stream_urls(gateways.port, churned), sizes.churn_sites * sizes.per_site,
-            1, sizes.sources, scratch, "6b-churn",
+            Viewers, stream_urls(gateways.port, churned),
+            per_process(len(churned) * per_site, 1), sizes.sources, scratch, "6b-churn",
         )  # fmt: skip
         stable = await asyncio.to_thread(
-            Viewers, stream_urls(gateways.port, steady), len(steady) * sizes.per_site,
-            sizes.viewer_procs, sizes.sources, scratch, "6b",
+            Viewers, stream_urls(gateways.port, steady),
+            per_process(len(steady) * per_site, sizes.viewer_procs), sizes.sources, scratch, "6b",
         )  # fmt: skip
         result["open"] = stable.open + churn.open
         pages = await gateways.metrics()
@@ -502,7 +572,7 @@ async def many_sites(env: Env, sizes: Sizes, scratch: Path) -> dict[str, Any]:
         seen = [await stable.status(), await churn.status()]
         result.update(await stable.latencies_ms())
         events = sum(s["events"] for s in seen)
-        deliveries_expected = published * sizes.per_site
+        deliveries_expected = published * per_site
         result["published_per_s"] = published / sizes.publish_s
         result["delivered"] = events / deliveries_expected
         result["cpu_us_per_event"] = (cpu1 - cpu0) / published * 1e6
@@ -542,7 +612,7 @@ async def churn_cycles(
     """The churn group's viewers leave (each closes with 1000), the gateways unsubscribe their
     sites once the unsubscribe delay has passed, and the viewers come back resuming from their
     cursors; `churn_cycles` times, every site still at 1 event/s."""
-    count = sizes.churn_sites * sizes.per_site
+    count = churn.open
     base = sum(metric(m, "sitewire_gateway_subscribed_sites") for m in await gateways.metrics())
     seconds = 60.0 * sizes.churn_cycles
     publishing = asyncio.create_task(publisher.run(float(sizes.sites), seconds))
@@ -592,38 +662,69 @@ async def churn_cycles(
 # -- rows --------------------------------------------------------------------------------------
 
 
-async def scale_rows(env: Env, quick: bool, scratch: Path) -> list[Row]:
+def sizes_for(quick: bool) -> Sizes:
+    """FULL or QUICK, with fields overridden by SITEWIRE_BENCH_SCALE ("viewers=20000,sites=2000":
+    to find where a limit is, or to try a change at a smaller scale)."""
     sizes = QUICK if quick else FULL
-    a = await many_viewers(env, sizes, scratch)
-    b = await many_sites(env, sizes, scratch)
-    n = f"{sizes.viewers:,}"
+    spec = os.environ.get("SITEWIRE_BENCH_SCALE", "")
+    changes: dict[str, Any] = {}
+    for item in filter(None, spec.split(",")):
+        name, _, value = item.partition("=")
+        kind = type(getattr(sizes, name))
+        changes[name] = kind(value)
+    return dataclasses.replace(sizes, **changes)
+
+
+async def scale_rows(env: Env, quick: bool, scratch: Path, parts: set[str]) -> list[Row]:
+    """The rows of 6a and 6b (`parts`: "a", "b" or both)."""
+    sizes = sizes_for(quick)
+    rows: list[Row] = []
+    if "a" in parts:
+        rows += _viewers_rows(await many_viewers(env, sizes, scratch), sizes)
+    if "b" in parts:
+        rows += _sites_rows(await many_sites(env, sizes, scratch), sizes)
+    return rows
+
+
+def _viewers_rows(a: dict[str, Any], sizes: Sizes) -> list[Row]:
+    goal = f"{sizes.viewers:,}"
+    r = sizes.replicas
+    moved = f"{a['moved_open']:,}"
     storm = a["storm"]
     rows = [
-        Row("6a viewers", f"viewers open of {n} (2 gateways, one port)", a["open"],
-            target=f">= {n}", met=a["open"] >= sizes.viewers),
+        Row("6a viewers", f"viewers open ({r} gateways, one port)", a["open"],
+            target=f">= {goal}", met=a["open"] >= sizes.viewers),
+        # Below the goal when the file limit caps each replica (docs/performance.md).
+        Row("6a viewers", "files per process (hard RLIMIT_NOFILE)", a["fd_ceiling"]),
         Row("6a viewers", "seconds to connect them", a["connect_s"]),
-        Row("6a viewers", "gateway KiB per viewer (RSS, both replicas)", a["kib_per_viewer"],
+        Row("6a viewers", f"gateway KiB per viewer (RSS, {r} replicas)", a["kib_per_viewer"],
             target="<= 6", met=a["kib_per_viewer"] <= 6),
         Row("6a viewers", "same, after the broadcast", a["kib_per_viewer_after"]),
-        Row("6a viewers", "kernel TCP buffers KiB per viewer (both ends)",
-            a["tcp_kib_per_viewer"]),
+        Row("6a viewers", "kernel slab KiB per viewer (both ends, host-wide)",
+            a["slab_kib_per_viewer"]),
         Row("6a broadcast 1 ev/s", "p99 ms (from t0, through ingest)", a["p99_ms"],
             target="<= 1000", met=a["p99_ms"] <= 1000),
         Row("6a broadcast 1 ev/s", "p50 ms", a["p50_ms"]),
         Row("6a broadcast 1 ev/s", "delivered (every viewer, every event)", a["delivered"],
             target="1.00", met=a["delivered"] == 1.0 and a["broadcast"]["gaps"] == 0),
-        Row("6a rolling restart", f"seconds until all {n} resumed and caught up",
-            a["storm_s"], target="<= 30", met=a["storm_s"] <= 30 and a["storm_exact"]),
+        Row("6a rolling restart", f"seconds until all {moved} resumed and caught up",
+            a["storm_s"], target=f"<= 30 ({goal})",
+            met=a["storm_s"] <= 30 and a["storm_exact"] and a["moved_open"] >= sizes.viewers),
         Row("6a rolling restart", "every viewer exact (no dup, no gap, recovered)",
-            float(a["storm_exact"])),
+            float(a["storm_exact"]), target="1.00", met=a["storm_exact"]),
         Row("6a rolling restart", "reconnects scheduled (closes and failed attempts)",
             storm["retries"]),
         Row("6a rolling restart", "of which refused by a draining replica", storm["refused"]),
+        Row("6a rolling restart", "attempts that timed out (10 s)", storm["open_timeouts"]),
     ]  # fmt: skip
+    return rows
+
+
+def _sites_rows(b: dict[str, Any], sizes: Sizes) -> list[Row]:
     s = f"{sizes.sites:,}"
     churned = f"{sizes.churn_sites:,}"
-    rows += [
-        Row(f"6b {s} sites", f"viewers open of {sizes.site_viewers:,}", b["open"],
+    return [
+        Row(f"6b {s} sites", f"viewers open ({b['per_site']} per site)", b["open"],
             target=f">= {sizes.site_viewers:,}", met=b["open"] >= sizes.site_viewers),
         Row(f"6b {s} sites", "events/s published (1 per site)", b["published_per_s"]),
         Row(f"6b {s} sites", "delivered", b["delivered"], target=">= 0.99",
@@ -642,4 +743,3 @@ async def scale_rows(env: Env, quick: bool, scratch: Path) -> list[Row]:
         Row(f"6b {s} sites", "every stream exact at the end (churn included)",
             float(b["exact"]), target="1.00", met=b["exact"]),
     ]  # fmt: skip
-    return rows

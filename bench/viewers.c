@@ -23,6 +23,8 @@
  *   --parallel P  connections opening at once in the connect phase and after "back" (200);
  *                 reconnects after a close are not held back: that is the storm to measure.
  *   --deadline S  seconds the connect phase may take (60); viewers not open by then failed.
+ *   --open-timeout S  seconds one attempt may take to reach its 101 (10): then it failed (and
+ *                 is retried with --reconnect), as a real client's open timeout.
  *
  * Raises its own RLIMIT_NOFILE to what --count needs (to the hard limit, and beyond it when
  * running as root, up to fs.nr_open).
@@ -83,7 +85,7 @@ struct conn {
     uint8_t resumed;  /* this connection asked for since= */
     uint8_t welcomed; /* this connection got its welcome */
     uint8_t left;     /* closed by "leave": "back" reconnects it */
-    uint8_t timed;    /* in the timer heap */
+    uint8_t timed;    /* waiting to retry (its retry is in the timer heap) */
     uint8_t slot;     /* holds one of the `parallel` opening slots until its 101 or failure */
     uint8_t drop;     /* refused at the handshake: drop the connection after this read */
     char epoch[9];
@@ -91,6 +93,7 @@ struct conn {
     uint32_t len, cap; /* a partial frame kept between reads */
     unsigned char *buf;
     int64_t last; /* last offset this viewer saw; -1 before its first welcome */
+    uint32_t attempt; /* connection attempts so far: tells a timer of this one from older ones */
 };
 
 struct url {
@@ -112,19 +115,26 @@ static int parallel = 200;
 static unsigned char scratch[SCRATCH];
 
 static uint64_t events, frames, closed, dups, gaps, gap_notices, drops, refused, retries;
-static uint64_t reconnects, recovered, unrecovered, connect_errors, left_count;
+static uint64_t reconnects, recovered, unrecovered, connect_errors, left_count, open_timeouts;
 static int in_flight; /* connections holding a slot (struct conn.slot) */
 static int n_open;    /* connections in state OPEN */
 static int64_t *latencies;
 static size_t n_lat, cap_lat;
 static double cpu0;
 
-/* Viewers waiting to reconnect, earliest first (a binary heap of indexes into conns). */
-static struct {
+/* Timers, earliest first (a binary heap): a viewer's retry, or the deadline of one of its
+ * connection attempts (stale once the attempt is over: `attempt` tells). */
+enum timer { RETRY, OPEN_DEADLINE };
+struct timer_entry {
     double due;
     int idx;
-} *heap;
-static int n_heap;
+    uint32_t attempt;
+    int kind;
+};
+static struct timer_entry *heap;
+static int n_heap, cap_heap;
+static int n_retrying; /* viewers waiting for their retry */
+static double open_timeout_s = 10.0;
 /* Viewers waiting for a connection slot (connect phase, "back"): a FIFO of indexes. */
 static int *queue;
 static int q_head, q_tail;
@@ -221,7 +231,13 @@ static void raise_fd_limit(rlim_t need) {
 
 /* -- timers ------------------------------------------------------------------------------ */
 
-static void heap_push(double due, int idx) {
+static void heap_push(double due, int idx, int kind) {
+    if (n_heap == cap_heap) {
+        cap_heap = cap_heap ? cap_heap * 2 : 1024;
+        heap = realloc(heap, (size_t)cap_heap * sizeof(*heap));
+        if (!heap) die("realloc");
+    }
+    struct timer_entry entry = {due, idx, conns[idx].attempt, kind};
     int i = n_heap++;
     while (i > 0) {
         int parent = (i - 1) / 2;
@@ -229,29 +245,29 @@ static void heap_push(double due, int idx) {
         heap[i] = heap[parent];
         i = parent;
     }
-    heap[i].due = due;
-    heap[i].idx = idx;
-    conns[idx].timed = 1;
+    heap[i] = entry;
 }
 
-static int heap_pop(void) {
-    int top = heap[0].idx;
-    double due = heap[--n_heap].due;
-    int idx = heap[n_heap].idx, i = 0;
+static struct timer_entry heap_pop(void) {
+    struct timer_entry top = heap[0], last = heap[--n_heap];
+    int i = 0;
     for (;;) {
         int child = 2 * i + 1;
         if (child >= n_heap) break;
         if (child + 1 < n_heap && heap[child + 1].due < heap[child].due) child++;
-        if (heap[child].due >= due) break;
+        if (heap[child].due >= last.due) break;
         heap[i] = heap[child];
         i = child;
     }
-    if (n_heap) heap[i].due = due, heap[i].idx = idx;
-    conns[top].timed = 0;
+    if (n_heap) heap[i] = last;
     return top;
 }
 
 /* -- connections ------------------------------------------------------------------------- */
+
+static int i_of(const struct conn *c) {
+    return (int)(c - conns);
+}
 
 static void watch(struct conn *c, uint32_t what, int op) {
     struct epoll_event ev = {.events = what, .data.u32 = (uint32_t)(c - conns)};
@@ -285,6 +301,10 @@ static void start_connect(struct conn *c) {
     c->state = CONNECTING;
     c->welcomed = 0;
     c->len = 0;
+    c->attempt++;
+    /* A gateway that accepted nothing (full backlog, no file left) must not hold a viewer
+     * forever: a real client gives up on an attempt and retries. */
+    heap_push(monotonic() + open_timeout_s, i_of(c), OPEN_DEADLINE);
     if (connect(c->fd, (struct sockaddr *)&u->addr, sizeof(u->addr)) < 0 &&
         errno != EINPROGRESS) {
         if (errno != EADDRNOTAVAIL && errno != ECONNREFUSED && errno != EAGAIN) die("connect");
@@ -354,7 +374,9 @@ static void schedule_retry(struct conn *c) {
     delay *= 0.5 + (double)rand() / RAND_MAX; /* +/-50 % */
     if (c->failures < 255) c->failures++;
     retries++;
-    heap_push(monotonic() + delay, (int)(c - conns));
+    c->timed = 1;
+    n_retrying++;
+    heap_push(monotonic() + delay, i_of(c), RETRY);
 }
 
 /* The connection is gone (closed by either side, or failed): free it, then do what was
@@ -645,14 +667,14 @@ static void report(int percentiles) {
            "\"max_last\": %lld, \"dups\": %llu, \"gaps\": %llu, \"gap_notices\": %llu, "
            "\"drops\": %llu, \"retries\": %llu, \"refused\": %llu, \"reconnects\": %llu, "
            "\"recovered\": %llu, \"unrecovered\": %llu, \"connect_errors\": %llu, "
-           "\"left\": %llu}\n",
+           "\"left\": %llu, \"open_timeouts\": %llu}\n",
            (unsigned long long)events, (unsigned long long)frames, (unsigned long long)closed,
            p50, p99, max, cpu, n_lat, open, welcomed, caught, min_last, max_last,
            (unsigned long long)dups, (unsigned long long)gaps, (unsigned long long)gap_notices,
            (unsigned long long)drops, (unsigned long long)retries, (unsigned long long)refused,
            (unsigned long long)reconnects, (unsigned long long)recovered,
            (unsigned long long)unrecovered, (unsigned long long)connect_errors,
-           (unsigned long long)left_count);
+           (unsigned long long)left_count, (unsigned long long)open_timeouts);
     fflush(stdout);
 }
 
@@ -710,6 +732,7 @@ static int on_command(void) {
         } else if (strcmp(line, "reset") == 0) {
             events = frames = closed = dups = gaps = gap_notices = drops = refused = 0;
             reconnects = recovered = unrecovered = connect_errors = retries = left_count = 0;
+            open_timeouts = 0;
             n_lat = 0;
             cpu0 = cpu_seconds();
             printf("{\"reset\": true}\n");
@@ -740,16 +763,26 @@ static int on_command(void) {
 static void usage(void) {
     fprintf(stderr, "usage: viewers --count N --url ws://HOST:PORT/PATH [--url ...] "
                     "[--urls FILE] [--sources S] [--reconnect] [--backoff-ms B] [--parallel P] "
-                    "[--deadline SECONDS]\n");
+                    "[--deadline SECONDS] [--open-timeout SECONDS]\n");
     exit(2);
 }
 
-/* Reconnects that are due. */
+/* Retries and open deadlines that are due. */
 static void run_timers(void) {
     double now = monotonic();
     while (n_heap && heap[0].due <= now) {
-        struct conn *c = &conns[heap_pop()];
-        if (c->state == IDLE) start_connect(c);
+        struct timer_entry t = heap_pop();
+        struct conn *c = &conns[t.idx];
+        if (t.kind == RETRY) {
+            c->timed = 0;
+            n_retrying--;
+            if (c->state == IDLE) start_connect(c);
+        } else if (t.attempt == c->attempt && (c->state == CONNECTING || c->state == HANDSHAKE)) {
+            open_timeouts++;
+            connect_errors++;
+            c->after = reconnect ? AFTER_RETRY : AFTER_STAY;
+            finish(c);
+        }
     }
 }
 
@@ -777,6 +810,8 @@ int main(int argc, char **argv) {
             backoff_s = atof(argv[++i]) / 1000.0;
         } else if (strcmp(argv[i], "--parallel") == 0 && i + 1 < argc) {
             parallel = atoi(argv[++i]);
+        } else if (strcmp(argv[i], "--open-timeout") == 0 && i + 1 < argc) {
+            open_timeout_s = atof(argv[++i]);
         } else if (strcmp(argv[i], "--deadline") == 0 && i + 1 < argc) {
             deadline_s = atof(argv[++i]);
         } else {
@@ -797,9 +832,8 @@ int main(int argc, char **argv) {
     epfd = epoll_create1(0);
     if (epfd < 0) die("epoll_create1");
     conns = calloc((size_t)n_conns, sizeof(*conns));
-    heap = calloc((size_t)n_conns, sizeof(*heap));
     queue = calloc((size_t)n_conns + 1, sizeof(*queue));
-    if (!conns || !heap || !queue) die("calloc");
+    if (!conns || !queue) die("calloc");
     for (int i = 0; i < n_conns; i++) {
         conns[i].url = i % n_urls;
         conns[i].fd = -1;
@@ -817,7 +851,7 @@ int main(int argc, char **argv) {
         start_queued();
         run_timers();
         /* Settled: nothing waits for a slot, is opening, or waits to retry. */
-        if (q_head == q_tail && in_flight == 0 && n_heap == 0) {
+        if (q_head == q_tail && in_flight == 0 && n_retrying == 0) {
             int busy = 0; /* opening outside a slot: a retry that went out */
             for (int i = 0; i < n_conns && !busy; i++)
                 busy = conns[i].state == CONNECTING || conns[i].state == HANDSHAKE;

@@ -92,7 +92,7 @@ async def test_c_viewers_resume_exactly_after_a_drain_and_after_leaving(
     ingest = spawn("ingest", **FAST)
     gateway = spawn("gateway", **FAST)
     url = f"{gateway.ws_url}/v1/sites/{site}/stream?token={token(site)}"
-    viewers = await asyncio.to_thread(Viewers, [url], 6, 1, 2, tmp_path, "test")
+    viewers = await asyncio.to_thread(Viewers, [url], [6], 2, tmp_path, "test")
     again: AppProcess | None = None
 
     async def post(count: int) -> None:
