@@ -23,7 +23,7 @@ import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -268,28 +268,13 @@ class Publisher:
     calls are packed by hiredis and written on a plain connection: redis-py's per-argument
     packing made this process, not the gateway, the limit above ~30k events/s."""
 
-    def __init__(self, env: Env, sites: list[str], heads: asyncpg.Pool | None = None) -> None:
+    def __init__(self, env: Env, sites: list[str]) -> None:
         self.url = env.redis_url
         self.names = Names(env.prefix)
         self.sites = sites
         self.offsets = dict.fromkeys(sites, 0)
-        #: With a pool, each tick first moves the sites' heads in PostgreSQL (`next_offset`), as
-        #: ingest's commit does before it publishes: a gateway judges a resume's cursor
-        #: against that head, so without it every resume would look ahead of the site.
-        self.heads = heads
         self._sha = b""
         self._conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
-
-    async def _commit_heads(self, sites: Iterable[str]) -> None:
-        if self.heads is None:
-            return
-        ids = list(sites)
-        await self.heads.execute(
-            "UPDATE sites SET next_offset = v.head + 1 FROM unnest($1::text[], $2::bigint[])"
-            " AS v(id, head) WHERE sites.id = v.id",
-            ids,
-            [self.offsets[s] for s in ids],
-        )
 
     async def _connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         if self._conn is None:
@@ -318,7 +303,6 @@ class Publisher:
                 offset = self.offsets[site]
                 by_site.setdefault(site, []).extend((offset, event(offset, site, now)))
             published += due
-            await self._commit_heads(by_site)
             writer.write(b"".join(self._call(site, pairs) for site, pairs in by_site.items()))
             await self._replies(reader, len(by_site))
             ticks += 1
@@ -340,25 +324,6 @@ class Publisher:
                 if isinstance(reply, Exception):
                     raise reply
                 count -= 1
-
-    async def level(self) -> None:
-        """Events to every site behind the others until all are at the same offset, so that a
-        viewer's last offset can be checked against its site's (bench/scale.py)."""
-        reader, writer = await self._connection()
-        top = max(self.offsets.values())
-        now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        calls = []
-        for site, offset in self.offsets.items():
-            pairs: list[int | bytes] = []
-            for next_offset in range(offset + 1, top + 1):
-                pairs.extend((next_offset, event(next_offset, site, now)))
-            if pairs:
-                self.offsets[site] = top
-                calls.append(self._call(site, pairs))
-        await self._commit_heads(self.offsets)
-        for i in range(0, len(calls), 100):
-            writer.write(b"".join(calls[i : i + 100]))
-            await self._replies(reader, len(calls[i : i + 100]))
 
     async def aclose(self) -> None:
         if self._conn is not None:

@@ -15,10 +15,11 @@
    the same two replicas and one Redis: gateway CPU per event, Redis memory per site window,
    and subscribe/unsubscribe churn (the viewers of 1,000 sites leave, the gateways unsubscribe
    those sites, the viewers come back resuming from their cursors; repeated), with every
-   viewer's stream checked exact at the end. Events come from the bench's publisher
-   (bench.run.Publisher: ingest's Lua script straight into Redis, and each site's head moved
-   in PostgreSQL first, as ingest's commit does; no ingest and no event rows), so this
-   measures the gateways and Redis, not ingest.
+   viewer's stream checked exact at the end. Events go through ingest, in batches of 100
+   sites' events (SitesPoster): bench.run's Publisher, which writes straight into Redis, would
+   leave PostgreSQL without the events and the sites' heads, and a gateway judges resumes
+   against those and falls back to them (a window read that is slow or incomplete), so
+   resumes would look wrong where the product is right.
 
 The bench starts the two replicas itself, exactly as `sitewire up --gateways 2` does (`sitewire
 gateway --reuse-port` on one port, each with its own private metrics port), instead of running
@@ -53,10 +54,10 @@ import redis.asyncio as aioredis
 
 from app.settings import Settings
 from app.store.sites import create_site
+from bench.loadgen import percentile
 from bench.run import (
     PAD,
     Env,
-    Publisher,
     Row,
     rss_kib,
     stream_urls,
@@ -137,6 +138,65 @@ def cpu_s(pid: int) -> float:
     """utime + stime of a process, in seconds (/proc/PID/stat)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+#: Who is who among the bench's processes, by command line, for `cpu_by_pid`.
+ROLES = (
+    ("gateways", "workers.cli gateway"),
+    ("ingest", "workers.cli ingest"),
+    ("viewers", "bench/.build/viewers"),
+    ("bench", "bench.run"),
+    ("postgres", "postgres"),
+    ("redis", "redis-server"),
+)
+
+
+def cpu_by_pid(scratch: Path) -> dict[int, tuple[str, float]]:
+    """Every process on the host: its role (ROLES, for this bench's own processes: its process
+    tree, and the embedded servers running in `scratch`, which detach; anything else is
+    "other": on this shared host, other people's work) and its CPU seconds so far."""
+    me = os.getpid()
+    parents: dict[int, int] = {}
+    lines: dict[int, str] = {}
+    used: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            lines[pid] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        parents[pid] = int(stat[1])
+        used[pid] = (int(stat[11]) + int(stat[12])) / CLK_TCK
+
+    roots = {me} | {pid for pid, cmdline in lines.items() if str(scratch) in cmdline}
+
+    def ours(pid: int) -> bool:
+        while pid > 1:
+            if pid in roots:
+                return True
+            pid = parents.get(pid, 0)
+        return False
+
+    roles: dict[int, tuple[str, float]] = {}
+    for pid, cmdline in lines.items():
+        role = next((name for name, marker in ROLES if marker in cmdline), "other")
+        roles[pid] = (role if ours(pid) else "other", used[pid])
+    return roles
+
+
+def cpu_shares(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], seconds: float
+) -> str:
+    """Cores used by each role between two `cpu_by_pid` readings (a process that started in
+    between counts from zero; one that ended, not at all)."""
+    shares: dict[str, float] = {}
+    for pid, (role, used) in after.items():
+        earlier = before.get(pid)
+        shares[role] = shares.get(role, 0.0) + (used - (earlier[1] if earlier else 0.0)) / seconds
+    return ", ".join(f"{k} {v:.2f}" for k, v in sorted(shares.items(), key=lambda kv: -kv[1]))
 
 
 def slab_kib() -> int:
@@ -373,6 +433,92 @@ class Poster:
         await self.client.aclose()
 
 
+class SitesPoster:
+    """One event a second to every site, through ingest (POST /api/events): every 10 ms one
+    batch of the next sites in turn (at most ingest's 100 events a batch), so that one round of
+    100 ticks reaches every site once. `run` stops at the end of a round: every site then has
+    the same head, `rounds`. Raw HTTP/1.1 on keep-alive connections with bodies joined from
+    ready-made pieces: an HTTP client library in this process was the limit near 6,600
+    events/s."""
+
+    TICK_S = 0.01
+    TICKS_PER_ROUND = 100
+    BATCH = 100  # SITEWIRE_MAX_BATCH_EVENTS's default
+    CONNECTIONS = 32
+
+    def __init__(self, port: int, sites: list[str]) -> None:
+        self.port = port
+        self.sites = sites
+        self.per_tick = -(-len(sites) // self.TICKS_PER_ROUND)
+        head = '{{"site":"{0}","name":"pageview","url":"https://{0}/","props":{{"t0":'
+        self._heads = {s: head.format(s).encode() for s in sites}
+        self.rounds = 0
+        self.acked = 0
+        self.failed = 0
+        #: Microseconds from each batch's send to ingest's answer (PostgreSQL's commit in it).
+        self.acks_us: list[int] = []
+        self._idle: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = (
+            asyncio.Queue()
+        )
+        self._opened = 0
+
+    async def run(self, seconds: float | None, stop: asyncio.Event | None = None) -> None:
+        """Whole rounds for `seconds` (or until `stop` is set), then wait for every ack."""
+        started = time.perf_counter()
+        posts: set[asyncio.Task[None]] = set()
+        tick = 0
+        while True:
+            if tick % self.TICKS_PER_ROUND == 0 and (
+                (seconds is not None and time.perf_counter() - started >= seconds)
+                or (stop is not None and stop.is_set())
+            ):
+                break
+            first = (tick % self.TICKS_PER_ROUND) * self.per_tick
+            due = self.sites[first : first + self.per_tick]
+            for i in range(0, len(due), self.BATCH):
+                post = asyncio.create_task(self._post(due[i : i + self.BATCH]))
+                posts.add(post)
+                post.add_done_callback(posts.discard)
+            tick += 1
+            if tick % self.TICKS_PER_ROUND == 0:
+                self.rounds += 1
+            await asyncio.sleep(max(0.0, started + tick * self.TICK_S - time.perf_counter()))
+        await asyncio.gather(*posts)
+
+    async def _connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self._idle.empty() and self._opened < self.CONNECTIONS:
+            self._opened += 1
+            return await asyncio.open_connection("127.0.0.1", self.port)
+        return await self._idle.get()
+
+    async def _post(self, sites: list[str]) -> None:
+        reader, writer = await self._connection()
+        sent = time.perf_counter_ns()
+        t0 = str(time.time_ns()).encode()
+        body = b"[" + b",".join(self._heads[s] + t0 + b"}}" for s in sites) + b"]"
+        writer.write(
+            b"POST /api/events HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nUser-Agent: %s\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (BROWSER.encode(), len(body), body)
+        )
+        status = await reader.readline()
+        length = 0
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        answer = await reader.readexactly(length)
+        self.acks_us.append((time.perf_counter_ns() - sent) // 1000)
+        self._idle.put_nowait((reader, writer))
+        # Each stored event's result carries its cursor.
+        ok = answer.count(b'"cursor"') if b" 202 " in status else 0
+        self.acked += ok
+        self.failed += len(sites) - ok
+
+    async def aclose(self) -> None:
+        while not self._idle.empty():
+            self._idle.get_nowait()[1].close()
+
+
 async def register_sites(env: Env, count: int) -> list[str]:
     """`count` new sites in one transaction (10,000 commits would take longer than the rest)."""
     conn = await asyncpg.connect(env.database_url)
@@ -391,11 +537,14 @@ async def register_sites(env: Env, count: int) -> list[str]:
 
 def viewer_counts(sizes: Sizes) -> tuple[int, int]:
     """How many viewers 6a can hold on `replicas` replicas under the file limit, and how many
-    of them a rolling restart can move: each replica stops while the others hold every viewer
-    (the surge order adds the replacement as one more)."""
+    of them a rolling restart can move. A stopped replica's viewers spread over the listeners
+    left (the others, plus its replacement in the surge order), so the replica restarted last
+    has taken a share of every one before it: (1 + 1/listeners)^(replicas - 1) times its own
+    share (2x for two replicas stopped first: the survivor holds every viewer)."""
     capacity = replica_capacity()
     count = min(sizes.viewers, capacity * sizes.replicas)
-    movable = capacity * (sizes.replicas - 1 + sizes.surge)
+    growth = (1 + 1 / (sizes.replicas - 1 + sizes.surge)) ** (sizes.replicas - 1)
+    movable = int(capacity * sizes.replicas / growth)
     return count, min(count, movable)
 
 
@@ -429,7 +578,10 @@ async def many_viewers(env: Env, sizes: Sizes, scratch: Path) -> dict[str, Any]:
 
         # Broadcast: 1 event/s; every viewer must get every one.
         await viewers.acommand("reset")
+        roles0, started = cpu_by_pid(scratch), time.perf_counter()
         await poster.every_second(sizes.broadcast_s)
+        result["cores"] = cpu_shares(roles0, cpu_by_pid(scratch), time.perf_counter() - started)
+        print(f"  6a broadcast cores: {result['cores']}", file=sys.stderr, flush=True)
         await asyncio.sleep(2.0)
         seen = await viewers.status()
         result.update(await viewers.latencies_ms())
@@ -442,7 +594,7 @@ async def many_viewers(env: Env, sizes: Sizes, scratch: Path) -> dict[str, Any]:
             viewers.quit_last(len(extra))
             await asyncio.sleep(2.0)
         result["moved_open"] = viewers.open
-        result.update(await rolling_restart(gateways, viewers, poster, sizes))
+        result.update(await rolling_restart(gateways, viewers, poster, sizes, scratch))
         return result
     finally:
         if viewers is not None:
@@ -453,7 +605,7 @@ async def many_viewers(env: Env, sizes: Sizes, scratch: Path) -> dict[str, Any]:
 
 
 async def rolling_restart(
-    gateways: Replicas, viewers: Viewers, poster: Poster, sizes: Sizes
+    gateways: Replicas, viewers: Viewers, poster: Poster, sizes: Sizes, scratch: Path
 ) -> dict[str, Any]:
     """Replace replica 0 (SIGTERM it, then start a new one on the port; with `surge` the other
     way round), then replica 1, events posted at 1 event/s all along. Returns the seconds from
@@ -462,6 +614,7 @@ async def rolling_restart(
     await viewers.acommand("reset")
     stop = asyncio.Event()
     posting = asyncio.create_task(poster.every_second(None, stop))
+    roles0 = cpu_by_pid(scratch)
     started = time.perf_counter()
     restarted: dict[str, float] = {}
 
@@ -496,6 +649,8 @@ async def rolling_restart(
     finally:
         stop.set()
         await posting
+    cores = cpu_shares(roles0, cpu_by_pid(scratch), time.perf_counter() - started)
+    print(f"  6a restart cores: {cores}", file=sys.stderr, flush=True)
     await asyncio.sleep(1.5)
     final = await viewers.status()
     sigterms = [round(t - started, 2) for t in gateways.sigterms[-len(gateways.procs) :]]
@@ -539,8 +694,8 @@ async def many_sites(env: Env, sizes: Sizes, scratch: Path) -> dict[str, Any]:
     # As many viewers per site as the replicas' file limits allow, up to `per_site`.
     per_site = min(sizes.per_site, replica_capacity() * sizes.replicas // sizes.sites)
     gateways = Replicas(env, sizes.replicas)
-    heads = await asyncpg.create_pool(env.database_url, min_size=1, max_size=2)
-    publisher = Publisher(env, sites, heads)
+    ingest_proc, ingest_port = env.role("ingest", core=None)
+    publisher = SitesPoster(ingest_port, sites)
     stable: Viewers | None = None
     churn: Viewers | None = None
     result: dict[str, Any] = {"sites": sizes.sites, "per_site": per_site}
@@ -561,38 +716,54 @@ async def many_sites(env: Env, sizes: Sizes, scratch: Path) -> dict[str, Any]:
         await asyncio.sleep(1.0)
 
         # Steady state: every site at 1 event/s.
-        rate = float(sizes.sites)
         info0, cpu0 = await redis_info(env.redis_url), gateways.cpu_s()
         await stable.acommand("reset")
         await churn.acommand("reset")
-        published = await publisher.run(rate, sizes.publish_s)
+        roles0 = cpu_by_pid(scratch)
+        started = time.perf_counter()
+        await publisher.run(sizes.publish_s)
+        seconds = time.perf_counter() - started
+        published = publisher.acked
         cpu1 = gateways.cpu_s()
+        print(f"  6b posted {publisher.rounds} rounds, {published} acked, {publisher.failed} not,"
+              f" in {seconds:.2f} s", file=sys.stderr)  # fmt: skip
+        result["cores"] = cpu_shares(roles0, cpu_by_pid(scratch), seconds)
+        print(f"  6b cores used: {result['cores']}", file=sys.stderr, flush=True)
         await asyncio.sleep(1.5)
         info1 = await redis_info(env.redis_url)
         seen = [await stable.status(), await churn.status()]
         result.update(await stable.latencies_ms())
         events = sum(s["events"] for s in seen)
         deliveries_expected = published * per_site
-        result["published_per_s"] = published / sizes.publish_s
+        result["published_per_s"] = published / seconds
+        result["ack_p50_ms"] = percentile(publisher.acks_us, 0.5)
+        result["ack_p99_ms"] = percentile(publisher.acks_us, 0.99)
+        result["refused_events"] = publisher.failed
         result["delivered"] = events / deliveries_expected
         result["cpu_us_per_event"] = (cpu1 - cpu0) / published * 1e6
         result["cpu_us_per_delivery"] = (cpu1 - cpu0) / max(1, events) * 1e6
-        result["gateway_cpu_share"] = (cpu1 - cpu0) / sizes.publish_s
-        held = published / sizes.sites  # events in each site's window now
+        result["gateway_cpu_share"] = (cpu1 - cpu0) / seconds
+        held = publisher.rounds  # events in each site's window now
         grown = info1["used_memory"] - info0["used_memory"]
         result["redis_bytes_per_site"] = grown / sizes.sites
         result["redis_events_per_site"] = held
         result["redis_bytes_per_event"] = grown / published
         print(f"  6b steady: {json.dumps(seen)}", file=sys.stderr, flush=True)
 
+        before = await gateway_counters(gateways)
         result.update(await churn_cycles(env, gateways, publisher, churn, sizes))
-        await publisher.level()
         await asyncio.sleep(2.0)
+        after = await gateway_counters(gateways)
+        result["churn_counters"] = {k: after[k] - before.get(k, 0.0) for k in after}
+        print(f"  6b churn counters: {result['churn_counters']}", file=sys.stderr, flush=True)
         final = [await stable.status(), await churn.status()]
-        end = next(iter(publisher.offsets.values()))
+        end = publisher.rounds  # every site got one event a round, in whole rounds
         result["final"] = final
-        result["exact"] = all(
-            f["dups"] == 0 and f["gaps"] == 0 and f["unrecovered"] == 0 and f["min_last"] == end
+        result["exact"] = publisher.failed == 0 and all(
+            f["dups"] == 0
+            and f["gaps"] == 0
+            and f["unrecovered"] == 0
+            and f["min_last"] == f["max_last"] == end
             for f in final
         )
         print(f"  6b final (end {end}): {json.dumps(final)}", file=sys.stderr, flush=True)
@@ -602,20 +773,42 @@ async def many_sites(env: Env, sizes: Sizes, scratch: Path) -> dict[str, Any]:
             if group is not None:
                 group.close()
         await publisher.aclose()
-        await heads.close()
         gateways.close()
+        env.stop(ingest_proc)
+
+
+async def gateway_counters(gateways: Replicas) -> dict[str, float]:
+    """Counters of every replica added up: replay reads by source, gap notices."""
+    names = {
+        "window reads": 'sitewire_gateway_replay_reads_total{source="redis"}',
+        "PostgreSQL reads": 'sitewire_gateway_replay_reads_total{source="postgres"}',
+        "shared reads": 'sitewire_gateway_replay_reads_total{source="shared"}',
+        "gap notices": "sitewire_gateway_gap_notices_total",
+        "unrecovered gaps": "sitewire_gateway_unrecovered_gaps_total",
+        "pub/sub reconnects": "sitewire_gateway_redis_reconnects_total",
+    }
+    pages = await gateways.metrics()
+    return {label: sum(sample(page, name) for page in pages) for label, name in names.items()}
+
+
+def sample(text: str, name: str) -> float:
+    """One sample (name with its labels, exactly) from Prometheus text; 0 when absent."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 async def churn_cycles(
-    env: Env, gateways: Replicas, publisher: Publisher, churn: Viewers, sizes: Sizes
+    env: Env, gateways: Replicas, publisher: SitesPoster, churn: Viewers, sizes: Sizes
 ) -> dict[str, Any]:
     """The churn group's viewers leave (each closes with 1000), the gateways unsubscribe their
     sites once the unsubscribe delay has passed, and the viewers come back resuming from their
     cursors; `churn_cycles` times, every site still at 1 event/s."""
     count = churn.open
     base = sum(metric(m, "sitewire_gateway_subscribed_sites") for m in await gateways.metrics())
-    seconds = 60.0 * sizes.churn_cycles
-    publishing = asyncio.create_task(publisher.run(float(sizes.sites), seconds))
+    stop = asyncio.Event()
+    publishing = asyncio.create_task(publisher.run(None, stop))
     back_s: list[float] = []
     subscribes: list[int] = []
     unsubscribed: list[float] = []
@@ -645,9 +838,8 @@ async def churn_cycles(
             subscribes.append(subscribe_calls(await redis_info(env.redis_url)) - calls0)
             await asyncio.sleep(1.0)
     finally:
-        publishing.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await publishing
+        stop.set()  # the poster ends its round: every site keeps the same head
+        await publishing
     print(f"  6b churn: back {back_s} s, subscribes {subscribes}, unsubscribed {unsubscribed}",
           file=sys.stderr, flush=True)  # fmt: skip
     return {
@@ -727,9 +919,12 @@ def _sites_rows(b: dict[str, Any], sizes: Sizes) -> list[Row]:
         Row(f"6b {s} sites", f"viewers open ({b['per_site']} per site)", b["open"],
             target=f">= {sizes.site_viewers:,}", met=b["open"] >= sizes.site_viewers),
         Row(f"6b {s} sites", "events/s published (1 per site)", b["published_per_s"]),
-        Row(f"6b {s} sites", "delivered", b["delivered"], target=">= 0.99",
-            met=b["delivered"] >= 0.99),
-        Row(f"6b {s} sites", "p99 ms", b["p99_ms"], target="<= 1000", met=b["p99_ms"] <= 1000),
+        Row(f"6b {s} sites", "delivered (events received / published x viewers)",
+            b["delivered"]),
+        Row(f"6b {s} sites", "p99 ms (from t0, through ingest)", b["p99_ms"]),
+        Row(f"6b {s} sites", "p50 ms", b["p50_ms"]),
+        Row(f"6b {s} sites", "ingest ack p50 ms (batch sent to 202)", b["ack_p50_ms"]),
+        Row(f"6b {s} sites", "ingest ack p99 ms", b["ack_p99_ms"]),
         Row(f"6b {s} sites", "gateway CPU µs per event (both replicas)", b["cpu_us_per_event"]),
         Row(f"6b {s} sites", "gateway CPU µs per delivery", b["cpu_us_per_delivery"]),
         Row(f"6b {s} sites", "gateway CPU share (cores)", b["gateway_cpu_share"]),
