@@ -907,6 +907,8 @@ def _viewers_rows(a: dict[str, Any], sizes: Sizes) -> list[Row]:
         Row("6a rolling restart", "reconnects scheduled (closes and failed attempts)",
             storm["retries"]),
         Row("6a rolling restart", "of which refused by a draining replica", storm["refused"]),
+        Row("6a rolling restart", "attempts whose TCP connect failed", storm["connect_failed"]),
+        Row("6a rolling restart", "attempts lost before their 101", storm["handshake_lost"]),
         Row("6a rolling restart", "attempts that timed out (10 s)", storm["open_timeouts"]),
     ]  # fmt: skip
     return rows

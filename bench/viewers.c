@@ -116,6 +116,9 @@ static unsigned char scratch[SCRATCH];
 
 static uint64_t events, frames, closed, dups, gaps, gap_notices, drops, refused, retries;
 static uint64_t reconnects, recovered, unrecovered, connect_errors, left_count, open_timeouts;
+/* Kinds of connect_errors: the TCP connect failed (refused, reset), or the connection was lost
+ * before its 101; and connections lost while open without a close frame. */
+static uint64_t connect_failed, handshake_lost, open_lost;
 static int in_flight; /* connections holding a slot (struct conn.slot) */
 static int n_open;    /* connections in state OPEN */
 static int64_t *latencies;
@@ -313,6 +316,7 @@ static void start_connect(struct conn *c) {
         c->fd = -1;
         c->state = IDLE;
         connect_errors++;
+        connect_failed++;
         c->after = reconnect ? AFTER_RETRY : AFTER_STAY;
         if (c->after == AFTER_RETRY) schedule_retry(c);
         else closed++;
@@ -591,7 +595,12 @@ static void on_readable(struct conn *c) {
                 /* Lost without a close frame: a reset, or a gateway that stopped. */
                 c->after = reconnect ? AFTER_RETRY : AFTER_STAY;
             }
-            if (c->state == HANDSHAKE || c->state == CONNECTING) connect_errors++;
+            if (c->state == HANDSHAKE || c->state == CONNECTING) {
+                connect_errors++;
+                handshake_lost++;
+            } else if (c->state == OPEN) {
+                open_lost++;
+            }
             finish(c);
             return;
         }
@@ -612,6 +621,7 @@ static void on_event(struct conn *c, uint32_t what) {
         if (err || (what & (EPOLLERR | EPOLLHUP))) {
             if (!reconnect) fprintf(stderr, "connect: %s\n", strerror(err));
             connect_errors++;
+            connect_failed++;
             c->after = reconnect ? AFTER_RETRY : AFTER_STAY;
             finish(c);
             return;
@@ -667,14 +677,17 @@ static void report(int percentiles) {
            "\"max_last\": %lld, \"dups\": %llu, \"gaps\": %llu, \"gap_notices\": %llu, "
            "\"drops\": %llu, \"retries\": %llu, \"refused\": %llu, \"reconnects\": %llu, "
            "\"recovered\": %llu, \"unrecovered\": %llu, \"connect_errors\": %llu, "
-           "\"left\": %llu, \"open_timeouts\": %llu}\n",
+           "\"left\": %llu, \"open_timeouts\": %llu, \"connect_failed\": %llu, "
+           "\"handshake_lost\": %llu, \"open_lost\": %llu}\n",
            (unsigned long long)events, (unsigned long long)frames, (unsigned long long)closed,
            p50, p99, max, cpu, n_lat, open, welcomed, caught, min_last, max_last,
            (unsigned long long)dups, (unsigned long long)gaps, (unsigned long long)gap_notices,
            (unsigned long long)drops, (unsigned long long)retries, (unsigned long long)refused,
            (unsigned long long)reconnects, (unsigned long long)recovered,
            (unsigned long long)unrecovered, (unsigned long long)connect_errors,
-           (unsigned long long)left_count, (unsigned long long)open_timeouts);
+           (unsigned long long)left_count, (unsigned long long)open_timeouts,
+           (unsigned long long)connect_failed, (unsigned long long)handshake_lost,
+           (unsigned long long)open_lost);
     fflush(stdout);
 }
 
@@ -732,7 +745,7 @@ static int on_command(void) {
         } else if (strcmp(line, "reset") == 0) {
             events = frames = closed = dups = gaps = gap_notices = drops = refused = 0;
             reconnects = recovered = unrecovered = connect_errors = retries = left_count = 0;
-            open_timeouts = 0;
+            open_timeouts = connect_failed = handshake_lost = open_lost = 0;
             n_lat = 0;
             cpu0 = cpu_seconds();
             printf("{\"reset\": true}\n");
