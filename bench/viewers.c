@@ -20,8 +20,8 @@
  *                 (n = failures in a row, capped at 30 s), +/-50 % jitter, resuming with
  *                 `since=` the last cursor this viewer saw. Without it a closed viewer stays
  *                 closed.
- *   --parallel P  connections opening at once in the connect phase and after "back" (200);
- *                 reconnects after a close are not held back: that is the storm to measure.
+ *   --parallel P  connections opening at once in the connect phase (200); reconnects after a
+ *                 close, and "back", are not held back: that is the storm to measure.
  *   --deadline S  seconds the connect phase may take (60); viewers not open by then failed.
  *   --open-timeout S  seconds one attempt may take to reach its 101 (10): then it failed (and
  *                 is retried with --reconnect), as a real client's open timeout.
@@ -721,10 +721,9 @@ static void back(void) {
         if (!c->left || c->state != IDLE) continue;
         c->left = 0;
         c->after = AFTER_STAY;
-        enqueue(c);
+        start_connect(c); /* all at once, as visitors coming back do not queue */
         count++;
     }
-    start_queued();
     printf("{\"back\": %d}\n", count);
     fflush(stdout);
 }
