@@ -28,6 +28,11 @@ and raise their file limit. RLIMIT_NOFILE is raised here, for the processes the 
 never by the product: on a server it is the operator's (systemd's LimitNOFILE, the container
 runtime's ulimit). The viewers are bench/viewers.c processes that bind their connections to
 127.0.0.2.. round-robin: one source address has ~28,000 ephemeral ports towards one server port.
+
+Where a process may not open that many files (the hard RLIMIT_NOFILE, which only root with
+CAP_SYS_RESOURCE may raise), the sizes shrink to what fits, and the rows say so: the viewers
+open, the file limit, the viewers a restart moved (`viewer_counts`), viewers per site in 6b.
+SITEWIRE_BENCH_SCALE overrides the sizes ("replicas=6,viewers=50000": `sizes_for`).
 """
 
 from __future__ import annotations
