@@ -13,7 +13,7 @@ LOCK   := requirements.lock
 LOCK_ARGS ?=
 PIP_TOOLS := pip-tools==7.6.2
 
-.PHONY: install lock run test lint typecheck fmt pytest bench chaos clean
+.PHONY: install lock run test lint typecheck fmt pytest bench bench-scale chaos clean
 
 # The lock first, with hashes, then the project itself without resolving anything again. The
 # first install takes a minute or two: say so, and show pip's progress on one line
@@ -61,6 +61,12 @@ fmt: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+
+# Scenario 6 alone (bench/scale.py): 100,000 viewers on two gateway replicas, a rolling restart,
+# 10,000 sites. Minutes, and most of the machine; `python -m bench.run --scale` adds it to the
+# full suite.
+bench-scale: $(STAMP)
+	$(BIN)/python -m bench.run --only 6 --out bench/results/scale.md
 
 chaos: $(STAMP)
 	SITEWIRE_CHAOS=full $(BIN)/python -m pytest tests/chaos -v -s $(PYTEST_ARGS)

@@ -85,6 +85,10 @@ class Settings:
     max_header_bytes: int = 32 * 1024
     #: SITEWIRE_KEEPALIVE_S: an idle keep-alive connection is closed after this long.
     keepalive_s: int = 5
+    #: SITEWIRE_LISTEN_BACKLOG: connections the kernel queues for a process before it accepts
+    #: them (listen(2)); the kernel caps it at net.core.somaxconn. A reconnect storm fills it:
+    #: past it, a client's SYN is dropped and retried 1, 3, 7 s later (docs/operations.md).
+    listen_backlog: int = 4096
     #: SITEWIRE_LOG_LEVEL: DEBUG, INFO, WARNING or ERROR.
     log_level: str = "INFO"
     #: SITEWIRE_LOG_FORMAT: json (one object per line), text (for a person), or auto: text
@@ -134,6 +138,7 @@ class Settings:
                 "SITEWIRE_MAX_HEADER_BYTES", cls.max_header_bytes, 1024, 1 << 20
             ),
             keepalive_s=r.int("SITEWIRE_KEEPALIVE_S", cls.keepalive_s, 1, 600),
+            listen_backlog=r.int("SITEWIRE_LISTEN_BACKLOG", cls.listen_backlog, 1, 1 << 20),
             log_level=r.get("SITEWIRE_LOG_LEVEL", cls.log_level, _log_level),
             log_format=r.get("SITEWIRE_LOG_FORMAT", cls.log_format, _log_format),
             retention_days=r.int("SITEWIRE_RETENTION_DAYS", cls.retention_days, 0, 36500),

@@ -2,6 +2,9 @@
 
     python -m bench.run            # the full suite (several minutes)
     python -m bench.run --quick    # a smoke run (seconds; part of `make test`)
+    python -m bench.run --only 6   # scenario 6, 100,000 viewers and 10,000 sites
+                                   # (bench/scale.py; `make bench-scale`)
+    python -m bench.run --scale    # the full suite plus scenario 6
 
 Servers: DATABASE_URL / REDIS_URL, else TEST_DATABASE_URL / TEST_REDIS_URL, else embedded.
 The server under test is pinned to core 0, the load generator to core 1 (when there are two).
@@ -20,7 +23,7 @@ import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,8 +51,9 @@ PAD = "x" * 60  # brings an event to ~300 bytes
 CORES = os.cpu_count() or 1
 
 
-def pinned(core: int) -> list[str]:
-    return ["taskset", "-c", str(core)] if CORES >= 2 else []
+def pinned(core: int | None) -> list[str]:
+    """The command prefix that pins a process to `core` (None: not pinned)."""
+    return ["taskset", "-c", str(core)] if CORES >= 2 and core is not None else []
 
 
 @dataclass
@@ -92,29 +96,45 @@ class Env:
         )
         return env
 
-    def start(self, argv: list[str], port: int, core: int, **extra: str) -> subprocess.Popen[bytes]:
-        log = (self.logs / f"{argv[0]}-{port}.log").open("wb")
+    def start(
+        self,
+        argv: list[str],
+        port: int,
+        core: int | None,
+        extra: dict[str, str] | None = None,
+        ready_port: int | None = None,
+        preexec: Callable[[], None] | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """Start `python -m ARGV` with `extra` in its environment and wait until it answers
+        on `ready_port` (default `port`; replicas sharing a port are told apart by their private
+        ports). `preexec` runs in the child before it starts (bench/scale.py raises the child's
+        file limit there)."""
+        log = (self.logs / f"{argv[0]}-{ready_port or port}.log").open("ab")
         cmd = [*pinned(core), sys.executable, "-m", *argv]
-        proc = subprocess.Popen(cmd, env=self.environ(**extra), stdout=log, stderr=log, cwd=ROOT)
+        env = self.environ(**(extra or {}))
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, cwd=ROOT, preexec_fn=preexec)
         self.procs.append(proc)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             with contextlib.suppress(httpx.HTTPError):
                 path = "/readyz" if argv[0] == "workers.cli" else "/docs"
-                if httpx.get(f"http://127.0.0.1:{port}{path}", timeout=1).status_code < 500:
+                url = f"http://127.0.0.1:{ready_port or port}{path}"
+                if httpx.get(url, timeout=1).status_code < 500:
                     return proc
             if proc.poll() is not None:
                 raise RuntimeError(f"{argv} exited; see {log.name}")
             time.sleep(0.1)
         raise RuntimeError(f"{argv} did not start")
 
-    def role(self, role: str, core: int = 0, **extra: str) -> tuple[subprocess.Popen[bytes], int]:
+    def role(
+        self, role: str, core: int | None = 0, **extra: str
+    ) -> tuple[subprocess.Popen[bytes], int]:
         """A Sitewire process on a free port, with its metrics on a private one
         (`self.metrics_url(port)`)."""
         port, internal = free_port(), free_port()
         self.internal[port] = internal
         argv = ["workers.cli", role, "--port", str(port), "--internal-port", str(internal)]
-        return self.start(argv, port, core, **extra), port
+        return self.start(argv, port, core, extra), port
 
     def metrics_url(self, port: int) -> str:
         return f"http://127.0.0.1:{self.internal[port]}/metrics"
@@ -496,7 +516,7 @@ async def delete_keys(redis_url: str, prefix: str) -> None:
         await client.aclose()
 
 
-async def run(quick: bool, out: Path, only: set[str]) -> list[Row]:
+async def run(quick: bool, out: Path, only: set[str], scale: bool = False) -> list[Row]:
     scratch = RESULTS / "scratch"
     scratch.mkdir(parents=True, exist_ok=True)
     rows: list[Row] = []
@@ -505,7 +525,7 @@ async def run(quick: bool, out: Path, only: set[str]) -> list[Row]:
         await migrate(dsn)
         env = Env(dsn, redis_url, f"bench{secrets.token_hex(3)}", scratch)
         try:
-            rows += await _scenarios(env, quick, only)
+            rows += await _scenarios(env, quick, only, scale)
         finally:
             env.stop_all()
             await drop_database(admin_dsn, dsn)
@@ -514,7 +534,7 @@ async def run(quick: bool, out: Path, only: set[str]) -> list[Row]:
     return rows
 
 
-async def _scenarios(env: Env, quick: bool, only: set[str]) -> list[Row]:
+async def _scenarios(env: Env, quick: bool, only: set[str], scale: bool) -> list[Row]:
     rows: list[Row] = []
     if not only or "0" in only:
         rows += await _self_check_rows(quick)
@@ -528,6 +548,11 @@ async def _scenarios(env: Env, quick: bool, only: set[str]) -> list[Row]:
         rows += await _ingest_rows(env, quick)
     if not only or "5" in only:
         rows += await _resume_rows(env, quick)
+    parts = {p[1:] for p in only if p in ("6a", "6b")} or {"a", "b"}
+    if only & {"6", "6a", "6b"} or (scale and not only):
+        from bench.scale import scale_rows  # it builds on this module
+
+        rows += await scale_rows(env, quick, env.logs, parts)
     return rows
 
 
@@ -742,9 +767,15 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.md")
-    parser.add_argument("--only", default="", help="Comma-separated scenario numbers (0-5).")
+    parser.add_argument(
+        "--only", default="", help="Comma-separated scenario numbers (0-6; 6a, 6b)."
+    )
+    parser.add_argument(
+        "--scale", action="store_true", help="Add scenario 6 (bench/scale.py) to the full suite."
+    )
     args = parser.parse_args()
-    asyncio.run(run(args.quick, args.out, {s for s in args.only.split(",") if s}))
+    only = {s for s in args.only.split(",") if s}
+    asyncio.run(run(args.quick, args.out, only, args.scale))
 
 
 if __name__ == "__main__":

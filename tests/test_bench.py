@@ -74,3 +74,64 @@ async def test_c_viewers_count_events_measure_latency_and_answer_pings(
         assert stats["p50_ms"] > 0 and stats["max_ms"] >= stats["p99_ms"] >= stats["p50_ms"]
     finally:
         load.close()
+
+
+async def test_c_viewers_resume_exactly_after_a_drain_and_after_leaving(
+    spawn: Callable[..., AppProcess], site: str, tmp_path: Path
+) -> None:
+    """bench/viewers.c with --reconnect, as bench/scale.py runs it (two loopback source
+    addresses): a gateway that stops drains its viewers with 4000; they retry (refused while
+    no gateway listens) until a new one is up on the same port, and resume from their cursors.
+    "leave" and "back" do the same at the viewers' own initiative. Every event arrives once,
+    in order, and every resume says `recovered`."""
+    from bench.run import viewers_binary
+    from bench.scale import Viewers
+
+    if viewers_binary() is None:
+        unavailable("no C compiler to build bench/viewers.c")
+    ingest = spawn("ingest", **FAST)
+    gateway = spawn("gateway", **FAST)
+    url = f"{gateway.ws_url}/v1/sites/{site}/stream?token={token(site)}"
+    viewers = await asyncio.to_thread(Viewers, [url], [6], 2, tmp_path, "test")
+    again: AppProcess | None = None
+
+    async def post(count: int) -> None:
+        async with httpx.AsyncClient(timeout=10, headers={"User-Agent": BROWSER}) as client:
+            for i in range(count):
+                body = {"site": site, "name": "pageview", "url": f"https://{site}/{i}",
+                        "props": {"t0": time.time_ns()}}  # fmt: skip
+                assert (await client.post(f"{ingest.url}/api/event", json=body)).status_code == 202
+
+    async def left(count: int) -> bool:
+        return bool((await viewers.status())["left"] == count)
+
+    async def caught_up(last: int) -> bool:
+        status = await viewers.status()
+        return status["open"] == status["welcomed"] == 6 and status["min_last"] == last
+
+    try:
+        assert viewers.open == 6
+        await post(5)
+        await eventually(lambda: caught_up(5), 10, 0.05, "the first 5 events")
+        await asyncio.to_thread(gateway.stop)  # drains: every viewer gets 4000
+        await post(5)  # while no gateway listens: the viewers' retries are refused
+        again = await asyncio.to_thread(gateway.restarted)
+        await post(5)
+        await eventually(lambda: caught_up(15), 30, 0.1, "resumed after the restart")
+        status = await viewers.status()
+        assert status["drops"] >= 6 and status["recovered"] == 6, status
+        assert status["dups"] == status["gaps"] == status["unrecovered"] == 0, status
+        assert status["closed"] == 0, status
+
+        assert (await viewers.acommand("leave"))[0]["leaving"] == 6
+        await eventually(lambda: left(6), 10, 0.05, "all six left")
+        await post(5)
+        assert (await viewers.acommand("back"))[0]["back"] == 6
+        await eventually(lambda: caught_up(20), 10, 0.05, "back and caught up")
+        status = await viewers.status()
+        assert status["recovered"] == 12 and status["events"] == 6 * 20, status
+        assert status["dups"] == status["gaps"] == status["unrecovered"] == 0, status
+    finally:
+        viewers.close()
+        if again is not None:
+            again.stop()

@@ -107,6 +107,43 @@ async def test_a_page_just_read_from_postgres_is_reused(
         await shards.aclose()
 
 
+async def test_a_storm_of_resumes_reads_each_window_page_once(
+    settings: Settings, pool: asyncpg.Pool, site: str
+) -> None:
+    """A reconnect storm's viewers resume at nearly the same cursor: they ask for the same
+    pages of the Redis window, and whether the event after their cursor is still stored.
+    Concurrent callers share one read of each, and a page bounded by a committed offset is kept
+    for the callers just after, as for PostgreSQL pages (each read once cost the gateway a pool
+    connection in a storm: docs/performance.md, finding 23)."""
+    from app.gateway import replay
+
+    registry = CollectorRegistry()
+    metrics = GatewayMetrics(registry)
+
+    def reads(source: str) -> float:
+        value = registry.get_sample_value("sitewire_gateway_replay_reads_total", {"source": source})
+        return value or 0.0
+
+    shards = RedisShards(settings.require_redis())
+    broker = RedisBroker(shards, Names(settings.key_prefix), settings.replay_window)
+    replayer = Replayer(broker, pool, metrics)
+    try:
+        await broker.publish([(site, n, event(n)) for n in range(1, 11)])
+        pages = await asyncio.gather(*(replayer.page(site, "e1e2e3e4", 4, 10) for _ in range(50)))
+        assert all([o for o, _ in page] == list(range(5, 11)) for page in pages)
+        assert (reads("redis"), reads("postgres"), reads("shared")) == (1, 0, 49)
+        again = await replayer.page(site, "e1e2e3e4", 4, 10)  # just after: kept
+        assert again == pages[0] and reads("redis") == 1
+        checks = await asyncio.gather(*(replayer.stored(site, 5) for _ in range(50)))
+        assert all(checks) and reads("shared") == 50  # checks are not page reads
+        # Without a committed bound (a catch-up), a page is shared in flight but not kept.
+        await replayer.page(site, "e1e2e3e4", 4, replay.UNBOUNDED)
+        await replayer.page(site, "e1e2e3e4", 4, replay.UNBOUNDED)
+        assert reads("redis") + reads("postgres") == 3
+    finally:
+        await shards.aclose()
+
+
 async def test_a_viewer_joining_while_the_last_ones_unsubscribe_runs_is_subscribed_again(
     settings: Settings, pool: asyncpg.Pool, rclient: aioredis.Redis, names: Names, site: str
 ) -> None:

@@ -8,7 +8,9 @@ import signal
 import uvicorn
 from starlette.types import Receive, Scope, Send
 
-from workers.serve import _Server
+from app.gateway import app as gateway
+from app.settings import Settings
+from workers.serve import _Server, listening_socket, server_config
 
 
 async def _app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -45,3 +47,13 @@ async def test_the_first_signal_drains_then_shuts_down() -> None:
     await server._drain_task
     assert server.should_exit and not server.force_exit
     assert server._captured_signals == []
+
+
+def test_the_listen_backlog_is_the_setting_on_both_listens() -> None:
+    """uvicorn calls listen(2) again on the sockets it is given, with its own backlog (2048)
+    unless told: SITEWIRE_LISTEN_BACKLOG must reach both calls (the second one wins)."""
+    settings = Settings.from_env({"SITEWIRE_SECRET": "s" * 40, "SITEWIRE_LISTEN_BACKLOG": "1234"})
+    app = gateway.create_app(settings)
+    assert server_config(app, app, settings, "127.0.0.1", 0).backlog == 1234
+    with listening_socket("127.0.0.1", 0, False, settings.listen_backlog) as sock:
+        assert sock.getsockname()[1] > 0  # bound and listening (the kernel keeps the backlog)

@@ -44,6 +44,7 @@ def test_values_are_parsed() -> None:
         ("SITEWIRE_SECRET", "short", "at least 32"),
         ("SITEWIRE_MAX_BATCH_EVENTS", "lots", "must be an integer"),
         ("SITEWIRE_MAX_BATCH_EVENTS", "0", "at least 1"),
+        ("SITEWIRE_LISTEN_BACKLOG", "0", "at least 1"),
         ("SITEWIRE_TRUSTED_PROXIES", "10.0.0.0/8,nope", "'nope' is not an IP"),
         ("SITEWIRE_LOG_LEVEL", "LOUD", "must be DEBUG"),
         ("SITEWIRE_LOG_FORMAT", "yaml", "must be json, text or auto"),

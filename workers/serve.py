@@ -67,16 +67,17 @@ class _Server(uvicorn.Server):
         self._captured_signals.clear()
 
 
-def listening_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
+def listening_socket(host: str, port: int, reuse_port: bool, backlog: int) -> socket.socket:
     """The listening socket. With `reuse_port`, several processes bind the same port and the
-    kernel spreads new connections across them: replicas behind one port, no proxy."""
+    kernel spreads new connections across them: replicas behind one port, no proxy. `backlog`
+    is listen(2)'s (the kernel caps it at net.core.somaxconn)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
-    sock.listen(4096)
+    sock.listen(backlog)
     sock.set_inheritable(True)
     return sock
 
@@ -111,13 +112,31 @@ def serve(
     app: ingest.IngestApp | gateway.GatewayApp = (
         ingest.create_app(settings) if role == "ingest" else gateway.create_app(settings)
     )
-    sockets = [listening_socket(host, port, reuse_port)]
+    sockets = [listening_socket(host, port, reuse_port, settings.listen_backlog)]
     entry: ASGIApp = app
     if internal is not None:
         # Never shared with other replicas: each process's metrics must be its own.
-        sockets.append(listening_socket(*internal, reuse_port=False))
+        sockets.append(listening_socket(*internal, False, settings.listen_backlog))
         entry = Listeners(app, internal[1])
-    config = uvicorn.Config(
+    config = server_config(app, entry, settings, host, port)
+    drain = None
+    if role == "gateway":
+
+        async def drain() -> None:
+            await app.state.gateway.drain()
+
+    _Server(config, drain).run(sockets=sockets)
+
+
+def server_config(
+    app: ingest.IngestApp | gateway.GatewayApp,
+    entry: ASGIApp,
+    settings: Settings,
+    host: str,
+    port: int,
+) -> uvicorn.Config:
+    """uvicorn's configuration for `app` (served through `entry`)."""
+    return uvicorn.Config(
         entry,
         host=host,
         port=port,
@@ -140,11 +159,7 @@ def serve(
         timeout_keep_alive=settings.keepalive_s,
         timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5,
         server_header=False,
+        # uvicorn listens on the sockets again, with this backlog (its default is 2048, which
+        # silently replaced the one above until the bench's reconnect storms showed it).
+        backlog=settings.listen_backlog,
     )
-    drain = None
-    if role == "gateway":
-
-        async def drain() -> None:
-            await app.state.gateway.drain()
-
-    _Server(config, drain).run(sockets=sockets)

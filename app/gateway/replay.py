@@ -6,10 +6,10 @@ the live feed first (live events are held aside), then replays storage from the 
 page by page, each page only once the viewer's queue has room, and finally moves the held live
 events behind the replay with no gap and no duplicate (`Viewer.go_live`).
 
-Pages come from the broker's window when it holds the whole page, else from PostgreSQL. Identical
-PostgreSQL reads in flight are shared, and pages just read are kept for a second (a reconnect
-storm after a gateway restart asks for the same pages many times); at most
-`MAX_CONCURRENT_READS` run at once.
+Pages come from the broker's window when it holds the whole page, else from PostgreSQL.
+Identical page reads in flight are shared, whichever the source, and pages just read are kept
+for a second (a reconnect storm after a gateway restart asks for the same pages many times); at
+most `MAX_CONCURRENT_READS` PostgreSQL reads run at once.
 """
 
 from __future__ import annotations
@@ -42,8 +42,9 @@ MAX_CONCURRENT_READS = 4
 #: "No upper bound" for a page: up to whatever is stored now (a catch-up that does not know the
 #: head). Every other caller's bound is an offset known to be committed.
 UNBOUNDED = 2**62
-#: Seconds a page read from PostgreSQL is kept for viewers asking for it just after. In a
-#: reconnect storm the viewers drift a few milliseconds apart, so most miss the read in flight.
+#: Seconds a page read (from the window or PostgreSQL) is kept for viewers asking for it just
+#: after. In a reconnect storm the viewers drift a few milliseconds apart, so most miss the read
+#: in flight.
 #: Only pages bounded by a committed offset are kept or shared: the same range read without a
 #: bound may have been read before all of it was committed.
 RECENT_PAGE_S = 1.0
@@ -115,20 +116,23 @@ class Replayer:
         self._metrics = metrics
         self._inflight: dict[tuple[object, ...], asyncio.Future[object]] = {}
         self._reads = asyncio.Semaphore(MAX_CONCURRENT_READS)
-        #: Pages recently read from PostgreSQL: key -> (kept until, events), oldest first.
+        #: Pages recently read: key -> (kept until, events), oldest first.
         self._recent: OrderedDict[tuple[object, ...], tuple[float, list[Event]]] = OrderedDict()
 
-    async def _shared(self, key: tuple[object, ...], read: Callable[[], Awaitable[T]]) -> T:
-        """Run `read` once for all concurrent callers with the same key."""
+    async def _shared(
+        self, key: tuple[object, ...], read: Callable[[], Awaitable[T]], *, count: bool = True
+    ) -> T:
+        """Run `read` once for all concurrent callers with the same key (each joining caller
+        counts as a `shared` replay read, with `count`)."""
         pending = self._inflight.get(key)
         if pending is not None:
-            self._metrics.replay_reads.labels("shared").inc()
+            if count:
+                self._metrics.replay_reads.labels("shared").inc()
             return cast(T, await asyncio.shield(pending))
         future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
         try:
-            async with self._reads:
-                result = await read()
+            result = await read()
             future.set_result(result)
             return result
         except BaseException as exc:
@@ -142,24 +146,29 @@ class Replayer:
         self, site: str, epoch: str, after: int, until: int, *, window: bool = True
     ) -> list[Event]:
         """Events after..until (at most PAGE), window first (unless `window` is False), then
-        PostgreSQL. `until` is an offset known to be committed, or UNBOUNDED."""
-        last = min(until, after + PAGE)
-        if window:
-            events = await self._broker.window(site, after + 1, last)
-            if events is not None:
-                self._metrics.replay_reads.labels("redis").inc()
-                return events
+        PostgreSQL. `until` is an offset known to be committed, or UNBOUNDED.
 
+        Wherever the page comes from, concurrent callers asking for it share one read, and a
+        page bounded by a committed offset is kept for RECENT_PAGE_S: a reconnect storm's
+        viewers ask for the same few pages. Reading the window once per viewer cost a storm of
+        19,000 resumes a third of the gateway's time, most of it in redis-py opening a pool
+        connection for every concurrent read (docs/performance.md, finding 23)."""
+        last = min(until, after + PAGE)
         committed = until < UNBOUNDED  # every offset up to `until` is stored
-        key = ("page", site, epoch, after, last, committed)
+        key = ("page", site, epoch, after, last, committed, window)
         recent = self._recent_page(key)
         if recent is not None:
             self._metrics.replay_reads.labels("shared").inc()
             return recent
 
         async def read() -> list[Event]:
-            self._metrics.replay_reads.labels("postgres").inc()
-            events = await from_postgres(self._pool, site, epoch, after, PAGE, until=last)
+            events = await self._broker.window(site, after + 1, last) if window else None
+            if events is not None:
+                self._metrics.replay_reads.labels("redis").inc()
+            else:
+                self._metrics.replay_reads.labels("postgres").inc()
+                async with self._reads:
+                    events = await from_postgres(self._pool, site, epoch, after, PAGE, until=last)
             if committed:
                 self._recent[key] = (time.monotonic() + RECENT_PAGE_S, events)
                 if len(self._recent) > RECENT_PAGES:
@@ -188,16 +197,25 @@ class Replayer:
             )
             return None if value is None else int(value)
 
-        return await (read() if fresh else self._shared(("head", site), read))
+        async def limited() -> int | None:
+            async with self._reads:
+                return await read()
+
+        return await (read() if fresh else self._shared(("head", site), limited))
 
     async def stored(self, site: str, offset: int) -> bool:
-        """Whether the event at `offset` can still be read (window or PostgreSQL)."""
-        if await self._broker.window(site, offset, offset):
-            return True
-        found = await self._pool.fetchval(
-            "SELECT 1 FROM events WHERE site = $1 AND site_offset = $2", site, offset
-        )
-        return found is not None
+        """Whether the event at `offset` can still be read (window or PostgreSQL). Concurrent
+        callers asking about the same event share one check (every resume of a storm asks)."""
+
+        async def check() -> bool:
+            if await self._broker.window(site, offset, offset):
+                return True
+            found = await self._pool.fetchval(
+                "SELECT 1 FROM events WHERE site = $1 AND site_offset = $2", site, offset
+            )
+            return found is not None
+
+        return await self._shared(("stored", site, offset), check, count=False)
 
     async def offset_at(self, site: str, when: datetime) -> int | None:
         """The first offset stored at or after `when` (None if none)."""
