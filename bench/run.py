@@ -36,7 +36,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.connection import parse_url
 
 from app import tokens
-from app.broker.redis import PUBLISH_SCRIPT
+from app.broker.redis import PUBLISH_SCRIPT, script_args
 from app.names import Names
 from app.servers.postgres import create_database, drop_database
 from app.store.migrate import migrate
@@ -311,7 +311,7 @@ class Publisher:
 
     def _call(self, site: str, pairs: list[int | bytes]) -> bytes:
         window, channel = self.names.window(site), self.names.channel(site)
-        args = (b"EVALSHA", self._sha, 1, window, channel, 2000, *pairs)
+        args = (b"EVALSHA", self._sha, 1, window, *script_args(channel, 2000, 3600, pairs))
         packed: bytes = hiredis.pack_command(args)  # type: ignore[arg-type]
         return packed
 

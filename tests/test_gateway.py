@@ -14,7 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from app import tokens
-from app.broker.redis import PUBLISH_SCRIPT
+from app.broker.redis import PUBLISH_SCRIPT, script_args
 from app.codes import CloseCode
 from app.names import Names
 from app.settings import Settings
@@ -214,7 +214,7 @@ async def _publish(
     args: list[str | int] = []
     for offset in range(first, first + count):
         args += [offset, f'{{"offset":{offset},"cursor":"e-{offset}","pad":"{pad}"}}']
-    await script(keys=[names.window(site)], args=[names.channel(site), 100, *args])
+    await script(keys=[names.window(site)], args=script_args(names.channel(site), 100, 3600, args))
 
 
 async def test_stalled_viewer_is_closed_as_slow_and_others_are_unaffected(

@@ -164,6 +164,15 @@ PUBLISH_SCRIPT = _SCRIPT % "PUBLISH"
 #: In a Cluster, classic PUBLISH is broadcast to every node; SPUBLISH stays in the slot's shard.
 SHARDED_PUBLISH_SCRIPT = _SCRIPT % "SPUBLISH"
 
+
+def script_args(
+    channel: str, window: int, window_ttl_s: int, pairs: Sequence[bytes | int | str]
+) -> list[bytes | int | str]:
+    """The publish script's ARGV (see `_SCRIPT`), for the publisher and for anything else that
+    publishes as ingest does (the bench, tests)."""
+    return [channel, window, window_ttl_s, *pairs]
+
+
 #: After a failed publish, skip a site's Redis for this long instead of stalling every commit.
 BACKOFF_S = 1.0
 
@@ -267,4 +276,6 @@ class Publisher:
             await pipe.execute()
 
     def _args(self, site: str, by_site: Pairs) -> list[bytes | int | str]:
-        return [self._names.channel(site), self._window, self._window_ttl_s, *by_site[site]]
+        return script_args(
+            self._names.channel(site), self._window, self._window_ttl_s, by_site[site]
+        )
