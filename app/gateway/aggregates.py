@@ -55,16 +55,24 @@ MAX_FILTER_CHARS = 1000
 Filters = tuple[tuple[str, str], ...]
 
 
+class BadFilter(ValueError):
+    """A filter's value is refused; `field` names the query parameter."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 def parse_filters(query: Mapping[str, str]) -> Filters:
     """The filters named in a query (`page`, `source`, ...); other parameters are ignored.
-    Raises ValueError for an empty or over-long value."""
+    Raises BadFilter for an empty or over-long value."""
     found: list[tuple[str, str]] = []
     for name in FILTERS:
         value = query.get(name)
         if value is None:
             continue
         if not value or len(value) > MAX_FILTER_CHARS:
-            raise ValueError(f"{name} must be 1 to {MAX_FILTER_CHARS} characters")
+            raise BadFilter(f"{name} must be 1 to {MAX_FILTER_CHARS} characters", name)
         found.append((name, value))
     return tuple(found)
 

@@ -29,7 +29,7 @@ from app.broker.redis import RedisBroker
 from app.codes import ErrorCode
 from app.errors import ApiError
 from app.gateway import viewers
-from app.gateway.aggregates import parse_filters
+from app.gateway.aggregates import BadFilter, parse_filters
 from app.gateway.analytics import Analytics, StatsBusy, StatsUnavailable
 from app.gateway.feed import Feeds
 from app.gateway.hub import Hub
@@ -168,8 +168,8 @@ def create_app(settings: Settings) -> GatewayApp:
         site_info = await viewers.authorize(state, secret, site, _token(request))
         try:
             filters = parse_filters(request.query_params)
-        except ValueError as exc:
-            raise ApiError(ErrorCode.INVALID_REQUEST, str(exc), str(exc).split()[0]) from None
+        except BadFilter as exc:
+            raise ApiError(ErrorCode.INVALID_REQUEST, str(exc), exc.field) from None
         try:
             body = await state.analytics.body(site_info, filters)
         except StatsBusy as exc:

@@ -13,7 +13,7 @@ import orjson
 from app import tokens
 from app.codes import CloseCode, ErrorCode
 from app.errors import ApiError, unknown_site
-from app.gateway.aggregates import Filters, parse_filters
+from app.gateway.aggregates import BadFilter, Filters, parse_filters
 from app.gateway.analytics import StatsBusy, StatsMode, parse_stats
 from app.gateway.hub import Viewer
 from app.gateway.replay import Start, StartRequest, run_replay, welcome
@@ -56,8 +56,8 @@ def parse_options(query: Mapping[str, str]) -> StreamOptions:
         raise BadOption(str(exc), "sample") from None
     try:
         filters = parse_filters(query)
-    except ValueError as exc:
-        raise BadOption(str(exc), str(exc).split()[0]) from None
+    except BadFilter as exc:
+        raise BadOption(str(exc), exc.field) from None
     return StreamOptions(stats, filters, sample)
 
 
