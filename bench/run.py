@@ -440,8 +440,15 @@ async def ingest(env: Env, quick: bool, batch: int, baseline: bool = False) -> d
     one = {"site": site, "name": "pageview", "url": f"https://{site}/pricing", "props": {"p": PAD}}
     body = json.dumps([one] * batch if batch > 1 else one)
     path = "/api/events" if batch > 1 else "/api/event"
-    args = [*pinned(1), sys.executable, "-m", "bench.loadgen", "ingest", "--port", str(port)]
-    args += ["--path", path, "--body", body, "--duration", "1" if quick else "8"]
+    poster = c_program("poster")
+    if poster is not None:  # C: the Python poster's own cost would set the baseline's pace
+        body_file = env.logs / f"body-{batch}.json"
+        body_file.write_text(body)
+        args = [*pinned(1), str(poster), "--port", str(port), "--body-file", str(body_file)]
+    else:
+        args = [*pinned(1), sys.executable, "-m", "bench.loadgen", "ingest", "--port", str(port)]
+        args += ["--body", body]
+    args += ["--path", path, "--duration", "1" if quick else "8"]
     args += ["--connections", "16" if batch > 1 else "64"]
     done = await asyncio.to_thread(subprocess.run, args, capture_output=True, check=True, cwd=ROOT)
     result: dict[str, Any] = json.loads(done.stdout)

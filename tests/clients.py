@@ -1,6 +1,7 @@
 """Real clients for tests: a WebSocket viewer (the `websockets` library) and an SSE viewer
 (httpx), each recording every event, notice and the close code it saw; a resuming viewer
-(app.client); a WebSocket client written out frame by frame; and posters of events."""
+(app.client); a WebSocket client written out frame by frame; posters of events; and a raw TCP
+connection."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import contextlib
 import os
 import struct
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -408,3 +410,15 @@ class RawClient:
 
     def close(self) -> None:
         self.writer.close()
+
+
+@contextlib.asynccontextmanager
+async def connected(port: int) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A raw TCP connection, closed afterwards whatever the server did to it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()

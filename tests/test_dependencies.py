@@ -26,7 +26,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 from uvicorn.config import WS_PROTOCOLS
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HEADER_VALUE_RE, STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 from websockets.asyncio.client import ClientConnection
 from websockets.frames import Frame, Opcode
@@ -267,6 +267,40 @@ async def test_uvicorn_request_cycle_has_the_fields_app_http_reads() -> None:
     assert isinstance(cycle.message_event, asyncio.Event)
     for task in list(http.tasks):  # the app task (never reached: no body yet)
         task.cancel()
+    http.connection_lost(None)
+
+
+async def test_uvicorn_starts_each_request_through_the_hook_app_http_serves_directly() -> None:
+    """app.web.http serves ingest's event endpoints from `_start_asgi_task` (called for each
+    request, at once or when its pipelined turn comes) on uvicorn's cycle, and writes the
+    answer as the cycle's `send` would."""
+    started: list[Any] = []
+
+    class Http(HttpToolsProtocol):
+        def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+            started.append((cycle, app))
+
+    config = uvicorn.Config(asgi_app, ws="none", log_config=None)
+    config.load()
+    http = Http(config, ServerState(), {}, _loop=asyncio.get_running_loop())
+    http.connection_made(FakeTransport())
+    http.data_received(b"POST /api/event?x=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+    [(cycle, app)] = started
+    assert app is http.app and isinstance(http.tasks, set) and http.client == ("127.0.0.1", 40000)
+    scope = cycle.scope
+    assert (scope["method"], scope["raw_path"], scope["query_string"]) == (
+        "POST",
+        b"/api/event",
+        b"x=1",
+    )
+    assert isinstance(scope["headers"], list)
+    for name in ("keep_alive", "waiting_for_100_continue", "response_started", "disconnected"):
+        assert isinstance(getattr(cycle, name), bool), name
+    assert isinstance(cycle.default_headers, list) and callable(cycle.on_response)
+    assert (
+        callable(cycle.receive) and cycle.flow.write_paused is False and callable(cycle.flow.drain)
+    )
+    assert STATUS_LINE[202].startswith(b"HTTP/1.1 202 ") and HEADER_VALUE_RE.search(b"a\nb")
     http.connection_lost(None)
 
 

@@ -10,14 +10,14 @@ import random
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import httpx
 import orjson
 import pytest
 
 from app.web.http import MAX_HEADERS
-from tests.clients import post_large
+from tests.clients import connected, post_large
 from tests.processes import AppProcess
 from tests.support import BROWSER, FAST, eventually, token
 
@@ -25,18 +25,6 @@ pytestmark = pytest.mark.slow
 
 #: Deadlines the processes under test run with (the defaults are 30 s).
 SHORT = {**FAST, "SITEWIRE_HEADER_TIMEOUT_S": "1", "SITEWIRE_BODY_TIMEOUT_S": "1"}
-
-
-@contextlib.asynccontextmanager
-async def connected(port: int) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
-    """A raw TCP connection, closed afterwards whatever the server did to it."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        yield reader, writer
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
 
 
 async def answer_and_close(reader: asyncio.StreamReader, within: float = 10.0) -> bytes:

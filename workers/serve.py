@@ -118,7 +118,7 @@ def serve(
         # Never shared with other replicas: each process's metrics must be its own.
         sockets.append(listening_socket(*internal, False, settings.listen_backlog))
         entry = Listeners(app, internal[1])
-    config = server_config(app, entry, settings, host, port)
+    config = server_config(app, entry, settings, host, port, internal[1] if internal else None)
     drain = None
     if role == "gateway":
 
@@ -134,8 +134,11 @@ def server_config(
     settings: Settings,
     host: str,
     port: int,
+    internal_port: int | None = None,
 ) -> uvicorn.Config:
-    """uvicorn's configuration for `app` (served through `entry`)."""
+    """uvicorn's configuration for `app` (served through `entry`; `internal_port` is the
+    listener for metrics and probes)."""
+    direct = app.direct() if isinstance(app, ingest.IngestApp) else {}
     return uvicorn.Config(
         entry,
         host=host,
@@ -154,8 +157,12 @@ def server_config(
         # larger ones are refused by the transport itself (1009). Keepalive pings are the
         # gateway's own (settings.ping_interval_s / ping_timeout_s).
         ws_max_size=16 * MAX_CLIENT_FRAME,
-        # Bounds uvicorn lacks (header and body deadlines, header size): app/web/http.py.
-        http=http.protocol_class(settings),
+        # Bounds uvicorn lacks (header and body deadlines, header size), and ingest's event
+        # endpoints served without ASGI: app/web/http.py.
+        http=http.protocol_class(settings, direct, internal_port),
+        # X-Forwarded-For is believed only from SITEWIRE_TRUSTED_PROXIES (app.ingest.enrich);
+        # uvicorn's own handling would believe it from 127.0.0.1 whatever that setting says.
+        proxy_headers=False,
         timeout_keep_alive=settings.keepalive_s,
         timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5,
         server_header=False,

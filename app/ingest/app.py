@@ -43,6 +43,7 @@ from app.store.sites import Site, SiteCache
 from app.store.writes import Outcome, Stored
 from app.web.assets import Asset
 from app.web.health import Checks, Health
+from app.web.http import Answer, Direct
 from app.web.responses import API_OPTIONS, install_error_handlers
 from app.wire import format_cursor
 
@@ -160,9 +161,29 @@ class IngestApp:
         if scope["type"] == "http" and scope["method"] == "POST":
             handler = _POSTS.get(scope["path"])
             if handler is not None:
-                await _serve_post(self.api.state.ingest, handler, Incoming(scope, receive), send)
+                client = scope.get("client")
+                incoming = Incoming(scope["headers"], client[0] if client else None, receive)
+                status, headers, body = await _answer(self.api.state.ingest, handler, incoming)
+                headers.append((b"content-length", b"%d" % len(body)))
+                await send({"type": "http.response.start", "status": status, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
                 return
         await self.api(scope, receive, send)
+
+    def direct(self) -> dict[bytes, Direct]:
+        """The event endpoints, for the HTTP protocol to serve without ASGI (app.web.http):
+        the same answers as through `__call__`, at half the cost per single event."""
+
+        def route(handler: Handler) -> Direct:
+            async def serve(
+                headers: list[tuple[bytes, bytes]], peer: str | None, receive: Receive
+            ) -> Answer:
+                incoming = Incoming(headers, peer, receive)
+                return await _answer(self.api.state.ingest, handler, incoming)
+
+            return serve
+
+        return {path.encode(): route(handler) for path, handler in _POSTS.items()}
 
 
 def _install_routes(app: FastAPI) -> None:
@@ -195,22 +216,19 @@ class Incoming:
 
     __slots__ = ("headers", "peer", "receive")
 
-    def __init__(self, scope: Scope, receive: Receive) -> None:
-        self.headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        client = scope.get("client")
-        self.peer: str | None = client[0] if client else None
+    def __init__(self, headers: list[tuple[bytes, bytes]], peer: str | None, receive: Receive):
+        self.headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers}
+        self.peer = peer
         self.receive = receive
 
 
 Reply = tuple[int, Any, dict[str, str]]
+Handler = Callable[[IngestState, Incoming], Awaitable[Reply]]
 
 
-async def _serve_post(
-    state: IngestState,
-    handler: Callable[[IngestState, Incoming], Awaitable[Reply]],
-    incoming: Incoming,
-    send: Send,
-) -> None:
+async def _answer(state: IngestState, handler: Handler, incoming: Incoming) -> Answer:
+    """The handler's reply (or its refusal) as an HTTP response with content-type and, for a
+    browser, CORS headers; Content-Length is the caller's to add."""
     cors = _cors_headers(incoming)
     try:
         status, body, headers = await handler(state, incoming)
@@ -220,14 +238,9 @@ async def _serve_post(
         status, body, headers = exc.code.status, exc.body(), dict(cors)
         if exc.retry_after is not None:
             headers["Retry-After"] = str(exc.retry_after)
-    payload = orjson.dumps(body)
-    raw_headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", b"%d" % len(payload)),
-    ]
+    raw_headers = [(b"content-type", b"application/json")]
     raw_headers += [(k.lower().encode(), v.encode("latin-1")) for k, v in headers.items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
-    await send({"type": "http.response.body", "body": payload})
+    return status, raw_headers, orjson.dumps(body)
 
 
 async def post_event(state: IngestState, incoming: Incoming) -> Reply:
@@ -260,7 +273,7 @@ async def post_events(state: IngestState, incoming: Incoming) -> Reply:
     return 202, {"results": results}, {DROPPED_HEADER: reason} if reason else {}
 
 
-_POSTS = {"/api/event": post_event, "/api/events": post_events}
+_POSTS: dict[str, Handler] = {"/api/event": post_event, "/api/events": post_events}
 
 
 async def _store_batch(

@@ -19,16 +19,31 @@ its socket and megabytes of kernel buffers until the OS gave up.
 Refusals use the documented error shape (app.codes). A WebSocket upgrade leaves this protocol
 once its headers are in, so the limits end there; app.gateway.transports.websocket bounds
 streams itself.
+
+A role may also name a few POST paths it serves *directly* (`Direct`): ingest's event
+endpoints, the whole point of that process. Such a request keeps uvicorn's request cycle (its
+body flow control, `Expect: 100-continue`, pipelining, keep-alive and shutdown) and these bounds,
+but skips the ASGI app: a coroutine reads the body through the cycle and writes the response in
+one write. The ASGI path cost twice the endpoint's own work per single event (profiled;
+docs/decisions.md, "Ingest's event endpoints bypass ASGI").
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import orjson
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from starlette.types import Receive
+from uvicorn.protocols.http.httptools_impl import (
+    HEADER_VALUE_RE,
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 
 from app.codes import ErrorCode
 from app.errors import ApiError
@@ -41,6 +56,14 @@ ABORT = "sitewire.abort"
 #: After a refusal, how long what the client still sends is read and dropped before the
 #: connection closes (nginx's lingering close; see `_linger`).
 LINGER_S = 2.0
+
+log = logging.getLogger(__name__)
+
+#: A response: status, headers (lowercase names; content-type included), body.
+Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
+#: A directly served POST route: given the request's headers (as ASGI has them), the peer's
+#: address and the cycle's ASGI `receive` (for the body, with its flow control), the answer.
+Direct = Callable[[list[tuple[bytes, bytes]], str | None, Receive], Awaitable[Answer]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +81,10 @@ class BoundedHttp(HttpToolsProtocol):
     """One HTTP/1.1 connection under `limits` (set on the class by `protocol_class`)."""
 
     limits: ClassVar[HttpLimits]
+    #: POST paths (raw, without a query string) served without ASGI, on the public listener.
+    direct: ClassVar[Mapping[bytes, Direct]] = {}
+    #: The internal listener's port (metrics and probes): never served directly.
+    internal_port: ClassVar[int | None] = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -136,6 +163,26 @@ class BoundedHttp(HttpToolsProtocol):
         self._disarm()
         super().connection_lost(exc)
 
+    # -- directly served routes ----------------------------------------------------------------
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        """uvicorn's hook for starting a request (at once, or when its turn in a pipeline
+        comes): a direct route runs its own coroutine on the same cycle."""
+        scope = cycle.scope
+        route = self.direct.get(scope["raw_path"]) if scope["method"] == "POST" else None
+        server = scope["server"]
+        if (
+            route is None
+            or scope["query_string"]
+            or app is not self.app  # uvicorn's concurrency-limit 503 stands in for the app
+            or (server is not None and server[1] == self.internal_port)
+        ):
+            super()._start_asgi_task(cycle, app)
+            return
+        task = self.loop.create_task(_serve_direct(cycle, route, self.client))
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
+
     # -- deadlines and refusals --------------------------------------------------------------
 
     def _arm(self, seconds: float) -> None:
@@ -182,6 +229,73 @@ class BoundedHttp(HttpToolsProtocol):
         self.loop.call_later(LINGER_S, self.transport.close)
 
 
-def protocol_class(settings: Settings) -> type[BoundedHttp]:
-    """The HTTP protocol class for uvicorn (`Config(http=...)`), bound to these limits."""
-    return type("BoundedHttp", (BoundedHttp,), {"limits": HttpLimits.from_settings(settings)})
+async def _serve_direct(
+    cycle: RequestResponseCycle, route: Direct, client: tuple[str, int] | None
+) -> None:
+    """One directly served request, with what uvicorn's `run_asgi` and `send` would do around
+    an app: a crash answers 500, the response goes out in one write, and the cycle completes
+    (which starts the next pipelined request or arms the keep-alive timer)."""
+    peer = client[0] if client else None
+    try:
+        # uvicorn's types are narrower than ASGI's (the headers are a list, `receive` returns
+        # its own message types): what the route is given is what an ASGI app would be.
+        headers = cast(list[tuple[bytes, bytes]], cycle.scope["headers"])
+        answer = await route(headers, peer, cast(Receive, cycle.receive))
+    except Exception:
+        log.exception("directly served route failed")
+        answer, cycle.keep_alive = _INTERNAL_ERROR, False
+    try:
+        if cycle.flow.write_paused and not cycle.disconnected:
+            await cycle.flow.drain()
+        _respond(cycle, *answer)
+    except Exception:
+        log.exception("directly served route failed")
+        cycle.transport.close()
+    finally:
+        cycle.on_response = lambda: None  # as run_asgi: no reference back to the protocol
+
+
+_INTERNAL_ERROR: Answer = (
+    500,
+    [(b"content-type", b"text/plain; charset=utf-8")],
+    b"Internal Server Error",
+)
+
+
+def _respond(
+    cycle: RequestResponseCycle, status: int, headers: list[tuple[bytes, bytes]], body: bytes
+) -> None:
+    if cycle.disconnected or cycle.response_started:  # gone, or refused by the bounds above
+        return
+    content = [STATUS_LINE[status]]
+    for name, value in [*cycle.default_headers, *headers]:
+        if HEADER_VALUE_RE.search(value):  # echoed request headers (Origin) included
+            raise RuntimeError("invalid HTTP header value")
+        content += [name, b": ", value, b"\r\n"]
+    content.append(b"content-length: %d\r\n" % len(body))
+    if not cycle.keep_alive:
+        content.append(b"connection: close\r\n")
+    content += [b"\r\n", body]
+    cycle.response_started = True
+    cycle.waiting_for_100_continue = False
+    cycle.transport.write(b"".join(content))
+    cycle.response_complete = True
+    cycle.message_event.set()
+    if not cycle.keep_alive:
+        cycle.transport.close()
+    cycle.on_response()
+
+
+def protocol_class(
+    settings: Settings,
+    direct: Mapping[bytes, Direct] | None = None,
+    internal_port: int | None = None,
+) -> type[BoundedHttp]:
+    """The HTTP protocol class for uvicorn (`Config(http=...)`), bound to these limits, with
+    `direct` POST routes served without ASGI except on `internal_port`."""
+    attributes = {
+        "limits": HttpLimits.from_settings(settings),
+        "direct": dict(direct or {}),
+        "internal_port": internal_port,
+    }
+    return type("BoundedHttp", (BoundedHttp,), attributes)
