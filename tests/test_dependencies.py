@@ -408,3 +408,10 @@ def test_sitewire_run_without_the_local_extra_says_what_to_install(
     assert "Traceback" not in proc.stderr, proc.stderr
     assert f"Error: {missing} is not installed" in proc.stderr, proc.stderr
     assert "pip install 'sitewire[local]'" in proc.stderr
+
+
+def test_uvicorn_server_starts_up_in_a_method_workers_serve_extends() -> None:
+    """workers/serve.py settles an ingest's heap at the end of `Server.startup(sockets)`."""
+    params = inspect.signature(uvicorn.Server.startup).parameters
+    assert list(params) == ["self", "sockets"]
+    assert inspect.iscoroutinefunction(uvicorn.Server.startup)

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import uvicorn
 from starlette.types import Receive, Scope, Send
 
+from app import heap
 from app.gateway import app as gateway
 from app.settings import Settings
 from workers.serve import _Server, listening_socket, server_config
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 async def _app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -57,3 +63,41 @@ def test_the_listen_backlog_is_the_setting_on_both_listens() -> None:
     assert server_config(app, app, settings, "127.0.0.1", 0).backlog == 1234
     with listening_socket("127.0.0.1", 0, False, settings.listen_backlog) as sock:
         assert sock.getsockname()[1] > 0  # bound and listening (the kernel keeps the backlog)
+
+
+def test_an_ingest_settles_its_heap_once_started_and_a_gateway_does_not(tmp_path: Path) -> None:
+    """app/heap.py: after startup, an ingest's heap is frozen and collections are rarer. Run in
+    a child: freezing this test process would change how every later test collects."""
+    script = """
+import asyncio, gc, sys
+import uvicorn
+from workers.serve import _Server
+
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        await receive()
+        await send({"type": "lifespan.startup.complete"})
+        await receive()
+        await send({"type": "lifespan.shutdown.complete"})
+
+async def main(settle):
+    server = _Server(uvicorn.Config(app, log_config=None, port=0), None, settle_heap=settle)
+    serving = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    print(gc.get_freeze_count() > 0, gc.get_threshold()[0])
+    server.should_exit = True
+    await serving
+
+asyncio.run(main(sys.argv[1] == "1"))
+"""
+    path = tmp_path / "settle.py"
+    path.write_text(script)
+    found = []
+    for settle in ("1", "0"):
+        done = subprocess.run(
+            [sys.executable, str(path), settle], capture_output=True, text=True, cwd=ROOT
+        )
+        assert done.returncode == 0, done.stderr
+        found.append(done.stdout.split())
+    assert found == [["True", str(heap.THRESHOLDS[0])], ["False", "700"]]

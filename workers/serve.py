@@ -12,7 +12,7 @@ from typing import Literal
 import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app import logs
+from app import heap, logs
 from app.gateway import app as gateway
 from app.gateway.transports.websocket import MAX_CLIENT_FRAME, protocol_class
 from app.ingest import app as ingest
@@ -27,9 +27,15 @@ class _Server(uvicorn.Server):
     """uvicorn's server, plus: a drain step before shutdown, and exit code 0 after a clean
     stop (uvicorn re-raises the signal, so the process would otherwise "die" of SIGTERM)."""
 
-    def __init__(self, config: uvicorn.Config, drain: Callable[[], Awaitable[None]] | None) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        drain: Callable[[], Awaitable[None]] | None,
+        settle_heap: bool = False,
+    ) -> None:
         super().__init__(config)
         self._drain = drain
+        self._settle_heap = settle_heap
         self._draining = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_task: asyncio.Task[None] | None = None
@@ -37,6 +43,11 @@ class _Server(uvicorn.Server):
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self._settle_heap:
+            heap.settle()  # the app's startup is done: what exists now lives as long as we do
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._drain is not None and not self._draining and self._loop is not None:
@@ -125,7 +136,8 @@ def serve(
         async def drain() -> None:
             await app.state.gateway.drain()
 
-    _Server(config, drain).run(sockets=sockets)
+    # Measured on ingest only (app/heap.py); the gateway keeps CPython's defaults.
+    _Server(config, drain, settle_heap=role == "ingest").run(sockets=sockets)
 
 
 def server_config(
