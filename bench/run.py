@@ -441,7 +441,7 @@ async def ingest(env: Env, quick: bool, batch: int, baseline: bool = False) -> d
     body = json.dumps([one] * batch if batch > 1 else one)
     path = "/api/events" if batch > 1 else "/api/event"
     poster = c_program("poster")
-    if poster is not None:  # C: the Python poster's own cost would set the baseline's pace
+    if poster is not None:  # C: a third of the Python poster's CPU, on the core PostgreSQL uses
         body_file = env.logs / f"body-{batch}.json"
         body_file.write_text(body)
         args = [*pinned(1), str(poster), "--port", str(port), "--body-file", str(body_file)]

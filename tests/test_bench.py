@@ -135,3 +135,44 @@ async def test_c_viewers_resume_exactly_after_a_drain_and_after_leaving(
         viewers.close()
         if again is not None:
             again.stop()
+
+
+@pytest.mark.timeout(120)
+async def test_the_c_poster_counts_only_accepted_requests(
+    spawn: Callable[..., AppProcess], site: str, database_url: str, tmp_path: Path
+) -> None:
+    """bench/poster.c against a real ingest: a good event is counted as many times as it was
+    stored, a refused one (400) never; single events and batches."""
+    import json
+
+    import asyncpg
+
+    from bench.run import c_program
+
+    poster = c_program("poster")
+    if poster is None:
+        unavailable("no C compiler to build bench/poster.c")
+    ingest = spawn("ingest", **FAST)  # FAST: no rate limits
+    good = {"site": site, "name": "pageview", "url": f"https://{site}/"}
+    counted = []
+    for path, body in (
+        ("/api/event", good),
+        ("/api/events", [good, good]),
+        ("/api/event", {"site": site}),  # refused: no name, no url
+    ):
+        body_file = tmp_path / "body.json"
+        body_file.write_text(json.dumps(body))
+        args = [str(poster), "--port", str(ingest.port), "--body-file", str(body_file)]
+        args += ["--path", path, "--duration", "0.5", "--connections", "4"]
+        done = await asyncio.to_thread(subprocess.run, args, capture_output=True, check=True)
+        counted.append(json.loads(done.stdout))
+    single, batch, refused = counted
+    assert single["requests_ok"] == single["requests"] > 0
+    assert batch["requests_ok"] == batch["requests"] > 0
+    assert refused["requests_ok"] == 0 < refused["requests"]
+    conn = await asyncpg.connect(database_url)
+    try:
+        stored = await conn.fetchval("SELECT count(*) FROM events WHERE site = $1", site)
+    finally:
+        await conn.close()
+    assert stored == single["requests_ok"] + 2 * batch["requests_ok"]
