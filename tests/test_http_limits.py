@@ -75,6 +75,31 @@ async def test_headers_sent_a_byte_at_a_time_are_cut_off(server: AppProcess) -> 
         assert status_and_error(raw) == (408, "request_timeout")
 
 
+@pytest.mark.parametrize("role", ["ingest", "gateway"])
+async def test_a_shorter_deadline_after_a_longer_one_is_kept_on_time(
+    spawn: Callable[..., AppProcess], role: str
+) -> None:
+    """One timer serves a connection's deadlines (app/web/http.py), moved to the body's 20 s
+    while a slow body (2 s, past the headers' 1 s) is sent: the next request's headers still
+    get their 1 s, not what is left of the 20."""
+    server = spawn(role, **{**SHORT, "SITEWIRE_BODY_TIMEOUT_S": "20"})
+    async with connected(server.port) as (reader, writer):
+        writer.write(b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n")
+        await asyncio.sleep(2)
+        writer.write(b"{}")
+        async with asyncio.timeout(5):
+            head = await reader.readuntil(b"\r\n\r\n")
+        assert int(head.split()[1]) < 500
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        answer = asyncio.create_task(answer_and_close(reader))
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # headers never finished
+        began = time.monotonic()
+        raw = await answer
+    assert time.monotonic() - began < 5
+    assert status_and_error(raw) == (408, "request_timeout")
+
+
 async def test_an_endless_header_is_refused_long_before_it_ends(server: AppProcess) -> None:
     async with connected(server.port) as (reader, writer):
         answer = asyncio.create_task(answer_and_close(reader))
