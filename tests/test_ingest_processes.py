@@ -204,3 +204,22 @@ async def test_killed_ingest_loses_only_unacknowledged_requests(
     assert len(load.acked) > 50
     stored = {i for _, i in await stored_ids(settings.database_url or "", site)}
     assert load.acked <= stored
+
+
+async def test_a_stopped_ingest_answers_what_it_took_and_stores_every_ack(
+    spawn: Callable[..., AppProcess], site: str, settings: Settings
+) -> None:
+    """SIGTERM mid-traffic: requests in flight on the directly served endpoints (app.web.http)
+    are answered before the process exits (cleanly), and every 202 was stored."""
+    proc = spawn("ingest", **NO_LIMITS)
+    load = Load()
+    traffic = asyncio.create_task(load.run([proc.url], site, 100_000, 20))
+    await eventually(lambda: len(load.acked) > 50, 30, 0.05, "50 acks before the stop")
+    code = await asyncio.to_thread(proc.stop)
+    load.stopped = True
+    await traffic
+    assert code == 0
+    assert not [s for s in load.statuses if s >= 500 and s != 503]
+    stored = {i for _, i in await stored_ids(settings.database_url or "", site)}
+    assert load.acked <= stored
+    assert "Traceback" not in proc.log() and '"level":"error"' not in proc.log()
