@@ -15,6 +15,7 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -58,7 +59,7 @@ static int send_rest(conn_t *c) {
         ssize_t n = write(c->fd, request + c->sent, request_len - c->sent);
         if (n < 0) {
             if (errno == EAGAIN) return 1;
-            die("write");
+            die("write"); /* EPIPE, ECONNRESET: the server dropped the connection */
         }
         c->sent += (size_t)n;
     }
@@ -143,9 +144,10 @@ int main(int argc, char **argv) {
                         " [--duration S]\n", MAX_CONNS);
         return 2;
     }
+    signal(SIGPIPE, SIG_IGN); /* a reset connection is reported below, not a silent death */
     size_t body_len;
     char *body = read_file(body_file, &body_len);
-    request = malloc(body_len + 512);
+    request = malloc(body_len + strlen(path) + 512);
     request_len = (size_t)sprintf(request,
                                   "POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain\r\n"
                                   "User-Agent: Mozilla/5.0 (X11; Linux x86_64) Firefox/130.0\r\n"
@@ -165,12 +167,17 @@ int main(int argc, char **argv) {
     struct rusage r0, r1;
     getrusage(RUSAGE_SELF, &r0);
     long long started = now_ns(), deadline = started + (long long)(duration * 1e9);
+    long long give_up = deadline + 30000000000LL; /* a response 30 s late: the server hung */
     for (int i = 0; i < conns; i++) begin(&all[i]);
     int open = conns;
     struct epoll_event events[256];
     while (open > 0) {
         int n = epoll_wait(ep, events, 256, 1000);
         if (n < 0 && errno != EINTR) die("epoll_wait");
+        if (now_ns() > give_up) {
+            fprintf(stderr, "poster: %d responses still missing 30 s after the end\n", open);
+            return 1;
+        }
         for (int k = 0; k < n; k++) {
             conn_t *c = events[k].data.ptr;
             if (c->fd < 0) continue;

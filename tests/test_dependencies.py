@@ -9,6 +9,7 @@ servers needed."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import os
 import re
@@ -301,6 +302,11 @@ async def test_uvicorn_starts_each_request_through_the_hook_app_http_serves_dire
         callable(cycle.receive) and cycle.flow.write_paused is False and callable(cycle.flow.drain)
     )
     assert STATUS_LINE[202].startswith(b"HTTP/1.1 202 ") and HEADER_VALUE_RE.search(b"a\nb")
+    # Refusals are ordered behind the pipeline (its newest request on the left) and written
+    # when the last earlier answer completes; only WebSocket upgrades are taken.
+    assert isinstance(http.pipeline, collections.deque)
+    assert callable(http.on_response_complete) and http._should_upgrade() is False
+    assert http.parser.should_upgrade() is False
     http.connection_lost(None)
 
 

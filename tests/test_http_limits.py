@@ -338,3 +338,33 @@ async def test_a_flood_of_crafted_user_agents_costs_what_any_flood_does(
     quiet_ms, attack_ms = browsers * 1000, attack * 1000
     print(f"normal p99 beside a flood: {quiet_ms:.1f} ms of browsers, {attack_ms:.1f} ms crafted")
     assert attack < 2 * browsers + 0.02
+
+
+async def test_an_ingest_client_that_never_reads_its_answers_loses_its_connection(
+    spawn: Callable[..., AppProcess], site: str
+) -> None:
+    """Batches sent a few at a time (never more than the pipelining bound), their answers
+    never read: once the answers fill the socket buffers, the one waiting to be written gets
+    the body deadline (1 s here) to drain, then the connection is dropped. uvicorn would wait
+    for ever, and hold up a graceful shutdown for its whole grace period."""
+    ingest = spawn("ingest", **SHORT)
+    batch = orjson.dumps(
+        [{"site": site, "name": "pageview", "url": f"https://{site}/{i}"} for i in range(100)]
+    )
+    request = (
+        b"POST /api/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"User-Agent: " + BROWSER.encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(batch)
+    ) + batch
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", ingest.port))
+    sock.setblocking(False)
+    _, writer = await asyncio.open_connection(sock=sock, limit=4096)
+    try:
+        deadline = time.monotonic() + 40
+        while established(ingest.port) and time.monotonic() < deadline:
+            writer.write(request * 4)  # buffered here if the server stops reading
+            await asyncio.sleep(0.05)
+        assert established(ingest.port) == 0
+    finally:
+        writer.transport.abort()

@@ -6,7 +6,8 @@ nothing on the internal listener. Raw sockets against a real ingest process."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -144,3 +145,97 @@ async def test_forwarded_for_is_believed_only_from_trusted_proxies(
     finally:
         await conn.close()
     assert country == ("US" if trusted else None)
+
+
+#: Deadlines of 1 s, for the refusals below.
+SHORT = {**FAST, "SITEWIRE_HEADER_TIMEOUT_S": "1", "SITEWIRE_BODY_TIMEOUT_S": "1"}
+
+
+@contextlib.asynccontextmanager
+async def commits_held(database_url: str) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+    """Commits wait (a lock on `events` that inserts queue behind) until `release()`."""
+    conn = await asyncpg.connect(database_url)
+    transaction = conn.transaction()
+    await transaction.start()
+    await conn.execute("LOCK TABLE events IN SHARE MODE")
+    released = False
+
+    async def release() -> None:
+        nonlocal released
+        if not released:
+            released = True
+            await transaction.rollback()
+
+    try:
+        yield release
+    finally:
+        await release()
+        await conn.close()
+
+
+async def stored_count(database_url: str, site: str) -> int:
+    conn = await asyncpg.connect(database_url)
+    try:
+        count: int = await conn.fetchval("SELECT count(*) FROM events WHERE site = $1", site)
+    finally:
+        await conn.close()
+    return count
+
+
+@pytest.mark.parametrize("refusal", ["body_timeout", "headers_too_large"])
+async def test_a_refused_pipelined_request_is_answered_after_the_one_before_it(
+    spawn: Callable[..., AppProcess], site: str, database_url: str, refusal: str
+) -> None:
+    """A request refused while the one before it is still being stored: the stored one's 202
+    comes first, then the refusal, then the connection closes. Written first, the refusal
+    would be taken for the first request's answer, and its retry stored the event twice."""
+    ingest = spawn("ingest", **SHORT)
+    if refusal == "body_timeout":  # headers, then 5 bytes of a 100-byte body
+        second = b'POST /api/event HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"si'
+        expected = (408, "request_timeout")
+    else:
+        second = b"POST /api/event HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40_000 + b"\r\nX: 1\r\n"
+        expected = (431, "headers_too_large")
+    async with commits_held(database_url) as release, connected(ingest.port) as (reader, writer):
+        writer.write(post("/api/event", event(site)) + second)
+        await asyncio.sleep(2)  # past the 1 s deadline, the first commit still waiting
+        await release()
+        first = await response(reader)
+        refused = await response(reader)
+        async with asyncio.timeout(10):
+            assert await reader.read() == b""
+    assert first[0] == 202 and "cursor" in orjson.loads(first[2])
+    assert (refused[0], orjson.loads(refused[2])["error"]["code"]) == expected
+    assert await stored_count(database_url, site) == 1
+
+
+async def test_pipelined_requests_are_bounded(
+    spawn: Callable[..., AppProcess], site: str, database_url: str
+) -> None:
+    """One served and MAX_PIPELINED waiting: the next is refused (429), after their answers."""
+    from app.web.http import MAX_PIPELINED
+
+    ingest = spawn("ingest", **FAST)
+    count = MAX_PIPELINED + 4
+    async with commits_held(database_url) as release, connected(ingest.port) as (reader, writer):
+        writer.write(b"".join(post("/api/event", event(site)) for _ in range(count)))
+        await asyncio.sleep(0.5)
+        await release()
+        answers = [await response(reader) for _ in range(MAX_PIPELINED + 2)]
+        async with asyncio.timeout(10):
+            assert await reader.read() == b""
+    statuses = [status for status, _, _ in answers]
+    assert statuses == [202] * (MAX_PIPELINED + 1) + [429]
+    assert await stored_count(database_url, site) == MAX_PIPELINED + 1
+
+
+async def test_an_h2c_upgrade_is_refused_plainly(ingest: AppProcess, site: str) -> None:
+    """curl --http2 on plain http asks for h2c; the parser stops at an upgrade, so the body
+    was lost and the event refused as `invalid_json` ("zero-length document")."""
+    upgrade = ("Connection: Upgrade, HTTP2-Settings", "Upgrade: h2c", "HTTP2-Settings: AAMAAABk")
+    async with connected(ingest.port) as (reader, writer):
+        writer.write(post("/api/event", event(site), *upgrade))
+        status, _, body = await response(reader)
+    error = orjson.loads(body)["error"]
+    assert (status, error["code"]) == (400, "invalid_request")
+    assert "upgrade" in error["message"]

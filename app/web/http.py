@@ -9,7 +9,12 @@ never finish a body. Each connection here must:
   keep-alive connection, of the request's first byte): else 408 and the connection closes;
 - keep its headers within `max_header_bytes` bytes and MAX_HEADERS headers: else 431;
 - complete its body within `body_timeout_s` of its headers: else 408 (or a plain close once
-  the response has begun).
+  the response has begun);
+- have at most MAX_PIPELINED requests waiting behind the one being served: else 429.
+
+A refusal is written after the answers still owed to earlier requests on the connection (HTTP/1.1
+matches answers to requests by order: a 408 written first would be taken for the answer to an
+earlier request, perhaps one that was stored), then the connection closes.
 
 It also hands the app a way to drop a connection at once: `scope["extensions"]
 ["sitewire.abort"]` (ABORT). Closing a transport waits for its write buffer to drain, which a
@@ -56,6 +61,9 @@ ABORT = "sitewire.abort"
 #: After a refusal, how long what the client still sends is read and dropped before the
 #: connection closes (nginx's lingering close; see `_linger`).
 LINGER_S = 2.0
+#: Requests one connection may have waiting behind the one being served (HTTP pipelining).
+#: uvicorn queued them without limit: 60,000 pipelined in one burst took 117 MB.
+MAX_PIPELINED = 16
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +98,17 @@ class BoundedHttp(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         #: From the connection (or a keep-alive request's first byte) to its headers.
         self._in_headers = True
-        self._header_bytes = 0
+        self._header_bytes = 0  # bytes read while in headers
         self._header_count = 0
+        self._header_sum = 0  # bytes of this request's header names and values
         #: When the current phase must be done (loop time), None between requests.
         self._deadline: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
-        #: Refused: the answer is written, input is dropped until the connection closes.
+        #: Refused: input is dropped until the connection closes; the refusal is written at
+        #: once, or (`_owed`) once the earlier requests' answers are out.
         self._refused = False
+        self._owed: tuple[ErrorCode, str] | None = None
 
     # -- the request's phases ----------------------------------------------------------------
 
@@ -114,6 +125,7 @@ class BoundedHttp(HttpToolsProtocol):
             self._header_bytes = 0
             self._arm(self.limits.header_timeout_s)
         self._header_count = 0
+        self._header_sum = 0
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._refused:
@@ -122,15 +134,32 @@ class BoundedHttp(HttpToolsProtocol):
         if self._header_count > MAX_HEADERS:
             self._refuse(ErrorCode.HEADERS_TOO_LARGE, f"more than {MAX_HEADERS} headers")
             return
+        # Counted here too: `data_received` counts whole reads, and a request that begins in
+        # the middle of one (pipelined after another) starts its count at the next read.
+        self._header_sum += len(name) + len(value)
+        if self._header_sum > self.limits.max_header_bytes:
+            limit = self.limits.max_header_bytes
+            self._refuse(ErrorCode.HEADERS_TOO_LARGE, f"request headers over {limit} bytes")
+            return
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
         if self._refused:  # refused halfway through this read: no request reaches the app
             return
         self._in_headers = False
+        if self.parser.should_upgrade() and not self._should_upgrade():
+            # Only WebSocket upgrades are taken. The parser stops at any other (curl --http2
+            # asks for h2c), so the body would be lost: refused, plainly, instead.
+            self._refuse(
+                ErrorCode.INVALID_REQUEST,
+                "protocol upgrades other than WebSocket are not supported: send plain HTTP/1.1",
+            )
+            return
         self._arm(self.limits.body_timeout_s)
         self.scope["extensions"] = {ABORT: {"abort": self.transport.abort}}
         super().on_headers_complete()
+        if len(self.pipeline) > MAX_PIPELINED:
+            self._refuse(ErrorCode.RATE_LIMITED, f"more than {MAX_PIPELINED} requests pipelined")
 
     def on_body(self, body: bytes) -> None:
         if not self._refused:
@@ -184,7 +213,8 @@ class BoundedHttp(HttpToolsProtocol):
         ):
             super()._start_asgi_task(cycle, app)
             return
-        task = self.loop.create_task(_serve_direct(cycle, route, self.client))
+        serve = _serve_direct(cycle, route, self.client, self.limits.body_timeout_s)
+        task = self.loop.create_task(serve)
         task.add_done_callback(self.tasks.discard)
         self.tasks.add(task)
 
@@ -227,17 +257,42 @@ class BoundedHttp(HttpToolsProtocol):
         what = "headers" if self._in_headers else "body"
         self._refuse(ErrorCode.REQUEST_TIMEOUT, f"the request's {what} took too long")
 
+    def on_response_complete(self) -> None:
+        last = not self.pipeline  # no request waits behind the one just answered
+        super().on_response_complete()
+        if last and self._owed is not None:
+            code, message = self._owed
+            self._owed = None
+            self._write_refusal(code, message)
+
     def _refuse(self, code: ErrorCode, message: str) -> None:
-        """Answer with `code` unless a response has begun, and close the connection."""
+        """Answer with `code` unless a response has begun, and close the connection; after
+        the answers owed to earlier requests, if any."""
         self._disarm()
-        if self.transport is None or self.transport.is_closing():
+        if self.transport is None or self.transport.is_closing() or self._refused:
             return
-        if self.cycle is not None and not self.cycle.response_complete:
-            self.cycle.disconnected = True  # the app, if running, sees the client gone
-            self.cycle.message_event.set()
-            if self.cycle.response_started:
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            # Whose cycle is it? During headers, the refused request has none yet: `cycle` is
+            # an earlier request's, still owed its answer. After them, it is the refused
+            # request's own, waiting in the pipeline behind earlier ones, or being served.
+            queued = bool(self.pipeline) and self.pipeline[0][0] is cycle
+            if queued:
+                self.pipeline.popleft()  # never started: nothing of it is answered
+            if self._in_headers or queued:
+                self._refused = True  # drop what the client still sends
+                self._owed = (code, message)
+                return
+            cycle.disconnected = True  # the app, if running, sees the client gone
+            cycle.message_event.set()
+            if cycle.response_started:
                 self.transport.close()
                 return
+        self._write_refusal(code, message)
+
+    def _write_refusal(self, code: ErrorCode, message: str) -> None:
+        if self.transport.is_closing():
+            return
         body = orjson.dumps(ApiError(code, message).body())
         head = (
             f"HTTP/1.1 {code.status} {code.code}\r\ncontent-type: application/json\r\n"
@@ -258,27 +313,41 @@ class BoundedHttp(HttpToolsProtocol):
 
 
 async def _serve_direct(
-    cycle: RequestResponseCycle, route: Direct, client: tuple[str, int] | None
+    cycle: RequestResponseCycle,
+    route: Direct,
+    client: tuple[str, int] | None,
+    write_timeout_s: float,
 ) -> None:
     """One directly served request, with what uvicorn's `run_asgi` and `send` would do around
     an app: a crash answers 500, the response goes out in one write, and the cycle completes
-    (which starts the next pipelined request or arms the keep-alive timer)."""
+    (which starts the next pipelined request or arms the keep-alive timer). A client that
+    stops reading its answers gets `write_timeout_s` to drain them, then loses the connection
+    (uvicorn's `send` would wait for ever)."""
     peer = client[0] if client else None
     try:
-        # uvicorn's types are narrower than ASGI's (the headers are a list, `receive` returns
-        # its own message types): what the route is given is what an ASGI app would be.
-        headers = cast(list[tuple[bytes, bytes]], cycle.scope["headers"])
-        answer = await route(headers, peer, cast(Receive, cycle.receive))
-    except Exception:
-        log.exception("directly served route failed")
-        answer, cycle.keep_alive = _INTERNAL_ERROR, False
-    try:
-        if cycle.flow.write_paused and not cycle.disconnected:
-            await cycle.flow.drain()
-        _respond(cycle, *answer)
-    except Exception:
-        log.exception("directly served route failed")
+        try:
+            # uvicorn's types are narrower than ASGI's (the headers are a list, `receive`
+            # returns its own message types): the route is given what an ASGI app would be.
+            headers = cast(list[tuple[bytes, bytes]], cycle.scope["headers"])
+            answer = await route(headers, peer, cast(Receive, cycle.receive))
+        except Exception:
+            log.exception("directly served route failed")
+            answer, cycle.keep_alive = _INTERNAL_ERROR, False
+        try:
+            if cycle.flow.write_paused and not cycle.disconnected:
+                async with asyncio.timeout(write_timeout_s):
+                    await cycle.flow.drain()
+            _respond(cycle, *answer)
+        except TimeoutError:
+            cycle.transport.abort()
+        except Exception:
+            log.exception("directly served route failed")
+            cycle.transport.close()
+    except asyncio.CancelledError:
+        # uvicorn's shutdown gave up waiting: whether the request took effect is unknown, so
+        # no answer is better than a wrong one (a client with an event id retries safely).
         cycle.transport.close()
+        raise
     finally:
         cycle.on_response = lambda: None  # as run_asgi: no reference back to the protocol
 
@@ -293,7 +362,7 @@ _INTERNAL_ERROR: Answer = (
 def _respond(
     cycle: RequestResponseCycle, status: int, headers: list[tuple[bytes, bytes]], body: bytes
 ) -> None:
-    if cycle.disconnected or cycle.response_started:  # gone, or refused by the bounds above
+    if cycle.disconnected or cycle.response_started:  # gone (or refused: app/web/http.py)
         return
     content = [STATUS_LINE[status]]
     for name, value in [*cycle.default_headers, *headers]:
