@@ -59,8 +59,7 @@ import redis.asyncio as aioredis
 
 from app.settings import Settings
 from app.store.sites import create_site
-from bench.loadgen import percentile
-from bench.run import (
+from bench.harness import (
     PAD,
     Env,
     Row,
@@ -68,6 +67,7 @@ from bench.run import (
     stream_urls,
     viewers_binary,
 )
+from bench.loadgen import percentile
 from workers.embedded import free_port
 
 #: A browser's User-Agent: ingest drops events from bots and scripts.

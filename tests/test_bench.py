@@ -48,7 +48,7 @@ async def test_c_viewers_count_events_measure_latency_and_answer_pings(
     """bench/viewers.c against a real gateway that pings every 0.2 s and closes a viewer whose
     pong is 0.5 s late: every event is counted once per viewer, each frame's t0 gives a
     latency, and no viewer is closed (its pongs arrive)."""
-    from bench.run import LoadGen, viewers_binary
+    from bench.harness import LoadGen, viewers_binary
 
     if viewers_binary() is None:
         unavailable("no C compiler to build bench/viewers.c")
@@ -84,7 +84,7 @@ async def test_c_viewers_resume_exactly_after_a_drain_and_after_leaving(
     no gateway listens) until a new one is up on the same port, and resume from their cursors.
     "leave" and "back" do the same at the viewers' own initiative. Every event arrives once,
     in order, and every resume says `recovered`."""
-    from bench.run import viewers_binary
+    from bench.harness import viewers_binary
     from bench.scale import Viewers
 
     if viewers_binary() is None:
@@ -147,7 +147,7 @@ async def test_the_c_poster_counts_only_accepted_requests(
 
     import asyncpg
 
-    from bench.run import c_program
+    from bench.harness import c_program
 
     poster = c_program("poster")
     if poster is None:
