@@ -239,3 +239,18 @@ async def test_an_h2c_upgrade_is_refused_plainly(ingest: AppProcess, site: str) 
     error = orjson.loads(body)["error"]
     assert (status, error["code"]) == (400, "invalid_request")
     assert "upgrade" in error["message"]
+
+
+async def test_an_h2c_upgrade_pipelined_behind_a_stored_event_is_refused_after_its_answer(
+    spawn: Callable[..., AppProcess], site: str, database_url: str
+) -> None:
+    ingest = spawn("ingest", **FAST)
+    upgrade = ("Connection: Upgrade, HTTP2-Settings", "Upgrade: h2c", "HTTP2-Settings: AAMAAABk")
+    async with commits_held(database_url) as release, connected(ingest.port) as (reader, writer):
+        writer.write(post("/api/event", event(site)) + post("/api/event", event(site), *upgrade))
+        await asyncio.sleep(0.5)
+        await release()
+        first = await response(reader)
+        refused = await response(reader)
+    assert first[0] == 202 and refused[0] == 400
+    assert await stored_count(database_url, site) == 1

@@ -146,15 +146,16 @@ class BoundedHttp(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         if self._refused:  # refused halfway through this read: no request reaches the app
             return
-        self._in_headers = False
         if self.parser.should_upgrade() and not self._should_upgrade():
             # Only WebSocket upgrades are taken. The parser stops at any other (curl --http2
-            # asks for h2c), so the body would be lost: refused, plainly, instead.
+            # asks for h2c), so the body would be lost: refused, plainly, instead (still "in
+            # headers": the request has no cycle of its own, see `_refuse`).
             self._refuse(
                 ErrorCode.INVALID_REQUEST,
                 "protocol upgrades other than WebSocket are not supported: send plain HTTP/1.1",
             )
             return
+        self._in_headers = False
         self._arm(self.limits.body_timeout_s)
         self.scope["extensions"] = {ABORT: {"abort": self.transport.abort}}
         super().on_headers_complete()
