@@ -1,7 +1,7 @@
 """Real clients for tests: a WebSocket viewer (the `websockets` library) and an SSE viewer
 (httpx), each recording every event, notice and the close code it saw; a resuming viewer
 (app.client); a WebSocket client written out frame by frame; posters of events; and a raw TCP
-connection."""
+connection with a reader of one HTTP response."""
 
 from __future__ import annotations
 
@@ -422,3 +422,17 @@ async def connected(port: int) -> AsyncIterator[tuple[asyncio.StreamReader, asyn
         writer.close()
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
+
+
+async def response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """One Content-Length framed response: status, headers (lowercase names), body."""
+    async with asyncio.timeout(10):
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in lines[1:]:
+            if line:
+                name, _, value = line.partition(":")
+                headers[name.lower()] = value.strip()
+        body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return int(lines[0].split()[1]), headers, body

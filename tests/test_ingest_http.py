@@ -14,7 +14,7 @@ import asyncpg
 import orjson
 import pytest
 
-from tests.clients import connected
+from tests.clients import connected, response
 from tests.processes import AppProcess
 from tests.support import BROWSER, FAST, event
 
@@ -26,20 +26,6 @@ def post(path: str, body: Any, *headers: str) -> bytes:
     head = [f"POST {path} HTTP/1.1", "Host: x", "Content-Type: application/json"]
     head += [f"User-Agent: {BROWSER}", f"Content-Length: {len(data)}", *headers]
     return ("\r\n".join(head) + "\r\n\r\n").encode() + data
-
-
-async def response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
-    """One Content-Length framed response: status, headers (lowercase names), body."""
-    async with asyncio.timeout(10):
-        head = await reader.readuntil(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        headers = {}
-        for line in lines[1:]:
-            if line:
-                name, _, value = line.partition(":")
-                headers[name.lower()] = value.strip()
-        body = await reader.readexactly(int(headers.get("content-length", "0")))
-    return int(lines[0].split()[1]), headers, body
 
 
 async def offsets_by_url(dsn: str, site: str) -> list[str]:

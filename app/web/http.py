@@ -342,7 +342,7 @@ async def _serve_direct(
         except TimeoutError:
             cycle.transport.abort()
         except Exception:
-            log.exception("directly served route failed")
+            log.exception("writing a directly served answer failed")
             cycle.transport.close()
     except asyncio.CancelledError:
         # uvicorn's shutdown gave up waiting: whether the request took effect is unknown, so
@@ -363,7 +363,7 @@ _INTERNAL_ERROR: Answer = (
 def _respond(
     cycle: RequestResponseCycle, status: int, headers: list[tuple[bytes, bytes]], body: bytes
 ) -> None:
-    if cycle.disconnected or cycle.response_started:  # gone (or refused: app/web/http.py)
+    if cycle.disconnected or cycle.response_started:  # gone, or refused (`_refuse`)
         return
     content = [STATUS_LINE[status]]
     for name, value in [*cycle.default_headers, *headers]:
