@@ -163,8 +163,11 @@ class Stack:
                 self._children.append(child)
 
     def _wait_ready(self, timeout: float = 30.0) -> None:
+        """Every replica ready, each asked on its own private port: replicas share a public
+        port, where the first one up would answer for all (and the banner came before a slower
+        replica's start-up lines)."""
         deadline = time.monotonic() + timeout
-        for port in (self.ingest_port, self.gateway_port):
+        for port in [*self.internal_ports["ingest"], *self.internal_ports["gateway"]]:
             while True:
                 with contextlib.suppress(httpx.HTTPError):
                     if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
