@@ -70,8 +70,8 @@ class Env:
             SITEWIRE_RATE_SITE_PER_SEC="0",
             SITEWIRE_RATE_IP_PER_MIN="0",
             SITEWIRE_LOG_LEVEL="WARNING",
-            **extra,
         )
+        env.update(extra)  # a scenario may set any of the above its own way
         return env
 
     def start(
