@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
+import orjson
 import pytest
 import redis.asyncio as aioredis
 
@@ -19,7 +20,7 @@ from app.codes import CloseCode
 from app.names import Names
 from app.settings import Settings
 from app.store.sites import create_site
-from tests.clients import SseViewer, WsViewer, post_events
+from tests.clients import SseViewer, WsViewer, post_events, post_large
 from tests.processes import AppProcess
 from tests.support import (
     FAST,
@@ -331,3 +332,93 @@ async def test_many_sites_subscribing_at_once(
     assert all(int(c) == 1 for c in counts.values()), counts
     for v in viewers:
         await v.close()
+
+
+def _slow_socket(port: int, request: str) -> socket.socket:
+    """A client with a small receive buffer that sends `request` (its reads are paced)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(request.encode())
+    return sock
+
+
+def _read_slowly(sock: socket.socket, until: Callable[[bytes], bool], budget_s: float) -> bytes:
+    """Read 8 KiB every 10 ms at most until `until(everything so far)`, for at most `budget_s`
+    (with a 16 KiB receive buffer, TCP's own pacing makes it a few hundred KB/s)."""
+    got = bytearray()
+    deadline = time.monotonic() + budget_s
+    sock.settimeout(2)
+    while not until(bytes(got)) and time.monotonic() < deadline:
+        chunk = sock.recv(8192)
+        if not chunk:
+            break  # closed by the gateway: the failure this test is about
+        got += chunk
+        time.sleep(0.01)
+    return bytes(got)
+
+
+def _ws_offsets(stream: bytes) -> list[int]:
+    """Offsets of the events in a server's WebSocket byte stream (after the handshake)."""
+    offsets: list[int] = []
+    at = stream.index(b"\r\n\r\n") + 4
+    while at + 2 <= len(stream):
+        opcode, length = stream[at] & 0x0F, stream[at + 1] & 0x7F
+        head = 2
+        if length == 126:
+            length, head = int.from_bytes(stream[at + 2 : at + 4]), 4
+        elif length == 127:
+            length, head = int.from_bytes(stream[at + 2 : at + 10]), 10
+        if at + head + length > len(stream):
+            break  # the rest is still on its way
+        payload = stream[at + head : at + head + length]
+        if opcode == 1:
+            message = orjson.loads(payload)
+            if message["type"] == "events":
+                offsets += [e["offset"] for e in message["events"]]
+        at += head + length
+    return offsets
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse"])
+async def test_a_slow_reader_of_a_large_replay_is_served_to_the_end(
+    spawn: Callable[..., AppProcess], site: str, transport: str
+) -> None:
+    """A replay's writes are large (up to half the viewer's queue at once), and once the
+    kernel's buffers are full a write waits until a third of them is free: to a slow reader
+    that takes longer than the write timeout, yet the reader reads, so it must get every event,
+    not be closed as slow (docs/protocol.md: "a replay never closes a viewer that reads")."""
+    ingest = spawn("ingest", **FAST)
+    timeouts = {"SITEWIRE_WRITE_TIMEOUT_S": "0.5", "SITEWIRE_PING_INTERVAL_S": "60"}
+    gateway = spawn("gateway", **FAST, **timeouts)
+    count = 1000
+    await post_large(ingest.url, site, count, 4000)  # ~4 MB to replay: more than fits in buffers
+    query = f"token={token(site)}&last={count}"
+    if transport == "sse":
+        request = f"GET /v1/sites/{site}/events?{query} HTTP/1.1\r\nHost: x\r\n\r\n"
+    else:
+        request = (
+            f"GET /v1/sites/{site}/stream?{query} HTTP/1.1\r\nHost: x\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+    sock = _slow_socket(gateway.port, request)
+    last = f'"offset":{count},'.encode()
+
+    def done(got: bytes) -> bool:  # the last event, whole (and its frame, for a WebSocket)
+        if last not in got:
+            return False
+        return transport == "sse" or _ws_offsets(got)[-1:] == [count]
+
+    try:
+        stream = await asyncio.to_thread(_read_slowly, sock, done, 60)
+    finally:
+        sock.close()
+    if transport == "sse":
+        assert stream.count(b"\nid: ") == count, stream[-300:]
+    else:
+        assert _ws_offsets(stream) == list(range(1, count + 1))
+    timed_out = await metric(
+        gateway.internal_url, 'sitewire_gateway_closes_total{reason="write_timeout"}'
+    )
+    assert timed_out == 0.0

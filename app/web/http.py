@@ -17,9 +17,10 @@ matches answers to requests by order: a 408 written first would be taken for the
 earlier request, perhaps one that was stored), then the connection closes.
 
 It also hands the app a way to drop a connection at once: `scope["extensions"]
-["sitewire.abort"]` (ABORT). Closing a transport waits for its write buffer to drain, which a
-client that stopped reading never lets happen: a Server-Sent Events viewer closed as slow kept
-its socket and megabytes of kernel buffers until the OS gave up.
+["sitewire.abort"]["abort"]` (ABORT). Closing a transport waits for its write buffer to drain,
+which a client that stopped reading never lets happen: a Server-Sent Events viewer closed as
+slow kept its socket and megabytes of kernel buffers until the OS gave up. Beside it,
+`["unsent"]` counts the bytes written that the client has not taken yet (`unsent_bytes`).
 
 Refusals use the documented error shape (app.codes). A WebSocket upgrade leaves this protocol
 once its headers are in, so the limits end there; app.gateway.transports.websocket bounds
@@ -36,7 +37,10 @@ handler's own (profiled; docs/decisions.md, "Ingest's event endpoints bypass ASG
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import sys
+import termios
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
@@ -157,7 +161,10 @@ class BoundedHttp(HttpToolsProtocol):
             return
         self._in_headers = False
         self._arm(self.limits.body_timeout_s)
-        self.scope["extensions"] = {ABORT: {"abort": self.transport.abort}}
+        transport = self.transport
+        self.scope["extensions"] = {
+            ABORT: {"abort": transport.abort, "unsent": lambda: unsent_bytes(transport)}
+        }
         super().on_headers_complete()
         if len(self.pipeline) > MAX_PIPELINED:
             self._refuse(ErrorCode.RATE_LIMITED, f"more than {MAX_PIPELINED} requests pipelined")
@@ -382,6 +389,25 @@ def _respond(
     if not cycle.keep_alive:
         cycle.transport.close()
     cycle.on_response()
+
+
+def unsent_bytes(transport: asyncio.BaseTransport) -> int:
+    """Bytes written to `transport` that its peer has not acknowledged: in the transport's
+    buffer and in the kernel's send queue (Linux's SIOCOUTQ; the buffer alone elsewhere).
+
+    How a writer tells a slow reader from one that stopped reading: this falls whenever the
+    peer takes bytes. The transport's buffer alone does not show it: the kernel wakes a writer
+    only once a third of its send buffer (up to 4 MB) is free, so a reader at 80 KB/s leaves a
+    write waiting for seconds while it reads all along."""
+    size = transport.get_write_buffer_size()  # type: ignore[attr-defined]
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return int(size)
+    try:
+        queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except (OSError, ValueError):  # not Linux, or the socket is already closed
+        return int(size)
+    return int(size) + int.from_bytes(queued, sys.byteorder, signed=True)
 
 
 def protocol_class(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 import orjson
 from fastapi import Response
@@ -92,10 +93,8 @@ class SseStream(Response):
         try:
             while True:
                 if pending:
-                    async with asyncio.timeout(timeout):
-                        await send(
-                            {"type": "http.response.body", "body": pending, "more_body": True}
-                        )
+                    message = {"type": "http.response.body", "body": pending, "more_body": True}
+                    await _send_reading(send, message, timeout, self._unsent())
                     drained.set()
                 idle = False
                 try:
@@ -124,6 +123,12 @@ class SseStream(Response):
             self._abort()  # the client does not read: nothing more can reach it
         except OSError:
             viewer.release()
+
+    def _unsent(self) -> Callable[[], int] | None:
+        """Bytes written to the client and not taken yet (app.web.http.unsent_bytes)."""
+        unsent: Callable[[], int] | None
+        unsent = self._scope.get("extensions", {}).get(ABORT, {}).get("unsent")
+        return unsent
 
     def _abort(self) -> None:
         """Drop the connection at once, write buffer and all (app.web.http.ABORT): a close would
@@ -164,6 +169,47 @@ _SSE_START: Message = {
         (b"x-accel-buffering", b"no"),  # nginx: do not buffer the stream
     ],
 }
+
+
+async def _send_reading(
+    send: Send, message: Message, idle_s: float, unsent: Callable[[], int] | None
+) -> None:
+    """Send `message`; TimeoutError once the client has taken none of what waits for it for
+    `idle_s` seconds. The write itself may take longer while the client keeps reading: a
+    replay's large writes to a slow reader (docs/protocol.md)."""
+    async with asyncio.timeout(idle_s) as deadline:
+        if unsent is None:
+            await send(message)
+            return
+        watch = _Progress(deadline, idle_s, unsent)
+        try:
+            await send(message)
+        finally:
+            watch.stop()
+
+
+class _Progress:
+    """Moves a write's deadline to `idle_s` after the client was last seen taking bytes,
+    looking every `idle_s` / 4 while the write waits."""
+
+    def __init__(self, deadline: asyncio.Timeout, idle_s: float, unsent: Callable[[], int]):
+        self._loop = asyncio.get_running_loop()
+        self._deadline = deadline
+        self._idle_s = idle_s
+        self._unsent = unsent
+        self._last: int | None = None
+        # Soon: once the write has put its bytes out (uvicorn writes, then waits).
+        self._timer: asyncio.Handle = self._loop.call_soon(self._look)
+
+    def _look(self) -> None:
+        left = self._unsent()
+        if self._last is not None and left < self._last:  # the client took some: it reads
+            self._deadline.reschedule(self._loop.time() + self._idle_s)
+        self._last = left
+        self._timer = self._loop.call_later(self._idle_s / 4, self._look)
+
+    def stop(self) -> None:
+        self._timer.cancel()
 
 
 async def _wait_disconnect(receive: Receive, viewer: Viewer) -> None:

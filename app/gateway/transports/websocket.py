@@ -45,6 +45,7 @@ from app.gateway.hub import Viewer, ws_frames
 from app.gateway.replay import BadStart, StorageUnavailable, parse_start
 from app.gateway.state import GatewayState
 from app.servers.postgres import STORAGE_ERRORS
+from app.web.http import unsent_bytes
 
 if TYPE_CHECKING:
     import uvicorn
@@ -69,7 +70,8 @@ class StreamProtocol(asyncio.Protocol):
 
     __slots__ = (
         "_server", "abort_timer", "closing", "drained", "flush_pending", "fragments", "gone",
-        "paused", "ping_payload", "state", "task", "transport", "viewer", "write_started", "ws",
+        "paused", "ping_payload", "state", "task", "transport", "unsent", "viewer", "write_started",
+        "ws",
     )  # fmt: skip
 
     #: The transport this class serves; bound per process by `protocol_class`.
@@ -91,6 +93,8 @@ class StreamProtocol(asyncio.Protocol):
         self.drained: asyncio.Event | None = None
         #: loop.time() since when queued frames wait for flow control; 0.0 when not waiting.
         self.write_started = 0.0
+        #: Bytes written and not yet taken by the peer when last looked at (`sweep`).
+        self.unsent = 0
         self.flush_pending = False
         #: Flow control: the transport's buffer is over its high-water mark.
         self.paused = False
@@ -358,6 +362,7 @@ class StreamProtocol(asyncio.Protocol):
             # Flow control: the frames wait in the queue (capped) until `resume_writing`.
             if not self.write_started:
                 self.write_started = asyncio.get_running_loop().time()
+                self.unsent = unsent_bytes(self.transport) if self.transport is not None else 0
             return
         items = viewer.take()
         if not items:
@@ -472,6 +477,16 @@ class StreamProtocol(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def write_progressed(self, now: float) -> bool:
+        """Whether the peer took bytes since last asked (the wait then counts from `now`): a
+        slow reader, not one that stopped reading."""
+        left = unsent_bytes(self.transport) if self.transport is not None else 0
+        progressed = left < self.unsent
+        if progressed:
+            self.write_started = now
+        self.unsent = left
+        return progressed
+
     def write_timed_out(self) -> None:
         """A write waited longer than the write timeout: the peer stopped reading. It cannot
         take a close frame either, so the socket is dropped."""
@@ -556,10 +571,14 @@ class WebSocketTransport:
         self.keepalive.close()
 
     def sweep(self, now: float, timeout: float) -> None:
-        """Close connections whose queued frames have waited for flow control longer than
-        `timeout` (a viewer that stopped reading: its transport never drains)."""
+        """Close connections whose queued frames have waited for flow control for `timeout`
+        with nothing taken by the peer meanwhile (a viewer that stopped reading: its transport
+        never drains). One that reads, however slowly, keeps its connection: a replay's writes
+        to a slow reader take longer than `timeout`, and its queue is bounded all the same."""
         for conn in list(self.connections):
-            if conn.write_started and now - conn.write_started > timeout:
+            if not conn.write_started or conn.write_progressed(now):
+                continue
+            if now - conn.write_started > timeout:
                 if conn.viewer is None or conn.viewer.close_code is None:  # counted once
                     conn.state.metrics.closes.labels("write_timeout").inc()
                 conn.write_timed_out()
