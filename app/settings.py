@@ -65,7 +65,8 @@ class Settings:
     db_pool_size: int = 4
     #: SITEWIRE_VIEWER_QUEUE_BYTES: bytes queued for one viewer before it is closed as slow.
     viewer_queue_bytes: int = 1024 * 1024
-    #: SITEWIRE_WRITE_TIMEOUT_S: a write to one viewer taking longer closes it as slow.
+    #: SITEWIRE_WRITE_TIMEOUT_S: a write to one viewer waiting this long with nothing read by
+    #: the viewer meanwhile closes it as slow.
     write_timeout_s: float = 5.0
     #: SITEWIRE_PING_INTERVAL_S / SITEWIRE_PING_TIMEOUT_S: WebSocket ping/pong liveness.
     ping_interval_s: float = 20.0
@@ -184,7 +185,7 @@ class _Reader:
         try:
             return parse(raw.strip())
         except ValueError as exc:
-            raise SettingsError(name, f"{exc} (got {raw!r})") from None
+            raise SettingsError(name, f"{exc}{_shown(name, raw)}") from None
 
     def url(self, name: str, schemes: tuple[str, ...], many: bool = False) -> str | None:
         def parse(raw: str) -> str:
@@ -217,6 +218,19 @@ class _Reader:
             return value
 
         return self.get(name, default, parse)
+
+
+#: Variables whose values an error message must not repeat.
+_SECRETS = frozenset({"SITEWIRE_SECRET"})
+_PASSWORD = re.compile(r"(//[^:/@]*:)[^@/]*@")
+
+
+def _shown(name: str, raw: str) -> str:
+    """The value an error message repeats: none for a secret, a URL without its password."""
+    if name in _SECRETS:
+        return f" (got {len(raw)} characters)"
+    masked = _PASSWORD.sub(r"\g<1>***@", raw)
+    return f" (got {masked!r})"
 
 
 def _check_bounds(value: float, low: float, high: float | None) -> None:

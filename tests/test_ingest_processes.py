@@ -22,7 +22,7 @@ from app.store.sites import create_site
 from tests.disposable import DisposablePostgres
 from tests.processes import AppProcess
 from tests.support import BROWSER, env_for, event, eventually, sample
-from workers.embedded import EmbeddedRedis
+from workers.embedded import EmbeddedRedis, free_port
 
 pytestmark = pytest.mark.slow
 NO_LIMITS = {"SITEWIRE_RATE_SITE_PER_SEC": "0", "SITEWIRE_RATE_IP_PER_MIN": "0"}
@@ -223,3 +223,19 @@ async def test_a_stopped_ingest_answers_what_it_took_and_stores_every_ack(
     stored = {i for _, i in await stored_ids(settings.database_url or "", site)}
     assert load.acked <= stored
     assert "Traceback" not in proc.log() and '"level":"error"' not in proc.log()
+
+
+def test_an_ingest_started_without_its_servers_says_so(settings: Settings, tmp_path: Path) -> None:
+    """Nothing reachable at startup: one warning per server, saying what it means for events,
+    rather than silence until the first 503."""
+    gone = {"DATABASE_URL": f"postgresql://x@127.0.0.1:{free_port()}/x",
+            "REDIS_URL": f"redis://127.0.0.1:{free_port()}"}  # fmt: skip
+    ingest = AppProcess("ingest", env_for(settings, **gone), tmp_path)
+    with pytest.raises(RuntimeError, match="not ready"):
+        ingest.start(timeout=5)  # /readyz stays 503
+    try:
+        log = ingest.log()
+        assert "postgres is unreachable at startup; events are refused with 503" in log, log
+        assert "redis is unreachable at startup; events are stored but not published" in log
+    finally:
+        ingest.stop()

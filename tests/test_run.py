@@ -183,3 +183,43 @@ def _kill(pids: set[int]) -> None:
     for pid in _alive(pids):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_killed_stack_takes_its_processes_with_it_and_the_next_one_stops_cleanly(
+    tmp_path: Path,
+) -> None:
+    """`sitewire run` killed outright (kill -9, the OOM killer): its ingest, gateways and Redis
+    stop on their own, PostgreSQL is left for the next stack of the same folder, which takes
+    it over and stops it on Ctrl-C (pgserver alone kept it running for ever)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+    data_dir = tmp_path / ".sitewire"
+    ingest, gateway = free_port(), free_port()
+    cmd = [sys.executable, "-m", "workers.cli", "run", "--data-dir", str(data_dir),
+           "--ingest-port", str(ingest), "--gateway-port", str(gateway), "--no-demo"]  # fmt: skip
+    started: set[int] = set()
+    terminals = [Terminal(), Terminal()]
+    try:
+        first = terminals[0].run(cmd, env)
+        _wait_for(lambda: "Press Ctrl-C to stop." in terminals[0].text(), first, terminals[0])
+        started = _processes(first.pid, data_dir)
+        postgres = {p for p in started if "postgres" in Path(f"/proc/{p}/cmdline").read_text()}
+        first.kill()
+        first.wait()
+        deadline = time.monotonic() + 30
+        while _alive(started - postgres) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(started - postgres), terminals[0].text()
+        second = terminals[1].run(cmd, env)
+        _wait_for(lambda: "Press Ctrl-C to stop." in terminals[1].text(), second, terminals[1])
+        started |= _processes(second.pid, data_dir)
+        os.killpg(second.pid, signal.SIGINT)
+        assert second.wait(30) == 0, terminals[1].text()
+        deadline = time.monotonic() + 10
+        while _alive(started) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(started), terminals[1].text()
+        assert "Traceback" not in terminals[1].text()
+    finally:
+        _kill(started)  # only what a failure left behind
+        for terminal in terminals:
+            terminal.close()

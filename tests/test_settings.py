@@ -69,3 +69,20 @@ def test_cli_fails_fast_with_the_variable_name() -> None:
     )
     assert result.returncode != 0
     assert "SITEWIRE_RATE_IP_PER_MIN must be an integer" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "hidden", "shown"),
+    [
+        ("SITEWIRE_SECRET", "hunter2-is-my-password", "hunter2", "got 22 characters"),
+        ("DATABASE_URL", "mysql://app:s3cret@db/x", "s3cret", "mysql://app:***@db/x"),
+        ("REDIS_URL", "http://:s3cret@cache:6379", "s3cret", "http://:***@cache:6379"),
+    ],
+)
+def test_a_refused_secret_is_not_repeated(
+    variable: str, value: str, hidden: str, shown: str
+) -> None:
+    """Error messages end up in terminals, CI logs and log collectors."""
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({variable: value})
+    assert hidden not in str(info.value) and shown in str(info.value)

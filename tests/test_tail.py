@@ -97,6 +97,7 @@ async def test_tail_refuses_a_bad_token(spawn: Callable[..., AppProcess], site: 
     tail = TailProcess(site, "--gateway", gateway.url, "--token", "forged")
     code, err = await tail.finish()
     assert code == 1 and "code 4500" in err
+    assert f"a new token: sitewire sites token {site}" in err  # how to fix it
 
 
 async def test_tail_says_what_it_does_when_the_gateway_is_unreachable() -> None:

@@ -19,6 +19,9 @@ from app.store.sites import SiteExists, create_site, list_sites
 
 T = TypeVar("T")
 
+#: A TCP port to listen on.
+PORT = click.IntRange(1, 65535)
+
 
 def _settings() -> Settings:
     try:
@@ -146,20 +149,26 @@ def sites_token(site: str, ttl: int) -> None:
     click.echo(tokens.issue(secret, site, ttl))
 
 
-def _require(value: str | None, variable: str) -> str:
+#: How a command typed on a laptop gets what it lacks (workers/local.py finds a running stack).
+LOCAL_HINT = "start `make run` (sitewire run) in this folder: commands typed beside it find it"
+
+
+def _require(value: str | None, variable: str, hint: bool = True) -> str:
+    """`value`, or a one-line error naming `variable` (with `hint`, how to get it locally)."""
     if not value:
-        raise click.ClickException(f"configuration error: {variable} is not set")
+        how = f"; set it, or {LOCAL_HINT}" if hint else ""
+        raise click.ClickException(f"configuration error: {variable} is not set{how}")
     return value
 
 
 def _serve_command(role: str, default_port: int) -> click.Command:
     @click.command(role, help=f"Run an {role} process." if role == "ingest" else f"Run a {role}.")
     @click.option("--host", default="127.0.0.1", show_default=True)
-    @click.option("--port", default=default_port, show_default=True, type=int)
+    @click.option("--port", default=default_port, show_default=True, type=PORT)
     @click.option("--reuse-port", is_flag=True, help="Share the port with other replicas.")
     @click.option(
         "--internal-port",
-        type=int,
+        type=PORT,
         help="Serve /metrics (and /healthz, /readyz) on this private port; off when unset.",
     )
     @click.option("--internal-host", default="127.0.0.1", show_default=True)
@@ -169,10 +178,10 @@ def _serve_command(role: str, default_port: int) -> click.Command:
         from workers.serve import serve
 
         settings = _settings()
-        _require(settings.database_url, "DATABASE_URL")
-        _require(settings.redis_url, "REDIS_URL")
+        _require(settings.database_url, "DATABASE_URL", hint=False)
+        _require(settings.redis_url, "REDIS_URL", hint=False)
         if role == "gateway":
-            _require(settings.secret, "SITEWIRE_SECRET")
+            _require(settings.secret, "SITEWIRE_SECRET", hint=False)
         if internal_port == port:
             raise click.BadParameter("must differ from --port", param_hint="--internal-port")
         internal = (internal_host, internal_port) if internal_port is not None else None
@@ -287,7 +296,7 @@ def _viewer(site: str, gateways: tuple[str, ...], token: str | None) -> tuple[li
         token = tokens.issue(settings.secret, site, 12 * 3600)
     if not token:
         raise click.UsageError(
-            "a viewer token is needed: --token, SITEWIRE_TOKEN or SITEWIRE_SECRET"
+            f"a viewer token is needed: --token, SITEWIRE_TOKEN or SITEWIRE_SECRET; or {LOCAL_HINT}"
         )
     try:
         urls = [gateway_url(g) for g in gateways]
@@ -305,15 +314,15 @@ def _stack_options(command: Callable[..., None]) -> Callable[..., None]:
     options = [
         click.option("--data-dir", default=".sitewire", show_default=True,
                      help="Folder for embedded servers' data."),
-        click.option("--ingest-port", default=8000, show_default=True, type=int),
-        click.option("--gateway-port", default=8001, show_default=True, type=int),
+        click.option("--ingest-port", default=8000, show_default=True, type=PORT),
+        click.option("--gateway-port", default=8001, show_default=True, type=PORT),
         click.option("--ingests", default=1, show_default=True, type=click.IntRange(1, 16),
                      help="Ingest replicas sharing the ingest port."),
         click.option("--gateways", default=2, show_default=True, type=click.IntRange(1, 16),
                      help="Gateway replicas sharing the gateway port."),
         click.option("--demo/--no-demo", default=True,
                      help="A demo site with demo traffic, and a demo page with the tracker."),
-        click.option("--demo-port", default=8002, show_default=True, type=int,
+        click.option("--demo-port", default=8002, show_default=True, type=PORT,
                      help="Port of the demo page (with --demo)."),
     ]  # fmt: skip
     for option in reversed(options):
@@ -336,6 +345,13 @@ def up(
     and a demo page."""
     from workers.run import Stack
 
+    ports = {"--ingest-port": ingest_port, "--gateway-port": gateway_port}
+    if demo:
+        ports["--demo-port"] = demo_port
+    for name, port in ports.items():
+        others = [n for n, p in ports.items() if p == port and n != name]
+        if others:
+            raise click.BadParameter(f"must differ from {others[0]} ({port})", param_hint=name)
     stack = Stack(
         _settings(), data_dir, ingest_port, gateway_port, demo, ingests, gateways, demo_port
     )

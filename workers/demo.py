@@ -40,7 +40,7 @@ def _handler(page: bytes) -> type[http.server.BaseHTTPRequestHandler]:
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             if self.path.startswith("/files/"):
-                body, kind = b"Demo shop price list\nStarter 0\nPro 9\nTeam 29\n", "text/plain"
+                body, kind = b"plan,price\nStarter,0\nPro,9\nTeam,29\n", "text/csv"
             else:
                 body, kind = page, "text/html; charset=utf-8"
             self.send_response(200)

@@ -11,7 +11,10 @@ neither): without them, `sitewire run` says what to install (`MissingLocalExtra`
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
+import os
+import signal
 import socket
 import subprocess
 import time
@@ -80,8 +83,51 @@ class EmbeddedPostgres:
         path: Path = self._server.pgdata
         return path
 
+    def pg_ctl(self, *args: str) -> None:
+        """pgserver's own pg_ctl on this data folder, as the account the server runs as."""
+        from pgserver._commands import POSTGRES_BIN_PATH
+
+        user = "pgserver" if os.geteuid() == 0 else None  # pgserver's non-root account
+        subprocess.run(
+            [str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(self.pgdata), *args],
+            check=True,
+            capture_output=True,
+            user=user,
+            timeout=60,
+        )
+
     def stop(self) -> None:
-        self._server.cleanup()
+        import psutil  # pgserver's own dependency
+
+        # pgserver kills a postmaster it sees running; one that has exited but is not yet
+        # reaped vanishes under it (NoSuchProcess): gone is what was wanted.
+        with contextlib.suppress(psutil.NoSuchProcess):
+            self._server.cleanup()
+        # pgserver stops the server only when the last process it knows to use it lets go,
+        # and a `sitewire run` that was killed stays on its list (.handle_pids.json) for ever:
+        # the server would outlive every later stack. Whatever still runs here is stopped.
+        if (self.pgdata / "postmaster.pid").exists():
+            with contextlib.suppress(subprocess.CalledProcessError):
+                self.pg_ctl("-m", "fast", "-w", "stop")
+
+
+def stop_with_parent() -> None:
+    """In a child, before it runs its program: SIGTERM when the process that started it dies.
+    A child in its own session (so that a Ctrl-C reaches only its parent) would otherwise
+    outlive a parent that was killed (kill -9, OOM) and keep its port. Linux counts the
+    parent's *thread*: start such children from a thread that lives as long as they should
+    (the main thread). Linux only; elsewhere nothing is set."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if not hasattr(libc, "prctl"):
+        return
+    parent = os.getppid()
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+#: prctl(2): the signal a process gets when its parent dies.
+_PR_SET_PDEATHSIG = 1
 
 
 class EmbeddedRedis:
@@ -104,6 +150,7 @@ class EmbeddedRedis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=stop_with_parent,
         )
         self._wait_ready()
 

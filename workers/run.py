@@ -31,7 +31,13 @@ from app.settings import Settings
 from app.store.migrate import migrate
 from app.store.sites import SiteExists, create_site
 from workers.demo import DemoPage
-from workers.embedded import EmbeddedPostgres, EmbeddedRedis, MissingLocalExtra, free_port
+from workers.embedded import (
+    EmbeddedPostgres,
+    EmbeddedRedis,
+    MissingLocalExtra,
+    free_port,
+    stop_with_parent,
+)
 from workers.local import LOCK_FILE, STATE_FILE, LocalStack
 
 try:
@@ -129,7 +135,10 @@ class Stack:
             self._stoppers.append(rd)
             redis_url = rd.url
         secret = self.settings.secret or self._stored_secret()
-        asyncio.run(_migrate_and_seed(database_url, self.demo))
+        try:
+            asyncio.run(_migrate_and_seed(database_url, self.demo))
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise SystemExit(f"sitewire: cannot prepare the database: {exc}") from None
         env = dict(os.environ)
         env.update(DATABASE_URL=database_url, REDIS_URL=redis_url, SITEWIRE_SECRET=secret)
         # The children write to this process's stderr, so what `auto` means is decided here,
@@ -159,7 +168,10 @@ class Stack:
                 # Its own session: a Ctrl-C at the terminal signals the whole foreground
                 # process group at once, and only this process must get it, to stop the
                 # children in order (_stop; docs/decisions.md).
-                child = subprocess.Popen(replica, env=env, start_new_session=True)
+                # And it stops when this process dies without stopping it (kill -9).
+                child = subprocess.Popen(
+                    replica, env=env, start_new_session=True, preexec_fn=stop_with_parent
+                )
                 self._children.append(child)
 
     def _wait_ready(self, timeout: float = 30.0) -> None:
@@ -172,8 +184,13 @@ class Stack:
                 with contextlib.suppress(httpx.HTTPError):
                     if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
                         break
-                if any(c.poll() is not None for c in self._children):
-                    raise SystemExit("a Sitewire process exited during start-up; see its log")
+                exited = [c for c in self._children if c.poll() is not None]
+                if exited:
+                    # The children write to this process's stderr: their reason is just above.
+                    raise SystemExit(
+                        f"sitewire: a Sitewire process (pid {exited[0].pid}) exited during "
+                        "start-up; its error is in the lines above"
+                    )
                 if time.monotonic() > deadline:
                     raise SystemExit(f"process on port {port} did not become ready")
                 time.sleep(0.2)
@@ -324,13 +341,32 @@ async def _migrate_and_seed(dsn: str, demo: bool) -> None:
             await conn.close()
 
 
+#: The demo traffic's browsers: each is a visitor of its own (the visitor id hashes the
+#: User-Agent with the address, and every demo event comes from 127.0.0.1).
+DEMO_AGENTS = (
+    "Mozilla/5.0 (X11; Linux x86_64; rv:130.0) Gecko/20100101 Firefox/130.0",
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/129.0.0.0 Safari/537.36",
+    "Mozilla/5.0 (Macintosh; Intel Mac OS X 14_6) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+    "Version/17.6 Safari/605.1.15",
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_6 like Mac OS X) AppleWebKit/605.1.15 "
+    "(KHTML, like Gecko) Version/17.6 Mobile/15E148 Safari/604.1",
+    "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/129.0.0.0 Mobile Safari/537.36",
+    "Mozilla/5.0 (iPad; CPU OS 17_6 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+    "Version/17.6 Mobile/15E148 Safari/604.1",
+)
+
+
 async def _send_demo_event(client: httpx.AsyncClient) -> None:
-    event = {
+    event: dict[str, object] = {
         "site": DEMO_SITE,
-        "name": random.choice(("pageview", "pageview", "pageview", "signup")),
+        "name": "pageview",
         "url": f"https://{DEMO_SITE}{random.choice(DEMO_PATHS)}",
         "referrer": random.choice(DEMO_REFERRERS),
     }
-    headers = {"User-Agent": "Mozilla/5.0 (X11; Linux x86_64) Firefox/130.0"}
+    if random.random() < 0.1:  # the demo page's own goal: the same name and props
+        event.update(name="Signup", props={"plan": random.choice(("pro", "team"))})
+    headers = {"User-Agent": random.choice(DEMO_AGENTS)}
     with contextlib.suppress(httpx.HTTPError):
         await client.post("/api/event", json=event, headers=headers)

@@ -87,7 +87,11 @@ def listening_socket(host: str, port: int, reuse_port: bool, backlog: int) -> so
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise SystemExit(f"sitewire: cannot listen on {host}:{port}: {exc.strerror}") from None
     sock.listen(backlog)
     sock.set_inheritable(True)
     return sock

@@ -19,6 +19,7 @@ from typing import Any, Protocol, TextIO
 import orjson
 
 from app.client import HandlerFailed, StreamClient, StreamClosed
+from app.codes import CloseCode
 
 COLOURS = {"name": "\033[36m", "dim": "\033[2m", "warn": "\033[33m", "reset": "\033[0m"}
 
@@ -138,7 +139,10 @@ def run(client: StreamClient, printer: Output) -> int:
         try:
             await client.run(stop)
         except StreamClosed as closed:
-            printer.err.write(f"sitewire: {closed.reason or 'closed'} (code {closed.code})\n")
+            fix = ""
+            if closed.code == CloseCode.UNAUTHORIZED:
+                fix = f"; a new token: sitewire sites token {client.site}"
+            printer.err.write(f"sitewire: {closed.reason or 'closed'} (code {closed.code}){fix}\n")
             return 1
         except HandlerFailed as failed:
             if not isinstance(failed.__cause__, BrokenPipeError):

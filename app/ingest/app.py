@@ -8,6 +8,7 @@ commit (202 only after COMMIT; 503 if PostgreSQL did not confirm) -> publish (be
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -58,6 +59,7 @@ STORAGE_RETRY_AFTER = 2
 YIELD_EVERY = 25
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -120,6 +122,7 @@ def create_app(settings: Settings) -> IngestApp:
         publications.start()
         committer.start()
         api.state.ingest.drops.start()
+        await _report_unreachable(api.state.ingest)
         try:
             yield
         finally:
@@ -145,6 +148,20 @@ def create_app(settings: Settings) -> IngestApp:
     install_error_handlers(api)
     _install_routes(api)
     return IngestApp(api, health.internal_app())
+
+
+async def _report_unreachable(state: IngestState) -> None:
+    """Say at startup which server is not there: otherwise the first sign would be the 503s
+    (PostgreSQL) or the unpublished events (Redis) of the first requests."""
+    for server, status in (await state.checks()).items():
+        if status != "ok":
+            log.warning(
+                "%s is unreachable at startup; %s",
+                server,
+                "events are refused with 503 until it is back"
+                if server == "postgres"
+                else "events are stored but not published, and not rate limited, until it is back",
+            )
 
 
 class IngestApp:
