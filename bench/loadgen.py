@@ -19,6 +19,7 @@ import re
 import resource
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -135,6 +136,19 @@ async def read_response(reader: asyncio.StreamReader) -> bytes:
     return status
 
 
+#: In a posted body, replaced by a fresh random id in every request (bench/poster.c does the
+#: same): events carry their own ids, as the tracking script sends them, each new.
+MARKER_ID = b"00000000-0000-4000-8000-000000000000"
+
+
+def fresh_ids(request: bytes) -> bytes:
+    parts = request.split(MARKER_ID)
+    out = [parts[0]]
+    for part in parts[1:]:
+        out += [str(uuid.uuid4()).encode(), part]
+    return b"".join(out)
+
+
 async def post_loop(
     host: str, port: int, body: bytes, path: str, duration: float, latencies: list[int]
 ) -> int:
@@ -149,7 +163,7 @@ async def post_loop(
     deadline = time.monotonic() + duration
     while time.monotonic() < deadline:
         t = time.perf_counter_ns()
-        writer.write(request)
+        writer.write(fresh_ids(request))
         status = await read_response(reader)
         latencies.append((time.perf_counter_ns() - t) // 1000)
         if b" 202 " in status:

@@ -142,18 +142,20 @@ async def test_the_c_poster_counts_only_accepted_requests(
     spawn: Callable[..., AppProcess], site: str, database_url: str, tmp_path: Path
 ) -> None:
     """bench/poster.c against a real ingest: a good event is counted as many times as it was
-    stored, a refused one (400) never; single events and batches."""
+    stored, a refused one (400) never; single events and batches. Each event's marker id is
+    replaced by a new one in every request, so none is a retry of another."""
     import json
 
     import asyncpg
 
     from bench.harness import c_program
+    from bench.loadgen import MARKER_ID
 
     poster = c_program("poster")
     if poster is None:
         unavailable("no C compiler to build bench/poster.c")
     ingest = spawn("ingest", **FAST)  # FAST: no rate limits
-    good = {"site": site, "name": "pageview", "url": f"https://{site}/"}
+    good = {"site": site, "name": "pageview", "url": f"https://{site}/", "id": MARKER_ID.decode()}
     counted = []
     for path, body in (
         ("/api/event", good),
@@ -176,3 +178,16 @@ async def test_the_c_poster_counts_only_accepted_requests(
     finally:
         await conn.close()
     assert stored == single["requests_ok"] + 2 * batch["requests_ok"]
+
+
+def test_the_python_poster_gives_each_marker_a_fresh_id() -> None:
+    import uuid
+
+    from bench.loadgen import MARKER_ID, fresh_ids
+
+    request = b"[" + b",".join(b'{"id":"%s"}' % MARKER_ID for _ in range(3)) + b"]"
+    first, second = fresh_ids(request), fresh_ids(request)
+    assert len(first) == len(request) and MARKER_ID not in first
+    ids = [uuid.UUID(part.split(b'"')[0].decode()) for part in first.split(b'"id":"')[1:]]
+    assert len(set(ids)) == 3 and all(i.version == 4 for i in ids)
+    assert first != second
