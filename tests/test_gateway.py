@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
+import httpx
 import orjson
 import pytest
 import redis.asyncio as aioredis
@@ -20,7 +21,7 @@ from app.codes import CloseCode
 from app.names import Names
 from app.settings import Settings
 from app.store.sites import create_site
-from tests.clients import SseViewer, WsViewer, post_events, post_large
+from tests.clients import SseViewer, WsViewer, connected, post_events, post_large, response
 from tests.processes import AppProcess
 from tests.support import (
     FAST,
@@ -422,3 +423,51 @@ async def test_a_slow_reader_of_a_large_replay_is_served_to_the_end(
         gateway.internal_url, 'sitewire_gateway_closes_total{reason="write_timeout"}'
     )
     assert timed_out == 0.0
+
+
+async def test_both_transports_read_one_query_the_same_way(
+    spawn: Callable[..., AppProcess], site: str
+) -> None:
+    """An empty filter and a parameter given twice are refused on WebSocket (4502) as on SSE
+    (400): one query, one meaning (WebSocket had ignored empty values and taken the first of
+    two, SSE the last)."""
+    gateway = spawn("gateway", **FAST)
+    good = token(site)
+    cursor = f"{'0' * 8}-5"
+    queries = [
+        ("stats=only&page=", "page"),
+        (f"since={cursor}&since=garbage", "since"),
+        (f"token=forged&token={good}", "token"),
+        ("last=3&last=99999", "last"),
+    ]
+    async with httpx.AsyncClient() as client:
+        for query, field in queries:
+            url = f"{gateway.url}/v1/sites/{site}/events?{query}"
+            r = await client.get(url if "token=" in query else f"{url}&token={good}")
+            assert r.status_code == 400, (query, r.text)
+            assert r.json()["error"]["field"] == field, r.text
+            ws = await WsViewer.open(gateway.ws_url, site, None if "token=" in query else good,
+                                     ("&" if "token=" not in query else "") + query)  # fmt: skip
+            assert await ws.wait_closed() == CloseCode.BAD_REQUEST, query
+            await ws.close()
+
+
+async def test_a_refused_handshake_answers_in_the_error_shape(
+    spawn: Callable[..., AppProcess], site: str
+) -> None:
+    """What websockets itself refuses (a bad version, no key) comes in the documented error
+    shape, as every other error of the gateway (it was websockets' plain text)."""
+    gateway = spawn("gateway", **FAST)
+    path = f"/v1/sites/{site}/stream?token={token(site)}"
+    upgrade = "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+    key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    for request in (
+        f"GET {path} HTTP/1.1\r\nHost: x\r\n{upgrade}{key}Sec-WebSocket-Version: 8\r\n\r\n",
+        f"GET {path} HTTP/1.1\r\nHost: x\r\n{upgrade}Sec-WebSocket-Version: 13\r\n\r\n",
+    ):
+        async with connected(gateway.port) as (reader, writer):
+            writer.write(request.encode())
+            status, headers, body = await response(reader)
+        assert status == 400 and headers["content-type"] == "application/json", body
+        error = orjson.loads(body)["error"]
+        assert error["code"] == "invalid_request" and "Sec-WebSocket" in error["message"]

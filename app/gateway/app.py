@@ -132,8 +132,8 @@ def create_app(settings: Settings) -> GatewayApp:
     @app.get("/v1/sites/{site}/events")
     async def events(request: Request, site: str) -> Response:
         state: GatewayState = app.state.gateway
+        query = _single_values(request)
         site_info = await viewers.authorize(state, secret, site, _token(request))
-        query = request.query_params
         # A browser's EventSource reconnects with its first URL (`last=`, `minutes=`) plus
         # Last-Event-ID, which wins; in the query itself, two start positions are an error.
         resumed = request.headers.get("last-event-id")
@@ -165,9 +165,10 @@ def create_app(settings: Settings) -> GatewayApp:
     async def site_stats(request: Request, site: str) -> Response:
         """The site's live aggregates of the last 30 minutes (docs/protocol.md, "Stats")."""
         state: GatewayState = app.state.gateway
+        query = _single_values(request)
         site_info = await viewers.authorize(state, secret, site, _token(request))
         try:
-            filters = parse_filters(request.query_params)
+            filters = parse_filters(query)
         except BadFilter as exc:
             raise ApiError(ErrorCode.INVALID_REQUEST, str(exc), exc.field) from None
         try:
@@ -196,6 +197,14 @@ async def housekeeping(state: GatewayState, websockets: WebSocketTransport) -> N
         await asyncio.sleep(HOUSEKEEPING_S)
         websockets.sweep(loop.time(), state.settings.write_timeout_s)
         state.stats.flush()
+
+
+def _single_values(request: Request) -> dict[str, str]:
+    """The query, each stream parameter given once (viewers.single_values), or a 400."""
+    try:
+        return viewers.single_values(request.query_params.multi_items())
+    except viewers.BadOption as exc:
+        raise ApiError(ErrorCode.INVALID_REQUEST, str(exc), exc.field) from None
 
 
 def _token(request: Request) -> str | None:

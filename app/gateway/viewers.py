@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import orjson
@@ -13,7 +13,7 @@ import orjson
 from app import tokens
 from app.codes import CloseCode, ErrorCode
 from app.errors import ApiError, unknown_site
-from app.gateway.aggregates import BadFilter, Filters, parse_filters
+from app.gateway.aggregates import FILTERS, BadFilter, Filters, parse_filters
 from app.gateway.analytics import StatsBusy, StatsMode, parse_stats
 from app.gateway.hub import Viewer
 from app.gateway.replay import Start, StartRequest, run_replay, welcome
@@ -41,6 +41,23 @@ class BadOption(ValueError):
     def __init__(self, message: str, field: str) -> None:
         super().__init__(message)
         self.field = field
+
+
+#: The query parameters a stream reads (docs/protocol.md): each may be given once.
+STREAM_PARAMETERS = frozenset({"token", "since", "last", "minutes", "stats", "sample", *FILTERS})
+
+
+def single_values(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """A stream's query, one value per name (empty values kept: they are refused where they
+    are read); BadOption when a stream parameter comes twice. WebSocket and SSE used to take
+    the first and the last: one query, two meanings (and a proxy checking one of them could be
+    shown the other)."""
+    query: dict[str, str] = {}
+    for name, value in pairs:
+        if name in query and name in STREAM_PARAMETERS:
+            raise BadOption(f"{name} is given more than once", name)
+        query[name] = value
+    return query
 
 
 def parse_options(query: Mapping[str, str]) -> StreamOptions:

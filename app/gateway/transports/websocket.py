@@ -24,22 +24,25 @@ only while the connection can take a frame now (`_direct`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import re
 from collections import deque
 from typing import TYPE_CHECKING, Any, ClassVar, cast
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qsl, unquote
 
 import orjson
+from websockets.datastructures import Headers
 from websockets.frames import Frame, Opcode
-from websockets.http11 import Request
+from websockets.http11 import Request, Response
 from websockets.protocol import CLOSED, CLOSING, OPEN
 from websockets.server import ServerProtocol
 
 from app import tokens
 from app.broker.base import BrokerUnavailable
-from app.codes import CloseCode, StandardCloseCode
+from app.codes import CloseCode, ErrorCode, StandardCloseCode
+from app.errors import ApiError
 from app.gateway import viewers
 from app.gateway.hub import Viewer, ws_frames
 from app.gateway.replay import BadStart, StorageUnavailable, parse_start
@@ -183,7 +186,7 @@ class StreamProtocol(asyncio.Protocol):
         if response.status_code == 101 and match is None:
             response = ws.reject(NOT_A_STREAM, "")
         if response.status_code != 101:
-            ws.send_response(response)
+            ws.send_response(_in_error_shape(response))
             return
         del response.headers["Date"]  # uvicorn's own (cached) Date comes with its defaults
         for name, value in self._server.default_headers:
@@ -193,12 +196,15 @@ class StreamProtocol(asyncio.Protocol):
         # Frames sent before the viewer is admitted wait in the socket (uvicorn's queue did).
         self.transport.pause_reading()
         self.host.keepalive.watch(self)
-        params = parse_qs(query)
-        token = _first(params, "token") or tokens.bearer(request.headers.get("Authorization"))
-        start = (_first(params, "since"), _first(params, "last"), _first(params, "minutes"))
-        options = {name: values[0] for name, values in params.items()}
+        refusal: viewers.BadOption | None = None
+        try:
+            params = viewers.single_values(parse_qsl(query, keep_blank_values=True))
+        except viewers.BadOption as exc:
+            params, refusal = {}, exc
+        token = params.get("token") or tokens.bearer(request.headers.get("Authorization"))
+        start = (params.get("since"), params.get("last"), params.get("minutes"))
         self.task = asyncio.get_running_loop().create_task(
-            self._admit(unquote(match[1]) if match else "", token, start, options)
+            self._admit(unquote(match[1]) if match else "", token, start, params, refusal)
         )
 
     async def _admit(
@@ -207,11 +213,14 @@ class StreamProtocol(asyncio.Protocol):
         token: str | None,
         start: tuple[str | None, str | None, str | None],
         query: dict[str, str],
+        refusal: viewers.BadOption | None = None,
     ) -> None:
         """Check the viewer, join it to the live feed, then replay what it asked for. The
         handshake is complete: refusals are close codes (docs/protocol.md)."""
         state = self.state
         try:
+            if refusal is not None:  # a query the viewer must fix (a parameter given twice)
+                raise BadStart(str(refusal))
             site_info = await viewers.check_viewer(state, self.host.secret, site, token)
             req = parse_start(*start)
             try:
@@ -594,6 +603,25 @@ def _forget_request(ws: ServerProtocol) -> None:
         next(ws.parser)
 
 
-def _first(params: dict[str, list[str]], name: str) -> str | None:
-    values = params.get(name)
-    return values[0] if values else None
+#: The error code a refused handshake is answered with, by the status websockets chose.
+_REFUSALS = {
+    403: ErrorCode.FORBIDDEN,
+    404: ErrorCode.NOT_FOUND,
+    405: ErrorCode.METHOD_NOT_ALLOWED,
+    500: ErrorCode.INTERNAL,
+}
+
+
+def _in_error_shape(response: Response) -> Response:
+    """A handshake websockets refused (a bad key or version, not GET, not a stream), in the
+    documented error shape (app.codes) rather than its plain text, status kept."""
+    text = response.body.decode(errors="replace").strip()
+    message = text.removeprefix("Failed to open a WebSocket connection: ").rstrip(".")
+    code = _REFUSALS.get(response.status_code, ErrorCode.INVALID_REQUEST)
+    body = orjson.dumps(ApiError(code, message or "not a WebSocket stream").body())
+    headers = Headers(response.headers)
+    for name, value in (("Content-Type", "application/json"), ("Content-Length", str(len(body)))):
+        if name in headers:
+            del headers[name]  # a multi-dict: setting alone would add a second value
+        headers[name] = value
+    return dataclasses.replace(response, headers=headers, body=body)
