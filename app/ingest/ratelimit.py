@@ -118,7 +118,13 @@ class RateLimiter:
             # It ends when the site's queue is empty (held here: the loop holds tasks weakly).
             waiting.task = asyncio.create_task(self._send(site, waiting), name="rate-limit")
         waiting.checks.append((ip_key, n, future))
-        verdict, now = await future
+        try:
+            # The bound holds for the whole wait: queued behind the site's call, then its own.
+            async with asyncio.timeout(CHECK_TIMEOUT_S):
+                verdict, now = await future
+        except TimeoutError:
+            self._metrics.ratelimit_unavailable.inc()
+            return
         if verdict == 1:
             raise ApiError(
                 ErrorCode.RATE_LIMITED,
@@ -139,6 +145,10 @@ class RateLimiter:
             while waiting.checks:
                 group = waiting.checks[:GROUP_CHECKS]
                 del waiting.checks[:GROUP_CHECKS]
+                # A check whose request went away (or gave up waiting) counts nothing.
+                group = [check for check in group if not check[2].done()]
+                if not group:
+                    continue
                 now = time.time()
                 try:
                     verdicts = await self._decide(site, [(ip, n) for ip, n, _ in group], now)
