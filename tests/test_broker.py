@@ -471,3 +471,28 @@ def test_a_breaker_skips_a_failed_server_then_lets_one_probe_through() -> None:
             assert not other  # one probe at a time
     with breaker.call(0) as allowed, breaker.call(0) as again:
         assert allowed and again  # the probe succeeded: healthy again
+
+
+@pytest.mark.parametrize("sites", [1, 3], ids=["one site", "a pipeline of sites"])
+async def test_the_first_publication_after_a_restart_goes_out(
+    private_redis: EmbeddedRedis, names: Names, sites: int
+) -> None:
+    """A pooled connection dies with the server; its first use after the restart fails. That
+    publication used to be lost (and its sites skipped for a second) though Redis was back."""
+    from app.broker.redis import RedisBroker
+    from app.servers.redis import RedisShards
+
+    shards = RedisShards((private_redis.url,))
+    broker = RedisBroker(shards, names, 100)
+    listed = [f"s{i}.example" for i in range(sites)]
+    try:
+        assert (await broker.publish([(s, 1, b'{"offset":1}') for s in listed])).lost == 0
+        private_redis.stop()
+        private_redis.start()
+        result = await broker.publish([(s, 2, b'{"offset":2}') for s in listed])
+        assert (result.published, result.lost) == (sites, 0), result
+        client = shards.clients[0]
+        for site in listed:
+            assert await client.zcard(names.window(site)) == 1  # a restart empties it: 2 is there
+    finally:
+        await shards.aclose()

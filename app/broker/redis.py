@@ -248,7 +248,14 @@ class Publisher:
         # Bounded: the commit loop waits for this, and a Cluster client retries a dead node
         # (reloading the slot map each time) far longer than a commit should wait.
         async with asyncio.timeout(PUBLISH_TIMEOUT_S):
-            await self._publish_unbounded(sites, by_site)
+            try:
+                await self._publish_unbounded(sites, by_site)
+            except redis.exceptions.ConnectionError:
+                # A pooled connection that died with a server restart fails its first use;
+                # the pool opens a fresh one for the retry (publishing again is safe: viewers
+                # take each offset once). The first publication after a restart was lost, and
+                # the site skipped for BACKOFF_S, though Redis was back.
+                await self._publish_unbounded(sites, by_site)
 
     async def _publish_unbounded(self, sites: list[str], by_site: Pairs) -> None:
         index = self._shards.index(sites[0])
