@@ -439,6 +439,8 @@ async def test_both_transports_read_one_query_the_same_way(
         (f"since={cursor}&since=garbage", "since"),
         (f"token=forged&token={good}", "token"),
         ("last=3&last=99999", "last"),
+        ("last=abc", "last"),  # each start parameter named for what is wrong with it
+        ("minutes=0", "minutes"),
     ]
     async with httpx.AsyncClient() as client:
         for query, field in queries:

@@ -143,7 +143,7 @@ def create_app(settings: Settings) -> GatewayApp:
             else:
                 req = parse_start(query.get("since"), query.get("last"), query.get("minutes"))
         except BadStart as exc:
-            raise ApiError(ErrorCode.INVALID_REQUEST, str(exc), "since") from None
+            raise ApiError(ErrorCode.INVALID_REQUEST, str(exc), exc.field) from None
         try:
             options = viewers.parse_options(query)
         except viewers.BadOption as exc:

@@ -65,7 +65,12 @@ class StorageUnavailable(Exception):
 
 
 class BadStart(ValueError):
-    """A malformed `since`, `last` or `minutes`; the message is safe to show."""
+    """A malformed `since`, `last` or `minutes` (named by `field`); the message is safe to
+    show."""
+
+    def __init__(self, message: str, field: str = "since") -> None:
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,22 +84,27 @@ def parse_start(since: str | None, last: str | None, minutes: str | None) -> Sta
     given = [x for x in (since, last, minutes) if x]
     if len(given) > 1:
         raise BadStart("give at most one of since, last and minutes")
-    try:
-        if since:
+    if since:
+        try:
             return StartRequest(since=parse_cursor(since))
-        if last:
+        except ValueError as exc:
+            raise BadStart(f"bad start position: {exc}", "since") from None
+    if last:
+        try:
             n = int(last)
-            if not 0 <= n <= MAX_LAST:
-                raise ValueError
-            return StartRequest(last=n)
-        if minutes:
+        except ValueError:
+            n = -1
+        if not 0 <= n <= MAX_LAST:
+            raise BadStart(f"last is a whole number from 0 to {MAX_LAST}", "last")
+        return StartRequest(last=n)
+    if minutes:
+        try:
             m = float(minutes)
-            if not 0 < m <= MAX_MINUTES:
-                raise ValueError
-            return StartRequest(minutes=m)
-    except ValueError as exc:
-        detail = str(exc) if since else f"last is 0..{MAX_LAST}, minutes 0..{MAX_MINUTES}"
-        raise BadStart(f"bad start position: {detail}") from None
+        except ValueError:
+            m = 0.0
+        if not 0 < m <= MAX_MINUTES:  # NaN included
+            raise BadStart(f"minutes is a number above 0 and at most {MAX_MINUTES}", "minutes")
+        return StartRequest(minutes=m)
     return StartRequest()
 
 
