@@ -69,7 +69,7 @@ class Printer:
         kind = notice["type"]
         if kind == "welcome":
             if notice.get("recovered") is False:
-                self._warn(f"resume incomplete ({notice.get('reason')}): some events are missing")
+                self._warn(_RESUME_FAILED.get(notice.get("reason"), _RESUME_FAILED[None]))
             if notice.get("delivery") == "storage":
                 self._warn(STORAGE_DELIVERY)
             return
@@ -124,6 +124,18 @@ class Output(Protocol):
     def notice(self, notice: dict[str, Any]) -> None: ...
 
     def retry(self, url: str, why: str, delay: float) -> None: ...
+
+
+#: What a resume that could not be complete means, by the welcome's `reason`
+#: (docs/protocol.md): not every reason means that events were missed.
+_RESUME_FAILED: dict[Any, str] = {
+    "cursor_ahead": "that cursor is ahead of every stored event (none after it was ever "
+    "acknowledged): following from the newest",
+    "epoch_changed": "that cursor is from another offset sequence of this site: following "
+    "from the newest",
+    "expired": "resume incomplete (expired): retention removed some of the missed events",
+    None: "resume incomplete: some events may be missing",
+}
 
 
 def run(client: StreamClient, printer: Output) -> int:
