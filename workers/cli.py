@@ -196,7 +196,7 @@ main.add_command(_serve_command("ingest", 8000))
 main.add_command(_serve_command("gateway", 8001))
 
 
-@main.command()
+@main.command(short_help="Run background jobs (partitions, retention, salts).")
 @click.option("--once", is_flag=True, help="Run one pass and exit.")
 def worker(once: bool) -> None:
     """Run background jobs: partitions made ahead, event retention, salt expiry."""
@@ -220,7 +220,8 @@ def _viewer_options(command: Callable[..., None]) -> Callable[..., None]:
         "--gateway",
         "gateways",
         multiple=True,
-        help="Gateway URL (repeatable; default SITEWIRE_GATEWAY or ws://127.0.0.1:8001).",
+        help="Gateway URL (repeatable; default SITEWIRE_GATEWAY, else the local stack's "
+        "(sitewire run in this folder), else ws://127.0.0.1:8001).",
     )(command)
 
 
@@ -249,7 +250,7 @@ def tail(
     sys.exit(tailing.run(client, tailing.default_printer(as_json, text_filter)))
 
 
-@main.command()
+@main.command(short_help="Show SITE's live aggregates, redrawn every second.")
 @click.argument("site")
 @click.option("--json", "as_json", is_flag=True, help="One stats object (JSON) per update.")
 @click.option(
@@ -291,7 +292,8 @@ def _viewer(site: str, gateways: tuple[str, ...], token: str | None) -> tuple[li
     from app.client import DEFAULT_GATEWAY, gateway_url, gateway_urls
 
     token = token or os.environ.get("SITEWIRE_TOKEN") or None
-    settings = _client_settings()
+    # The local stack is looked for only when something is missing (and then it says so).
+    settings = _settings() if token and gateways else _client_settings()
     if not token and settings.secret:
         token = tokens.issue(settings.secret, site, 12 * 3600)
     if not token:
@@ -320,7 +322,7 @@ def _stack_options(command: Callable[..., None]) -> Callable[..., None]:
                      help="Ingest replicas sharing the ingest port."),
         click.option("--gateways", default=2, show_default=True, type=click.IntRange(1, 16),
                      help="Gateway replicas sharing the gateway port."),
-        click.option("--demo/--no-demo", default=True,
+        click.option("--demo/--no-demo", default=True, show_default=True,
                      help="A demo site with demo traffic, and a demo page with the tracker."),
         click.option("--demo-port", default=8002, show_default=True, type=PORT,
                      help="Port of the demo page (with --demo)."),
@@ -330,7 +332,7 @@ def _stack_options(command: Callable[..., None]) -> Callable[..., None]:
     return command
 
 
-@main.command()
+@main.command(short_help="Run everything locally: servers, replicas and a demo.")
 @_stack_options
 def up(
     data_dir: str,
