@@ -222,14 +222,17 @@ class _Reader:
 
 #: Variables whose values an error message must not repeat.
 _SECRETS = frozenset({"SITEWIRE_SECRET"})
-_PASSWORD = re.compile(r"(//[^:/@]*:)[^@/]*@")
+#: What may hold a password in a URL: whatever comes between `//` and the host's `@` (the last
+#: one: a password may hold `@` or `/` itself), and a `password=` query parameter.
+_USERINFO = re.compile(r"//.*@")
+_PASSWORD_PARAM = re.compile(r"(password=)[^&]*", re.IGNORECASE)
 
 
 def _shown(name: str, raw: str) -> str:
     """The value an error message repeats: none for a secret, a URL without its password."""
     if name in _SECRETS:
         return f" (got {len(raw)} characters)"
-    masked = _PASSWORD.sub(r"\g<1>***@", raw)
+    masked = _PASSWORD_PARAM.sub(r"\g<1>***", _USERINFO.sub("//***@", raw))
     return f" (got {masked!r})"
 
 

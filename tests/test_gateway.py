@@ -473,3 +473,48 @@ async def test_a_refused_handshake_answers_in_the_error_shape(
         assert status == 400 and headers["content-type"] == "application/json", body
         error = orjson.loads(body)["error"]
         assert error["code"] == "invalid_request" and "Sec-WebSocket" in error["message"]
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse"])
+async def test_a_viewer_that_reads_in_bursts_stays_and_one_that_stops_is_closed(
+    spawn: Callable[..., AppProcess], site: str, transport: str
+) -> None:
+    """With a replay waiting on a full socket: a reader taking 64 KiB every 1.7 s (under the
+    2 s write timeout) keeps its stream; once it stops taking anything, it is closed within
+    the timeout and a little more (4001, counted as `write_timeout`)."""
+    ingest = spawn("ingest", **FAST)
+    timeouts = {"SITEWIRE_WRITE_TIMEOUT_S": "2", "SITEWIRE_PING_INTERVAL_S": "60"}
+    gateway = spawn("gateway", **FAST, **timeouts)
+    await post_large(ingest.url, site, 1000, 4000)
+    path = "events" if transport == "sse" else "stream"
+    request = f"GET /v1/sites/{site}/{path}?token={token(site)}&last=1000 HTTP/1.1\r\nHost: x\r\n"
+    if transport == "websocket":
+        request += (
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        )
+    sock = _slow_socket(gateway.port, request + "\r\n")
+    timed_out = 'sitewire_gateway_closes_total{reason="write_timeout"}'
+
+    def bursts() -> int:
+        time.sleep(1.0)  # the replay fills the socket's buffers meanwhile
+        sock.settimeout(2)
+        taken = 0
+        for _ in range(4):
+            got = 0
+            while got < 64 * 1024:
+                chunk = sock.recv(64 * 1024 - got)
+                assert chunk, "closed while it was reading"
+                got += len(chunk)
+            taken += got
+            time.sleep(1.7)
+        return taken
+
+    try:
+        assert await asyncio.to_thread(bursts) == 4 * 64 * 1024
+        assert await metric(gateway.internal_url, timed_out) == 0.0
+        stopped = time.monotonic()
+        await wait_metric(gateway.internal_url, timed_out, 1.0, timeout=15)
+        assert time.monotonic() - stopped < 2 + 3  # the timeout, a look or a sweep, and slack
+    finally:
+        sock.close()

@@ -4,6 +4,7 @@ calls, and are decided one by one in arrival order, exactly as separate calls wo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 
@@ -13,7 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from app.errors import ApiError
 from app.ingest.metrics import IngestMetrics
-from app.ingest.ratelimit import RateLimiter
+from app.ingest.ratelimit import CHECK_SCRIPT, RateLimiter
 from app.names import Names
 from app.servers.redis import RedisShards
 from app.settings import Settings
@@ -107,3 +108,53 @@ async def test_a_cancelled_check_leaves_the_others_decided(
     await rate.check(SITE, "ip", 1)  # and the site's next check starts a call of its own
     counted = await shards.clients[0].get(names.rate_ip(SITE, "ip", int(time.time() // 60)))
     assert counted == b"20"
+
+
+async def test_limits_hold_with_a_slow_redis_that_answers(
+    private_redis: EmbeddedRedis, names: Names, settings: Settings
+) -> None:
+    """Redis answering each call in 0.12 s (a far region, a loaded server): checks queued
+    behind a call wait for it and the next, and are still decided by Redis, not waved through
+    as unavailable (a bound on the whole wait of one call's length did that)."""
+    delay = {"s": 0.0}  # answers are held this long once the connection is up
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, slow: bool) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                if slow:
+                    await asyncio.sleep(delay["s"])
+                writer.write(data)
+        writer.close()
+
+    async def relay(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", private_redis.port)
+        await asyncio.gather(pipe(client_r, server_w, False), pipe(server_r, client_w, True))
+
+    proxy = await asyncio.start_server(relay, "127.0.0.1", 0)
+    port = proxy.sockets[0].getsockname()[1]
+    slow = RedisShards((f"redis://127.0.0.1:{port}",))
+    try:
+        rate = limiter(slow, names, settings, rate_site_per_sec=10, rate_ip_per_min=0)
+        direct = aioredis.Redis.from_url(private_redis.url)
+        await direct.script_load(CHECK_SCRIPT)  # loading it through the delay would time out
+        await direct.aclose()
+        await rate.check("warm.example", "ip", 1)  # connects
+        delay["s"] = 0.12
+        await wait_for_fresh(1, 0.9)
+
+        async def one(i: int) -> bool:
+            await asyncio.sleep(i * 0.005)  # a busy site: checks arrive while calls are out
+            try:
+                await rate.check(SITE, f"ip{i}", 1)
+            except ApiError:
+                return False
+            return True
+
+        second = int(time.time())
+        passed = await asyncio.gather(*(one(i) for i in range(40)))
+        # Every check decided by Redis: the second's 10 (two seconds' worth if the burst
+        # crossed into the next one), none waved through for waiting too long.
+        assert sum(passed) == 10 or (int(time.time()) > second and sum(passed) <= 20)
+    finally:
+        await slow.aclose()
+        proxy.close()

@@ -75,8 +75,10 @@ def test_cli_fails_fast_with_the_variable_name() -> None:
     ("variable", "value", "hidden", "shown"),
     [
         ("SITEWIRE_SECRET", "hunter2-is-my-password", "hunter2", "got 22 characters"),
-        ("DATABASE_URL", "mysql://app:s3cret@db/x", "s3cret", "mysql://app:***@db/x"),
-        ("REDIS_URL", "http://:s3cret@cache:6379", "s3cret", "http://:***@cache:6379"),
+        ("DATABASE_URL", "mysql://app:s3cret@db/x", "s3cret", "mysql://***@db/x"),
+        ("DATABASE_URL", "mysql://app:s3@cr/et@db/x", "cr/et", "mysql://***@db/x"),
+        ("DATABASE_URL", "mysql://db/x?user=a&password=s3cret", "s3cret", "password=***"),
+        ("REDIS_URL", "http://:s3cret@cache:6379", "s3cret", "http://***@cache:6379"),
     ],
 )
 def test_a_refused_secret_is_not_repeated(

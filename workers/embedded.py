@@ -19,6 +19,7 @@ import socket
 import subprocess
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -111,19 +112,24 @@ class EmbeddedPostgres:
                 self.pg_ctl("-m", "fast", "-w", "stop")
 
 
-def stop_with_parent() -> None:
-    """In a child, before it runs its program: SIGTERM when the process that started it dies.
-    A child in its own session (so that a Ctrl-C reaches only its parent) would otherwise
+def stop_with_parent() -> Callable[[], None] | None:
+    """A `preexec_fn` for a child: SIGTERM when the process starting it (this one) dies. A
+    child in its own session (so that a Ctrl-C reaches only its parent) would otherwise
     outlive a parent that was killed (kill -9, OOM) and keep its port. Linux counts the
     parent's *thread*: start such children from a thread that lives as long as they should
-    (the main thread). Linux only; elsewhere nothing is set."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if not hasattr(libc, "prctl"):
-        return
-    parent = os.getppid()
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent:  # the parent died before the request was made
-        os.kill(os.getpid(), signal.SIGTERM)
+    (the main thread). None where prctl(2) does not exist."""
+    libc = ctypes.CDLL(None, use_errno=True)  # resolved here: the child only calls it
+    prctl = getattr(libc, "prctl", None)
+    if prctl is None:
+        return None
+    parent = os.getpid()  # read before the fork: in the child, a dead parent reads as 1
+
+    def in_child() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the request was made
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return in_child
 
 
 #: prctl(2): the signal a process gets when its parent dies.
@@ -150,7 +156,7 @@ class EmbeddedRedis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
-            preexec_fn=stop_with_parent,
+            preexec_fn=stop_with_parent(),
         )
         self._wait_ready()
 

@@ -170,7 +170,7 @@ class Stack:
                 # children in order (_stop; docs/decisions.md).
                 # And it stops when this process dies without stopping it (kill -9).
                 child = subprocess.Popen(
-                    replica, env=env, start_new_session=True, preexec_fn=stop_with_parent
+                    replica, env=env, start_new_session=True, preexec_fn=stop_with_parent()
                 )
                 self._children.append(child)
 

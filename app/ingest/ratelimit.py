@@ -119,8 +119,9 @@ class RateLimiter:
             waiting.task = asyncio.create_task(self._send(site, waiting), name="rate-limit")
         waiting.checks.append((ip_key, n, future))
         try:
-            # The bound holds for the whole wait: queued behind the site's call, then its own.
-            async with asyncio.timeout(CHECK_TIMEOUT_S):
+            # Queued behind the site's call, then its own: each bounded by CHECK_TIMEOUT_S (a
+            # longer one trips the breaker). A Redis answering in 0.15 s still decides.
+            async with asyncio.timeout(2 * CHECK_TIMEOUT_S):
                 verdict, now = await future
         except TimeoutError:
             self._metrics.ratelimit_unavailable.inc()
@@ -151,10 +152,14 @@ class RateLimiter:
                     continue
                 now = time.time()
                 try:
-                    verdicts = await self._decide(site, [(ip, n) for ip, n, _ in group], now)
+                    decided = await self._decide(site, [(ip, n) for ip, n, _ in group], now)
                 except Exception:  # a bug: let the group through rather than hold its requests
                     log.exception("rate-limit check failed; its requests pass")
-                    verdicts = [0] * len(group)
+                    decided = None
+                if decided is None:  # allowed unchecked: counted once per waiting request
+                    waiting_now = sum(1 for _, _, future in group if not future.done())
+                    self._metrics.ratelimit_unavailable.inc(waiting_now)
+                verdicts = decided if decided is not None else [0] * len(group)
                 for (_, _, future), verdict in zip(group, verdicts, strict=True):
                     if not future.done():  # its request may have been cancelled meanwhile
                         future.set_result((verdict, now))
@@ -164,9 +169,10 @@ class RateLimiter:
             for _, _, future in [*group, *waiting.checks]:  # this task was cancelled
                 future.cancel()
 
-    async def _decide(self, site: str, checks: list[tuple[str, int]], now: float) -> list[int]:
-        """One script call's verdicts; all allowed (and counted as such) when Redis is not
-        there to ask."""
+    async def _decide(
+        self, site: str, checks: list[tuple[str, int]], now: float
+    ) -> list[int] | None:
+        """One script call's verdicts; None when Redis is not there to ask."""
         minute = int(now // 60)
         keys = [self._names.rate_site(site, int(now))]
         keys += [self._names.rate_ip(site, ip_key, minute) for ip_key, _ in checks]
@@ -182,5 +188,4 @@ class RateLimiter:
                         return verdicts
         except REDIS_ERRORS:  # TimeoutError included
             pass
-        self._metrics.ratelimit_unavailable.inc(len(checks))
-        return [0] * len(checks)
+        return None

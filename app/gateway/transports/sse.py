@@ -177,10 +177,11 @@ async def _send_reading(
     """Send `message`; TimeoutError once the client has taken none of what waits for it for
     `idle_s` seconds. The write itself may take longer while the client keeps reading: a
     replay's large writes to a slow reader (docs/protocol.md)."""
-    async with asyncio.timeout(idle_s) as deadline:
-        if unsent is None:
+    if unsent is None:
+        async with asyncio.timeout(idle_s):
             await send(message)
-            return
+        return
+    async with asyncio.timeout(None) as deadline:
         watch = _Progress(deadline, idle_s, unsent)
         try:
             await send(message)
@@ -189,23 +190,28 @@ async def _send_reading(
 
 
 class _Progress:
-    """Moves a write's deadline to `idle_s` after the client was last seen taking bytes,
-    looking every `idle_s` / 4 while the write waits."""
+    """Ends a write (its `deadline`, now) once `idle_s` have passed since the client was last
+    seen taking bytes, looking every `idle_s` / 4 while the write waits. The look decides, not
+    a timer of its own: bytes taken just before the end are seen before it comes."""
 
     def __init__(self, deadline: asyncio.Timeout, idle_s: float, unsent: Callable[[], int]):
         self._loop = asyncio.get_running_loop()
         self._deadline = deadline
         self._idle_s = idle_s
         self._unsent = unsent
-        self._last: int | None = None
+        self._left: int | None = None
+        self._taken_at = self._loop.time()
         # Soon: once the write has put its bytes out (uvicorn writes, then waits).
         self._timer: asyncio.Handle = self._loop.call_soon(self._look)
 
     def _look(self) -> None:
-        left = self._unsent()
-        if self._last is not None and left < self._last:  # the client took some: it reads
-            self._deadline.reschedule(self._loop.time() + self._idle_s)
-        self._last = left
+        now, left = self._loop.time(), self._unsent()
+        if self._left is None or left < self._left:  # the client took some: it reads
+            self._taken_at = now
+        elif now - self._taken_at >= self._idle_s:
+            self._deadline.reschedule(now)  # nothing taken for idle_s: the write fails
+            return
+        self._left = left
         self._timer = self._loop.call_later(self._idle_s / 4, self._look)
 
     def stop(self) -> None:
