@@ -113,11 +113,17 @@ class BoundedHttp(HttpToolsProtocol):
         #: once, or (`_owed`) once the earlier requests' answers are out.
         self._refused = False
         self._owed: tuple[ErrorCode, str] | None = None
+        #: The scope extensions of every request on this connection (`connection_made`).
+        self._extensions: dict[str, dict[object, object]] = {}
 
     # -- the request's phases ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        # The connection's, so made once here and given to each of its requests' scopes.
+        self._extensions = {
+            ABORT: {"abort": transport.abort, "unsent": lambda: unsent_bytes(transport)}
+        }
         self._arm(self.limits.header_timeout_s)
 
     def on_message_begin(self) -> None:
@@ -161,10 +167,7 @@ class BoundedHttp(HttpToolsProtocol):
             return
         self._in_headers = False
         self._arm(self.limits.body_timeout_s)
-        transport = self.transport
-        self.scope["extensions"] = {
-            ABORT: {"abort": transport.abort, "unsent": lambda: unsent_bytes(transport)}
-        }
+        self.scope["extensions"] = self._extensions
         super().on_headers_complete()
         if len(self.pipeline) > MAX_PIPELINED:
             self._refuse(ErrorCode.RATE_LIMITED, f"more than {MAX_PIPELINED} requests pipelined")

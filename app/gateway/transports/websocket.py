@@ -371,7 +371,7 @@ class StreamProtocol(asyncio.Protocol):
             # Flow control: the frames wait in the queue (capped) until `resume_writing`.
             if not self.write_started:
                 self.write_started = asyncio.get_running_loop().time()
-                self.unsent = unsent_bytes(self.transport) if self.transport is not None else 0
+                self.unsent = self._unsent()
             return
         items = viewer.take()
         if not items:
@@ -486,10 +486,13 @@ class StreamProtocol(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def _unsent(self) -> int:
+        return unsent_bytes(self.transport) if self.transport is not None else 0
+
     def write_progressed(self, now: float) -> bool:
         """Whether the peer took bytes since last asked (the wait then counts from `now`): a
         slow reader, not one that stopped reading."""
-        left = unsent_bytes(self.transport) if self.transport is not None else 0
+        left = self._unsent()
         progressed = left < self.unsent
         if progressed:
             self.write_started = now
