@@ -335,6 +335,19 @@ async def test_many_sites_subscribing_at_once(
         await v.close()
 
 
+def _replay_request(site: str, transport: str, last: int) -> str:
+    """The raw request of a stream replaying the site's last `last` events (SSE or WebSocket)."""
+    path = "events" if transport == "sse" else "stream"
+    request = f"GET /v1/sites/{site}/{path}?token={token(site)}&last={last} HTTP/1.1\r\n"
+    request += "Host: x\r\n"
+    if transport == "websocket":
+        request += (
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        )
+    return request + "\r\n"
+
+
 def _slow_socket(port: int, request: str) -> socket.socket:
     """A client with a small receive buffer that sends `request` (its reads are paced)."""
     sock = socket.socket()
@@ -394,16 +407,7 @@ async def test_a_slow_reader_of_a_large_replay_is_served_to_the_end(
     gateway = spawn("gateway", **FAST, **timeouts)
     count = 1000
     await post_large(ingest.url, site, count, 4000)  # ~4 MB to replay: more than fits in buffers
-    query = f"token={token(site)}&last={count}"
-    if transport == "sse":
-        request = f"GET /v1/sites/{site}/events?{query} HTTP/1.1\r\nHost: x\r\n\r\n"
-    else:
-        request = (
-            f"GET /v1/sites/{site}/stream?{query} HTTP/1.1\r\nHost: x\r\n"
-            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        )
-    sock = _slow_socket(gateway.port, request)
+    sock = _slow_socket(gateway.port, _replay_request(site, transport, count))
     last = f'"offset":{count},'.encode()
 
     def done(got: bytes) -> bool:  # the last event, whole (and its frame, for a WebSocket)
@@ -486,14 +490,7 @@ async def test_a_viewer_that_reads_in_bursts_stays_and_one_that_stops_is_closed(
     timeouts = {"SITEWIRE_WRITE_TIMEOUT_S": "2", "SITEWIRE_PING_INTERVAL_S": "60"}
     gateway = spawn("gateway", **FAST, **timeouts)
     await post_large(ingest.url, site, 1000, 4000)
-    path = "events" if transport == "sse" else "stream"
-    request = f"GET /v1/sites/{site}/{path}?token={token(site)}&last=1000 HTTP/1.1\r\nHost: x\r\n"
-    if transport == "websocket":
-        request += (
-            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-        )
-    sock = _slow_socket(gateway.port, request + "\r\n")
+    sock = _slow_socket(gateway.port, _replay_request(site, transport, 1000))
     timed_out = 'sitewire_gateway_closes_total{reason="write_timeout"}'
 
     def bursts() -> int:
