@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 
 from app import tokens
-from workers.embedded import free_port
+from workers.embedded import free_port, free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -109,7 +109,7 @@ class Env:
     ) -> tuple[subprocess.Popen[bytes], int]:
         """A Sitewire process on a free port, with its metrics on a private one
         (`self.metrics_url(port)`)."""
-        port, internal = free_port(), free_port()
+        port, internal = free_ports(2)
         self.internal[port] = internal
         argv = ["workers.cli", role, "--port", str(port), "--internal-port", str(internal)]
         return self.start(argv, port, core, extra), port

@@ -239,7 +239,7 @@ class Replicas:
             self.internal.append(internal)
 
     def _start(self) -> tuple[subprocess.Popen[bytes], int]:
-        internal = free_port()
+        internal = free_port(avoid={self.port})  # the replicas' shared port may not be bound yet
         argv = ["workers.cli", "gateway", "--port", str(self.port), "--reuse-port"]
         argv += ["--internal-port", str(internal)]
         proc = self.env.start(argv, self.port, None, ready_port=internal, preexec=nofile_preexec)

@@ -24,7 +24,8 @@ class AppProcess:
     ) -> None:
         self.role = role
         self.port = port or free_port()
-        self.internal_port = free_port()  # metrics and probes (app.web.health)
+        # Metrics and probes (app.web.health): a port of its own, never the public one.
+        self.internal_port = free_port(avoid={self.port})
         self.env = env
         self.log_path = log_dir / f"{role}-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None

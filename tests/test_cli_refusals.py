@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from workers.embedded import free_port
+from workers.embedded import free_port, free_ports
 
 
 def sitewire(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -60,10 +60,23 @@ def test_a_role_on_a_port_in_use_says_so_in_one_line() -> None:
 
 @pytest.mark.embedded
 def test_run_with_an_unreachable_database_says_so_in_one_line(tmp_path: os.PathLike[str]) -> None:
+    ingest, gateway, nowhere = free_ports(3)
     done = sitewire(
         "run", "--data-dir", str(tmp_path), "--no-demo",
-        "--ingest-port", str(free_port()), "--gateway-port", str(free_port()),
-        DATABASE_URL=f"postgresql://nobody@127.0.0.1:{free_port()}/x",
+        "--ingest-port", str(ingest), "--gateway-port", str(gateway),
+        DATABASE_URL=f"postgresql://nobody@127.0.0.1:{nowhere}/x",
         REDIS_URL=os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0"),
     )  # fmt: skip
     refused(done, "sitewire: cannot prepare the database: ")
+
+
+def test_ports_chosen_together_differ() -> None:
+    """Two ports taken one at a time once came out the same (the kernel handed a just-closed
+    port out again), and a process was refused its private port: chosen together, they
+    differ, and one chosen beside others avoids them."""
+    from workers.embedded import free_ports
+
+    for _ in range(20):
+        ports = free_ports(8)
+        assert len(set(ports)) == 8
+        assert free_port(avoid=set(ports)) not in ports

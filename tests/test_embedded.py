@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from app import tokens
-from workers.embedded import free_port
+from workers.embedded import free_port, free_ports
 from workers.run import DEMO_SITE
 
 pytestmark = [pytest.mark.embedded, pytest.mark.slow]
@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.embedded, pytest.mark.slow]
 
 def test_sitewire_run_on_embedded_servers(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
-    ingest, gateway, demo = free_port(), free_port(), free_port()
+    ingest, gateway, demo = free_ports(3)
     with (tmp_path / "run.log").open("wb") as log:
         proc = subprocess.Popen(
             [

@@ -19,7 +19,7 @@ import pytest
 from websockets.sync.client import connect
 
 from app import tokens
-from workers.embedded import free_port
+from workers.embedded import free_ports
 from workers.run import DEMO_SITE
 
 pytestmark = [pytest.mark.embedded, pytest.mark.slow]
@@ -40,10 +40,10 @@ def test_ctrl_c_stops_everything_in_order_and_quietly(tmp_path: Path, sig: int) 
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
     env.pop("SITEWIRE_LOG_FORMAT", None)
     data_dir = tmp_path / ".sitewire"
-    ingest, gateway = free_port(), free_port()
+    ingest, gateway, demo = free_ports(3)
     cmd = [sys.executable, "-m", "workers.cli", "run", "--data-dir", str(data_dir),
            "--ingest-port", str(ingest), "--gateway-port", str(gateway),
-           "--demo-port", str(free_port())]  # fmt: skip
+           "--demo-port", str(demo)]  # fmt: skip
     terminal = Terminal()
     # Its own process group, as a shell runs a foreground job: Ctrl-C signals that group.
     proc = terminal.run(cmd, env)
@@ -193,7 +193,7 @@ def test_a_killed_stack_takes_its_processes_with_it_and_the_next_one_stops_clean
     it over and stops it on Ctrl-C (pgserver alone kept it running for ever)."""
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
     data_dir = tmp_path / ".sitewire"
-    ingest, gateway = free_port(), free_port()
+    ingest, gateway = free_ports(2)
     cmd = [sys.executable, "-m", "workers.cli", "run", "--data-dir", str(data_dir),
            "--ingest-port", str(ingest), "--gateway-port", str(gateway), "--no-demo"]  # fmt: skip
     started: set[int] = set()

@@ -19,7 +19,7 @@ import socket
 import subprocess
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +43,21 @@ class MissingLocalExtra(click.ClickException):
         )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+def free_port(avoid: Collection[int] = ()) -> int:
+    """A port free now, other than those in `avoid` (ports chosen but not bound yet). For
+    several that must differ, `free_ports`."""
+    return next(port for port in free_ports(len(avoid) + 1) if port not in avoid)
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports free now. Each socket stays bound until all are chosen: ports
+    taken one at a time can repeat (the kernel may hand a just-closed one out again; a test
+    process once got the same port for its public and its private listener)."""
+    with contextlib.ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
 
 
 def redis_binary() -> Path:

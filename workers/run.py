@@ -35,7 +35,7 @@ from workers.embedded import (
     EmbeddedPostgres,
     EmbeddedRedis,
     MissingLocalExtra,
-    free_port,
+    free_ports,
     stop_with_parent,
 )
 from workers.local import LOCK_FILE, STATE_FILE, LocalStack
@@ -157,12 +157,14 @@ class Stack:
         return path.read_text().strip()
 
     def _start_children(self, env: dict[str, str]) -> None:
+        # Metrics are per process: one private port each, all different.
+        internals = iter(free_ports(sum(self.replicas.values())))
         for role, port in (("ingest", self.ingest_port), ("gateway", self.gateway_port)):
             cmd = [sys.executable, "-m", "workers.cli", role, "--port", str(port)]
             if self.replicas[role] > 1:
                 cmd.append("--reuse-port")  # the kernel spreads connections over replicas
             for _ in range(self.replicas[role]):
-                internal = free_port()  # metrics are per process: one port each
+                internal = next(internals)
                 self.internal_ports[role].append(internal)
                 replica = [*cmd, "--internal-port", str(internal)]
                 # Its own session: a Ctrl-C at the terminal signals the whole foreground
