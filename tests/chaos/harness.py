@@ -130,7 +130,10 @@ async def post_once(
 def post_client() -> httpx.AsyncClient:
     # Room for every request of a long stall in flight at once: a request waiting for a pooled
     # connection would fail as the harness's doing, not the server's.
-    limits = httpx.Limits(max_connections=4000, max_keepalive_connections=50)
+    # Idle connections are dropped before the servers' 5 s keep-alive (SITEWIRE_KEEPALIVE_S)
+    # would close them: at httpx's own 5 s, a post could go out on a connection the server
+    # was closing that moment (a ReadError from an ingest no fault touched, seen once in CI).
+    limits = httpx.Limits(max_connections=4000, max_keepalive_connections=50, keepalive_expiry=2.0)
     return httpx.AsyncClient(headers={"User-Agent": BROWSER}, timeout=POST_TIMEOUT_S, limits=limits)
 
 
