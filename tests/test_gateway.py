@@ -479,6 +479,33 @@ async def test_a_refused_handshake_answers_in_the_error_shape(
         assert error["code"] == "invalid_request" and "Sec-WebSocket" in error["message"]
 
 
+async def test_handshakes_read_once_accept_and_refuse_as_websockets_would(
+    spawn: Callable[..., AppProcess], site: str
+) -> None:
+    """The upgrade request reaches the WebSocket protocol as uvicorn parsed it, not re-parsed
+    by websockets (app.web.http.TakesUpgrade): what websockets' parser accepted still opens
+    (odd header case, spaces around a value, HTTP/1.0), and a request with a body is refused,
+    now in the error shape (websockets' parser closed without an answer)."""
+    gateway = spawn("gateway", **FAST)
+    path = f"/v1/sites/{site}/stream?token={token(site)}"
+    fields = (
+        "uPgRaDe: websocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+    )
+    key = "Sec-WebSocket-Key:   dGhlIHNhbXBsZSBub25jZQ==  \r\n"
+    for version in ("HTTP/1.1", "HTTP/1.0"):
+        async with connected(gateway.port) as (reader, writer):
+            writer.write(f"GET {path} {version}\r\nHost: x\r\n{fields}{key}\r\n".encode())
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        assert b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in head  # RFC 6455's example key, accepted
+    for body in ("Content-Length: 5\r\n", "Transfer-Encoding: chunked\r\n"):
+        async with connected(gateway.port) as (reader, writer):
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n{fields}{key}{body}\r\n".encode())
+            status, headers, answer = await response(reader)
+        assert status == 400 and headers["content-type"] == "application/json", answer
+        assert orjson.loads(answer)["error"]["code"] == "invalid_request"
+
+
 @pytest.mark.parametrize("transport", ["websocket", "sse"])
 async def test_a_viewer_that_reads_in_bursts_stays_and_one_that_stops_is_closed(
     spawn: Callable[..., AppProcess], site: str, transport: str

@@ -29,6 +29,7 @@ import logging
 import os
 import re
 from collections import deque
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 from urllib.parse import parse_qsl, unquote
 
@@ -48,7 +49,7 @@ from app.gateway.hub import Viewer, ws_frames
 from app.gateway.replay import BadStart, StorageUnavailable, parse_start
 from app.gateway.state import GatewayState
 from app.servers.postgres import STORAGE_ERRORS
-from app.web.http import unsent_bytes
+from app.web.http import TakesUpgrade, unsent_bytes
 
 if TYPE_CHECKING:
     import uvicorn
@@ -68,7 +69,7 @@ NOT_A_STREAM = 403
 PONG = b'{"type":"pong"}'
 
 
-class StreamProtocol(asyncio.Protocol):
+class StreamProtocol(TakesUpgrade):
     """One viewer's WebSocket connection on `GET /v1/sites/{site}/stream`."""
 
     __slots__ = (
@@ -178,6 +179,24 @@ class StreamProtocol(asyncio.Protocol):
             self.transport.close()
 
     # -- the opening handshake and admission -----------------------------------------------
+
+    def take_upgrade(
+        self, method: str, target: bytes, headers: Iterable[tuple[bytes, bytes]]
+    ) -> None:
+        """The upgrade request as uvicorn's parser read it (app.web.http): answered as
+        `data_received` answers its bytes, without parsing them again."""
+        ws = self.ws
+        if ws is None:
+            return
+        try:
+            request = _request(method, target, headers)
+        except ValueError as exc:  # what websockets' own parser refuses (UnicodeError too)
+            response = ws.reject(400, f"Failed to open a WebSocket connection: {exc}.\n")
+            ws.send_response(_in_error_shape(response))
+        else:
+            self._handshake(ws, request)
+            _forget_request(ws)  # the parser still waits for a request: frames from here on
+        self._write_out()
 
     def _handshake(self, ws: ServerProtocol, request: Request) -> None:
         response = ws.accept(request)
@@ -594,6 +613,22 @@ class WebSocketTransport:
                 if conn.viewer is None or conn.viewer.close_code is None:  # counted once
                     conn.state.metrics.closes.labels("write_timeout").inc()
                 conn.write_timed_out()
+
+
+def _request(method: str, target: bytes, headers: Iterable[tuple[bytes, bytes]]) -> Request:
+    """websockets' `Request` for a head uvicorn has parsed, refused where websockets' own
+    parser would refuse it (a target that is not ASCII, a body); the rest `accept` checks."""
+    fields = Headers()
+    for name, value in headers:
+        # llhttp has checked both (a token; no control characters), as websockets would; it
+        # leaves the spaces after a value, which websockets strips.
+        fields.set_insecure(name.decode("ascii"), value.strip(b" \t").decode("iso-8859-1"))
+    if "Transfer-Encoding" in fields:
+        raise ValueError("transfer codings aren't supported")
+    if not set(fields.get_all("Content-Length")) <= {"0"}:
+        raise ValueError("unsupported request body")
+    # uvicorn rebuilt every upgrade as HTTP/1.1, whatever the client wrote: kept so.
+    return Request(target.decode("ascii"), fields, method)
 
 
 def _forget_request(ws: ServerProtocol) -> None:
