@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from app.settings import Settings
-from tests.clients import SseViewer, Steady, Watcher, WsViewer, post_events
+from tests.clients import SseViewer, Steady, Watcher, WsViewer, post_batches, post_events
 from tests.processes import AppProcess
 from tests.support import BROWSER, FAST, cover, env_for, epoch_of, metric, token
 from workers.embedded import EmbeddedRedis
@@ -189,6 +189,28 @@ async def test_incomplete_recovery_is_explicit(
     assert gap == {"type": "gap", "after": f"{epoch}-5", "recovered": False}
     for v in (wrong, expired):
         await v.close()
+
+
+async def test_a_resume_across_a_hole_longer_than_a_page_gets_what_remains(
+    spawn: Callable[..., AppProcess], site: str, pool: asyncpg.Pool
+) -> None:
+    """An outside test: retention removed 500 events (more than a replay page, 200) after a
+    viewer's cursor, and the resume came back `expired`, a gap notice, and then nothing of the
+    100 events still stored. Both transports, and `last=` reaching into the hole, get them."""
+    ingest = spawn("ingest", **FAST, SITEWIRE_REPLAY_WINDOW="10")
+    gateway = spawn("gateway", **FAST)
+    await post_batches(ingest.url, site, 600)
+    epoch = await epoch_of(pool, site)
+    await pool.execute("DELETE FROM events WHERE site = $1 AND site_offset <= 500", site)
+    ws = await WsViewer.open(gateway.ws_url, site, token(site), f"&since={epoch}-3")
+    deep = await WsViewer.open(gateway.ws_url, site, token(site), "&last=400")
+    sse = await SseViewer.open(gateway.url, site, token(site), query={"since": f"{epoch}-3"})
+    for viewer in (ws, deep, sse):
+        await viewer.wait_for(100)
+        assert viewer.offsets == list(range(501, 601))
+        gap = await viewer.wait_notice("gap")
+        assert gap["recovered"] is False and gap["after"] in (f"{epoch}-3", f"{epoch}-200")
+        await viewer.close()
 
 
 async def test_replay_is_paged_within_the_viewer_queue(

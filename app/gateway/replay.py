@@ -156,7 +156,9 @@ class Replayer:
         self, site: str, epoch: str, after: int, until: int, *, window: bool = True
     ) -> list[Event]:
         """Events after..until (at most PAGE), window first (unless `window` is False), then
-        PostgreSQL. `until` is an offset known to be committed, or UNBOUNDED.
+        PostgreSQL. `until` is an offset known to be committed, or UNBOUNDED. Empty only when
+        nothing is stored after `after` up to `until`: past a hole of a page or more, the page
+        is the first events after it.
 
         Wherever the page comes from, concurrent callers asking for it share one read, and a
         page bounded by a committed offset is kept for RECENT_PAGE_S: a reconnect storm's
@@ -179,13 +181,23 @@ class Replayer:
                 self._metrics.replay_reads.labels("postgres").inc()
                 async with self._reads:
                     events = await from_postgres(self._pool, site, epoch, after, PAGE, until=last)
+                    if not events and last < until:
+                        # A hole longer than a page (retention dropped a month, or events whose
+                        # time was far off went with theirs): the page is the first events
+                        # past it, not "nothing left" (callers tell the hole by the offsets).
+                        events = await from_postgres(
+                            self._pool, site, epoch, after, PAGE, until=until
+                        )
             if committed:
                 self._recent[key] = (time.monotonic() + RECENT_PAGE_S, events)
                 if len(self._recent) > RECENT_PAGES:
                     self._recent.popitem(last=False)
             return events
 
-        return await self._shared(key, read)
+        events = await self._shared(key, read)
+        if events and events[-1][0] > until:  # past a hole, read for a caller with a later bound
+            return [event for event in events if event[0] <= until]
+        return events
 
     def _recent_page(self, key: tuple[object, ...]) -> list[Event] | None:
         now = time.monotonic()
