@@ -17,11 +17,12 @@ import asyncpg
 import httpx
 import pytest
 
+from app.gateway.aggregates import _source
 from app.store.sites import create_site
 from app.web.assets import Asset
 from tests.clients import post_batches, post_events
 from tests.processes import ROOT, AppProcess
-from tests.support import FAST, SECRET, eventually, token, unavailable
+from tests.support import BROWSER, FAST, SECRET, eventually, token, unavailable
 from workers.embedded import free_port
 
 pytestmark = pytest.mark.slow
@@ -341,6 +342,72 @@ async def test_a_fast_stream_switches_the_log_to_a_sample_and_back(
         ".map(td => td.textContent).join() === '/p/9001,/p/9000'"
     )
     await context.close()
+
+
+async def test_the_dashboard_holds_up_against_what_visitors_send(
+    spawn: Callable[..., AppProcess], browser: Browser, shop: str
+) -> None:
+    """From an outside test: a malformed escape in `utm_source` threw in the dashboard (its
+    filter then showed nothing, and live events after it were lost from the log); a goal with
+    many props ran its panel tens of thousands of pixels long; a long path widened the log past
+    the window. Sources are named as the server names them, a goal shows its three most used
+    props (most used first), and the log keeps to the window's width."""
+    ingest = spawn("ingest", **FAST)
+    gateway = spawn("gateway", **FAST)
+    odd = [
+        "utm_source=%E0%A4%A",  # cut short: Python leaves it as it is
+        "utm_source=%E0%A4%A4x",  # valid UTF-8
+        "utm_source=%FFab+cd",  # an undecodable byte, and a "+"
+        "utm_source=&utm_source=second",  # a blank one is skipped
+        "x=1&utm_source=%20%20",  # blank once stripped: the referrer's host instead
+    ]
+    bodies: list[dict[str, Any]] = [
+        {"site": shop, "name": "pageview", "url": f"https://{shop}/q?{q}"} for q in odd
+    ]
+    bodies.append({"site": shop, "name": "pageview", "url": f"https://{shop}/{'long' * 400}"})
+    props = {f"prop{i:02}-{'k' * 200}": "v" * 300 for i in range(25)}
+    bodies.append({"site": shop, "name": "Signup", "url": f"https://{shop}/", "props": props})
+    bodies += [
+        {"site": shop, "name": "Signup", "url": f"https://{shop}/", "props": {"plan": p}}
+        for p in ("pro", "pro", "team")
+    ]
+    context = await browser.new_context(viewport={"width": 1280, "height": 800})
+    page = await context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    await page.goto(f"{gateway.url}/dashboard/{shop}?token={token(shop)}")
+    await page.wait_for_selector("[data-testid=status][data-state=live]")
+    async with httpx.AsyncClient(headers={"User-Agent": BROWSER}, timeout=10) as client:
+        r = await client.post(f"{ingest.url}/api/events", json=bodies)
+        assert r.status_code == 202 and all(x["status"] == 202 for x in r.json()["results"])
+    assert len(await wait_rows(page, len(bodies))) == len(bodies)
+    stats = await _stats(gateway, shop)
+    await page.wait_for_function(
+        f"document.querySelector('[data-testid=events]').textContent === '{len(bodies)}'"
+    )
+    assert sorted(await _panel(page, "sources")) == sorted(s["value"] for s in stats["sources"])
+    # Every source filters the log to the events (goals too) the server names so.
+    for entry in stats["sources"]:
+        events = sum(_source({"url": b["url"]}) == entry["value"] for b in bodies)
+        await page.click(f"[data-testid=sources] li[data-filter={_css_string(entry['value'])}]")
+        assert len(await wait_rows(page, events)) == events, entry
+        await page.click("[data-testid=filters] .chip button")
+    await page.fill("[data-testid=filter]", "pageview")
+    assert len(await wait_rows(page, 6)) == 6
+    shown = await page.eval_on_selector_all(
+        "[data-testid=goals] li.props", "els => els.map(e => e.textContent)"
+    )
+    signup = stats["goals"][0]
+    assert [line.split(":")[0] for line in shown] == list(signup["props"])[:3]
+    assert shown[0] == "plan: pro (2), team (1)"
+    assert await page.evaluate("document.documentElement.scrollWidth") <= 1280
+    assert await page.evaluate("document.querySelector('[data-testid=goals]').offsetHeight") < 400
+    assert errors == []
+    await context.close()
+
+
+def _css_string(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 async def _panel(page: Page, name: str) -> list[str]:

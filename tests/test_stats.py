@@ -13,11 +13,13 @@ from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 import httpx
+import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
 from app.broker.memory import MemoryBroker
 from app.gateway import analytics as analytics_module
+from app.gateway import aggregates
 from app.gateway.aggregates import SiteStats
 from app.gateway.analytics import Analytics, StatsBusy
 from app.gateway.feed import Feeds
@@ -330,6 +332,49 @@ def test_site_stats_count_a_known_mix() -> None:
         "events": 1,
     }
     assert stats.snapshot(now + timedelta(minutes=10))["visitors_now"] == 0
+
+
+def test_goal_props_are_bounded_and_the_most_used_come_first() -> None:
+    """A test from outside: one visitor's 130 events of one goal, each with 30 new props of
+    ~280 bytes, made every stats frame 1.2 MB and every stats viewer a slow consumer. Props
+    are now counted up to MAX_PROP_ENTRIES a minute and a goal shows its TOP props."""
+    stats = SiteStats()
+    now = datetime(2026, 11, 29, 12, 30, 10, tzinfo=UTC)
+    ts = now.isoformat().replace("+00:00", "Z")
+    offset = 0
+
+    def goal(props: dict[str, Any], name: str = "Signup") -> None:
+        nonlocal offset
+        offset += 1
+        stats.add({"ts": ts, "visitor": "v", "name": name, "path": "/", "props": props}, offset)
+
+    for _ in range(3):
+        goal({"plan": "pro", "seats": 5})
+    goal({"plan": "free"})
+    for i in range(600):  # 18,000 new props of 280 characters
+        goal({f"{i}-{j}-{'k' * 270}": "v" * 300 for j in range(30)})
+    goal({"plan": "team", "seats": 9})  # past the budget: a new value of a counted prop
+    body = stats.snapshot(now)
+    [signup] = body["goals"]
+    assert signup["count"] == 605
+    props = signup["props"]
+    assert list(props)[:2] == ["plan", "seats"] and len(props) == aggregates.TOP
+    assert props["plan"] == [
+        {"value": "pro", "count": 3},
+        {"value": "(other)", "count": 1},
+        {"value": "free", "count": 1},
+    ]
+    assert all(len(name) <= aggregates.PROP_VALUE_CHARS for name in props)
+    assert len(orjson.dumps(body)) < 30_000
+    minute = next(iter(stats._minutes.values()))
+    assert minute.prop_entries == aggregates.MAX_PROP_ENTRIES
+    assert sum(len(values) for values in minute.goal_props["Signup"].values()) <= (
+        aggregates.MAX_PROP_ENTRIES + aggregates.TOP
+    )
+    # A goal counted as "(other)" (past MAX_VALUES names in a minute) keeps no props.
+    for i in range(aggregates.MAX_VALUES + 5):
+        goal({"x": "y"}, name=f"g{i}")
+    assert len(minute.goal_props) <= aggregates.MAX_VALUES
 
 
 def test_filtered_site_stats_count_only_the_matching_events() -> None:

@@ -10,7 +10,8 @@ in the last 5 minutes (`visitors_now`) and in the window; per value, pageviews f
 pages (a visitor's first pageview in the window), sources (`utm_source` of the URL, else the
 referrer's host, else "(direct)"), countries, devices, browsers and OS; events per goal (any
 other name) and per value of each goal's props. Memory is bounded per minute: at most
-MAX_VALUES distinct values per list (the rest count under "(other)") and the visitor ids seen.
+MAX_VALUES distinct values per list (the rest count under "(other)"), MAX_PROP_ENTRIES goal
+props (goal, prop, value) in all, and the visitor ids seen.
 
 A `SiteStats` may count only the events matching filters (`page`, `source`, `country`,
 `device`, `browser`, `os`: each the same label the lists count): the dashboard's "click a
@@ -35,8 +36,13 @@ MAX_VALUES = 1000
 OTHER = "(other)"
 DIRECT = "(direct)"
 UNKNOWN = "(unknown)"
-#: Props values are counted by their text, cut to this many characters.
+#: Props names and values are counted by their text, cut to this many characters.
 PROP_VALUE_CHARS = 100
+#: Distinct (goal, prop, value) a minute counts, over all its goals. Past it, a new value of a
+#: prop already counted that minute counts as OTHER, and a new prop is not counted: a visitor
+#: inventing props cannot make a gateway hold more, or a stats frame grow (a test from
+#: outside: 130 events of one goal, 30 new props each, made 1.2 MB frames).
+MAX_PROP_ENTRIES = 5000
 
 DIMENSIONS = ("pages", "entry_pages", "sources", "countries", "devices", "browsers", "os")
 #: The filters a stats request may carry: query parameter -> the list its labels fill.
@@ -80,7 +86,7 @@ def parse_filters(query: Mapping[str, str]) -> Filters:
 class Minute:
     """The counts of one minute."""
 
-    __slots__ = ("events", "goal_props", "goals", "lists", "pageviews", "visitors")
+    __slots__ = ("events", "goal_props", "goals", "lists", "pageviews", "prop_entries", "visitors")
 
     def __init__(self) -> None:
         self.events = 0
@@ -89,6 +95,7 @@ class Minute:
         self.lists: dict[str, Counter[str]] = {name: Counter() for name in DIMENSIONS}
         self.goals: Counter[str] = Counter()
         self.goal_props: dict[str, dict[str, Counter[str]]] = {}
+        self.prop_entries = 0  # distinct (goal, prop, value) in goal_props
 
 
 class SiteStats:
@@ -121,12 +128,9 @@ class SiteStats:
         minute.visitors.add(visitor)
         name = str(event.get("name"))
         if name != "pageview":
-            _count(minute.goals, name)
-            props = event.get("props") or {}
-            if isinstance(props, dict):
-                kept = minute.goal_props.setdefault(name, {})
-                for prop, value in props.items():
-                    _count(kept.setdefault(str(prop), Counter()), str(value)[:PROP_VALUE_CHARS])
+            props = event.get("props")
+            if _count(minute.goals, name) and props and isinstance(props, dict):
+                _count_props(minute, name, props)
             return
         minute.pageviews += 1
         lists = minute.lists
@@ -182,11 +186,13 @@ class SiteStats:
         return body
 
     def _goal_props(self, minutes: list[Minute], goal: str) -> dict[str, list[dict[str, Any]]]:
+        """The goal's TOP props by the events that carried them, each with its TOP values."""
         props: dict[str, Counter[str]] = {}
         for m in minutes:
             for prop, values in m.goal_props.get(goal, {}).items():
                 props.setdefault(prop, Counter()).update(values)
-        return {prop: _top(values) for prop, values in sorted(props.items())}
+        ranked = sorted(props.items(), key=lambda item: (-item[1].total(), item[0]))[:TOP]
+        return {prop: _top(values) for prop, values in ranked}
 
     def _forget_before(self, first_key: str) -> None:
         old = [k for k in self._minutes if k < first_key]
@@ -204,11 +210,31 @@ def _window_start(key: str) -> str:
     return start.strftime("%Y-%m-%dT%H:%M")
 
 
-def _count(counter: Counter[str], value: str) -> None:
+def _count(counter: Counter[str], value: str) -> bool:
+    """Count `value`, or OTHER past MAX_VALUES distinct ones; whether it counted as itself."""
     if value in counter or len(counter) < MAX_VALUES:
         counter[value] += 1
-    else:
-        counter[OTHER] += 1
+        return True
+    counter[OTHER] += 1
+    return False
+
+
+def _count_props(minute: Minute, goal: str, props: dict[str, Any]) -> None:
+    kept = minute.goal_props.get(goal)
+    for prop, value in props.items():
+        name, text = str(prop)[:PROP_VALUE_CHARS], str(value)[:PROP_VALUE_CHARS]
+        values = kept.get(name) if kept is not None else None
+        if values is not None and text in values:
+            values[text] += 1
+        elif minute.prop_entries < MAX_PROP_ENTRIES:
+            if kept is None:
+                kept = minute.goal_props[goal] = {}
+            if values is None:
+                values = kept[name] = Counter()
+            values[text] += 1
+            minute.prop_entries += 1
+        elif values is not None:
+            values[OTHER] += 1  # at most one more entry per prop counted
 
 
 def _labels(event: dict[str, Any]) -> dict[str, str]:
