@@ -73,6 +73,10 @@ class Settings:
     ping_timeout_s: float = 20.0
     #: SITEWIRE_UNSUBSCRIBE_DELAY_S: linger before unsubscribing a site with no viewers left.
     unsubscribe_delay_s: float = 2.0
+    #: SITEWIRE_SITE_CACHE_TTL_S: how long a process trusts what it read of a site from the
+    #: registry before reading it again (app.store.sites.SiteCache; a known site is still
+    #: served while that read runs, or fails).
+    site_cache_ttl_s: float = 30.0
     #: SITEWIRE_DRAIN_TIMEOUT_S: on SIGTERM, the longest a gateway waits for viewers to leave.
     drain_timeout_s: float = 5.0
     #: SITEWIRE_GAP_HOLD_MS: how long out-of-order events wait before a gap is repaired.
@@ -130,6 +134,9 @@ class Settings:
             ping_timeout_s=r.float("SITEWIRE_PING_TIMEOUT_S", cls.ping_timeout_s, 0.1, 3600),
             unsubscribe_delay_s=r.float(
                 "SITEWIRE_UNSUBSCRIBE_DELAY_S", cls.unsubscribe_delay_s, 0.0, 3600
+            ),
+            site_cache_ttl_s=r.float(
+                "SITEWIRE_SITE_CACHE_TTL_S", cls.site_cache_ttl_s, 0.1, 86_400
             ),
             drain_timeout_s=r.float("SITEWIRE_DRAIN_TIMEOUT_S", cls.drain_timeout_s, 0.1, 600),
             gap_hold_ms=r.float("SITEWIRE_GAP_HOLD_MS", cls.gap_hold_ms, 0.0, 10_000),

@@ -19,6 +19,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from app.broker.redis import RedisBroker
+from app.codes import CloseCode
 from app.gateway.hub import Viewer
 from app.gateway.metrics import GatewayMetrics
 from app.gateway.replay import Replayer, Start, StartRequest, StorageUnavailable, run_replay
@@ -250,6 +251,54 @@ async def test_a_resume_postgresql_must_serve_waits_for_it(
         await again.close()
     finally:
         await watching.close()
+        gateway.stop()
+        ingest.stop()
+
+
+@pytest.mark.slow
+async def test_viewers_of_a_known_site_are_admitted_while_postgresql_is_down(
+    settings: Settings, tmp_path: Path, private_postgres: DisposablePostgres
+) -> None:
+    """An outside test: once the site registry's cache entry expired (30 s), a gateway whose
+    PostgreSQL was down refused every new viewer (4002; SSE 503, which ends an EventSource),
+    though operations.md promises resumes inside the Redis window. A site known before the
+    outage is served from the cache for as long as the registry cannot be read."""
+    pg = private_postgres
+    site = "pgdown-known.example.com"
+    conn = await asyncpg.connect(pg.dsn)
+    await create_site(conn, site)
+    epoch = await conn.fetchval("SELECT epoch FROM sites WHERE id = $1", site)
+    await conn.close()
+    env = env_for(settings.with_(database_url=pg.dsn), **FAST, SITEWIRE_SITE_CACHE_TTL_S="0.5")
+    ingest = AppProcess("ingest", env, tmp_path).start()
+    gateway = AppProcess("gateway", env, tmp_path).start()
+    watching = await WsViewer.open(gateway.ws_url, site, token(site))  # the site is now known
+    viewers: list[WsViewer | SseViewer] = []
+    try:
+        await post_events(ingest.url, site, 10)
+        await watching.wait_for(10)
+        await asyncio.to_thread(pg.stop)
+        await asyncio.sleep(2.0)  # four times the cache's lifetime
+        viewers.append(await WsViewer.open(gateway.ws_url, site, token(site), f"&since={epoch}-4"))
+        viewers.append(await SseViewer.open(gateway.url, site, token(site), query={"last": "3"}))
+        viewers.append(await WsViewer.open(gateway.ws_url, site, token(site)))
+        await viewers[0].wait_for(6)
+        await viewers[1].wait_for(3)
+        assert viewers[0].offsets == list(range(5, 11))
+        assert viewers[1].offsets == [8, 9, 10]
+        assert (await viewers[2].wait_notice("welcome"))["type"] == "welcome"
+        other = "never-seen.example.com"
+        unknown = await WsViewer.open(gateway.ws_url, other, token(other))
+        assert await unknown.wait_closed(timeout=30) == CloseCode.INTERNAL  # cannot be checked
+        await asyncio.to_thread(pg.start)
+        await post_events(ingest.url, site, 2, start=10)
+        await watching.wait_for(12, timeout=20)
+        await viewers[0].wait_for(8)
+        await viewers[2].wait_for(2)
+        assert viewers[0].offsets == list(range(5, 13)) and viewers[2].offsets == [11, 12]
+    finally:
+        for viewer in (watching, *viewers):
+            await viewer.close()
         gateway.stop()
         ingest.stop()
 

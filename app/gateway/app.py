@@ -96,9 +96,9 @@ def create_app(settings: Settings) -> GatewayApp:
         replayer = Replayer(broker, pool, metrics)
         feeds = Feeds(hub, settings, broker, pool, metrics, stats, replayer)
         analytics = Analytics(feeds, replayer, settings.viewer_queue_bytes)
+        sites = SiteCache(pool, settings.site_cache_ttl_s)
         state = GatewayState(
-            settings, pool, broker, metrics, hub, feeds, SiteCache(pool), replayer, stats,
-            analytics,
+            settings, pool, broker, metrics, hub, feeds, sites, replayer, stats, analytics,
         )  # fmt: skip
         metrics.queue_bytes.set_function(hub.queued_bytes)
         app.state.gateway = state

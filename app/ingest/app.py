@@ -111,7 +111,7 @@ def create_app(settings: Settings) -> IngestApp:
             pool=pool,
             redis=client,
             metrics=metrics,
-            sites=SiteCache(pool),
+            sites=SiteCache(pool, settings.site_cache_ttl_s),
             salts=SaltKeeper(pool),
             bots=enrich.BotDetector(),
             countries=Countries(),

@@ -7,6 +7,7 @@ used in `app.names`, so one site can never name another site's channel.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import secrets
 import time
@@ -16,6 +17,7 @@ from datetime import datetime
 import asyncpg
 
 from app.errors import InvalidSiteId
+from app.servers.postgres import STORAGE_ERRORS
 
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 SITE_ID_RE = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*$")
@@ -95,25 +97,71 @@ def _site(row: asyncpg.Record) -> Site:
 
 
 class SiteCache:
-    """Read-through cache of the site registry for the ingest hot path.
+    """Read-through cache of the site registry, for ingest's hot path and viewer admission.
 
-    Known sites are cached for `ttl` seconds, unknown ones for `negative_ttl` (short, so a
-    site registered a moment ago starts working quickly). Raises what asyncpg raises.
+    Known sites are kept for `ttl` seconds, unknown ones for `negative_ttl` (short, so a site
+    registered a moment ago starts working quickly). Past its `ttl` a known site is still
+    answered at once from the cache while one lookup refreshes it in the background; if the
+    registry cannot be read, the entry stays and is tried again `retry_s` later. So PostgreSQL
+    down or hung for longer than `ttl` does not turn away the viewers (or events) of a site
+    known before it: an outside test found every new viewer refused 30 s into an outage. A
+    site not known yet waits for its lookup, shared by concurrent callers, and meets what
+    asyncpg raises.
     """
 
-    def __init__(self, pool: asyncpg.Pool, ttl: float = 30.0, negative_ttl: float = 2.0) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        ttl: float = 30.0,
+        negative_ttl: float = 2.0,
+        retry_s: float = 5.0,
+    ) -> None:
         self._pool = pool
         self._ttl = ttl
         self._negative_ttl = negative_ttl
+        self._retry_s = retry_s
         self._entries: dict[str, tuple[float, Site | None]] = {}
+        #: Lookups in flight, by site: concurrent callers share one.
+        self._lookups: dict[str, asyncio.Future[Site | None]] = {}
 
     async def get(self, site: str) -> Site | None:
-        now = time.monotonic()
         hit = self._entries.get(site)
-        if hit is not None and hit[0] > now:
-            return hit[1]
-        found = await get_site(self._pool, site)
+        if hit is not None:
+            expires, known = hit
+            if expires > time.monotonic():
+                return known
+            if known is not None:
+                self._lookup(site)  # in the background; the stale entry meanwhile
+                return known
+        return await asyncio.shield(self._lookup(site))
+
+    def _lookup(self, site: str) -> asyncio.Future[Site | None]:
+        pending = self._lookups.get(site)
+        if pending is None:
+            pending = asyncio.ensure_future(self._read(site))
+            self._lookups[site] = pending
+            pending.add_done_callback(lambda _: self._lookups.pop(site, None))
+            pending.add_done_callback(_retrieved)
+        return pending
+
+    async def _read(self, site: str) -> Site | None:
+        try:
+            found = await get_site(self._pool, site)
+        except STORAGE_ERRORS:
+            stale = self._entries.get(site)
+            if stale is not None and stale[1] is not None:
+                self._entries[site] = (time.monotonic() + self._retry_s, stale[1])
+            raise
         if len(self._entries) > 100_000:  # bounded: unknown ids come from the internet
             self._entries.clear()
-        self._entries[site] = (now + (self._ttl if found else self._negative_ttl), found)
+        ttl = self._ttl if found else self._negative_ttl
+        self._entries[site] = (time.monotonic() + ttl, found)
         return found
+
+
+def _retrieved(lookup: asyncio.Future[Site | None]) -> None:
+    """A lookup's failure reaches the callers waiting for it; a background refresh has none,
+    and its failure is expected (the registry is down) and handled (the stale entry stays).
+    Read it so that asyncio does not log it as lost."""
+    if not lookup.cancelled():
+        lookup.exception()
