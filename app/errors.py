@@ -78,4 +78,10 @@ def unknown_site(site: str) -> ApiError:
 
 
 class StorageUnavailable(SitewireError):
-    """PostgreSQL did not confirm a commit; the events in it must not be acknowledged."""
+    """PostgreSQL did not confirm a commit; the events in it must not be acknowledged.
+    `maybe_stored`: the commit was sent and its outcome is unknown (a retry with the same ids
+    is safe: a stored event comes back as a duplicate); else nothing was stored."""
+
+    def __init__(self, message: str, *, maybe_stored: bool = False) -> None:
+        super().__init__(message)
+        self.maybe_stored = maybe_stored

@@ -50,6 +50,11 @@ class Settings:
     max_batch_events: int = 100
     #: SITEWIRE_COMMIT_MAX_EVENTS: most events in one group commit (app/store/writes.py).
     commit_max_events: int = 1000
+    #: SITEWIRE_COMMIT_TIMEOUT_S: a commit PostgreSQL has not confirmed by then is given up:
+    #: its requests are answered 503 (app/ingest/committer.py).
+    commit_timeout_s: float = 5.0
+    #: SITEWIRE_COMMIT_QUEUE_EVENTS: most events waiting for a commit; more are answered 503.
+    commit_queue_events: int = 10_000
     #: SITEWIRE_RATE_SITE_PER_SEC: events a site may send per second (all replicas). 0 = off.
     rate_site_per_sec: int = 2000
     #: SITEWIRE_RATE_IP_PER_MIN: events one client IP may send per minute (all replicas). 0 = off.
@@ -120,6 +125,10 @@ class Settings:
             max_batch_bytes=r.int("SITEWIRE_MAX_BATCH_BYTES", cls.max_batch_bytes, 1024),
             max_batch_events=r.int("SITEWIRE_MAX_BATCH_EVENTS", cls.max_batch_events, 1, 1000),
             commit_max_events=r.int("SITEWIRE_COMMIT_MAX_EVENTS", cls.commit_max_events, 1),
+            commit_timeout_s=r.float("SITEWIRE_COMMIT_TIMEOUT_S", cls.commit_timeout_s, 0.1, 600),
+            commit_queue_events=r.int(
+                "SITEWIRE_COMMIT_QUEUE_EVENTS", cls.commit_queue_events, 1, 10_000_000
+            ),
             rate_site_per_sec=r.int("SITEWIRE_RATE_SITE_PER_SEC", cls.rate_site_per_sec, 0),
             rate_ip_per_min=r.int("SITEWIRE_RATE_IP_PER_MIN", cls.rate_ip_per_min, 0),
             trusted_proxies=r.get("SITEWIRE_TRUSTED_PROXIES", (), _networks),

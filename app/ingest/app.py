@@ -105,6 +105,8 @@ def create_app(settings: Settings) -> IngestApp:
             metrics,
             max_events=settings.commit_max_events,
             after_commit=publications.put,
+            timeout_s=settings.commit_timeout_s,
+            max_queued=settings.commit_queue_events,
         )
         api.state.ingest = IngestState(
             settings=settings,
@@ -422,8 +424,15 @@ async def _salt(state: IngestState) -> bytes:
 async def _store(state: IngestState, events: list[NewEvent]) -> list[Outcome]:
     try:
         return await state.committer.submit(events)
-    except StorageUnavailable:
-        raise _storage_unavailable() from None
+    except StorageUnavailable as exc:
+        if not exc.maybe_stored:
+            raise _storage_unavailable() from None
+        raise ApiError(
+            ErrorCode.STORAGE_UNAVAILABLE,
+            "storage did not confirm the commit; the event may have been stored: retry with the "
+            "same id (a stored event is answered as a duplicate)",
+            retry_after=STORAGE_RETRY_AFTER,
+        ) from None
 
 
 async def _guard_storage(step: Awaitable[T]) -> T:

@@ -42,6 +42,13 @@ class IngestMetrics:
         self.commit_failures = Counter(
             "sitewire_ingest_commit_failures", "Group commits that failed", registry=registry
         )
+        self.commit_refusals = Counter(
+            "sitewire_ingest_commit_refusals",
+            "Submissions refused before any commit: storage hung (commits given up still "
+            "running) or the commit queue full",
+            ["reason"],
+            registry=registry,
+        )
         self.published = Counter(
             "sitewire_ingest_published_events", "Events published to Redis", registry=registry
         )
