@@ -18,8 +18,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from app.broker.memory import MemoryBroker
-from app.gateway import analytics as analytics_module
 from app.gateway import aggregates
+from app.gateway import analytics as analytics_module
 from app.gateway.aggregates import SiteStats
 from app.gateway.analytics import Analytics, StatsBusy
 from app.gateway.feed import Feeds
