@@ -1,5 +1,6 @@
 """Retention and salt expiry (`sitewire worker`)."""
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -7,10 +8,12 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
+from app.servers.postgres import with_database
 from app.settings import Settings
 from app.store.salts import get_or_create
 from app.store.sites import create_site
 from tests.processes import ROOT
+from tests.servers import Servers
 from tests.support import cover
 from workers.retention import expire_events, run_once
 
@@ -42,6 +45,31 @@ async def test_old_events_go_with_their_month_and_one_contiguous_range_remains(
     offsets = [r[0] for r in await own_pool.fetch(
         "SELECT site_offset FROM events WHERE site = $1 ORDER BY site_offset", site)]  # fmt: skip
     assert offsets == list(range(2501, 2541))
+
+
+async def test_two_workers_at_once_make_one_pass(
+    own_pool: asyncpg.Pool, settings: Settings, servers: Servers
+) -> None:
+    """An outside test ran two passes at once (two workers overlap during a rollout): one
+    dropped a month, the other failed on it ("relation does not exist") and did nothing else.
+    One pass runs at a time; the other is skipped, and neither fails."""
+    site = "b.example"
+    await create_site(own_pool, site)
+    await _fill(own_pool, site, old=300, new=10)
+    dsn = with_database(servers.admin_dsn, await own_pool.fetchval("SELECT current_database()"))
+    other = await asyncpg.create_pool(dsn, min_size=0, max_size=3)
+    try:
+        reports = await asyncio.gather(
+            run_once(own_pool, settings.with_(retention_days=400)),
+            run_once(other, settings.with_(retention_days=400)),
+        )
+    finally:
+        await other.close()
+    assert sorted(r.skipped for r in reports) == [False, True]
+    [done] = [r for r in reports if not r.skipped]
+    assert done.dropped_partitions == 1
+    again = await run_once(own_pool, settings.with_(retention_days=400))  # the lock was let go
+    assert not again.skipped and again.dropped_partitions == 0
 
 
 async def test_salts_expire_after_48_hours(pool: asyncpg.Pool, settings: Settings) -> None:

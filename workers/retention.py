@@ -10,6 +10,11 @@ was before partitioning (`events_legacy`, no lower bound) is still trimmed by th
 delete, oldest offsets first, until its last month is past retention too. Either way what is
 stored of a site stays one contiguous offset range, which resumes rely on
 (docs/operations.md).
+
+One pass runs at a time across every worker (a PostgreSQL advisory lock): two workers overlap
+during a rollout, and an outside test found the second pass failing on a month the first had
+just dropped (and so making no partitions ahead that time). A pass that finds the lock taken
+is skipped: the one holding it does the work.
 """
 
 from __future__ import annotations
@@ -29,10 +34,14 @@ log = logging.getLogger(__name__)
 
 #: Rows deleted per transaction when trimming events_legacy.
 BATCH = 5000
+#: The advisory lock one pass holds (pg_try_advisory_lock key; app.store.migrate has its own).
+PASS_LOCK_KEY = 0x5377_5061_7373
 
 
 @dataclass
 class PassReport:
+    #: Another worker's pass was running: this one did nothing.
+    skipped: bool = False
     created_partitions: int = 0
     #: Months of events dropped whole, and the events after their end deleted with them.
     dropped_partitions: int = 0
@@ -77,7 +86,19 @@ async def expire_entries(pool: asyncpg.Pool, now: datetime) -> int:
 async def run_once(
     pool: asyncpg.Pool, settings: Settings, now: datetime | None = None
 ) -> PassReport:
-    now = now or datetime.now(UTC)
+    """One pass, unless another worker's is running (then a report with `skipped`). Holds one
+    of `pool`'s connections for the lock; the pass itself needs one more."""
+    async with pool.acquire() as lock:
+        if not await lock.fetchval("SELECT pg_try_advisory_lock($1)", PASS_LOCK_KEY):
+            log.info("another worker's pass is running; this one is skipped")
+            return PassReport(skipped=True)
+        try:
+            return await _pass(pool, settings, now or datetime.now(UTC))
+        finally:
+            await lock.execute("SELECT pg_advisory_unlock($1)", PASS_LOCK_KEY)
+
+
+async def _pass(pool: asyncpg.Pool, settings: Settings, now: datetime) -> PassReport:
     # First what ingest needs; then what a stopped pass left half-dropped.
     created = await partitions.create_ahead(pool, now)
     await partitions.drop_leftovers(pool)
@@ -96,7 +117,7 @@ async def run_once(
 async def run(settings: Settings, once: bool = False) -> None:
     """One pass (`once`: a failure propagates), or a pass every SITEWIRE_WORKER_INTERVAL_S
     until cancelled (a failed pass is logged and retried next time)."""
-    pool = await asyncpg.create_pool(settings.require_database(), min_size=0, max_size=2)
+    pool = await asyncpg.create_pool(settings.require_database(), min_size=0, max_size=3)
     assert pool is not None
     try:
         if once:
