@@ -183,8 +183,9 @@ def create_app(settings: Settings) -> GatewayApp:
     async def history(request: Request, site: str) -> Response:
         """Stored events, paged by cursor (`after`) or starting at a time (`from`)."""
         state: GatewayState = app.state.gateway
+        query = _single_values(request, viewers.HISTORY_PARAMETERS)
         site_info = await viewers.authorize(state, secret, site, _token(request))
-        return await _history_page(state, site_info, request.query_params)
+        return await _history_page(state, site_info, query)
 
     return GatewayApp(app, health.internal_app(), websockets)
 
@@ -199,10 +200,12 @@ async def housekeeping(state: GatewayState, websockets: WebSocketTransport) -> N
         state.stats.flush()
 
 
-def _single_values(request: Request) -> dict[str, str]:
-    """The query, each stream parameter given once (viewers.single_values), or a 400."""
+def _single_values(
+    request: Request, names: frozenset[str] = viewers.STREAM_PARAMETERS
+) -> dict[str, str]:
+    """The query, each of `names` given once (viewers.single_values), or a 400."""
     try:
-        return viewers.single_values(request.query_params.multi_items())
+        return viewers.single_values(request.query_params.multi_items(), names)
     except viewers.BadOption as exc:
         raise ApiError(ErrorCode.INVALID_REQUEST, str(exc), exc.field) from None
 

@@ -47,14 +47,20 @@ class BadOption(ValueError):
 STREAM_PARAMETERS = frozenset({"token", "since", "last", "minutes", "stats", "sample", *FILTERS})
 
 
-def single_values(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
-    """A stream's query, one value per name (empty values kept: they are refused where they
-    are read); BadOption when a stream parameter comes twice. WebSocket and SSE used to take
-    the first and the last: one query, two meanings (and a proxy checking one of them could be
-    shown the other)."""
+#: The query parameters `GET /history` reads, each once as well.
+HISTORY_PARAMETERS = frozenset({"token", "after", "from", "to", "limit"})
+
+
+def single_values(
+    pairs: Iterable[tuple[str, str]], names: frozenset[str] = STREAM_PARAMETERS
+) -> dict[str, str]:
+    """A query, one value per name (empty values kept: they are refused where they are
+    read); BadOption when one of `names` comes twice. WebSocket and SSE used to take the first
+    and the last: one query, two meanings (and a proxy checking one of them could be shown the
+    other)."""
     query: dict[str, str] = {}
     for name, value in pairs:
-        if name in query and name in STREAM_PARAMETERS:
+        if name in query and name in names:
             raise BadOption(f"{name} is given more than once", name)
         query[name] = value
     return query
