@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -204,6 +205,17 @@ def test_control_characters_are_printed_as_escapes() -> None:
     line = out.getvalue()
     assert "\x1b" not in line and "\x9b" not in line and "\x7f" not in line
     assert "\\x1b[2J\\x9bspoof\\x7f" in line
+
+
+def test_json_lines_escape_every_control_character() -> None:
+    """orjson escapes C0 only; props may hold DEL and C1 (U+009B is CSI to a terminal)."""
+    out, err = io.StringIO(), io.StringIO()
+    printer = Printer(out, err, as_json=True, colour=False)
+    event = {**EVENT, "props": {"c1": "\x9b31mred\x7f", "ok": "é"}}
+    printer.event(event)
+    line = out.getvalue()
+    assert not re.search(r"[\x00-\x1f\x7f-\x9f]", line.rstrip("\n"))
+    assert orjson.loads(line) == event and "é" in line
 
 
 def test_incomplete_recovery_is_visible() -> None:

@@ -42,7 +42,7 @@ class Printer:
         ):
             return
         if self.as_json:
-            self.out.write(orjson.dumps(event).decode() + "\n")
+            self.out.write(json_line(event))
         else:
             when = datetime.fromisoformat(event["ts"].replace("Z", "+00:00")).astimezone()
             name = f"{printable(event['name'])[:24]:<24}"
@@ -96,6 +96,17 @@ def printable(text: str) -> str:
     internet, and a terminal obeys what it prints (ingest refuses them; this is the second
     line of defence, for events stored before it did)."""
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+#: C1 controls and DEL: JSON may carry them raw, and a terminal may obey them (U+009B is CSI).
+_RAW_IN_JSON = re.compile(r"[\x7f-\x9f]")
+
+
+def json_line(event: dict[str, Any]) -> str:
+    """One JSON object and a newline, with DEL and C1 controls escaped (\\u009b) as C0 ones
+    already are: the same JSON to a parser, nothing a terminal obeys."""
+    text = orjson.dumps(event).decode()
+    return _RAW_IN_JSON.sub(lambda m: f"\\u{ord(m.group()):04x}", text) + "\n"
 
 
 STORAGE_DELIVERY = "the gateway lost Redis: events come from storage, up to ~1 s late"
