@@ -11,7 +11,6 @@ from pathlib import Path
 import uvicorn
 from starlette.types import Receive, Scope, Send
 
-from app import heap
 from app.gateway import app as gateway
 from app.settings import Settings
 from workers.serve import _Server, listening_socket, server_config
@@ -65,9 +64,10 @@ def test_the_listen_backlog_is_the_setting_on_both_listens() -> None:
         assert sock.getsockname()[1] > 0  # bound and listening (the kernel keeps the backlog)
 
 
-def test_an_ingest_settles_its_heap_once_started_and_a_gateway_does_not(tmp_path: Path) -> None:
-    """app/heap.py: after startup, an ingest's heap is frozen and collections are rarer. Run in
-    a child: freezing this test process would change how every later test collects."""
+def test_a_server_settles_its_heap_once_started_with_the_thresholds_given(tmp_path: Path) -> None:
+    """app/heap.py: after startup, the heap is frozen and the collector's thresholds are the
+    role's (workers/serve.py); without thresholds, CPython's defaults. Run in a child: freezing
+    this test process would change how every later test collects."""
     script = """
 import asyncio, gc, sys
 import uvicorn
@@ -81,11 +81,12 @@ async def app(scope, receive, send):
         await send({"type": "lifespan.shutdown.complete"})
 
 async def main(settle):
-    server = _Server(uvicorn.Config(app, log_config=None, port=0), None, settle_heap=settle)
+    thresholds = (1234, 5, 678) if settle else None
+    server = _Server(uvicorn.Config(app, log_config=None, port=0), None, thresholds)
     serving = asyncio.create_task(server.serve())
     while not server.started:
         await asyncio.sleep(0.01)
-    print(gc.get_freeze_count() > 0, gc.get_threshold()[0])
+    print(gc.get_freeze_count() > 0, *gc.get_threshold())
     server.should_exit = True
     await serving
 
@@ -100,4 +101,4 @@ asyncio.run(main(sys.argv[1] == "1"))
         )
         assert done.returncode == 0, done.stderr
         found.append(done.stdout.split())
-    assert found == [["True", str(heap.THRESHOLDS[0])], ["False", "700"]]
+    assert found == [["True", "1234", "5", "678"], ["False", "700", "10", "10"]]

@@ -31,11 +31,11 @@ class _Server(uvicorn.Server):
         self,
         config: uvicorn.Config,
         drain: Callable[[], Awaitable[None]] | None,
-        settle_heap: bool = False,
+        heap_thresholds: tuple[int, int, int] | None = None,
     ) -> None:
         super().__init__(config)
         self._drain = drain
-        self._settle_heap = settle_heap
+        self._heap_thresholds = heap_thresholds
         self._draining = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_task: asyncio.Task[None] | None = None
@@ -46,8 +46,9 @@ class _Server(uvicorn.Server):
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
-        if self._settle_heap:
-            heap.settle()  # the app's startup is done: what exists now lives as long as we do
+        if self._heap_thresholds is not None:
+            # The app's startup is done: what exists now lives as long as we do.
+            heap.settle(self._heap_thresholds)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._drain is not None and not self._draining and self._loop is not None:
@@ -140,8 +141,9 @@ def serve(
         async def drain() -> None:
             await app.state.gateway.drain()
 
-    # Measured on ingest only (app/heap.py); the gateway keeps CPython's defaults.
-    _Server(config, drain, settle_heap=role == "ingest").run(sockets=sockets)
+    # Each role's measured thresholds (app/heap.py).
+    thresholds = heap.THRESHOLDS if role == "ingest" else heap.GATEWAY_THRESHOLDS
+    _Server(config, drain, thresholds).run(sockets=sockets)
 
 
 def server_config(
