@@ -51,6 +51,11 @@ def test_full_event() -> None:
         ({"url": "https://example.com/" + "a" * 2000}, "url"),
         ({"url": ["https://example.com/"]}, "url"),
         ({"url": "https://exa mple.com/"}, "url"),
+        ({"url": "https://example.com/invoice\u202efdp.exe"}, "url"),
+        ({"url": "https://example.com/a\u200bb"}, "url"),
+        ({"referrer": "https://\u202emoc.elgoog/"}, "referrer"),
+        ({"referrer": "https://example.com/\ufeff"}, "referrer"),
+        ({"name": "Sign\u2067up"}, "name"),
         ({"referrer": 3}, "referrer"),
         ({"referrer": "javascript:alert(1)"}, "referrer"),
         ({"props": []}, "props"),
@@ -151,8 +156,10 @@ def test_fuzz_decoder_never_crashes(body: bytes) -> None:
         validate(doc)
 
 
-#: C0 and C1 controls and DEL: a terminal obeys them (U+009B starts an escape sequence).
-CONTROLS = [chr(c) for c in [*range(0x20), *range(0x7F, 0xA0)]]
+#: C0 and C1 controls and DEL: a terminal obeys them (U+009B starts an escape sequence); and
+#: the bidirectional overrides and isolates, which reorder what is shown after them.
+CONTROLS = [chr(c) for c in [*range(0x20), *range(0x7F, 0xA0), *range(0x202A, 0x202F)]]
+CONTROLS += [chr(c) for c in range(0x2066, 0x206A)]
 
 
 @settings(max_examples=400, deadline=None)

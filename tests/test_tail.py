@@ -201,10 +201,11 @@ def test_control_characters_are_printed_as_escapes() -> None:
     """An event stored before ingest refused them must not drive the terminal."""
     out, err = io.StringIO(), io.StringIO()
     printer = Printer(out, err, as_json=False, colour=False)
-    printer.event({**EVENT, "name": "\x1b[2J\x9bspoof\x7f"})
+    printer.event({**EVENT, "name": "\x1b[2J\x9bspoof\x7f", "path": "/invoice\u202efdp.exe"})
     line = out.getvalue()
     assert "\x1b" not in line and "\x9b" not in line and "\x7f" not in line
     assert "\\x1b[2J\\x9bspoof\\x7f" in line
+    assert "\u202e" not in line and "/invoice\\u202efdp.exe" in line
 
 
 def test_json_lines_escape_every_control_character() -> None:

@@ -87,15 +87,21 @@ class Printer:
         self.err.flush()
 
 
-#: Control characters (C0, DEL, C1): written raw, they would drive the terminal.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+#: Control characters (C0, DEL, C1): written raw, they would drive the terminal; and the
+#: bidirectional overrides and isolates, which would reorder what follows on the line.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
 def printable(text: str) -> str:
     """`text` with control characters shown as escapes: an event's fields come from the
     internet, and a terminal obeys what it prints (ingest refuses them; this is the second
     line of defence, for events stored before it did)."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    return _CONTROL.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 #: C1 controls and DEL: JSON may carry them raw, and a terminal may obey them (U+009B is CSI).

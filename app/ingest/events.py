@@ -31,9 +31,15 @@ PropValue = str | int | float | bool
 
 # One regex scan instead of a Python-level loop over every character (profiled: the URL
 # checks were a third of validation).
-#: C0 controls, DEL and C1 controls (U+009B is a terminal's CSI: it could spoof `tail`).
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-_SPACE_OR_CONTROL = re.compile(r"[\x00-\x20\x7f-\x9f]")
+#: C0 controls, DEL and C1 controls (U+009B is a terminal's CSI: it could spoof `tail`), and
+#: the bidirectional embeddings, overrides and isolates: `/invoice\u202efdp.exe` shows as
+#: `/invoiceexe.pdf` (an outside test spoofed a referrer host as google.com with one).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+#: For URLs also spaces, and every other invisible format character (zero-width ones, marks,
+#: the BOM): a browser's URL holds them percent-encoded, never raw.
+_SPACE_OR_CONTROL = re.compile(
+    r"[\x00-\x20\x7f-\x9f\xad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u206f\ufeff]"
+)
 
 
 # Not frozen: built once per event on the hot path (a frozen dataclass's __init__ costs twice
@@ -135,7 +141,9 @@ def _http_url(value: str, field: str) -> tuple[SplitResult, str]:
     if parts.scheme not in ("http", "https") or not host:
         raise _invalid(field, f"{field} must be an absolute http(s) URL")
     if _SPACE_OR_CONTROL.search(value):
-        raise _invalid(field, f"{field} must not contain spaces or control characters")
+        raise _invalid(
+            field, f"{field} must not contain spaces, control or invisible characters (encode them)"
+        )
     return parts, host
 
 
