@@ -37,7 +37,7 @@ from app.ingest.ratelimit import RateLimiter
 from app.names import Names
 from app.schema import NewEvent
 from app.servers import Status
-from app.servers.postgres import STORAGE_ERRORS, open_pool, probe_postgres
+from app.servers.postgres import STORAGE_ERRORS, open_pool, probe_postgres, why_unavailable
 from app.servers.redis import RedisShards
 from app.settings import Settings
 from app.store.salts import SaltKeeper
@@ -156,13 +156,20 @@ async def _report_unreachable(state: IngestState) -> None:
     """Say at startup which server is not there: otherwise the first sign would be the 503s
     (PostgreSQL) or the unpublished events (Redis) of the first requests."""
     for server, status in (await state.checks()).items():
-        if status != "ok":
+        if status == "ok":
+            continue
+        if server == "postgres":
+            why = await why_unavailable(state.pool) or "it answered again since"
             log.warning(
-                "%s is unreachable at startup; %s",
+                "postgres is unreachable at startup (%s); events are refused with 503 until it "
+                "is back",
+                why,
+            )
+        else:
+            log.warning(
+                "%s is unreachable at startup; events are stored but not published, and not "
+                "rate limited, until it is back",
                 server,
-                "events are refused with 503 until it is back"
-                if server == "postgres"
-                else "events are stored but not published, and not rate limited, until it is back",
             )
 
 

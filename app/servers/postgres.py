@@ -38,12 +38,22 @@ async def _keep_session(_: asyncpg.Connection) -> None:
 
 
 async def probe_postgres(pool: asyncpg.Pool) -> Status:
+    return "ok" if await why_unavailable(pool) is None else "unavailable"
+
+
+async def why_unavailable(pool: asyncpg.Pool) -> str | None:
+    """None when PostgreSQL answers a query within PROBE_TIMEOUT_S, else what went wrong, in
+    PostgreSQL's or the network's words ("too many clients already", "Connection refused"):
+    what an operator's runbook looks for in the logs."""
     try:
         async with asyncio.timeout(PROBE_TIMEOUT_S):
             await pool.fetchval("SELECT 1")
-        return "ok"
-    except STORAGE_ERRORS:
-        return "unavailable"
+        return None
+    except TimeoutError:
+        return f"no answer within {PROBE_TIMEOUT_S:g} s"
+    except STORAGE_ERRORS as exc:
+        text = str(exc).strip()
+        return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
 
 
 def with_database(dsn: str, name: str) -> str:
