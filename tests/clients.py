@@ -347,13 +347,15 @@ class RawClient:
         self.writer = writer
 
     @classmethod
-    async def open(cls, port: int, path: str) -> RawClient:
+    async def open(cls, port: int, path: str, extra_headers: str = "") -> RawClient:
+        """Connected and upgraded; `extra_headers` ("Name: value\\r\\n" lines) go with the
+        upgrade request."""
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(
             (
                 f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
                 "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                "Sec-WebSocket-Version: 13\r\n\r\n"
+                f"Sec-WebSocket-Version: 13\r\n{extra_headers}\r\n"
             ).encode()
         )
         head = await reader.readuntil(b"\r\n\r\n")

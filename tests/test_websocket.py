@@ -12,6 +12,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import httpx
 import pytest
 import uvicorn
 from picows import WSFrame, WSListener, WSTransport, ws_connect
@@ -193,6 +194,42 @@ async def _break_the_protocol(client: RawClient) -> None:
     client.write(encode_frame(TEXT, b'{"type":"ping"}', mask=False))
     assert await client.close_code() == 1002
     assert await client.closed_by_server()
+
+
+async def test_upgrades_refused_early_leave_no_connection_behind(
+    settings: Settings, site: str
+) -> None:
+    """A review found two ways to leave a connection object in the server's connections for
+    good: an upgrade whose headers were refused in the same read (431: it was still handed to
+    the WebSocket protocol, which failed), and two Authorization headers (websockets raised
+    on reading one). Now the first makes no protocol object, the second is refused (4502;
+    SSE 400) and its object released."""
+    async with in_process_gateway(settings.with_(ping_interval_s=0)) as (port, made):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        many = "".join(f"X-{i}: {i}\r\n" for i in range(120))
+        writer.write(
+            f"GET {stream_path(site)} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            f"Sec-WebSocket-Version: 13\r\n{many}\r\n".encode()
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 431 "), head
+        writer.close()
+        assert made == []
+
+        bearer = f"Authorization: Bearer {token(site)}\r\n"
+        client = await RawClient.open(port, f"/v1/sites/{site}/stream", bearer * 2)
+        assert await client.close_code() == CloseCode.BAD_REQUEST
+        client.send(CLOSE, struct.pack("!H", 1000))
+        assert await client.closed_by_server()
+        client.close()
+        assert await released(made[-1])
+        async with httpx.AsyncClient(timeout=10) as http_client:
+            answer = await http_client.get(
+                f"http://127.0.0.1:{port}/v1/sites/{site}/events",
+                headers=[("Authorization", f"Bearer {token(site)}")] * 2,
+            )
+        assert answer.status_code == 400 and answer.json()["error"]["field"] == "authorization"
 
 
 @pytest.mark.parametrize(

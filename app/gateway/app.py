@@ -212,8 +212,13 @@ def _single_values(
 
 def _token(request: Request) -> str | None:
     """Browsers send the token in the query (EventSource cannot set headers); others may use
-    an Authorization header."""
-    return request.query_params.get("token") or tokens.bearer(request.headers.get("authorization"))
+    an Authorization header, once (as on the WebSocket: two are a 400)."""
+    authorization = request.headers.getlist("authorization")
+    if len(authorization) > 1:
+        message = "Authorization is given more than once"
+        raise ApiError(ErrorCode.INVALID_REQUEST, message, "authorization")
+    header = authorization[0] if authorization else None
+    return request.query_params.get("token") or tokens.bearer(header)
 
 
 async def _history_page(state: GatewayState, site: Site, query: Mapping[str, str]) -> Response:

@@ -217,18 +217,31 @@ class BoundedHttp(HttpToolsProtocol):
     def handle_websocket_upgrade(self) -> None:
         self._disarm()  # the WebSocket protocol takes the connection over
         self._stop_timer()
+        if self._refused:
+            # Refused in this same read (headers over a bound): llhttp still reports the
+            # upgrade, but the refusal is the answer, and there is no request to hand over.
+            return
         protocol_class = self.ws_protocol_class
         if protocol_class is None or not issubclass(protocol_class, TakesUpgrade):
             super().handle_websocket_upgrade()
             return
         # As uvicorn's, but the request goes over as parsed here, not rebuilt as bytes for the
         # WebSocket protocol to parse again (a tenth of a gateway's cost per admission).
+        method, headers = self.scope["method"], self.scope["headers"]
         self.connections.discard(self)
         protocol = protocol_class(  # type: ignore[call-arg]  # uvicorn's constructor
             config=self.config, server_state=self.server_state, app_state=self.app_state
         )
         protocol.connection_made(self.transport)
-        protocol.take_upgrade(self.scope["method"], self.url, self.scope["headers"])
+        try:
+            protocol.take_upgrade(method, self.url, headers)
+        except Exception:
+            # A bug: the transport is still ours, so its loss would never reach `protocol`,
+            # which would stay in the server's connections for good. Drop both now.
+            log.exception("WebSocket upgrade failed")
+            protocol.connection_lost(None)
+            self.transport.abort()
+            return
         self.transport.set_protocol(protocol)
 
     def connection_lost(self, exc: Exception | None) -> None:

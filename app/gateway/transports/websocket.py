@@ -220,7 +220,10 @@ class StreamProtocol(TakesUpgrade):
             params = viewers.single_values(parse_qsl(query, keep_blank_values=True))
         except viewers.BadOption as exc:
             params, refusal = {}, exc
-        token = params.get("token") or tokens.bearer(request.headers.get("Authorization"))
+        authorization = request.headers.get_all("Authorization")
+        if len(authorization) > 1 and refusal is None:
+            refusal = viewers.BadOption("Authorization is given more than once", "authorization")
+        token = params.get("token") or tokens.bearer(authorization[0] if authorization else None)
         start = (params.get("since"), params.get("last"), params.get("minutes"))
         self.task = asyncio.get_running_loop().create_task(
             self._admit(unquote(match[1]) if match else "", token, start, params, refusal)
