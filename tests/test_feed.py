@@ -20,6 +20,7 @@ from app.gateway.replay import Replayer
 from app.names import Names
 from app.servers.redis import RedisShards
 from app.settings import Settings
+from app.store.writes import commit
 from tests.support import eventually, new
 
 
@@ -217,3 +218,19 @@ async def test_a_gap_storage_cannot_fill_is_counted_as_unrecovered(
     finally:
         await feeds.close()
         await shards.aclose()
+
+
+async def test_a_catch_up_past_a_hole_storage_cannot_fill_gives_it_up(
+    feeds: Feeds, pool: asyncpg.Pool, site: str
+) -> None:
+    """A catch-up (after a pub/sub reconnect, or while a site is polled from storage) that
+    reads past a hole retention left: a review found the events after it held for ever
+    (nothing comes to repair a polled site). The gap is given up with a notice, the events go
+    out, and the catch-up says it was not complete."""
+    viewer = await live_viewer(feeds, site)
+    await commit(pool, [new(site, n=i) for i in range(300)])
+    await pool.execute("DELETE FROM events WHERE site = $1 AND site_offset <= 250", site)
+    queued(viewer)  # whatever the join queued (its welcome is the transport's)
+    assert await feeds.catch_up(site) is False
+    assert queued(viewer) == ["notice", *range(251, 301)]
+    assert await feeds.catch_up(site) is True  # nothing more

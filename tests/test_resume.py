@@ -59,6 +59,27 @@ async def test_a_cursor_past_the_live_feed_but_committed_resumes_exactly(
     assert (start.after, start.recovered, start.reason) == (5, False, "cursor_ahead")
 
 
+async def test_pages_past_a_hole_do_not_depend_on_who_asked_first(
+    replayer: Replayer, pool: asyncpg.Pool, site: str
+) -> None:
+    """Retention left offsets 1001-1010 of 1010. A page read past the hole for one caller
+    must not answer another whose bound ends inside the hole, nor the reverse (a review found
+    the second caller given the first one's empty page: a resume skipped stored events)."""
+    await commit(pool, [new(site, n=i) for i in range(1010)])
+    await pool.execute("DELETE FROM events WHERE site = $1 AND site_offset <= 1000", site)
+    epoch = await epoch_of(pool, site)
+    remaining = list(range(1001, 1011))
+    for order in ((1000, 1010), (1010, 1000), (1010, 1005)):
+        replayer._recent.clear()  # each order from a cold start
+        for until in order:  # one after the other, then at once
+            page = await replayer.page(site, epoch, 0, until)
+            assert [o for o, _ in page] == [o for o in remaining if o <= until], (order, until)
+        replayer._recent.clear()
+        pages = await asyncio.gather(*(replayer.page(site, epoch, 0, u) for u in order))
+        for until, page in zip(order, pages, strict=True):
+            assert [o for o, _ in page] == [o for o in remaining if o <= until], (order, until)
+
+
 async def test_a_hole_inside_a_replayed_page_is_reported(
     replayer: Replayer, pool: asyncpg.Pool, site: str
 ) -> None:

@@ -287,21 +287,29 @@ class Feeds:
 
     async def catch_up(self, site: str, top: int | None = None, *, window: bool = True) -> bool:
         """Deliver whatever the site has beyond what was delivered (PostgreSQL is the truth).
-        Returns False when it could not be checked."""
+        Returns False when it could not be checked, or when storage had nothing for a gap in
+        it (given up with a notice, as a repair gives one up)."""
         seq = self._seq.get(site)
         if seq is None or seq.last is None:
             return True
-        after = seq.last
+        after, complete = seq.last, True
         while True:
             if top is not None and top <= after:
-                return True
+                return complete
             until = UNBOUNDED if top is None else top
             events = await self._read(site, after, until, window=window)
             if events is None:
                 return False
             if not events:
-                return True
+                return complete
             self._deliver(site, seq.fill(events))
+            gap = seq.missing()
+            if gap is not None and gap[1] < events[0][0]:
+                # The page is the first events past a hole (app.gateway.replay): storage has
+                # nothing in the gap, so nothing will fill it. Held, they would wait for ever
+                # (no live event comes to start a repair while the site is polled).
+                self._give_up(site, seq, gap[0] - 1)
+                complete = False
             after = events[-1][0]
 
     async def on_reconnect(self, sites: list[str]) -> None:

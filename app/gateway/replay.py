@@ -166,7 +166,25 @@ class Replayer:
         19,000 resumes a third of the gateway's time, most of it in redis-py opening a pool
         connection for every concurrent read (docs/performance.md, finding 23)."""
         last = min(until, after + PAGE)
-        committed = until < UNBOUNDED  # every offset up to `until` is stored
+        if until == UNBOUNDED:
+            # PostgreSQL is read up to whatever is stored: one query, past any hole.
+            return await self._read_page(site, epoch, after, last, UNBOUNDED, window)
+        events = await self._read_page(site, epoch, after, last, last, window)
+        if not events and last < until:
+            # A hole longer than a page (retention dropped a month, or events whose time was
+            # far off went with theirs): the page is the first events past it, not "nothing
+            # left" (callers tell the hole by the offsets). Read to `until`, under a key of
+            # its own: another caller's bound may end inside the hole.
+            events = await self._read_page(site, epoch, after, until, until, False)
+        return events
+
+    async def _read_page(
+        self, site: str, epoch: str, after: int, last: int, bound: int, window: bool
+    ) -> list[Event]:
+        """The window's after..last (complete, or not at all) unless `window` is False, else
+        PostgreSQL's first PAGE events after..bound (`bound` is `last`, or UNBOUNDED: an
+        uncommitted range, read past holes and never kept); shared as `page` says."""
+        committed = bound < UNBOUNDED
         key = ("page", site, epoch, after, last, committed, window)
         recent = self._recent_page(key)
         if recent is not None:
@@ -180,24 +198,14 @@ class Replayer:
             else:
                 self._metrics.replay_reads.labels("postgres").inc()
                 async with self._reads:
-                    events = await from_postgres(self._pool, site, epoch, after, PAGE, until=last)
-                    if not events and last < until:
-                        # A hole longer than a page (retention dropped a month, or events whose
-                        # time was far off went with theirs): the page is the first events
-                        # past it, not "nothing left" (callers tell the hole by the offsets).
-                        events = await from_postgres(
-                            self._pool, site, epoch, after, PAGE, until=until
-                        )
+                    events = await from_postgres(self._pool, site, epoch, after, PAGE, until=bound)
             if committed:
                 self._recent[key] = (time.monotonic() + RECENT_PAGE_S, events)
                 if len(self._recent) > RECENT_PAGES:
                     self._recent.popitem(last=False)
             return events
 
-        events = await self._shared(key, read)
-        if events and events[-1][0] > until:  # past a hole, read for a caller with a later bound
-            return [event for event in events if event[0] <= until]
-        return events
+        return await self._shared(key, read)
 
     def _recent_page(self, key: tuple[object, ...]) -> list[Event] | None:
         now = time.monotonic()
