@@ -37,7 +37,13 @@ from app.ingest.ratelimit import RateLimiter
 from app.names import Names
 from app.schema import NewEvent
 from app.servers import Status
-from app.servers.postgres import STORAGE_ERRORS, open_pool, probe_postgres, why_unavailable
+from app.servers.postgres import (
+    STORAGE_ERRORS,
+    close_pool,
+    open_pool,
+    probe_postgres,
+    why_unavailable,
+)
 from app.servers.redis import RedisShards
 from app.settings import Settings
 from app.store.salts import SaltKeeper
@@ -136,7 +142,7 @@ def create_app(settings: Settings) -> IngestApp:
                 finally:
                     await api.state.ingest.drops.close()
                     await client.aclose()
-                    await pool.close()
+                    await close_pool(pool)
 
     api = FastAPI(title="Sitewire ingest", lifespan=lifespan, **API_OPTIONS)
 

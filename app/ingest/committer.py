@@ -12,7 +12,8 @@ stored, and a retry with the same ids is safe either way), the pool's connection
 replaced (they may be dead: a NAT that forgot them), and the next commit starts. The commit
 given up goes on in the background until asyncpg's own timeout ends it; what it stores is
 published then. While MAX_ABANDONED of them are still running, storage is taken to be
-hung and submissions are refused at once."""
+hung: submissions, and what is queued, are refused at once. So a request waits at most about
+twice `timeout_s` (behind one commit given up, then in one)."""
 
 from __future__ import annotations
 
@@ -76,11 +77,18 @@ class Committer:
         self._task = asyncio.create_task(self._run(), name="group-commit")
 
     async def close(self) -> None:
-        """Commit what is queued, then stop."""
+        """Commit what is queued (within the same bounds as ever), then stop. Commits given
+        up and still running get one more `timeout_s` to end (what they store is published),
+        then are cancelled: what they may have stored is then found by the gateways' position
+        check, as after an ingest killed between commit and publication."""
         self._closing = True
         self._wakeup.set()
         if self._task is not None:
             await self._task
+        if self._abandoned:
+            _, running = await asyncio.wait(set(self._abandoned), timeout=self._timeout_s)
+            for task in running:
+                task.cancel()
 
     async def submit(self, events: Sequence[NewEvent]) -> list[Outcome]:
         """Store `events`; raise StorageUnavailable if PostgreSQL did not confirm the commit
@@ -108,7 +116,20 @@ class Committer:
                     return
                 self._wakeup.clear()
                 continue
+            if len(self._abandoned) >= MAX_ABANDONED:
+                # Storage is taken to be hung: what waits is answered now, not one commit
+                # timeout after another (10,000 queued events would wait ~55 s).
+                batch = self._take_all()
+                self._metrics.commit_refusals.labels("hung").inc(sum(len(s) for s, _ in batch))
+                _fail(batch, StorageUnavailable("storage is not answering"))
+                continue
             await self._flush(self._take())
+
+    def _take_all(self) -> list[_Waiter]:
+        batch = list(self._queue)
+        self._queue.clear()
+        self._queued = 0
+        return batch
 
     def _take(self) -> list[_Waiter]:
         """Whole submissions, oldest first, up to max_events (at least one submission)."""
@@ -137,7 +158,7 @@ class Committer:
                 "group commit failed; nothing in it is acknowledged",
                 extra={"events": len(events), "error": _describe(exc)},
             )
-            _fail(batch, StorageUnavailable(str(exc), maybe_stored=True))
+            _fail(batch, StorageUnavailable(str(exc), maybe_stored=_maybe_sent(exc)))
             return
         self._metrics.commit_seconds.observe(time.perf_counter() - started)
         self._metrics.commit_batch.observe(len(events))
@@ -194,6 +215,13 @@ def _fail(batch: list[_Waiter], error: StorageUnavailable) -> None:
     for _, fut in batch:
         if not fut.done():
             fut.set_exception(error)
+
+
+def _maybe_sent(exc: BaseException) -> bool:
+    """Whether a failed commit may have been committed all the same: not when PostgreSQL
+    answered with an error (the transaction was rolled back) or the connection was refused,
+    but when the connection was lost or timed out with the commit sent."""
+    return not isinstance(exc, asyncpg.PostgresError | ConnectionRefusedError)
 
 
 def _describe(exc: BaseException) -> str:

@@ -30,6 +30,20 @@ async def open_pool(settings: Settings, *, connect_timeout: float = 5.0) -> asyn
     return pool
 
 
+#: How long closing a pool waits for its connections to be given back before dropping them.
+POOL_CLOSE_S = 5.0
+
+
+async def close_pool(pool: asyncpg.Pool) -> None:
+    """Close `pool`; connections still held past POOL_CLOSE_S (a query on a hung PostgreSQL)
+    are dropped rather than waited for (asyncpg's `close` waits for every one)."""
+    try:
+        async with asyncio.timeout(POOL_CLOSE_S):
+            await pool.close()
+    except TimeoutError:
+        pool.terminate()
+
+
 async def _keep_session(_: asyncpg.Connection) -> None:
     """Replaces asyncpg's reset query on every release to the pool (`RESET ALL`, `UNLISTEN *`,
     `CLOSE ALL`, advisory unlock): one more round trip per checkout, for session state Sitewire
