@@ -55,7 +55,8 @@ def verify(secret: str, token: str | None, site: str, now: float | None = None) 
 
     Refused: anything but three base64url segments; a signature that is not exactly the
     HS256 MAC of the first two under `secret` (compared in constant time, in its canonical
-    encoding); a header whose `alg` is not HS256 or that has `crit` or `b64`; claims that are
+    encoding); a header or claims segment not in its canonical encoding either; a header whose
+    `alg` is not HS256, that has `crit` or `b64`, or a `kid` that is not a string; claims that are
     not an object with `sub`, `exp`, `iat` and `scope`; a time claim that is not a number;
     `exp` passed, `iat` or `nbf` still to come; an `aud` (ours have none), a `jti` that is not
     a string; and `sub` or `scope` that do not match. The message says which kind of refusal,
@@ -75,6 +76,8 @@ def verify(secret: str, token: str | None, site: str, now: float | None = None) 
     fields = _segment(header)
     if fields.get("alg") != ALGORITHM or any(name in fields for name in _UNSUPPORTED_HEADER):
         raise InvalidToken("the token is invalid")
+    if not isinstance(fields.get("kid", ""), str):  # as PyJWT checks it
+        raise InvalidToken("the token is invalid")
     claims = _segment(payload)
     _check_times(claims, time.time() if now is None else now)
     if claims.get("scope") != SCOPE or claims.get("sub") != site:
@@ -82,9 +85,13 @@ def verify(secret: str, token: str | None, site: str, now: float | None = None) 
 
 
 def _segment(text: str) -> dict[str, Any]:
-    """A JSON object in a base64url segment (signed: only our secret's holder wrote it)."""
+    """A JSON object in a base64url segment (signed: only our secret's holder wrote it), in
+    its canonical encoding only (spare bits zero), as PyJWT reads it."""
     try:
-        value = orjson.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        if base64.urlsafe_b64encode(raw).rstrip(b"=") != text.encode():
+            raise ValueError("not the canonical encoding")
+        value = orjson.loads(raw)
     except (binascii.Error, ValueError):
         raise InvalidToken("the token is invalid") from None
     if not isinstance(value, dict):
