@@ -212,10 +212,10 @@ def test_json_lines_escape_every_control_character() -> None:
     """orjson escapes C0 only; props may hold DEL and C1 (U+009B is CSI to a terminal)."""
     out, err = io.StringIO(), io.StringIO()
     printer = Printer(out, err, as_json=True, colour=False)
-    event = {**EVENT, "props": {"c1": "\x9b31mred\x7f", "ok": "é"}}
+    event = {**EVENT, "props": {"c1": "\x9b31mred\x7f", "bidi": "\u202egnp.exe", "ok": "é"}}
     printer.event(event)
     line = out.getvalue()
-    assert not re.search(r"[\x00-\x1f\x7f-\x9f]", line.rstrip("\n"))
+    assert not re.search(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e]", line.rstrip("\n"))
     assert orjson.loads(line) == event and "é" in line
 
 

@@ -104,13 +104,14 @@ def _escape(match: re.Match[str]) -> str:
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
-#: C1 controls and DEL: JSON may carry them raw, and a terminal may obey them (U+009B is CSI).
-_RAW_IN_JSON = re.compile(r"[\x7f-\x9f]")
+#: C1 controls and DEL: JSON may carry them raw, and a terminal may obey them (U+009B is CSI);
+#: and the bidirectional overrides and isolates, which reorder the rest of the line.
+_RAW_IN_JSON = re.compile(r"[\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
 def json_line(event: dict[str, Any]) -> str:
-    """One JSON object and a newline, with DEL and C1 controls escaped (\\u009b) as C0 ones
-    already are: the same JSON to a parser, nothing a terminal obeys."""
+    """One JSON object and a newline, with DEL, C1 controls and bidirectional overrides escaped
+    (\\u009b) as C0 ones already are: the same JSON to a parser, nothing a terminal obeys."""
     text = orjson.dumps(event).decode()
     return _RAW_IN_JSON.sub(lambda m: f"\\u{ord(m.group()):04x}", text) + "\n"
 
