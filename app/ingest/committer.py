@@ -97,10 +97,10 @@ class Committer:
         if self._closing:
             raise StorageUnavailable("shutting down")
         if len(self._abandoned) >= MAX_ABANDONED:
-            self._metrics.commit_refusals.labels("hung").inc()
+            self._metrics.commit_refusals.labels("hung").inc(len(events))
             raise StorageUnavailable("storage is not answering")
         if self._queued + len(events) > self._max_queued:
-            self._metrics.commit_refusals.labels("queue_full").inc()
+            self._metrics.commit_refusals.labels("queue_full").inc(len(events))
             raise StorageUnavailable("too many events are waiting for storage")
         future: asyncio.Future[list[Outcome]] = asyncio.get_running_loop().create_future()
         self._queue.append((events, future))

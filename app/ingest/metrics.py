@@ -44,8 +44,8 @@ class IngestMetrics:
         )
         self.commit_refusals = Counter(
             "sitewire_ingest_commit_refusals",
-            "Submissions refused before any commit: storage hung (commits given up still "
-            "running) or the commit queue full",
+            "Events refused before any commit: storage hung (commits given up still running) "
+            "or the commit queue full",
             ["reason"],
             registry=registry,
         )
