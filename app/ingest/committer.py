@@ -12,8 +12,9 @@ stored, and a retry with the same ids is safe either way), the pool's connection
 replaced (they may be dead: a NAT that forgot them), and the next commit starts. The commit
 given up goes on in the background until asyncpg's own timeout ends it; what it stores is
 published then. While MAX_ABANDONED of them are still running, storage is taken to be
-hung: submissions, and what is queued, are refused at once. So a request waits at most about
-twice `timeout_s` (behind one commit given up, then in one)."""
+hung: submissions, and what is queued, are refused at once; and when a commit fails, what
+is queued behind it fails with it. So a request waits at most about twice `timeout_s`
+(behind one commit given up, then in one)."""
 
 from __future__ import annotations
 
@@ -159,6 +160,10 @@ class Committer:
                 extra={"events": len(events), "error": _describe(exc)},
             )
             _fail(batch, StorageUnavailable(str(exc), maybe_stored=_maybe_sent(exc)))
+            # What waits behind it would meet the same failure, one commit attempt after
+            # another (each as long as a connection attempt: 20 queued commits waited 40 s
+            # on a PostgreSQL that took connections and never answered). Answered now.
+            _fail(self._take_all(), StorageUnavailable("storage is unavailable"))
             return
         self._metrics.commit_seconds.observe(time.perf_counter() - started)
         self._metrics.commit_batch.observe(len(events))
