@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
 from app.broker.redis import RedisBroker
+from app.gateway import feed as feed_module
 from app.gateway.feed import Feeds
 from app.gateway.hub import EVENT, Hub, Viewer
 from app.gateway.metrics import DeliveryStats, GatewayMetrics
@@ -234,3 +235,33 @@ async def test_a_catch_up_past_a_hole_storage_cannot_fill_gives_it_up(
     assert await feeds.catch_up(site) is False
     assert queued(viewer) == ["notice", *range(251, 301)]
     assert await feeds.catch_up(site) is True  # nothing more
+
+
+async def test_a_gap_filled_while_its_repair_waits_on_storage_is_not_given_up(
+    feeds: Feeds, pool: asyncpg.Pool, site: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An outside test (pooled connections gone stale): a repair's read hung until storage
+    patience ran out, while a catch-up delivered the missing events meanwhile; the repair then
+    gave up the gap anyway, and viewers were told events were missing after receiving them."""
+    viewer = await live_viewer(feeds, site)
+    await commit(pool, [new(site, n=i) for i in range(3)])
+    epoch = await pool.fetchval("SELECT epoch FROM sites WHERE id = $1", site)
+    stored = {o: p for o, p in await feeds._replayer.page(site, epoch, 0, 3)}
+    queued(viewer)
+    real_read = feeds._read
+    reading = asyncio.Event()
+
+    async def stalled_read(site_: str, after: int, until: int, *, window: bool = True) -> None:
+        reading.set()
+        await asyncio.sleep(0.5)  # storage does not answer; meanwhile the gap is filled
+        return None
+
+    monkeypatch.setattr(feed_module, "REPAIR_PATIENCE_S", 0.2)  # outlasted by the read
+    feeds._read = stalled_read  # type: ignore[method-assign, assignment]
+    feeds.on_messages(site, [stored[1]])
+    feeds.on_messages(site, [stored[3]])  # 2 missing: a repair starts, and its read stalls
+    await asyncio.wait_for(reading.wait(), 5)
+    feeds._read = real_read  # type: ignore[method-assign]
+    feeds.on_messages(site, [stored[2]])  # arrives late: the gap is filled
+    await asyncio.sleep(1.0)
+    assert queued(viewer) == [1, 2, 3]  # and no notice

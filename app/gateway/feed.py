@@ -251,9 +251,14 @@ class Feeds:
             while seq is not None and (gap := seq.missing()) is not None:
                 first, last = gap
                 events = await self._read(site, first - 1, last)
+                seq = self._seq.get(site)
+                if seq is None or seq.missing() != gap:
+                    # Filled meanwhile (a catch-up, a late publication) or changed: look again,
+                    # rather than give up a gap that is no longer there (an outside test saw a
+                    # "missing" notice after the very events it named had arrived).
+                    continue
                 if events is None and loop.time() < patience:  # storage unreachable: retry
                     await asyncio.sleep(REPAIR_RETRY_S)
-                    seq = self._seq.get(site)
                     continue
                 if not events:  # removed by retention, or storage down for too long
                     self._give_up(site, seq, first - 1)
