@@ -172,7 +172,14 @@ async def test_a_hung_postgresql_is_answered_within_the_commit_timeout(
                 return (await post(ids[1]))[0] == 202
 
             assert (await post(ids[0]))[0] == 202
+            unseen = f"unseen{uuid.uuid4().hex[:6]}.example.com"  # registered, never posted to
+            await create_site(pool, unseen)
             proxy.pause()
+            # A site ingest has not read yet: its registry lookup is bounded too (it waited for
+            # asyncpg's own timeouts, ~21 s).
+            started = time.monotonic()
+            r = await client.post(f"{proc.url}/api/event", json=event(unseen))
+            assert r.status_code == 503 and time.monotonic() - started < 10
             answers = []
             # 250 at once: 200 queue (the rest are refused). The first commit is given up (its
             # query hangs), the next fails (a connection attempt times out), and what is queued

@@ -96,6 +96,11 @@ def _site(row: asyncpg.Record) -> Site:
     )
 
 
+#: Longest wait for the registry (one indexed row): a hung PostgreSQL held a site's first
+#: events ~21 s (asyncpg's connection and command timeouts) before the commit bounds applied.
+LOOKUP_TIMEOUT_S = 2.0
+
+
 class SiteCache:
     """Read-through cache of the site registry, for ingest's hot path and viewer admission.
 
@@ -105,8 +110,8 @@ class SiteCache:
     registry cannot be read, the entry stays and is tried again `retry_s` later. So PostgreSQL
     down or hung for longer than `ttl` does not turn away the viewers (or events) of a site
     known before it: an outside test found every new viewer refused 30 s into an outage. A
-    site not known yet waits for its lookup, shared by concurrent callers, and meets what
-    asyncpg raises.
+    site not known yet waits for its lookup (at most `timeout_s`), shared by concurrent callers,
+    and meets what asyncpg raises (TimeoutError past `timeout_s`).
     """
 
     def __init__(
@@ -115,11 +120,13 @@ class SiteCache:
         ttl: float = 30.0,
         negative_ttl: float = 2.0,
         retry_s: float = 5.0,
+        timeout_s: float = LOOKUP_TIMEOUT_S,
     ) -> None:
         self._pool = pool
         self._ttl = ttl
         self._negative_ttl = negative_ttl
         self._retry_s = retry_s
+        self._timeout_s = timeout_s
         self._entries: dict[str, tuple[float, Site | None]] = {}
         #: Lookups in flight, by site: concurrent callers share one.
         self._lookups: dict[str, asyncio.Future[Site | None]] = {}
@@ -133,7 +140,9 @@ class SiteCache:
             if known is not None:
                 self._lookup(site)  # in the background; the stale entry meanwhile
                 return known
-        return await asyncio.shield(self._lookup(site))
+        # The lookup is not cancelled when this wait ends: cancelling a query on a hung
+        # connection waits for asyncpg's own cancellation. It goes on, and fills the cache.
+        return await asyncio.wait_for(asyncio.shield(self._lookup(site)), self._timeout_s)
 
     def _lookup(self, site: str) -> asyncio.Future[Site | None]:
         pending = self._lookups.get(site)
