@@ -10,6 +10,7 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
@@ -57,6 +58,19 @@ async def test_a_cursor_past_the_live_feed_but_committed_resumes_exactly(
     # Beyond the committed head: no such event was ever acknowledged.
     start = await replayer.resolve(site, epoch, 2, StartRequest(since=(epoch, 9)))
     assert (start.after, start.recovered, start.reason) == (5, False, "cursor_ahead")
+
+
+async def test_a_start_at_a_time_begins_at_the_lowest_offset_of_that_time(
+    replayer: Replayer, pool: asyncpg.Pool, site: str
+) -> None:
+    """A batch's events share one timestamp: "the last N minutes" must begin at the batch's
+    first event (an outside test saw a stats count and a `minutes=` stream begin mid-batch)."""
+    when = datetime.now(UTC).replace(microsecond=0)
+    await commit(pool, [new(site, n=i, ts=when) for i in range(300)])
+    await commit(pool, [new(site, n=i, ts=when + timedelta(seconds=1)) for i in range(5)])
+    assert await replayer.offset_at(site, when - timedelta(minutes=1)) == 1
+    assert await replayer.offset_at(site, when + timedelta(milliseconds=1)) == 301
+    assert await replayer.offset_at(site, when + timedelta(minutes=1)) is None
 
 
 async def test_pages_past_a_hole_do_not_depend_on_who_asked_first(
