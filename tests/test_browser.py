@@ -362,6 +362,7 @@ async def test_the_dashboard_holds_up_against_what_visitors_send(
         "x=1&utm_source=%20%20",  # blank once stripped: the referrer's host instead
         "utm%5Fsource=escaped",  # the server looks for "utm_source=" as written: (direct)
         "utm_source=%EF%BB%BFbom%1C",  # a byte-order mark kept; U+001C stripped, as Python does
+        "utm_source=%E2%80%AEmoc.elgoog",  # a right-to-left override: shown as U+FFFD
     ]
     bodies: list[dict[str, Any]] = [
         {"site": shop, "name": "pageview", "url": f"https://{shop}/q?{q}"} for q in odd
@@ -374,6 +375,7 @@ async def test_the_dashboard_holds_up_against_what_visitors_send(
         for p in ("pro", "pro", "team")
     ]
     bodies[-1]["props"]["404"] = "x"  # an integer-like key: JavaScript would put it first
+    bodies[-1]["props"]["note"] = "\u202eexe.pdf"  # must not reorder the props beside it
     context = await browser.new_context(viewport={"width": 1280, "height": 800})
     page = await context.new_page()
     errors: list[str] = []
@@ -396,7 +398,7 @@ async def test_the_dashboard_holds_up_against_what_visitors_send(
         assert len(await wait_rows(page, events)) == events, entry
         await page.click("[data-testid=filters] .chip button")
     await page.fill("[data-testid=filter]", "pageview")
-    assert len(await wait_rows(page, 8)) == 8
+    assert len(await wait_rows(page, 9)) == 9
     shown = await page.eval_on_selector_all(
         "[data-testid=goals] li.props", "els => els.map(e => e.textContent)"
     )
@@ -404,6 +406,15 @@ async def test_the_dashboard_holds_up_against_what_visitors_send(
     assert [line.split(":")[0] for line in shown] == list(signup["props"])[:3]
     assert shown[0] == "plan: pro (2), team (1)"
     assert await page.evaluate("document.documentElement.scrollWidth") <= 1280
+    time_cell = "document.querySelector('[data-testid=rows] td.time')"
+    assert await page.evaluate(f"{time_cell}.scrollWidth <= {time_cell}.clientWidth")
+    await page.fill("[data-testid=filter]", "")
+    assert len(await wait_rows(page, len(bodies))) == len(bodies)
+    isolated = (
+        "[...document.querySelectorAll('[data-testid=rows] td.props')]"
+        ".map(td => td.querySelectorAll('bdi').length)"
+    )
+    assert 3 in await page.evaluate(isolated)  # plan, 404 and note, each in its own <bdi>
     assert await page.evaluate("document.querySelector('[data-testid=goals]').offsetHeight") < 400
     assert errors == []
     await context.close()

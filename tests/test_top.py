@@ -48,6 +48,18 @@ def test_json_mode_prints_one_object_per_update() -> None:
     assert [orjson.loads(line)["events"] for line in out.getvalue().splitlines()] == [7, 8]
 
 
+def test_json_mode_escapes_what_a_terminal_would_obey() -> None:
+    """An outside test: a source decoded from a visitor's URL reached `top --json` with a raw
+    U+009B (CSI) and U+202E; `tail --json` already escaped them."""
+    out = io.StringIO()
+    screen = Top(out, io.StringIO(), as_json=True, in_place=False)
+    sources = [{"value": "\x9b31m\u202emoc.elgoog", "count": 1}]
+    screen.notice({"type": "stats", "stats": {**STATS, "sources": sources}})
+    line = out.getvalue()
+    assert "\x9b" not in line and "\u202e" not in line
+    assert orjson.loads(line)["sources"] == sources
+
+
 async def test_sitewire_top_follows_the_site(spawn: Callable[..., AppProcess], site: str) -> None:
     ingest, gateway = spawn("ingest", **FAST), spawn("gateway", **FAST)
     viewer = ("--gateway", gateway.url, "--token", token(site))

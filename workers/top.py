@@ -9,9 +9,7 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-import orjson
-
-from workers.tail import printable
+from workers.tail import json_line, printable
 
 BARS = " ▁▂▃▄▅▆▇█"
 #: Entries shown per list.
@@ -48,7 +46,7 @@ class Top:
     def stats(self, stats: dict[str, Any]) -> None:
         self.updates += 1
         if self.as_json:
-            self.out.write(orjson.dumps(stats).decode() + "\n")
+            self.out.write(json_line(stats))
         else:
             self.out.write(("\x1b[H\x1b[2J" if self.in_place else "") + render(stats) + "\n")
         self.out.flush()
