@@ -294,6 +294,10 @@ async def test_history_pages_by_cursor_and_time(
         assert bad.status_code == 400 and bad.json()["error"]["field"] == "limit"
         bad = await client.get(url, params={"token": token(site), "after": "nope"})
         assert bad.status_code == 400
+        both = await client.get(
+            url, params={"token": token(site), "after": cursors[3], "from": when}
+        )
+        assert both.status_code == 400 and both.json()["error"]["field"] == "from"
         # Each parameter once, as on the streams (an outside test: the last of two won).
         for name, value in (("token", token(site)), ("after", cursors[3]), ("limit", "5")):
             twice = await client.get(f"{url}?token={token(site)}&{name}={value}&{name}={value}")

@@ -232,6 +232,8 @@ async def _history_page(state: GatewayState, site: Site, query: Mapping[str, str
         ) from None
     after = 0
     before = _timestamp(query, "to")
+    if "after" in query and "from" in query:
+        raise ApiError(ErrorCode.INVALID_REQUEST, "give after or from, not both", "from")
     try:
         if "after" in query:
             epoch, after = parse_cursor(query["after"])
