@@ -46,7 +46,7 @@ PROP_VALUE_CHARS = 100
 MAX_PROP_ENTRIES = 1000
 #: Distinct props a goal counts in a minute (an event carries at most 30): what a snapshot
 #: merges per goal stays small. With both bounds, the worst a visitor can build costs a
-#: snapshot ~20 ms here, against 1.3 s with 5,000 entries a minute and no bound per goal (an
+#: snapshot ~50 ms here, against 1.3 s with 5,000 entries a minute and no bound per goal (an
 #: outside test: a gateway's loop near saturation after 14 minutes of invented props).
 MAX_GOAL_PROPS = 30
 
