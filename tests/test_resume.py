@@ -263,10 +263,7 @@ async def test_a_resume_postgresql_must_serve_waits_for_it(
     the same cursor resumes exactly."""
     pg = private_postgres
     site = "pgdown-resume.example.com"
-    conn = await asyncpg.connect(pg.dsn)
-    await create_site(conn, site)
-    epoch = await conn.fetchval("SELECT epoch FROM sites WHERE id = $1", site)
-    await conn.close()
+    epoch = await _register(pg, site)
     env = env_for(settings.with_(database_url=pg.dsn), **FAST, SITEWIRE_REPLAY_WINDOW="10")
     ingest = AppProcess("ingest", env, tmp_path).start()
     gateway = AppProcess("gateway", env, tmp_path).start()
@@ -300,10 +297,7 @@ async def test_viewers_of_a_known_site_are_admitted_while_postgresql_is_down(
     outage is served from the cache for as long as the registry cannot be read."""
     pg = private_postgres
     site = "pgdown-known.example.com"
-    conn = await asyncpg.connect(pg.dsn)
-    await create_site(conn, site)
-    epoch = await conn.fetchval("SELECT epoch FROM sites WHERE id = $1", site)
-    await conn.close()
+    epoch = await _register(pg, site)
     env = env_for(settings.with_(database_url=pg.dsn), **FAST, SITEWIRE_SITE_CACHE_TTL_S="0.5")
     ingest = AppProcess("ingest", env, tmp_path).start()
     gateway = AppProcess("gateway", env, tmp_path).start()
@@ -364,3 +358,14 @@ async def test_sse_last_event_id_wins_over_the_first_urls_start(
                         welcome = orjson.loads(line[6:])
                         break
     assert welcome["cursor"] == cursors[0] and welcome["recovered"] is True
+
+
+async def _register(pg: DisposablePostgres, site: str) -> str:
+    """`site` registered on the private PostgreSQL; its epoch."""
+    conn = await asyncpg.connect(pg.dsn)
+    try:
+        await create_site(conn, site)
+        epoch: str = await conn.fetchval("SELECT epoch FROM sites WHERE id = $1", site)
+        return epoch
+    finally:
+        await conn.close()

@@ -438,14 +438,7 @@ async def _store(state: IngestState, events: list[NewEvent]) -> list[Outcome]:
     try:
         return await state.committer.submit(events)
     except StorageUnavailable as exc:
-        if not exc.maybe_stored:
-            raise _storage_unavailable() from None
-        raise ApiError(
-            ErrorCode.STORAGE_UNAVAILABLE,
-            "storage did not confirm the commit; the event may have been stored: retry with the "
-            "same id (a stored event is answered as a duplicate)",
-            retry_after=STORAGE_RETRY_AFTER,
-        ) from None
+        raise _storage_unavailable(maybe_stored=exc.maybe_stored) from None
 
 
 async def _guard_storage(step: Awaitable[T]) -> T:
@@ -455,12 +448,15 @@ async def _guard_storage(step: Awaitable[T]) -> T:
         raise _storage_unavailable() from None
 
 
-def _storage_unavailable() -> ApiError:
-    return ApiError(
-        ErrorCode.STORAGE_UNAVAILABLE,
-        "storage is unavailable; the event was not stored, retry later",
-        retry_after=STORAGE_RETRY_AFTER,
+def _storage_unavailable(*, maybe_stored: bool = False) -> ApiError:
+    """503: nothing was stored, or (`maybe_stored`) a commit was sent and not confirmed."""
+    message = (
+        "storage did not confirm the commit; the event may have been stored: retry with the "
+        "same id (a stored event is answered as a duplicate)"
+        if maybe_stored
+        else "storage is unavailable; the event was not stored, retry later"
     )
+    return ApiError(ErrorCode.STORAGE_UNAVAILABLE, message, retry_after=STORAGE_RETRY_AFTER)
 
 
 def _client(incoming: Incoming, settings: Settings) -> Client:

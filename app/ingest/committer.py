@@ -29,7 +29,7 @@ import asyncpg
 from app.errors import StorageUnavailable
 from app.ingest.metrics import IngestMetrics
 from app.schema import NewEvent
-from app.servers.postgres import STORAGE_ERRORS
+from app.servers.postgres import STORAGE_ERRORS, describe_error
 from app.store.writes import Outcome, Stored, commit
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ class Committer:
             self._metrics.commit_failures.inc()
             log.warning(
                 "group commit failed; nothing in it is acknowledged",
-                extra={"events": len(events), "error": _describe(exc)},
+                extra={"events": len(events), "error": describe_error(exc)},
             )
             _fail(batch, StorageUnavailable(str(exc), maybe_stored=_maybe_sent(exc)))
             # What waits behind it would meet the same failure, one commit attempt after
@@ -204,7 +204,7 @@ class Committer:
             return
         exc = task.exception()
         if exc is not None:
-            log.info("a commit given up has failed", extra={"error": _describe(exc)})
+            log.info("a commit given up has failed", extra={"error": describe_error(exc)})
             return
         outcomes = task.result()
         # Stored after its requests were answered 503: their retries are duplicates, and the
@@ -227,9 +227,3 @@ def _maybe_sent(exc: BaseException) -> bool:
     answered with an error (the transaction was rolled back) or the connection was refused,
     but when the connection was lost or timed out with the commit sent."""
     return not isinstance(exc, asyncpg.PostgresError | ConnectionRefusedError)
-
-
-def _describe(exc: BaseException) -> str:
-    """The error's kind and PostgreSQL's words for it ("too many clients already")."""
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__

@@ -66,8 +66,14 @@ async def why_unavailable(pool: asyncpg.Pool) -> str | None:
     except TimeoutError:
         return f"no answer within {PROBE_TIMEOUT_S:g} s"
     except STORAGE_ERRORS as exc:
-        text = str(exc).strip()
-        return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+        return describe_error(exc)
+
+
+def describe_error(exc: BaseException) -> str:
+    """A storage error's kind and its own words ("TooManyConnectionsError: sorry, too many
+    clients already"), for a log line an operator searches."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
 
 
 def with_database(dsn: str, name: str) -> str:
