@@ -56,6 +56,7 @@ from bench.harness import (
 )
 from bench.loadgen import MARKER_ID, paced_post, percentile
 from bench.scale import scale_rows
+from bench.store import ceiling as store_ceiling
 from workers.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 
 
@@ -550,6 +551,13 @@ async def _ingest_rows(env: Env, quick: bool) -> list[Row]:
             Row(f"4 ingest {label}", "p99 request ms", result["p99_ms"]),
             Row(f"4 ingest {label}", "acked == stored", float(result["acked"] <= result["stored"])),
         ]  # fmt: skip
+    # What PostgreSQL alone allows: no ingest can store batches faster than one core of it.
+    stored = await store_ceiling(env.database_url, events=8_000 if quick else 40_000)
+    if stored is not None:
+        rows.append(
+            Row("4 ingest batch 50", "PostgreSQL alone: events/s per core (commits of 400)",
+                stored, base_batch["events_per_s"])
+        )  # fmt: skip
     return rows
 
 

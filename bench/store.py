@@ -10,6 +10,10 @@ server-minted ids (what `make bench`'s ingest rows send: no duplicate lookup) an
 ids (what the tracking script sends: every commit looks retries up). Prints the median
 milliseconds per commit of several rounds, alternating the two databases.
 
+`ceiling` is the other use: how many events one core of PostgreSQL stores a second through
+the same commits, by its backend's CPU time (scenario 4 of `make bench` prints it beside the
+validate-only baseline, which no ingest can beat by more than PostgreSQL allows).
+
 Servers: DATABASE_URL, else TEST_DATABASE_URL (an embedded PostgreSQL otherwise).
 """
 
@@ -44,9 +48,9 @@ ROUNDS = 5
 PAD = "x" * 60  # brings an event to ~300 bytes, as in bench/run.py
 
 
-def event(client_id: bool) -> NewEvent:
+def event(client_id: bool, site: str = SITE) -> NewEvent:
     return NewEvent(
-        event_id=uuid.uuid4(), site=SITE, name="pageview", url=f"https://{SITE}/pricing",
+        event_id=uuid.uuid4(), site=site, name="pageview", url=f"https://{site}/pricing",
         path="/pricing", referrer=None, referrer_host=None, props={"p": PAD}, visitor_id=7,
         device="desktop", browser="Firefox", os="Linux", country="NL", ts=datetime.now(UTC),
         minted=not client_id,
@@ -80,6 +84,46 @@ async def round_ms(pool: asyncpg.Pool, size: int, count: int, client_ids: bool) 
     for batch in batches:
         await commit(pool, batch)
     return (time.perf_counter() - started) * 1000 / count
+
+
+def backend_cpu_s(pid: int) -> float | None:
+    """utime + stime of a PostgreSQL backend (/proc/PID/stat); None when PostgreSQL runs on
+    another host (or the process is not visible)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def ceiling(dsn: str, size: int = 400, events: int = 40_000) -> float | None:
+    """Events per second one core of PostgreSQL stores through group commits of `size` events
+    with client ids (the tracking script's, so each commit looks retries up): `events` stored
+    back to back on one connection into a new site of `dsn`, divided by its backend's CPU
+    seconds. The backend only: the WAL writer and checkpoints come on top, so PostgreSQL's
+    real ceiling is lower. None when the backend's CPU cannot be read here."""
+    site = f"ceiling-{uuid.uuid4().hex[:8]}.bench.example"
+    conn = await asyncpg.connect(dsn)
+    try:
+        await create_site(conn, site)
+    finally:
+        await conn.close()
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
+    assert pool is not None
+    try:
+        batches = [[event(True, site) for _ in range(size)] for _ in range(events // size)]
+        async with pool.acquire() as conn:
+            pid = await conn.fetchval("SELECT pg_backend_pid()")
+        await commit(pool, batches[0])  # warm: plans and caches
+        before = backend_cpu_s(pid)
+        for batch in batches[1:]:
+            await commit(pool, batch)
+        after = backend_cpu_s(pid)
+    finally:
+        await pool.close()
+    if before is None or after is None or after <= before:
+        return None
+    return size * (len(batches) - 1) / (after - before)
 
 
 async def run(admin_dsn: str, before: str) -> None:
