@@ -21,12 +21,13 @@ value to filter the panels". Every offset still advances `offset`, matched or no
 from __future__ import annotations
 
 import functools
-import re
 from collections import Counter
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from app.text import UNSHOWN
 
 WINDOW_MINUTES = 30
 NOW_MINUTES = 5
@@ -257,20 +258,14 @@ def _labels(event: dict[str, Any]) -> dict[str, str]:
     }
 
 
-#: Controls and invisible format characters (bidirectional ones included): ingest refuses them
-#: raw in a URL, but `utm_source` is decoded here, and `%E2%80%AEmoc.elgoog` showed as
-#: "google.com". Shown as U+FFFD; the dashboard's `source()` does the same.
-_UNSHOWN = re.compile(
-    r"[\x00-\x1f\x7f-\x9f\xad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u206f\ufeff]"
-)
-
-
 def _source(event: dict[str, Any]) -> str:
     url = event.get("url")
     if isinstance(url, str) and "utm_source=" in url:
         found = parse_qs(urlsplit(url).query).get("utm_source")
         if found and found[0].strip():
-            return _UNSHOWN.sub("\ufffd", found[0].strip()[:PROP_VALUE_CHARS].lower())
+            # Ingest refuses app.text's characters raw in a URL, but `utm_source` is decoded
+            # here: `%E2%80%AEmoc.elgoog` showed as "google.com". The dashboard does the same.
+            return UNSHOWN.sub("\ufffd", found[0].strip()[:PROP_VALUE_CHARS].lower())
     host = event.get("referrer_host")
     return str(host) if host else DIRECT
 

@@ -18,6 +18,7 @@ import orjson
 from app.codes import ErrorCode
 from app.errors import ApiError
 from app.store.sites import is_valid_site_id
+from app.text import UNSHOWN_CLASS
 
 MAX_NAME_CHARS = 120
 MAX_URL_BYTES = 2000
@@ -35,11 +36,9 @@ PropValue = str | int | float | bool
 #: the bidirectional embeddings, overrides and isolates: `/invoice\u202efdp.exe` shows as
 #: `/invoiceexe.pdf` (an outside test spoofed a referrer host as google.com with one).
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-#: For URLs also spaces, and every other invisible format character (zero-width ones, marks,
-#: the BOM): a browser's URL holds them percent-encoded, never raw.
-_SPACE_OR_CONTROL = re.compile(
-    r"[\x00-\x20\x7f-\x9f\xad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u206f\ufeff]"
-)
+#: For URLs also spaces, and every other invisible format character (app.text): a browser's
+#: URL holds them percent-encoded, never raw.
+_SPACE_OR_CONTROL = re.compile(rf"[\x20{UNSHOWN_CLASS}]")
 
 
 # Not frozen: built once per event on the hot path (a frozen dataclass's __init__ costs twice
