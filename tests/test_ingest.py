@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -16,6 +17,7 @@ import redis.asyncio as aioredis
 from app.ingest.app import DROPPED_HEADER, create_app
 from app.names import Names
 from app.settings import Settings
+from app.store.sites import create_site
 from tests.support import BROWSER, event
 
 CLIENT_IP = "203.0.113.7"
@@ -254,6 +256,32 @@ async def test_rate_limits_per_site_hold_across_replicas(
     # The 12 requests may straddle a second boundary: at most two windows' worth pass.
     assert 5 <= accepted <= 10 and statuses.count(429) == 12 - accepted
     assert len(await rows(pool, site)) == accepted
+
+
+async def test_a_batch_refused_by_a_later_sites_limit_gives_back_what_the_others_counted(
+    make_ingest: Ingest, pool: asyncpg.Pool, rclient: aioredis.Redis, names: Names, site: str
+) -> None:
+    """Sites are checked one after the other: the first one's events were counted when the
+    second refused the batch. A refused batch changes nothing, its budgets included."""
+    full = f"full-{uuid.uuid4().hex[:8]}.example.com"
+    await create_site(pool, full)
+    ingest = await make_ingest(rate_ip_per_min=3)
+    if 60 - time.time() % 60 < 10:  # all in one minute's window: a new one resets the budgets
+        await asyncio.sleep(60 - time.time() % 60 + 0.1)
+    for _ in range(3):  # this client's budget for `full` is spent
+        assert (await ingest.post("/api/event", json=event(full))).status_code == 202
+    # Sites are checked in the order the batch names them: `site` first, then `full`.
+    r = await ingest.post("/api/events", json=[event(site), event(site), event(full)])
+    assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limited"
+    assert await rows(pool, site) == []
+    pattern = names.rate_ip(site, "*", 0).rsplit(":", 1)[0] + ":*"
+    counters = [k async for k in rclient.scan_iter(match=pattern)]
+    assert counters  # `site` was counted 2 ...
+    assert [int(await rclient.get(k) or 0) for k in counters] == [0] * len(counters)  # given back
+    # And the whole budget is there: three events of `site` pass.
+    for _ in range(3):
+        assert (await ingest.post("/api/event", json=event(site))).status_code == 202
+    assert (await ingest.post("/api/event", json=event(site))).status_code == 429
 
 
 @pytest.mark.parametrize(

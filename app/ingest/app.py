@@ -33,7 +33,7 @@ from app.ingest.events import EventIn, check_media_type, decode_json, parse_batc
 from app.ingest.geo import Countries
 from app.ingest.metrics import IngestMetrics
 from app.ingest.publication import PublishQueue
-from app.ingest.ratelimit import RateLimiter
+from app.ingest.ratelimit import Counted, RateLimiter
 from app.names import Names
 from app.schema import NewEvent
 from app.servers import Status
@@ -345,8 +345,7 @@ async def _store_batch(
     if good:
         salt = await _salt(state)
         key = enrich.ip_key(salt, client.ip)
-        for site_id, count in Counter(e.site for _, e in good).items():
-            await state.limiter.check(site_id, key, count)
+        await _check_limits(state, key, Counter(e.site for _, e in good))
         reason = state.bots.reason(client.user_agent)
         if reason is not None:
             state.metrics.dropped.labels(reason).inc(len(good))
@@ -363,6 +362,20 @@ async def _store_batch(
         for (i, event), outcome in zip(good, outcomes, strict=True):
             results[i] = _result(event, outcome)
     return [r for r in results if r is not None], None
+
+
+async def _check_limits(state: IngestState, ip_key: str, sites: Counter[str]) -> None:
+    """Each site's limit, one after the other; when one refuses the batch, what the sites
+    before it counted is given back: a refused batch changes no budget."""
+    counted: list[Counted] = []
+    try:
+        for site_id, count in sites.items():
+            receipt = await state.limiter.check(site_id, ip_key, count)
+            if receipt is not None:
+                counted.append(receipt)
+    except ApiError:
+        await state.limiter.refund(counted)
+        raise
 
 
 async def _refused_sites(

@@ -7,6 +7,10 @@ lets requests through (counted): storing events matters more than limiting them.
 does not answer (hung, cut off) is given CHECK_TIMEOUT_S, then skipped for CHECK_BACKOFF_S,
 during which one request at a time probes it: acknowledgements never wait on it for longer.
 
+A batch naming several sites is checked site by site; when a later site refuses it, what the
+sites before counted is given back (`refund`), so a refused batch leaves every budget as it was
+(best effort: a Redis that fails then keeps the count).
+
 Checks are grouped per site, like commits (app.ingest.committer): while one script call for a
 site is at Redis, that site's next checks queue, and go together in the next call, which
 decides them one by one in arrival order, exactly as separate calls would have. One call per
@@ -70,6 +74,22 @@ end
 return verdicts
 """
 
+#: Gives back what a check counted: KEYS = the site's counter, the IP's counter; ARGV = site
+#: limit, IP limit, events. A counter is only lowered while it exists (its window is still
+#: open: an expired one is not brought back below zero) and never below zero.
+REFUND_SCRIPT = """
+local n = tonumber(ARGV[3])
+for i = 1, 2 do
+  if tonumber(ARGV[i]) > 0 then
+    local count = tonumber(redis.call('GET', KEYS[i]) or '0')
+    if count > 0 then
+      redis.call('DECRBY', KEYS[i], math.min(n, count))
+    end
+  end
+end
+return 0
+"""
+
 #: The longest one limit check may wait for Redis (it answers in well under 1 ms).
 CHECK_TIMEOUT_S = 0.2
 #: After a failed or slow check, that server is skipped (requests allowed) for this long.
@@ -77,8 +97,23 @@ CHECK_BACKOFF_S = 1.0
 #: Most checks one script call decides (a hot site's queue goes out in pieces of this size).
 GROUP_CHECKS = 256
 
-#: A verdict and the wall-clock time it was decided at (for Retry-After).
+#: A check's verdicts: counted, over the site's limit, over the IP's, let through unchecked
+#: (Redis not there to ask: nothing was counted).
+ALLOWED, SITE_OVER, IP_OVER, UNCHECKED = 0, 1, 2, -1
+
+#: A verdict and the wall-clock time it was decided at (for Retry-After, and the windows a
+#: refund goes back to).
 Verdict = tuple[int, float]
+
+
+@dataclass(frozen=True, slots=True)
+class Counted:
+    """What an allowed check counted, and when: enough to give it back (`refund`)."""
+
+    site: str
+    ip_key: str
+    events: int
+    at: float
 
 
 @dataclass(slots=True)
@@ -99,6 +134,7 @@ class RateLimiter:
         self._metrics = metrics
         self._shards = shards
         self._scripts = [c.register_script(CHECK_SCRIPT) for c in shards.clients]
+        self._refunds = [c.register_script(REFUND_SCRIPT) for c in shards.clients]
         self._breaker = Breaker(len(shards.clients), CHECK_BACKOFF_S)
         #: Sites with a script call at Redis, and the checks queued behind it.
         self._waiting: dict[str, _Waiting] = {}
@@ -107,10 +143,11 @@ class RateLimiter:
     def enabled(self) -> bool:
         return self._site_limit > 0 or self._ip_limit > 0
 
-    async def check(self, site: str, ip_key: str, n: int) -> None:
-        """Count `n` events; raise ApiError(RATE_LIMITED) with Retry-After when over a limit."""
+    async def check(self, site: str, ip_key: str, n: int) -> Counted | None:
+        """Count `n` events; raise ApiError(RATE_LIMITED) with Retry-After when over a limit.
+        Returns what was counted (None: nothing, the limiter is off or Redis did not answer)."""
         if not self.enabled:
-            return
+            return None
         future: asyncio.Future[Verdict] = asyncio.get_running_loop().create_future()
         waiting = self._waiting.get(site)
         if waiting is None:  # no call for this site at Redis: start one
@@ -125,19 +162,45 @@ class RateLimiter:
                 verdict, now = await future
         except TimeoutError:
             self._metrics.ratelimit_unavailable.inc()
-            return
-        if verdict == 1:
+            return None
+        if verdict == UNCHECKED:
+            return None
+        if verdict == SITE_OVER:
             raise ApiError(
                 ErrorCode.RATE_LIMITED,
                 f"site {site} is over {self._site_limit} events per second",
                 retry_after=1,
             )
-        if verdict == 2:
+        if verdict == IP_OVER:
             raise ApiError(
                 ErrorCode.RATE_LIMITED,
                 f"this client is over {self._ip_limit} events per minute",
                 retry_after=max(1, 60 - int(now % 60)),
             )
+        return Counted(site, ip_key, n, now)
+
+    async def refund(self, counted: list[Counted]) -> None:
+        """Give back what these checks counted (a batch refused by a later site's check).
+        Best effort and bounded as a check is: a Redis that fails or is slow keeps the count."""
+        await asyncio.gather(*(self._refund(c) for c in counted))
+
+    async def _refund(self, c: Counted) -> None:
+        index = self._shards.index(c.site)
+        try:
+            with self._breaker.call(index) as allowed:
+                if allowed:
+                    async with asyncio.timeout(CHECK_TIMEOUT_S):
+                        keys = self._keys(c.site, c.at, [c.ip_key])
+                        args = [self._site_limit, self._ip_limit, c.events]
+                        await self._refunds[index](keys=keys, args=args)
+        except REDIS_ERRORS:  # TimeoutError included
+            log.info("rate-limit refund failed; the count stays", extra={"site": c.site})
+
+    def _keys(self, site: str, now: float, ip_keys: list[str]) -> list[str]:
+        """The site's counter for the second of `now`, then each IP's for its minute."""
+        minute = int(now // 60)
+        keys = [self._names.rate_site(site, int(now))]
+        return keys + [self._names.rate_ip(site, ip_key, minute) for ip_key in ip_keys]
 
     async def _send(self, site: str, waiting: _Waiting) -> None:
         """Decide the site's queued checks, a group per call, until none is left."""
@@ -159,7 +222,7 @@ class RateLimiter:
                 if decided is None:  # allowed unchecked: counted once per waiting request
                     waiting_now = sum(1 for _, _, future in group if not future.done())
                     self._metrics.ratelimit_unavailable.inc(waiting_now)
-                verdicts = decided if decided is not None else [0] * len(group)
+                verdicts = decided if decided is not None else [UNCHECKED] * len(group)
                 for (_, _, future), verdict in zip(group, verdicts, strict=True):
                     if not future.done():  # its request may have been cancelled meanwhile
                         future.set_result((verdict, now))
@@ -173,9 +236,7 @@ class RateLimiter:
         self, site: str, checks: list[tuple[str, int]], now: float
     ) -> list[int] | None:
         """One script call's verdicts; None when Redis is not there to ask."""
-        minute = int(now // 60)
-        keys = [self._names.rate_site(site, int(now))]
-        keys += [self._names.rate_ip(site, ip_key, minute) for ip_key, _ in checks]
+        keys = self._keys(site, now, [ip_key for ip_key, _ in checks])
         index = self._shards.index(site)
         try:
             with self._breaker.call(index) as allowed:
