@@ -153,9 +153,13 @@ class StreamClient:
                 self.cursor = event["cursor"]
                 self.on_event(event)
             return
-        if message["type"] == "welcome" and self.cursor is None and message.get("cursor"):
-            # Even before the first event, a reconnect must resume from where we started.
-            self.cursor = message["cursor"]
+        if message["type"] == "welcome" and message.get("cursor"):
+            # Even before the first event, a reconnect must resume from where we started; and
+            # where a resume could not start at our cursor (it was ahead of storage, or of
+            # another epoch), from where it did start instead (docs/protocol.md).
+            moved = message.get("reason") in ("cursor_ahead", "epoch_changed")
+            if self.cursor is None or moved:
+                self.cursor = message["cursor"]
         self.on_notice(message)
 
 

@@ -50,6 +50,7 @@ class CloseCode(IntEnum):
     STALE = 4003  # no pong within the timeout
     STORAGE_UNAVAILABLE = 4004  # a resume needs storage that does not answer: resume later
     BUSY = 4005  # a bound of this gateway is reached (filtered stats in use): try again later
+    STORAGE_BEHIND = 4006  # storage went back (restored): resume; the welcome says what is gone
     # 4500-4999: do not reconnect without fixing the cause.
     UNAUTHORIZED = 4500  # token missing, forged, expired or for another site
     UNKNOWN_SITE = 4501  # no such site

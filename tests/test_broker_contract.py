@@ -150,6 +150,33 @@ async def test_publication_is_idempotent(harness: Harness) -> None:
     assert window is not None and [o for o, _ in window] == [1, 2, 3]
 
 
+async def test_an_offset_published_again_with_other_events_is_never_served_twice(
+    harness: Harness,
+) -> None:
+    """Storage restored to an earlier point hands out offsets again: the window may hold two
+    events at one offset then, and must not serve both (nor a range that skips one)."""
+    broker, s = harness.broker, site()
+    await broker.publish(events(s, range(1, 4)))
+    await broker.publish([(s, 3, b'{"offset":3,"again":1}')])
+    for first, last in ((1, 3), (1, 4), (2, 3), (2, 4), (3, 4)):
+        window = await broker.window(s, first, last)
+        assert window is None or [o for o, _ in window] == list(range(first, last + 1))
+
+
+async def test_forget_removes_the_history_beyond_an_offset(harness: Harness) -> None:
+    broker, s = harness.broker, site()
+    await broker.publish(events(s, range(1, 11)))
+    assert await broker.forget(s, 6)
+    kept = await broker.window(s, 1, 6)
+    assert kept is not None and [o for o, _ in kept] == list(range(1, 7))
+    assert await broker.window(s, 6, 7) is None  # 7 is gone
+    await broker.publish([(s, 7, b'{"offset":7,"new":1}'), (s, 8, b'{"offset":8,"new":1}')])
+    window = await broker.window(s, 6, 8)
+    assert window is not None
+    assert [p for _, p in window][1:] == [b'{"offset":7,"new":1}', b'{"offset":8,"new":1}']
+    assert await broker.forget(site(), 0)  # a site without history: nothing to do
+
+
 async def test_after_an_outage_the_held_sites_are_reported_and_delivery_resumes(
     harness: Harness, live: tuple[Subscriptions, Seen]
 ) -> None:

@@ -369,3 +369,57 @@ async def _register(pg: DisposablePostgres, site: str) -> str:
         return epoch
     finally:
         await conn.close()
+
+
+async def test_a_postgresql_that_went_back_is_found_and_its_viewers_told(
+    spawn: Callable[..., AppProcess], site: str, pool: asyncpg.Pool
+) -> None:
+    """PostgreSQL restored to an earlier point (here: its last 10 events and offsets taken
+    back, as a restore leaves it) hands those offsets to new events, which the gateway took for
+    repeats and dropped, silently. Now it finds the site delivered beyond storage's head, closes
+    its viewers with 4006, and their resume says so before the new events; a resume from
+    before the restore point gets storage's events, not the lost ones of the window."""
+    ingest = spawn("ingest", **FAST)
+    gateway = spawn("gateway", **FAST)
+    epoch = await epoch_of(pool, site)
+    viewer = await WsViewer.open(gateway.ws_url, site, token(site), f"&since={epoch}-0")
+    fresh: WsViewer | None = None
+    again: WsViewer | None = None
+    try:
+        await post_events(ingest.url, site, 30)
+        await viewer.wait_for(30)
+        async with pool.acquire() as conn, conn.transaction():  # the restore
+            await conn.execute("DELETE FROM events WHERE site = $1 AND site_offset > 20", site)
+            await conn.execute("DELETE FROM event_ids WHERE site = $1 AND site_offset > 20", site)
+            await conn.execute("UPDATE sites SET next_offset = 21 WHERE id = $1", site)
+        await post_events(ingest.url, site, 5, start=100)  # offsets 21-25, again
+        assert await viewer.wait_closed(timeout=15) == CloseCode.STORAGE_BEHIND
+        assert viewer.offsets == list(range(1, 31))  # the new 21-25 never came as repeats
+
+        again = await WsViewer.open(gateway.ws_url, site, token(site), f"&since={epoch}-30")
+        welcome = await again.wait_notice("welcome")
+        assert (welcome["recovered"], welcome["reason"]) == (False, "cursor_ahead")
+        assert welcome["cursor"] == f"{epoch}-25"
+        await post_events(ingest.url, site, 5, start=200)
+        await again.wait_for(5)
+        assert again.offsets == [26, 27, 28, 29, 30]
+        assert [e["path"] for e in again.events] == [f"/p/{i}" for i in range(200, 205)]
+
+        # From before the restore point: storage's events, whatever the window held.
+        fresh = await WsViewer.open(gateway.ws_url, site, token(site), f"&since={epoch}-18")
+        await fresh.wait_for(12)
+        paths = [e["path"] for e in fresh.events]
+        assert fresh.offsets == list(range(19, 31))
+        assert paths == [
+            "/p/18",
+            "/p/19",
+            *(f"/p/{i}" for i in (*range(100, 105), *range(200, 205))),
+        ]
+        async with httpx.AsyncClient(timeout=5) as client:
+            metrics = (await client.get(f"{gateway.internal_url}/metrics")).text
+        assert "sitewire_gateway_storage_behind_total 1.0" in metrics
+        assert 'sitewire_gateway_closes_total{reason="storage_behind"} 1.0' in metrics
+    finally:
+        for v in (viewer, again, fresh):
+            if v is not None:
+                await v.close()

@@ -17,6 +17,7 @@ import asyncpg
 import orjson
 import pytest
 
+from app.client import StreamClient
 from app.store.sites import get_site
 from tests.clients import post_events
 from tests.processes import ROOT, AppProcess
@@ -243,3 +244,20 @@ def test_incomplete_recovery_is_visible() -> None:
 )
 def test_start_positions(since: str | None, last: int | None, expected: dict[str, str]) -> None:
     assert start_from(since, last) == expected
+
+
+def test_a_resume_that_started_elsewhere_moves_the_cursor_there() -> None:
+    """After `cursor_ahead` (storage went back) or `epoch_changed`, the welcome's cursor is
+    where the stream starts: a reconnect before the next event must resume from it, not from
+    the cursor that was refused."""
+    client = StreamClient(["ws://127.0.0.1:1"], "a.example", "t", lambda e: None)
+    client.cursor = "ab12cd34-30"
+    welcome = {"type": "welcome", "cursor": "ab12cd34-25", "recovered": False}
+    client._handle({**welcome, "reason": "expired", "cursor": "ab12cd34-30"})
+    assert client.cursor == "ab12cd34-30"
+    client._handle({**welcome, "reason": "cursor_ahead"})
+    assert client.cursor == "ab12cd34-25"
+    client._handle({**welcome, "reason": "epoch_changed", "cursor": "ffff0000-7"})
+    assert client.cursor == "ffff0000-7"
+    client._handle({"type": "welcome", "cursor": "ffff0000-9", "recovered": True})
+    assert client.cursor == "ffff0000-7"  # a complete resume starts at our own cursor

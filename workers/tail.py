@@ -147,8 +147,8 @@ class Output(Protocol):
 #: What a resume that could not be complete means, by the welcome's `reason`
 #: (docs/protocol.md): not every reason means that events were missed.
 _RESUME_FAILED: dict[Any, str] = {
-    "cursor_ahead": "that cursor is ahead of every stored event (none after it was ever "
-    "acknowledged): following from the newest",
+    "cursor_ahead": "that cursor is ahead of every stored event (never acknowledged, or lost "
+    "when storage went back to an earlier point): following from the newest",
     "epoch_changed": "that cursor is from another offset sequence of this site: following "
     "from the newest",
     "expired": "resume incomplete (expired): retention removed some of the missed events",

@@ -87,6 +87,9 @@ class Broker(Protocol):
       subscribers drop an offset they already have.
     - `window(site, first, last)` returns every event first..last in offset order, or None:
       the history is capped, can be lost (a restarted Redis), and is never partial.
+    - `forget(site, after)` removes the site's history beyond `after` (storage went back to an
+      earlier point: those offsets now belong to other events, or to none). Best effort and
+      bounded: it returns False when the broker could not be reached.
     """
 
     async def publish(self, events: Sequence[Publication]) -> PublishResult: ...
@@ -94,6 +97,10 @@ class Broker(Protocol):
     async def window(self, site: str, first: int, last: int) -> list[Event] | None:
         """Events first..last from the broker's history when it holds all of them; None when
         it does not, or when it is unavailable or slow (bounded: the caller reads storage)."""
+
+    async def forget(self, site: str, after: int) -> bool:
+        """Remove the site's history beyond offset `after`; False if the broker did not
+        answer (bounded, as a window read)."""
 
     def subscriptions(
         self, on_burst: OnBurst, on_reconnect: OnReconnect, on_reconnect_attempt: Callable[[], None]

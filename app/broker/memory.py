@@ -67,6 +67,14 @@ class MemoryBroker:
             return None
         return [(offset, history[offset]) for offset in range(first, last + 1)]
 
+    async def forget(self, site: str, after: int) -> bool:
+        if not self.available:
+            return False
+        history = self._history.get(site, {})
+        for offset in [o for o in history if o > after]:
+            del history[offset]
+        return True
+
     def subscriptions(
         self, on_burst: OnBurst, on_reconnect: OnReconnect, on_reconnect_attempt: Callable[[], None]
     ) -> Subscriptions:
@@ -89,7 +97,7 @@ class MemoryBroker:
         for subs in self._subscriptions:
             subs.reconnected()
 
-    def forget(self, subs: _MemorySubscriptions) -> None:
+    def detach(self, subs: _MemorySubscriptions) -> None:
         with contextlib.suppress(ValueError):
             self._subscriptions.remove(subs)
 
@@ -113,7 +121,7 @@ class _MemorySubscriptions:
         pass
 
     async def close(self) -> None:
-        self._broker.forget(self)
+        self._broker.detach(self)
         for task in self._reports:
             task.cancel()
 

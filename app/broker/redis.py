@@ -79,10 +79,24 @@ class RedisBroker:
         except REDIS_ERRORS:  # TimeoutError included
             return None
         events = [(int(score), payload) for payload, score in members]
-        # The window is capped and Redis may have lost it: only a complete range is proof.
-        if len(events) != last - first + 1 or (events and events[0][0] != first):
+        # The window is capped and Redis may have lost it: only a complete range is proof,
+        # each offset once (two members at one offset: storage went back and reused it).
+        if len(events) != last - first + 1 or any(
+            offset != first + i for i, (offset, _) in enumerate(events)
+        ):
             return None
         return events
+
+    async def forget(self, site: str, after: int) -> bool:
+        index = self.shards.index(site)
+        try:
+            async with asyncio.timeout(WINDOW_TIMEOUT_S):
+                await self.shards.clients[index].zremrangebyscore(
+                    self._names.window(site), f"({after}", "+inf"
+                )
+        except REDIS_ERRORS:  # TimeoutError included
+            return False
+        return True
 
     def subscriptions(
         self, on_burst: OnBurst, on_reconnect: OnReconnect, on_reconnect_attempt: Callable[[], None]

@@ -378,17 +378,30 @@ class Feeds:
         """Pub/sub can drop a message silently, and ingest cannot publish while Redis is down:
         a lost *last* event is revealed by no later offset. PostgreSQL knows every site's head;
         a site still behind a head seen one check earlier is caught up from storage (waiting
-        one period lets events in flight arrive live first)."""
+        one period lets events in flight arrive live first).
+
+        The same check finds the opposite: a site delivered beyond PostgreSQL's head, which
+        only a PostgreSQL that went back can cause (`_storage_went_back`)."""
         suspects: dict[str, int] = {}
+        behind: set[str] = set()
         while True:
             await asyncio.sleep(POSITION_CHECK_S)
             sites = list(self._seq)
             if not sites:
                 continue
+            # Taken before the query: an event delivered by then was committed before it, so
+            # its head cannot be lower, whatever arrives while the query runs.
+            delivered = {s: last for s in sites if (last := self._seq[s].last) is not None}
             try:
                 heads = await site_heads(self._pool, sites)
             except STORAGE_ERRORS:
                 continue
+            seen_behind = {s for s, head in heads.items() if head < delivered.get(s, head)}
+            # Twice in a row before anything is done: closing a site's viewers on one odd read
+            # (a pooler briefly on a lagging standby) would cost more than 2 s of waiting.
+            for site in seen_behind & behind:
+                await self._storage_went_back(site, heads[site], delivered[site])
+            behind = seen_behind - behind
             for site, head in suspects.items():
                 seq = self._seq.get(site)
                 if seq is not None and seq.last is not None and seq.last < head:
@@ -401,3 +414,34 @@ class Feeds:
                 and seq.last is not None
                 and seq.last < head
             }
+
+    async def _storage_went_back(self, site: str, head: int, delivered: int) -> None:
+        """PostgreSQL's head is below what this gateway delivered: it was restored to an earlier
+        point, or failed over to a replica that lagged. The events after `head` are gone from
+        storage, and the offsets after it are being handed out again, to new events that the
+        feed would drop as repeats. So: the feed starts again from `head`, the window forgets
+        what it held beyond it (another event, or none, now has each of those offsets), and
+        the site's viewers are closed with 4006 to resume, which tells each of them
+        (`recovered: false`, `cursor_ahead`) before the new events."""
+        seq = self._seq.get(site)
+        if seq is None:  # unsubscribed meanwhile: no viewer left here, the next feed starts anew
+            return
+        log.error(
+            "storage is behind what this gateway delivered (PostgreSQL restored to an earlier "
+            "point, or failed over to a replica that lagged); the site's viewers resume from "
+            "its head",
+            extra={"site": site, "delivered": delivered, "head": head},
+        )
+        self._metrics.storage_behind.inc()
+        repair = self._repairs.pop(site, None)
+        if repair is not None:
+            repair.cancel()
+        # The window's events from the first offset handed out again (the lowest this feed
+        # dropped as a repeat, when it saw one) are not storage's: a resume must not get them.
+        reused = seq.lowest_repeat
+        self._seq[site] = Sequencer(head)
+        if not await self._replayer.forget(site, head if reused is None else min(head, reused - 1)):
+            log.warning("could not clear the site's window", extra={"site": site})
+        for viewer in list(self.hub.viewers(site)):
+            if viewer.fail(CloseCode.STORAGE_BEHIND):
+                self._metrics.closes.labels("storage_behind").inc()

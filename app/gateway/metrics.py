@@ -48,6 +48,13 @@ class GatewayMetrics:
             "Gap notices sent with recovered: false (events may be missing)",
             registry=registry,
         )
+        # Only a PostgreSQL restored to an earlier point (or failed over to a replica that
+        # lagged) does this: offsets are handed out again (app.gateway.feed).
+        self.storage_behind = Counter(
+            "sitewire_gateway_storage_behind",
+            "Sites found delivered beyond PostgreSQL's head (storage went back)",
+            registry=registry,
+        )
         self.polled_sites = Gauge(
             "sitewire_gateway_polled_sites",
             "Sites served from PostgreSQL because their Redis link is down",

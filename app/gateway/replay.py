@@ -217,6 +217,14 @@ class Replayer:
         kept = self._recent.get(key)
         return kept[1] if kept is not None and kept[0] > now else None
 
+    async def forget(self, site: str, after: int) -> bool:
+        """Storage went back to `after` (app.gateway.feed): the pages kept of the site, and its
+        window beyond `after`, may hold events storage no longer has. False when the window
+        could not be cleared (resumes then read it, and take its events for the site's)."""
+        for key in [k for k in self._recent if k[1] == site]:
+            del self._recent[key]
+        return await self._broker.forget(site, after)
+
     async def head(self, site: str, *, fresh: bool = False) -> int | None:
         """The site's last committed offset. Concurrent callers share one read, unless
         `fresh`: a read that began before a commit does not see it."""
