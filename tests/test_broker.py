@@ -310,7 +310,9 @@ async def test_channels_dropped_while_a_resubscription_waits_are_not_kept(
     await sub.subscribe("b.example")
     frozen = Frozen(private_redis)
     try:
-        joining = asyncio.create_task(sub.subscribe("c.example"))  # waits for its confirmation
+        # Waits for its confirmation until its viewer leaves below (not its own 5 s timeout:
+        # a loaded CI machine took longer than that to get there, and the site stayed held).
+        joining = asyncio.create_task(sub.subscribe("c.example", confirm_within=120))
         await inside_a_resubscription(sub, names, "a.example", seen)
         await sub.unsubscribe("b.example")
         joining.cancel()  # its viewer left
