@@ -163,6 +163,25 @@ async def test_an_offset_published_again_with_other_events_is_never_served_twice
         assert window is None or [o for o, _ in window] == list(range(first, last + 1))
 
 
+async def test_offsets_published_again_with_other_events_replace_the_history(
+    harness: Harness,
+) -> None:
+    """Storage went back to offset 2: the events published now at 3 and 4 are storage's, and
+    the window's from 3 on (5 included, which storage no longer has) must go."""
+    broker, s, other = harness.broker, site(), site()
+    await broker.publish(events(s, range(1, 6)) + events(other, range(1, 3)))
+    again = await broker.publish(events(s, range(4, 6)) + events(other, range(2, 3)))
+    assert again.reused == ()  # the same events published again: nothing reused
+    new = [(s, 3, b'{"offset":3,"new":1}'), (s, 4, b'{"offset":4,"new":1}')]
+    result = await broker.publish(new + events(other, range(3, 4)))
+    assert result.reused == (s,) and result.published == 3
+    window = await broker.window(s, 1, 4)
+    assert window is not None and [p for _, p in window][2:] == [p for _, _, p in new]
+    assert await broker.window(s, 5, 5) is None  # gone with the point storage went back to
+    kept = await broker.window(other, 1, 3)
+    assert kept is not None and [o for o, _ in kept] == [1, 2, 3]
+
+
 async def test_forget_removes_the_history_beyond_an_offset(harness: Harness) -> None:
     broker, s = harness.broker, site()
     await broker.publish(events(s, range(1, 11)))

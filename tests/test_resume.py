@@ -417,8 +417,11 @@ async def test_a_postgresql_that_went_back_is_found_and_its_viewers_told(
         ]
         async with httpx.AsyncClient(timeout=5) as client:
             metrics = (await client.get(f"{gateway.internal_url}/metrics")).text
+            # Ingest found it too, at the first publication that met a lost event's offset.
+            found = (await client.get(f"{ingest.internal_url}/metrics")).text
         assert "sitewire_gateway_storage_behind_total 1.0" in metrics
         assert 'sitewire_gateway_closes_total{reason="storage_behind"} 1.0' in metrics
+        assert "sitewire_ingest_storage_behind_total 1.0" in found
     finally:
         for v in (viewer, again, fresh):
             if v is not None:

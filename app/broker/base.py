@@ -43,6 +43,10 @@ class PublishResult(NamedTuple):
     lost: int = 0
     #: Why some were lost ("" when none were).
     why: str = ""
+    #: Sites whose published offsets the broker's history held for other events: storage
+    #: handed them out again (it went back to an earlier point). Their history from there on
+    #: was dropped.
+    reused: tuple[str, ...] = ()
 
 
 class Subscriptions(Protocol):
@@ -85,6 +89,9 @@ class Broker(Protocol):
     - Each site's events are published in the order given (commit order), and a publication
       is idempotent: the same offset published twice is one event in the history, and
       subscribers drop an offset they already have.
+    - An offset published again with another payload (storage handed it out again) is
+      reported in `reused`, and the history of that site from the offset on is replaced by
+      what is published now: a window never serves an event storage no longer has.
     - `window(site, first, last)` returns every event first..last in offset order, or None:
       the history is capped, can be lost (a restarted Redis), and is never partial.
     - `forget(site, after)` removes the site's history beyond `after` (storage went back to an

@@ -38,6 +38,7 @@ class MemoryBroker:
     async def publish(self, events: Sequence[Publication]) -> PublishResult:
         if not self.available:
             return PublishResult(0, len(events), "broker cut off")
+        reused = self._reused(events)
         bursts: dict[_MemorySubscriptions, Burst] = {}
         for site, offset, payload in events:
             self._remember(site, offset, payload)
@@ -48,7 +49,23 @@ class MemoryBroker:
         loop = asyncio.get_running_loop()
         for subs, burst in bursts.items():
             loop.call_soon(subs.on_burst, burst)
-        return PublishResult(len(events))
+        return PublishResult(len(events), reused=reused)
+
+    def _reused(self, events: Sequence[Publication]) -> tuple[str, ...]:
+        """Sites whose offsets are held for other payloads: their history from the first
+        offset published now is dropped (as the Redis script does)."""
+        first: dict[str, int] = {}
+        found: list[str] = []
+        for site, offset, payload in events:
+            first.setdefault(site, offset)
+            held = self._history.get(site, {}).get(offset)
+            if held is not None and held != payload and site not in found:
+                found.append(site)
+        for site in found:
+            history = self._history[site]
+            for offset in [o for o in history if o >= first[site]]:
+                del history[offset]
+        return tuple(found)
 
     def _remember(self, site: str, offset: int, payload: bytes) -> None:
         history = self._history.setdefault(site, {})

@@ -160,10 +160,30 @@ class _Translated:
 
 
 #: KEYS[1] = window; ARGV[1] = channel, ARGV[2] = window size, ARGV[3] = window TTL in
-#: seconds, then offset/payload pairs. The channel shares the window's hash tag, so in a
-#: Cluster both are in the script's slot. The TTL is renewed by every publication: only the
-#: windows of sites that received an event lately stay in memory.
+#: seconds, then offset/payload pairs in ascending offsets. The channel shares the window's hash
+#: tag, so in a Cluster both are in the script's slot. The TTL is renewed by every publication:
+#: only the windows of sites that received an event lately stay in memory.
+#:
+#: An offset the window already holds is a publication again (the same payload: harmless) or
+#: an offset handed out again by a PostgreSQL that went back to an earlier point (another
+#: payload): the window's events from there on are then no longer storage's, and go. One
+#: ZRANGE per call tells the usual case (every offset past the window's newest) at once.
+#: Returns {events published, offsets found reused}.
 _SCRIPT = """
+local first = tonumber(ARGV[4])
+local newest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')[2]
+local reused = 0
+if first ~= nil and newest ~= nil and tonumber(newest) >= first then
+  for i = 4, #ARGV, 2 do
+    local held = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[i], ARGV[i], 'LIMIT', 0, 1)[1]
+    if held ~= nil and held ~= ARGV[i + 1] then
+      reused = reused + 1
+    end
+  end
+  if reused > 0 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[1], first, '+inf')
+  end
+end
 local n = 0
 for i = 4, #ARGV, 2 do
   redis.call('ZADD', KEYS[1], ARGV[i], ARGV[i + 1])
@@ -172,7 +192,7 @@ for i = 4, #ARGV, 2 do
 end
 redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -tonumber(ARGV[2]) - 1)
 redis.call('EXPIRE', KEYS[1], ARGV[3])
-return n
+return {n, reused}
 """
 PUBLISH_SCRIPT = _SCRIPT % "PUBLISH"
 #: In a Cluster, classic PUBLISH is broadcast to every node; SPUBLISH stays in the slot's shard.
@@ -227,18 +247,19 @@ class Publisher:
         results = await asyncio.gather(
             *(self._publish_group(group, by_site) for group in groups), return_exceptions=True
         )
-        published = 0
+        published, reused = 0, []
         for group, result in zip(groups, results, strict=True):
             count = sum(len(by_site[site]) // 2 for site in group)
-            if result is None:
+            if isinstance(result, list):
                 published += count
+                reused += result
                 continue
             if not isinstance(result, REDIS_ERRORS):
                 raise result
             lost, why = lost + count, type(result).__name__
             for site in group:
                 self._skip_until[site] = time.monotonic() + BACKOFF_S
-        return PublishResult(published, lost, why if lost else "")
+        return PublishResult(published, lost, why if lost else "", tuple(reused))
 
     def _take_skipped(self, by_site: Pairs) -> int:
         """Drop the sites still marked unavailable; return how many events that left out."""
@@ -258,43 +279,46 @@ class Publisher:
             by_shard[self._shards.index(site)].append(site)
         return list(by_shard.values())
 
-    async def _publish_group(self, sites: list[str], by_site: Pairs) -> None:
+    async def _publish_group(self, sites: list[str], by_site: Pairs) -> list[str]:
+        """Publish the group's sites; return those whose offsets were found reused."""
         # Bounded: the commit loop waits for this, and a Cluster client retries a dead node
         # (reloading the slot map each time) far longer than a commit should wait.
         async with asyncio.timeout(PUBLISH_TIMEOUT_S):
             try:
-                await self._publish_unbounded(sites, by_site)
+                replies = await self._publish_unbounded(sites, by_site)
             except redis.exceptions.ConnectionError:
                 # A pooled connection that died with a server restart fails its first use;
                 # the pool opens a fresh one for the retry (publishing again is safe: viewers
                 # take each offset once). The first publication after a restart was lost, and
                 # the site skipped for BACKOFF_S, though Redis was back.
-                await self._publish_unbounded(sites, by_site)
+                replies = await self._publish_unbounded(sites, by_site)
+        # Each reply is the script's {published, reused}.
+        return [site for site, (_, reused) in zip(sites, replies, strict=True) if reused]
 
-    async def _publish_unbounded(self, sites: list[str], by_site: Pairs) -> None:
+    async def _publish_unbounded(self, sites: list[str], by_site: Pairs) -> list[list[int]]:
         index = self._shards.index(sites[0])
         client, script = self._shards.clients[index], self._scripts[index]
         if len(sites) == 1 or isinstance(client, RedisCluster):
             # One call: EVALSHA, and EVAL only if the server lost its script cache.
             site = sites[0]
-            await script(keys=[self._names.window(site)], args=self._args(site, by_site))
-            return
+            reply = await script(keys=[self._names.window(site)], args=self._args(site, by_site))
+            return [cast(list[int], reply)]
         # Not redis-py's script-in-pipeline support: it asks SCRIPT EXISTS before every
         # pipeline, one more round trip per commit (profiled). Load only when told NOSCRIPT;
         # publishing is idempotent, so sending the whole group again is safe.
         try:
-            await self._evalsha_pipeline(client, script.sha, sites, by_site)
+            return await self._evalsha_pipeline(client, script.sha, sites, by_site)
         except redis.exceptions.NoScriptError:
             await client.script_load(script.script)
-            await self._evalsha_pipeline(client, script.sha, sites, by_site)
+            return await self._evalsha_pipeline(client, script.sha, sites, by_site)
 
     async def _evalsha_pipeline(
         self, client: Redis, sha: str, sites: list[str], by_site: Pairs
-    ) -> None:
+    ) -> list[list[int]]:
         async with client.pipeline(transaction=False) as pipe:
             for site in sites:
                 pipe.evalsha(sha, 1, self._names.window(site), *self._args(site, by_site))
-            await pipe.execute()
+            return cast(list[list[int]], await pipe.execute())
 
     def _args(self, site: str, by_site: Pairs) -> list[bytes | int | str]:
         return script_args(

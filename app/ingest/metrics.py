@@ -57,6 +57,12 @@ class IngestMetrics:
             "Stored events that could not be published (Redis unavailable)",
             registry=registry,
         )
+        # Only a PostgreSQL that went back to an earlier point does this (app.broker.base).
+        self.storage_behind = Counter(
+            "sitewire_ingest_storage_behind",
+            "Publications whose offsets Redis held for other events (storage went back)",
+            registry=registry,
+        )
         self.ratelimit_unavailable = Counter(
             "sitewire_ingest_ratelimit_unavailable",
             "Requests let through because the rate limiter could not reach Redis",

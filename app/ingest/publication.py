@@ -84,11 +84,21 @@ class PublishQueue:
                     self._metrics.published.inc(result.published)
                     if result.lost:
                         self._gap(result.lost, result.why)
+                    if result.reused:
+                        self._reused(result.reused)
                 except Exception:  # a bug: lose this batch (gateways repair it), not the rest
                     log.exception("publishing failed")
                     self._gap(len(batch), "publishing failed")
             if self._closing:
                 return
+
+    def _reused(self, sites: tuple[str, ...]) -> None:
+        self._metrics.storage_behind.inc(len(sites))
+        log.error(
+            "offsets published before were handed out again (PostgreSQL went back to an earlier "
+            "point); the sites' replay windows were cut back to storage",
+            extra={"sites": list(sites)[:20]},
+        )
 
     def _gap(self, count: int, why: str) -> None:
         self._metrics.publish_gap.inc(count)
