@@ -426,3 +426,54 @@ async def test_a_postgresql_that_went_back_is_found_and_its_viewers_told(
         for v in (viewer, again, fresh):
             if v is not None:
                 await v.close()
+
+
+async def test_a_reconnect_while_postgresql_is_down_is_checked_before_viewers_are_told(
+    settings: Settings, tmp_path: Path, private_postgres: DisposablePostgres
+) -> None:
+    """An outside test: Redis restarted while PostgreSQL was down, and every viewer was told
+    at once that events may be missing (`recovered: false`), though nothing could have been
+    committed. The reconnect's catch-up now tries storage again for a while, and viewers are
+    told once it could be read. The pub/sub reconnects counter counts the reconnection, not
+    each attempt (~40 in one outage paged as "flapping")."""
+    pg = private_postgres
+    site = "reconnect-pgdown.example.com"
+    await _register(pg, site)
+    redis = EmbeddedRedis(tmp_path / "redis", persist=False)
+    env = env_for(settings.with_(database_url=pg.dsn, redis_url=redis.url), **FAST)
+    ingest = AppProcess("ingest", env, tmp_path).start()
+    gateway = AppProcess("gateway", env, tmp_path).start()
+    viewer = await WsViewer.open(gateway.ws_url, site, token(site))
+    try:
+        await post_events(ingest.url, site, 5)
+        await viewer.wait_for(5)
+        await asyncio.to_thread(pg.stop)
+        redis.stop()
+        await asyncio.sleep(3.0)  # several reconnect attempts
+        redis.start()
+        await eventually(lambda: _reconnects(gateway) == 1.0, 15, what="one reconnection")
+        await asyncio.sleep(1.0)
+        assert not [n for n in viewer.notices if n["type"] == "gap"]  # not told anything yet
+        await asyncio.to_thread(pg.start)
+        gap = await viewer.wait_notice("gap", timeout=15)
+        assert gap["recovered"] is True and gap["reason"] == "redis_reconnect"
+        assert _metric(gateway, "sitewire_gateway_redis_reconnect_attempts_total") >= 2
+        assert _metric(gateway, "sitewire_gateway_unrecovered_gaps_total") == 0
+        await post_events(ingest.url, site, 2, start=5)
+        await viewer.wait_for(7)
+        assert viewer.offsets == list(range(1, 8))
+    finally:
+        await viewer.close()
+        gateway.stop()
+        ingest.stop()
+        redis.stop()
+
+
+def _metric(process: AppProcess, name: str) -> float:
+    text = httpx.get(f"{process.internal_url}/metrics", timeout=5).text
+    found = [line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")]
+    return float(found[0]) if found else 0.0
+
+
+def _reconnects(process: AppProcess) -> float:
+    return _metric(process, "sitewire_gateway_redis_reconnects_total")

@@ -80,13 +80,15 @@ class Feeds:
         # With Redis: one pub/sub connection per server (per node in a Cluster), carrying
         # every site there (app.broker.redis).
         self.subscriptions = broker.subscriptions(
-            self.on_burst, self.on_reconnect, metrics.redis_reconnects.inc
+            self.on_burst, self.on_reconnect, metrics.redis_reconnect_attempts.inc
         )
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._seq: dict[str, Sequencer] = {}
         self._epochs: dict[str, str] = {}
         self._unsubscribes: dict[str, asyncio.Task[None]] = {}
         self._repairs: dict[str, asyncio.Task[None]] = {}
+        #: Reconnected sites whose storage could not be read yet (`on_reconnect`).
+        self._later: set[asyncio.Task[None]] = set()
         self._checker: asyncio.Task[None] | None = None
         self._poller: asyncio.Task[None] | None = None
         #: Sites served from storage because their live events cannot arrive.
@@ -99,7 +101,13 @@ class Feeds:
 
     async def close(self) -> None:
         await cancel_and_wait(
-            [self._checker, self._poller, *self._unsubscribes.values(), *self._repairs.values()]
+            [
+                self._checker,
+                self._poller,
+                *self._later,
+                *self._unsubscribes.values(),
+                *self._repairs.values(),
+            ]
         )
         await self.subscriptions.close()
 
@@ -290,10 +298,13 @@ class Feeds:
         self.notice(site, {"type": "gap", "after": format_cursor(epoch, after), "recovered": False})
         self._deliver(site, seq.skip())
 
-    async def catch_up(self, site: str, top: int | None = None, *, window: bool = True) -> bool:
+    async def catch_up(
+        self, site: str, top: int | None = None, *, window: bool = True
+    ) -> bool | None:
         """Deliver whatever the site has beyond what was delivered (PostgreSQL is the truth).
-        Returns False when it could not be checked, or when storage had nothing for a gap in
-        it (given up with a notice, as a repair gives one up)."""
+        Returns True when that is all of it, False when storage had nothing for a gap in it
+        (given up with a notice, as a repair gives one up), None when storage could not be
+        read (nothing is known)."""
         seq = self._seq.get(site)
         if seq is None or seq.last is None:
             return True
@@ -304,7 +315,7 @@ class Feeds:
             until = UNBOUNDED if top is None else top
             events = await self._read(site, after, until, window=window)
             if events is None:
-                return False
+                return None
             if not events:
                 return complete
             self._deliver(site, seq.fill(events))
@@ -320,27 +331,46 @@ class Feeds:
     async def on_reconnect(self, sites: list[str]) -> None:
         """After pub/sub reconnected: whatever was published meanwhile was lost in transit.
         Fill it from storage, then tell viewers their stream had a gap and whether it was
-        recovered."""
-        for site in sites:
-            if site not in self._seq:
-                continue
-            recovered = await self.catch_up(site)
-            seq, epoch = self._seq.get(site), self._epochs.get(site)
-            if seq is None or epoch is None:  # its last viewer left while we caught up
-                continue
-            self._metrics.gaps.inc()
-            if not recovered:
-                self._metrics.unrecovered_gaps.inc()
-            after = format_cursor(epoch, seq.last) if seq.last is not None else None
-            self.notice(
-                site,
-                {
-                    "type": "gap",
-                    "reason": "redis_reconnect",
-                    "after": after,
-                    "recovered": recovered,
-                },
+        recovered. A site whose storage cannot be read now is checked again for
+        REPAIR_PATIENCE_S before its viewers are told that events may be missing: after an
+        outage of both Redis and PostgreSQL nothing was committed meanwhile, and saying "may
+        be missing" at once was false (an outside test)."""
+        self._metrics.redis_reconnects.inc()
+        unchecked = [site for site in sites if not await self._reconnected(site)]
+        if unchecked:
+            task = asyncio.create_task(self._check_later(unchecked), name="reconnect-check")
+            self._later.add(task)
+            task.add_done_callback(self._later.discard)
+
+    async def _reconnected(self, site: str, *, last_try: bool = False) -> bool:
+        """Catch the site up and tell its viewers; False when storage could not be read
+        (and this is not the last try: then they are told events may be missing)."""
+        if site not in self._seq:
+            return True
+        recovered = await self.catch_up(site)
+        if recovered is None and not last_try:
+            return False
+        seq, epoch = self._seq.get(site), self._epochs.get(site)
+        if seq is None or epoch is None:  # its last viewer left while we caught up
+            return True
+        self._metrics.gaps.inc()
+        if not recovered:
+            self._metrics.unrecovered_gaps.inc()
+            log.warning(
+                "could not check what a pub/sub reconnect missed",
+                extra={"site": site, "after": seq.last},
             )
+        after = format_cursor(epoch, seq.last) if seq.last is not None else None
+        notice = {"type": "gap", "reason": "redis_reconnect", "after": after}
+        self.notice(site, {**notice, "recovered": bool(recovered)})
+        return True
+
+    async def _check_later(self, sites: list[str]) -> None:
+        deadline = asyncio.get_running_loop().time() + REPAIR_PATIENCE_S
+        while sites:
+            await asyncio.sleep(REPAIR_RETRY_S)
+            last_try = asyncio.get_running_loop().time() >= deadline
+            sites = [s for s in sites if not await self._reconnected(s, last_try=last_try)]
 
     async def _poll_forever(self) -> None:
         """Serve from PostgreSQL every site whose live events cannot arrive (its Redis link is

@@ -60,8 +60,18 @@ class GatewayMetrics:
             "Sites served from PostgreSQL because their Redis link is down",
             registry=registry,
         )
+        # Reconnections made (each one a catch-up from storage and a gap notice per viewer),
+        # apart from the attempts: one outage of two minutes was ~40 attempts, and an alert on
+        # "flapping" counted them (an outside test).
         self.redis_reconnects = Counter(
-            "sitewire_gateway_redis_reconnects", "Pub/sub reconnections", registry=registry
+            "sitewire_gateway_redis_reconnects",
+            "Pub/sub links lost and made again (every site on them resubscribed)",
+            registry=registry,
+        )
+        self.redis_reconnect_attempts = Counter(
+            "sitewire_gateway_redis_reconnect_attempts",
+            "Attempts at making a lost pub/sub link again (one per backoff while Redis is away)",
+            registry=registry,
         )
         self.replay_reads = Counter(
             "sitewire_gateway_replay_reads",
