@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import signal
 import socket
 import time
 from collections.abc import Callable
@@ -542,3 +543,34 @@ async def test_a_viewer_that_reads_in_bursts_stays_and_one_that_stops_is_closed(
         assert time.monotonic() - stopped < 2 + 3  # the timeout, a look or a sweep, and slack
     finally:
         sock.close()
+
+
+async def test_a_gateway_that_stalls_shows_it_in_its_latency(
+    spawn: Callable[..., AppProcess], site: str
+) -> None:
+    """An outside test stopped a gateway 2 s in every 2.5 s: its viewers got events up to 2 s
+    late, and its publish-to-send histogram (what SitewireViewersLagging reads) stayed under
+    50 ms, because each burst was sampled by its newest event. It is sampled by its oldest."""
+    ingest = spawn("ingest", **FAST)
+    gateway = spawn("gateway", **FAST)
+    viewer = await WsViewer.open(gateway.ws_url, site, token(site))
+    try:
+        await viewer.wait_notice("welcome")
+        gateway.signal(signal.SIGSTOP)
+        try:
+            await post_events(ingest.url, site, 10)  # they wait in the gateway's socket
+            await asyncio.sleep(1.5)
+        finally:
+            gateway.signal(signal.SIGCONT)
+        await viewer.wait_for(10)
+        async with httpx.AsyncClient(timeout=5) as client:
+            text = (await client.get(f"{gateway.internal_url}/metrics")).text
+        buckets = {
+            line.split('le="')[1].split('"')[0]: float(line.split()[-1])
+            for line in text.splitlines()
+            if line.startswith("sitewire_gateway_publish_to_send_seconds_bucket")
+        }
+        assert buckets["+Inf"] >= 1
+        assert buckets["1.0"] < buckets["+Inf"]  # a write whose event waited over a second
+    finally:
+        await viewer.close()
