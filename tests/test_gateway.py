@@ -270,6 +270,8 @@ async def test_dead_connections_are_removed_within_the_ping_timeout(
     await wait_metric(gateway.internal_url, WS_CONNECTIONS, 0.0, timeout=5)
     assert time.monotonic() - started < 2.0  # interval + timeout + scheduling slack
     stalled.close()
+    stale = 'sitewire_gateway_closes_total{reason="stale"}'
+    await wait_metric(gateway.internal_url, stale, 1.0)  # counted: it was not, anywhere
 
 
 async def test_sigterm_drains_viewers_with_the_reconnect_code(
@@ -304,7 +306,7 @@ async def test_redis_restart_resubscribes_and_tells_viewers(
         private_redis.stop()
         await post_events(ingest.url, site, 5, start=5)  # stored, not published
         # The gateway has noticed (it is trying to reconnect) before Redis comes back.
-        reconnects = "sitewire_gateway_redis_reconnects_total"
+        reconnects = "sitewire_gateway_redis_reconnect_attempts_total"
         await eventually(lambda: metric(gateway.internal_url, reconnects), what=reconnects)
         private_redis.start()  # empty: its data is lost
         gap = await viewer.wait_notice("gap", timeout=15)

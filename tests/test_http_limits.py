@@ -12,6 +12,7 @@ import subprocess
 import time
 from collections.abc import Callable
 
+import asyncpg
 import httpx
 import orjson
 import pytest
@@ -365,3 +366,68 @@ async def test_an_ingest_client_that_never_reads_its_answers_loses_its_connectio
         assert established(ingest.port) == 0
     finally:
         writer.transport.abort()
+
+
+async def test_a_viewer_that_reads_its_backlog_slowly_is_not_closed_as_stale(
+    spawn: Callable[..., AppProcess], site: str, pool: asyncpg.Pool
+) -> None:
+    """A keepalive ping queued behind a backlog reaches a slow reader late: an outside test
+    saw every viewer more than a ping timeout behind closed as stale (4003), uncounted, though
+    it read. While it takes bytes the ping waits; one that stops answering is still closed."""
+    ingest = spawn("ingest", **FAST)
+    gateway = spawn(
+        "gateway", **FAST, SITEWIRE_PING_INTERVAL_S="0.3", SITEWIRE_PING_TIMEOUT_S="0.3"
+    )
+    await post_large(ingest.url, site, 60, 6000)  # ~360 KB to replay
+    epoch = await pool.fetchval("SELECT epoch FROM sites WHERE id = $1", site)
+    request = STREAM_REQUESTS["websocket"].format(site=site, token=token(site))
+    request = request.replace("/stream?", f"/stream?since={epoch}-0&")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", gateway.port))
+    sock.sendall(request.encode())
+    sock.setblocking(False)
+    buffer, events, close_code = b"", 0, None
+    more: asyncio.Task[None] | None = None
+    try:
+        head_done = False
+        deadline = time.monotonic() + 20
+        while close_code is None and time.monotonic() < deadline:
+            if more is None and events >= 20:  # live events, while it is still behind
+                more = asyncio.create_task(post_large(ingest.url, site, 20, 6000))
+            await asyncio.sleep(0.05)  # ~80 KB/s: the replay takes ~4.5 s, 15 ping timeouts
+            with contextlib.suppress(BlockingIOError):
+                buffer += sock.recv(4096)
+            if not head_done and b"\r\n\r\n" in buffer:
+                buffer = buffer.split(b"\r\n\r\n", 1)[1]
+                head_done = True
+            while head_done and (frame := _server_frame(buffer)) is not None:
+                opcode, payload, buffer = frame
+                if opcode == 0x1:
+                    events += len(orjson.loads(payload).get("events", []))
+                elif opcode == 0x8:
+                    close_code = int.from_bytes(payload[:2], "big")
+        assert events == 80  # the backlog and what came meanwhile, read at its pace
+        assert close_code == 4003  # then its pings went unanswered: stale (it never pongs)
+    finally:
+        sock.close()
+        if more is not None:
+            await more
+
+
+def _server_frame(data: bytes) -> tuple[int, bytes, bytes] | None:
+    """One unmasked server frame off the front of `data`: (opcode, payload, rest)."""
+    if len(data) < 2:
+        return None
+    length, start = data[1] & 0x7F, 2
+    if length == 126:
+        if len(data) < 4:
+            return None
+        length, start = int.from_bytes(data[2:4], "big"), 4
+    elif length == 127:
+        if len(data) < 10:
+            return None
+        length, start = int.from_bytes(data[2:10], "big"), 10
+    if len(data) < start + length:
+        return None
+    return data[0] & 0x0F, data[start : start + length], data[start + length :]

@@ -240,8 +240,7 @@ class Feeds:
             self._slow(viewer)
 
     def _slow(self, viewer: Viewer) -> None:
-        if viewer.fail(CloseCode.SLOW_CONSUMER):
-            self._metrics.closes.labels("slow_consumer").inc()
+        viewer.fail(CloseCode.SLOW_CONSUMER)  # counted where the close is written
 
     def notice(self, site: str, body: dict[str, object]) -> None:
         frame = orjson.dumps(body)
@@ -473,5 +472,4 @@ class Feeds:
         if not await self._replayer.forget(site, head if reused is None else min(head, reused - 1)):
             log.warning("could not clear the site's window", extra={"site": site})
         for viewer in list(self.hub.viewers(site)):
-            if viewer.fail(CloseCode.STORAGE_BEHIND):
-                self._metrics.closes.labels("storage_behind").inc()
+            viewer.fail(CloseCode.STORAGE_BEHIND)

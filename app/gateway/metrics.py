@@ -6,6 +6,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from app.codes import CloseCode, StandardCloseCode
 from app.gateway.hub import EVENT, event_age_s, event_count
 
 
@@ -31,7 +32,8 @@ class GatewayMetrics:
         )
         self.closes = Counter(
             "sitewire_gateway_closes",
-            "Viewer connections closed by the server",
+            "Viewer connections closed by the server, by reason (the close code's name, or "
+            "write_timeout: dropped without a close frame)",
             ["reason"],
             registry=registry,
         )
@@ -86,6 +88,16 @@ class GatewayMetrics:
             buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             registry=registry,
         )
+
+
+def count_close(metrics: GatewayMetrics, code: int) -> None:
+    """A close the server sends (WebSocket frame or SSE `close` event), by its code's name:
+    counted where it is written, so every reason is counted once, whoever asked for it."""
+    try:
+        reason = CloseCode(code).name.lower()
+    except ValueError:
+        reason = StandardCloseCode(code).name.lower()
+    metrics.closes.labels(reason).inc()
 
 
 class DeliveryStats:

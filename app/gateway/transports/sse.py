@@ -17,6 +17,7 @@ from app.codes import CloseCode, ErrorCode
 from app.errors import ApiError
 from app.gateway import viewers
 from app.gateway.hub import Viewer, sse_chunk
+from app.gateway.metrics import count_close
 from app.gateway.replay import StartRequest, StorageUnavailable
 from app.gateway.state import GatewayState
 from app.servers.postgres import STORAGE_ERRORS
@@ -120,6 +121,8 @@ class SseStream(Response):
         except TimeoutError:
             if viewer.fail(CloseCode.SLOW_CONSUMER):  # not already closed as slow: count it
                 state.metrics.closes.labels("write_timeout").inc()
+            elif viewer.close_code is not None:  # closed, but its close event cannot be sent
+                count_close(state.metrics, viewer.close_code)
             self._abort()  # the client does not read: nothing more can reach it
         except OSError:
             viewer.release()
@@ -146,6 +149,7 @@ class SseStream(Response):
         await self._close(send, code)
 
     async def _close(self, send: Send, code: int) -> None:
+        count_close(self.state.metrics, code)
         body = orjson.dumps({"type": "close", "code": code, "reason": CloseCode(code).name.lower()})
         try:
             async with asyncio.timeout(1.0):
