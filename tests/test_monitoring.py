@@ -311,16 +311,25 @@ def test_queries_name_only_metrics_and_labels_the_processes_export(
     spawn: Callable[..., AppProcess],
 ) -> None:
     known: dict[str, set[str]] = {}
+    texts = []
     for role in ("ingest", "gateway"):
         text = httpx.get(f"{spawn(role).internal_url}/metrics", timeout=10).text
+        texts.append(text)
         for name, labels in exposed(text).items():
             known.setdefault(name, set()).update(labels)
+    # Exported before anything happened: a panel shows 0, not "No data", and a new gateway
+    # pod reports its viewers to the autoscaler before its first one.
+    ingest, gateway = texts
+    assert 'sitewire_ingest_rejected_events_total{code="storage_unavailable"} 0.0' in ingest
+    assert 'sitewire_gateway_connections{transport="websocket"} 0.0' in gateway
+    assert 'sitewire_gateway_closes_total{reason="stale"} 0.0' in gateway
     code = declared()
     assert code.keys() <= known.keys(), "the processes export the metric classes' metrics"
     for name, labels in code.items():
         known[name] |= labels
     frozen = {name: frozenset(labels) for name, labels in known.items()}
-    source = "\n".join(p.read_text() for p in (ROOT / "app").rglob("*.py"))
+    # Label values: written in the code, or exported from the start (`reason="stale"`).
+    source = "\n".join([*(p.read_text() for p in (ROOT / "app").rglob("*.py")), *texts])
     queries = [parse(q) for q in dashboard_queries() + adapter_queries()]
     queries += [parse(rule["expr"]) for rule in alert_rules()]
     for selector, label in variable_queries():

@@ -88,6 +88,27 @@ class GatewayMetrics:
             buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             registry=registry,
         )
+        # Every label value exported from the start, 0 until it happens: a series that appears
+        # only with its first event showed as "No data" on a healthy dashboard, and a new pod
+        # had no viewer count for the autoscaler until its first viewer (an outside test).
+        for transport in TRANSPORTS:
+            self.connections.labels(transport)
+        for reason in CLOSE_REASONS:
+            self.closes.labels(reason)
+        for source in REPLAY_SOURCES:
+            self.replay_reads.labels(source)
+
+
+#: `connections` labels.
+TRANSPORTS = ("websocket", "sse")
+#: `closes` labels: each close code's name, and a write that timed out (no close frame).
+CLOSE_REASONS = (
+    *(c.name.lower() for c in CloseCode),
+    *(c.name.lower() for c in StandardCloseCode),
+    "write_timeout",
+)
+#: `replay_reads` labels.
+REPLAY_SOURCES = ("shared", "redis", "postgres")
 
 
 def count_close(metrics: GatewayMetrics, code: int) -> None:

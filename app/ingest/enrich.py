@@ -92,8 +92,13 @@ def _re2_accepts(pattern: str, options: re2.Options) -> bool:
     return True
 
 
+#: Every reason `BotDetector` gives (metrics export each from the start).
+DROP_REASONS = ("no_user_agent", "automation", "bot")
+
+
 class BotDetector:
-    """Decides whether a request comes from a bot or automation; returns the drop reason."""
+    """Decides whether a request comes from a bot or automation; returns the drop reason
+    (one of DROP_REASONS)."""
 
     def __init__(self) -> None:
         self._crawlers = Crawlers()

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from app.codes import ErrorCode
+from app.ingest.enrich import DROP_REASONS
+
+#: Why the committer refuses events before trying them (app.ingest.committer).
+COMMIT_REFUSALS = ("hung", "queue_full")
+
 
 class IngestMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -68,3 +74,12 @@ class IngestMetrics:
             "Requests let through because the rate limiter could not reach Redis",
             registry=registry,
         )
+        # Every label value exported from the start, 0 until it happens: a series that appears
+        # only with its first event showed as "No data" on a healthy dashboard, and a rate
+        # over it starts late (an outside test).
+        for reason in DROP_REASONS:
+            self.dropped.labels(reason)
+        for code in ErrorCode:
+            self.rejected.labels(code.code)
+        for refusal in COMMIT_REFUSALS:
+            self.commit_refusals.labels(refusal)
