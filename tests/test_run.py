@@ -201,6 +201,7 @@ def test_a_killed_stack_takes_its_processes_with_it_and_the_next_one_stops_clean
     try:
         first = terminals[0].run(cmd, env)
         _wait_for(lambda: "Press Ctrl-C to stop." in terminals[0].text(), first, terminals[0])
+        assert "demo.sitewire.dev" not in terminals[0].text()  # --no-demo: no site, no links
         started = _processes(first.pid, data_dir)
         postgres = {p for p in started if "postgres" in Path(f"/proc/{p}/cmdline").read_text()}
         first.kill()

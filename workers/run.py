@@ -210,11 +210,6 @@ class Stack:
 
     def _banner(self, token: str) -> None:
         i, g = self.ingest_port, self.gateway_port
-        demo_page = (
-            f"  demo page {self._demo_page.url}  (a shop with the tracker: click around)\n"
-            if self._demo_page
-            else ""
-        )
         print(
             "\nSitewire is running.\n"
             f"  ingest    http://127.0.0.1:{i}  (POST /api/event, /script.js)\n"
@@ -222,15 +217,28 @@ class Stack:
             f"  replicas  {self.replicas['ingest']} ingest, {self.replicas['gateway']} gateway "
             "(each role shares one port: SO_REUSEPORT)\n"
             f"  metrics   {self._metrics_urls()}\n"
-            f"  demo site {DEMO_SITE}" + (" receiving demo traffic" if self.demo else "") + "\n"
+            + (self._demo_lines(token) if self.demo else "")
+            + "\nPress Ctrl-C to stop.\n",
+            flush=True,
+        )
+
+    def _demo_lines(self, token: str) -> str:
+        """The demo site's page, dashboard, tail and top (with `--no-demo` there is none: the
+        banner printed them all the same, for a site never registered)."""
+        g = self.gateway_port
+        demo_page = (
+            f"  demo page {self._demo_page.url}  (a shop with the tracker: click around)\n"
+            if self._demo_page
+            else ""
+        )
+        return (
+            f"  demo site {DEMO_SITE} receiving demo traffic\n"
             f"\n{demo_page}"
             f"  dashboard http://127.0.0.1:{g}/dashboard/{DEMO_SITE}?token={token}\n"
             f"  tail      {_sitewire()} tail {DEMO_SITE} --gateway http://127.0.0.1:{g} "
             f"--token {token}\n"
             f"  top       {_sitewire()} top {DEMO_SITE} --gateway http://127.0.0.1:{g} "
             f"--token {token}\n"
-            "\nPress Ctrl-C to stop.\n",
-            flush=True,
         )
 
     def _metrics_urls(self) -> str:
