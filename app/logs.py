@@ -101,3 +101,29 @@ def configure(role: str, level: str, log_format: LogFormat = "auto") -> None:
     root.setLevel(level)
     # uvicorn's access log would record client addresses; we keep it off.
     logging.getLogger("uvicorn.access").disabled = True
+
+
+class Repeats:
+    """A warning that an outage repeats (one per failed commit, per unpublished batch) written
+    at most once per `every_s` for each message: an outside test counted 32,696 lines of one
+    PostgreSQL outage at 100 events/s. A line says how many it stands for (`repeated`, those
+    since the last line) and sums the numbers of the ones it folds (`summed`, e.g. events)."""
+
+    def __init__(self, logger: logging.Logger, every_s: float = 10.0) -> None:
+        self._log = logger
+        self._every_s = every_s
+        #: Per message: when it was last written, and what was folded since.
+        self._held: dict[str, tuple[float, int, dict[str, int]]] = {}
+
+    def warning(self, message: str, summed: dict[str, int], **extra: object) -> None:
+        now = time.monotonic()
+        written, folded, sums = self._held.get(message, (-self._every_s, 0, {}))
+        totals = {key: sums.get(key, 0) + value for key, value in summed.items()}
+        if now - written < self._every_s:
+            self._held[message] = (written, folded + 1, totals)
+            return
+        self._held[message] = (now, 0, {})
+        fields: dict[str, object] = {**extra, **totals}
+        if folded:
+            fields["repeated"] = folded + 1
+        self._log.warning(message, extra=fields)

@@ -6,12 +6,14 @@ import io
 import logging
 import re
 import sys
+import time
 from collections.abc import Iterator
 
 import orjson
 import pytest
 
 from app import logs
+from app.logs import Repeats
 from app.settings import LogFormat
 
 
@@ -107,3 +109,25 @@ def test_a_text_line_shows_the_traceback_below() -> None:
 )
 def test_text_values_are_quoted_only_when_they_must_be(value: object, shown: str) -> None:
     assert logs.TextFormatter("worker").format(_record("m %d", key=value)).endswith(f" key={shown}")
+
+
+def test_a_warning_an_outage_repeats_is_written_once_per_period(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One line per failed commit flooded an outage's log (32,696 lines at 100 events/s): a
+    repeated warning is written once per period, saying how many it stands for."""
+    log = logging.getLogger("sitewire.test.repeats")
+    repeats = Repeats(log, every_s=0.2)
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        for _ in range(5):
+            repeats.warning("events stored but not published", {"events": 10}, error="down")
+        repeats.warning("another message", {"events": 1})
+        time.sleep(0.25)
+        repeats.warning("events stored but not published", {"events": 10}, error="down")
+    lines = [(r.getMessage(), getattr(r, "events", None), getattr(r, "repeated", None))
+             for r in caplog.records]  # fmt: skip
+    assert lines == [
+        ("events stored but not published", 10, None),
+        ("another message", 1, None),
+        ("events stored but not published", 50, 5),  # four folded, and this one
+    ]

@@ -28,6 +28,7 @@ import asyncpg
 
 from app.errors import StorageUnavailable
 from app.ingest.metrics import IngestMetrics
+from app.logs import Repeats
 from app.schema import NewEvent
 from app.servers.postgres import STORAGE_ERRORS, describe_error
 from app.store.writes import Outcome, Stored, commit
@@ -64,6 +65,7 @@ class Committer:
         self._after_commit = after_commit
         self._timeout_s = timeout_s
         self._max_queued = max_queued
+        self._repeats = Repeats(log)
         #: Commits given up on (timed out), still running in the background.
         self._abandoned: set[asyncio.Task[list[Outcome]]] = set()
         # One future per submission, not per event: a batch of 50 costs one future and one
@@ -155,9 +157,10 @@ class Committer:
             outcomes = task.result()
         except STORAGE_ERRORS as exc:
             self._metrics.commit_failures.inc()
-            log.warning(
+            self._repeats.warning(
                 "group commit failed; nothing in it is acknowledged",
-                extra={"events": len(events), "error": describe_error(exc)},
+                {"events": len(events)},
+                error=describe_error(exc),
             )
             _fail(batch, StorageUnavailable(str(exc), maybe_stored=_maybe_sent(exc)))
             # What waits behind it would meet the same failure, one commit attempt after

@@ -10,6 +10,7 @@ import logging
 from app.broker.base import Broker, Publication
 from app.broker.redis import PUBLISH_TIMEOUT_S
 from app.ingest.metrics import IngestMetrics
+from app.logs import Repeats
 from app.store.writes import Stored
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class PublishQueue:
         self._broker = broker
         self._metrics = metrics
         self._max_events = max_events
+        self._repeats = Repeats(log)
         self._queue: list[Publication] = []
         self._ready = asyncio.Event()
         self._closing = False
@@ -102,7 +104,7 @@ class PublishQueue:
 
     def _gap(self, count: int, why: str) -> None:
         self._metrics.publish_gap.inc(count)
-        log.warning("events stored but not published", extra={"events": count, "error": why})
+        self._repeats.warning("events stored but not published", {"events": count}, error=why)
 
 
 def _log_crash(task: asyncio.Task[None]) -> None:
