@@ -309,9 +309,18 @@ def test_an_ingest_started_without_its_servers_says_so(settings: Settings, tmp_p
     gone = {"DATABASE_URL": f"postgresql://x@127.0.0.1:{free_port()}/x",
             "REDIS_URL": f"redis://127.0.0.1:{free_port()}"}  # fmt: skip
     ingest = AppProcess("ingest", env_for(settings, **gone), tmp_path)
-    with pytest.raises(RuntimeError, match="not ready"):
-        ingest.start(timeout=5)  # /readyz stays 503
+    ingest.start(timeout=10)  # ready: it answers, 503 with Retry-After for events
     try:
+        ready = httpx.get(f"{ingest.url}/readyz", timeout=5)
+        assert ready.status_code == 200
+        assert ready.json()["postgres"] == ready.json()["redis"] == "unavailable"
+        refused = httpx.post(
+            f"{ingest.url}/api/event",
+            json={"site": "a.example", "name": "pageview", "url": "https://a.example/"},
+            headers={"User-Agent": BROWSER},
+            timeout=10,
+        )
+        assert refused.status_code == 503 and refused.headers["Retry-After"]
         log = ingest.log()
         # With the reason, as the runbook looks for it ("too many clients", "refused").
         assert re.search(r"postgres is unreachable at startup \(\w*(Error|Refused)[^)]*\); "

@@ -150,8 +150,11 @@ def create_app(settings: Settings) -> IngestApp:
         state: IngestState = api.state.ingest
         return state.checks
 
-    # Ingest needs only PostgreSQL to acknowledge events; Redis is reported but optional.
-    health = Health("ingest", checks, frozenset({"postgres"}), registry)
+    # Ready whatever its servers say (both are reported): every replica shares one PostgreSQL,
+    # and while it is down each answers 503 with Retry-After, which the tracker follows. Made
+    # unready, every replica left its Service at once: publishers got the load balancer's bare
+    # 503 and SitewireIngestRefusing saw no request to count (an outside operator's test).
+    health = Health("ingest", checks, frozenset(), registry)
     api.include_router(health.public_router())
     install_error_handlers(api)
     _install_routes(api)
