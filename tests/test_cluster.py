@@ -186,14 +186,7 @@ async def test_a_channel_lost_again_right_after_its_resubscription_is_subscribed
         await subscriber.subscribe(neighbour)  # the target's link stays open: it has another
         cluster.migrate(channel, to=target)
         await inbox.wait(lambda: bool(raced) and site in inbox.moved)
-        await eventually(
-            lambda: (
-                subscriber.holds(site)
-                and [shard_subscribers(cluster, p, channel) for p in cluster.ports] == [0, 1, 0]
-            ),
-            10,
-            what="the site subscribed on its new owner again",
-        )
+        await held_on(subscriber, cluster, site, channel, target)
         await publisher.publish([publication(site, 1)])
         await inbox.wait(lambda: inbox.messages == [b"event 1"])
     finally:
@@ -250,20 +243,28 @@ async def test_a_held_channel_subscribed_nowhere_is_found_and_subscribed_again(
         await eventually(lambda: slipped, 5, what="the slip")
         # The slot map learns of the move from any command redirected (here the publisher's).
         await publisher.publish([publication(site, 1)])
-        await eventually(
-            lambda: (
-                subscriber.holds(site)
-                and [shard_subscribers(cluster, p, channel) for p in cluster.ports] == [0, 0, 1]
-            ),
-            10,
-            what="the site subscribed on its new owner again",
-        )
+        await held_on(subscriber, cluster, site, channel, target)
         assert site in inbox.moved  # and its viewers caught up from storage
         await publisher.publish([publication(site, 2)])
         await inbox.wait(lambda: b"event 2" in inbox.messages)
     finally:
         await subscriber.close()
         await shards.aclose()
+
+
+async def held_on(
+    subscriber: ShardedSubscriber, cluster: LocalCluster, site: str, channel: str, port: int
+) -> None:
+    """Until the site is held again, subscribed on the node at `port` and on no other."""
+    expected = [1 if p == port else 0 for p in cluster.ports]
+    await eventually(
+        lambda: (
+            subscriber.holds(site)
+            and [shard_subscribers(cluster, p, channel) for p in cluster.ports] == expected
+        ),
+        10,
+        what="the site subscribed on its new owner again",
+    )
 
 
 async def posted_more(steady: list[Steady], before: list[int], more: int = 20) -> list[int]:
