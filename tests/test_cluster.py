@@ -20,7 +20,7 @@ from redis.asyncio.cluster import RedisCluster
 
 import app.broker.cluster
 from app.broker.cluster import ShardedSubscriber
-from app.broker.redis import Publisher
+from app.broker.redis import Pairs, Publisher
 from app.names import Names
 from app.servers.redis import RedisShards
 from app.settings import Settings
@@ -298,6 +298,33 @@ def cluster_spawn(
     yield start
     for proc in started:
         proc.stop()
+
+
+async def test_a_cluster_client_error_under_one_site_loses_only_that_sites_events(
+    cluster: LocalCluster, names: Names, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """redis-py's cluster client raised AttributeError and RuntimeError while an outside test
+    killed masters: the whole commit's publication was counted lost, with a traceback. Only
+    the site whose call failed is; the others are published."""
+    shards = RedisShards(tuple(cluster.url.split(",")), cluster=True)
+    failing, fine = (
+        site_on(cluster, names, cluster.ports[0]),
+        site_on(cluster, names, cluster.ports[1]),
+    )
+    publisher = Publisher(shards, names, 100)
+    publish = Publisher._publish_unbounded
+
+    async def node_died(self: Publisher, sites: list[str], by_site: Pairs) -> list[list[int]]:
+        if sites == [failing]:
+            raise AttributeError("'NoneType' object has no attribute 'send_packed_command'")
+        return await publish(self, sites, by_site)
+
+    monkeypatch.setattr(Publisher, "_publish_unbounded", node_died)
+    try:
+        result = await publisher.publish([publication(failing, 1), publication(fine, 1)])
+        assert (result.published, result.lost, result.why) == (1, 1, "AttributeError")
+    finally:
+        await shards.aclose()
 
 
 async def test_streams_across_gateways_through_a_slot_move_and_a_master_restart(
