@@ -44,6 +44,11 @@ WINDOW_TIMEOUT_S = 0.5
 #: After a failed or slow window read, skip that server's windows for this long.
 WINDOW_BACKOFF_S = 2.0
 
+#: What redis-py's cluster client raises, besides its own errors, when a node dies under a
+#: command (an outside test saw both while killing masters): that site's publication failed,
+#: not the others' in the same commit (they were all counted lost, with a traceback).
+CLUSTER_CLIENT_ERRORS = (AttributeError, RuntimeError)
+
 
 class RedisBroker:
     """`Broker` (app.broker.base) on Redis: one server, several (sites spread by hash), or a
@@ -94,7 +99,7 @@ class RedisBroker:
                 await self.shards.clients[index].zremrangebyscore(
                     self._names.window(site), f"({after}", "+inf"
                 )
-        except REDIS_ERRORS:  # TimeoutError included
+        except (*REDIS_ERRORS, *CLUSTER_CLIENT_ERRORS):  # TimeoutError included
             return False
         return True
 
@@ -206,11 +211,6 @@ def script_args(
     publishes as ingest does (the bench, tests)."""
     return [channel, window, window_ttl_s, *pairs]
 
-
-#: What redis-py's cluster client raises, besides its own errors, when a node dies under a
-#: command (an outside test saw both while killing masters): that site's publication failed,
-#: not the others' in the same commit (they were all counted lost, with a traceback).
-CLUSTER_CLIENT_ERRORS = (AttributeError, RuntimeError)
 
 #: After a failed publish, skip a site's Redis for this long instead of stalling every commit.
 BACKOFF_S = 1.0

@@ -429,7 +429,10 @@ class Feeds:
             # Twice in a row before anything is done: closing a site's viewers on one odd read
             # (a pooler briefly on a lagging standby) would cost more than 2 s of waiting.
             for site in seen_behind & behind:
-                await self._storage_went_back(site, heads[site], delivered[site])
+                try:
+                    await self._storage_went_back(site, heads[site], delivered[site])
+                except Exception:  # a bug: the check must go on for every other site
+                    log.exception("handling storage that went back failed", extra={"site": site})
             behind = seen_behind - behind
             for site, head in suspects.items():
                 seq = self._seq.get(site)
