@@ -155,9 +155,9 @@ class StreamClient:
             return
         if message["type"] == "welcome" and message.get("cursor"):
             # Even before the first event, a reconnect must resume from where we started; and
-            # where a resume could not start at our cursor (it was ahead of storage, or of
-            # another epoch), from where it did start instead (docs/protocol.md).
-            moved = message.get("reason") in ("cursor_ahead", "epoch_changed")
+            # where a resume could not start at our cursor (it was ahead of storage, of another
+            # epoch, or storage went back before it), from where it did start (docs/protocol.md).
+            moved = message.get("reason") in ("cursor_ahead", "epoch_changed", "storage_behind")
             if self.cursor is None or moved:
                 self.cursor = message["cursor"]
         self.on_notice(message)

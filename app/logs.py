@@ -7,6 +7,7 @@ Never log personal data: no IP addresses, user agents, tokens or event payloads.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import time
@@ -104,26 +105,37 @@ def configure(role: str, level: str, log_format: LogFormat = "auto") -> None:
 
 
 class Repeats:
-    """A warning that an outage repeats (one per failed commit, per unpublished batch) written
-    at most once per `every_s` for each message: an outside test counted 32,696 lines of one
-    PostgreSQL outage at 100 events/s. A line says how many it stands for (`repeated`, those
-    since the last line) and sums the numbers of the ones it folds (`summed`, e.g. events)."""
+    """A message that an outage repeats (one per failed commit, per unpublished batch) written
+    at most once per `every_s`: an outside test counted 32,696 lines of one PostgreSQL outage
+    at 100 events/s. The first is written at once; those that follow within the period are
+    folded into one line written when it ends, saying how many it stands for (`repeated`) with
+    their numbers summed (`summed`, e.g. events) and the last one's other fields."""
 
-    def __init__(self, logger: logging.Logger, every_s: float = 10.0) -> None:
+    def __init__(
+        self, logger: logging.Logger, every_s: float = 10.0, level: int = logging.WARNING
+    ) -> None:
         self._log = logger
         self._every_s = every_s
-        #: Per message: when it was last written, and what was folded since.
-        self._held: dict[str, tuple[float, int, dict[str, int]]] = {}
+        self._level = level
+        #: Per message: when it was last written, and what was folded since (count, sums,
+        #: the last one's extra fields).
+        self._held: dict[str, tuple[float, int, dict[str, int], dict[str, object]]] = {}
 
-    def warning(self, message: str, summed: dict[str, int], **extra: object) -> None:
+    def write(self, message: str, summed: dict[str, int], **extra: object) -> None:
         now = time.monotonic()
-        written, folded, sums = self._held.get(message, (-self._every_s, 0, {}))
-        totals = {key: sums.get(key, 0) + value for key, value in summed.items()}
-        if now - written < self._every_s:
-            self._held[message] = (written, folded + 1, totals)
+        written, folded, sums, _ = self._held.get(message, (-self._every_s, 0, {}, {}))
+        if now - written >= self._every_s:
+            self._held[message] = (now, 0, {}, {})
+            self._log.log(self._level, message, extra={**extra, **summed})
             return
-        self._held[message] = (now, 0, {})
-        fields: dict[str, object] = {**extra, **totals}
-        if folded:
-            fields["repeated"] = folded + 1
-        self._log.warning(message, extra=fields)
+        totals = {key: sums.get(key, 0) + value for key, value in summed.items()}
+        self._held[message] = (written, folded + 1, totals, extra)
+        if not folded:  # the period's first fold: its line is written when the period ends
+            asyncio.get_running_loop().call_later(
+                written + self._every_s - now, self._flush, message
+            )
+
+    def _flush(self, message: str) -> None:
+        _, folded, sums, extra = self._held[message]
+        self._held[message] = (time.monotonic(), 0, {}, {})
+        self._log.log(self._level, message, extra={**extra, **sums, "repeated": folded})

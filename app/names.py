@@ -21,6 +21,11 @@ class Names:
         """Sorted set (score = offset) holding the site's most recent events for replay."""
         return f"{self.prefix}:win:{{{site}}}"
 
+    def went_back(self, site: str) -> str:
+        """String "R O" set by the publish script when storage handed the site's offsets out
+        again: offsets after R up to O were other events (kept a day: resumes read it)."""
+        return f"{self.prefix}:back:{{{site}}}"
+
     def rate_site(self, site: str, second: int) -> str:
         """Counter of events accepted for a site in one wall-clock second."""
         return f"{self.prefix}:rl:site:{{{site}}}:{second}"

@@ -54,3 +54,18 @@ def with_position(epoch: str, offset: int, body: bytes) -> bytes:
     """The complete event: `{"cursor":...,"offset":...,` then `body` without its opening brace.
     The epoch is 8 hex digits and the offset an int, so neither needs JSON escaping."""
     return b'{"cursor":"%s-%d","offset":%d,%s' % (epoch.encode(), offset, offset, body[1:])
+
+
+#: The control message the publish script sends on a site's channel when storage handed its
+#: offsets out again (app.broker.redis): events after `went_back` up to `through` changed.
+_WENT_BACK = re.compile(rb'\{"went_back":(-?\d+),"through":(\d+)\}')
+
+
+def went_back_message(after: int, through: int) -> bytes:
+    return b'{"went_back":%d,"through":%d}' % (after, through)
+
+
+def went_back(payload: bytes) -> tuple[int, int] | None:
+    """(after, through) of a went-back control message; None for anything else."""
+    found = _WENT_BACK.fullmatch(payload)
+    return None if found is None else (int(found[1]), int(found[2]))

@@ -35,7 +35,7 @@ import httpx
 import redis.asyncio as aioredis
 from redis.asyncio.connection import parse_url
 
-from app.broker.redis import PUBLISH_SCRIPT, script_args
+from app.broker.redis import PUBLISH_SCRIPT, script_args, script_keys
 from app.names import Names
 from app.servers.postgres import create_database, drop_database
 from app.store.migrate import migrate
@@ -119,8 +119,8 @@ class Publisher:
         return published
 
     def _call(self, site: str, pairs: list[int | bytes]) -> bytes:
-        window, channel = self.names.window(site), self.names.channel(site)
-        args = (b"EVALSHA", self._sha, 1, window, *script_args(channel, 2000, 3600, pairs))
+        keys, channel = script_keys(self.names, site), self.names.channel(site)
+        args = (b"EVALSHA", self._sha, 2, *keys, *script_args(channel, 2000, 3600, pairs))
         packed: bytes = hiredis.pack_command(args)  # type: ignore[arg-type]
         return packed
 

@@ -17,6 +17,7 @@ from app.broker.memory import MemoryBroker
 from app.broker.redis import RedisBroker
 from app.names import Names
 from app.servers.redis import RedisShards
+from app.wire import went_back_message
 from workers.embedded import EmbeddedRedis
 
 WINDOW = 50
@@ -164,22 +165,29 @@ async def test_an_offset_published_again_with_other_events_is_never_served_twice
 
 
 async def test_offsets_published_again_with_other_events_replace_the_history(
-    harness: Harness,
+    harness: Harness, live: tuple[Subscriptions, Seen]
 ) -> None:
-    """Storage went back to offset 2: the events published now at 3 and 4 are storage's, and
-    the window's from 3 on (5 included, which storage no longer has) must go."""
+    """Storage went back to offset 3: the events published now at 4 and 5 are storage's. The
+    history goes (none of it can be told apart), subscribers are told ahead of the new events,
+    and the marker says which offsets changed (after 3, through 6: the newest it had)."""
+    subs, seen = live
     broker, s, other = harness.broker, site(), site()
-    await broker.publish(events(s, range(1, 6)) + events(other, range(1, 3)))
-    again = await broker.publish(events(s, range(4, 6)) + events(other, range(2, 3)))
+    await subs.subscribe(s)
+    await broker.publish(events(s, range(1, 7)) + events(other, range(1, 3)))
+    again = await broker.publish(events(s, range(5, 7)) + events(other, range(2, 3)))
     assert again.reused == ()  # the same events published again: nothing reused
-    new = [(s, 3, b'{"offset":3,"new":1}'), (s, 4, b'{"offset":4,"new":1}')]
+    assert await broker.went_back(s) is None
+    new = [(s, 4, b'{"offset":4,"new":1}'), (s, 5, b'{"offset":5,"new":1}')]
     result = await broker.publish(new + events(other, range(3, 4)))
     assert result.reused == (s,) and result.published == 3
-    window = await broker.window(s, 1, 4)
-    assert window is not None and [p for _, p in window][2:] == [p for _, _, p in new]
-    assert await broker.window(s, 5, 5) is None  # gone with the point storage went back to
+    assert await broker.went_back(s) == (3, 6)
+    assert await broker.window(s, 1, 3) is None  # gone with the rest
+    window = await broker.window(s, 4, 5)
+    assert window is not None and [p for _, p in window] == [p for _, _, p in new]
     kept = await broker.window(other, 1, 3)
     assert kept is not None and [o for o, _ in kept] == [1, 2, 3]
+    await seen.until(lambda: len(seen.payloads(s)) == 11)
+    assert seen.payloads(s)[8:] == [went_back_message(3, 6), *(p for _, _, p in new)]
 
 
 async def test_forget_removes_the_history_beyond_an_offset(harness: Harness) -> None:

@@ -17,7 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from app import tokens
-from app.broker.redis import PUBLISH_SCRIPT, script_args
+from app.broker.redis import PUBLISH_SCRIPT, script_args, script_keys
 from app.codes import CloseCode
 from app.names import Names
 from app.settings import Settings
@@ -217,7 +217,8 @@ async def _publish(
     args: list[str | int] = []
     for offset in range(first, first + count):
         args += [offset, f'{{"offset":{offset},"cursor":"e-{offset}","pad":"{pad}"}}']
-    await script(keys=[names.window(site)], args=script_args(names.channel(site), 100, 3600, args))
+    keys, channel = script_keys(names, site), names.channel(site)
+    await script(keys=keys, args=script_args(channel, 100, 3600, args))
 
 
 async def test_stalled_viewer_is_closed_as_slow_and_others_are_unaffected(

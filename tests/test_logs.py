@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import re
 import sys
-import time
 from collections.abc import Iterator
 
 import orjson
@@ -111,23 +111,26 @@ def test_text_values_are_quoted_only_when_they_must_be(value: object, shown: str
     assert logs.TextFormatter("worker").format(_record("m %d", key=value)).endswith(f" key={shown}")
 
 
-def test_a_warning_an_outage_repeats_is_written_once_per_period(
+async def test_a_warning_an_outage_repeats_is_written_once_per_period(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """One line per failed commit flooded an outage's log (32,696 lines at 100 events/s): a
-    repeated warning is written once per period, saying how many it stands for."""
+    repeated warning is written once per period, the ones folded into it said at its end,
+    even when none follows (the outage is over)."""
     log = logging.getLogger("sitewire.test.repeats")
     repeats = Repeats(log, every_s=0.2)
     with caplog.at_level(logging.WARNING, logger=log.name):
         for _ in range(5):
-            repeats.warning("events stored but not published", {"events": 10}, error="down")
-        repeats.warning("another message", {"events": 1})
-        time.sleep(0.25)
-        repeats.warning("events stored but not published", {"events": 10}, error="down")
+            repeats.write("events stored but not published", {"events": 10}, error="down")
+        repeats.write("another message", {"events": 1})
+        await asyncio.sleep(0.3)
+        repeats.write("events stored but not published", {"events": 10}, error="down")
+        await asyncio.sleep(0.3)
     lines = [(r.getMessage(), getattr(r, "events", None), getattr(r, "repeated", None))
              for r in caplog.records]  # fmt: skip
     assert lines == [
         ("events stored but not published", 10, None),
         ("another message", 1, None),
-        ("events stored but not published", 50, 5),  # four folded, and this one
+        ("events stored but not published", 40, 4),  # the four folded, when the period ended
+        ("events stored but not published", 10, 1),  # folded, then said though none followed
     ]

@@ -17,6 +17,7 @@ import asyncpg
 import httpx
 import orjson
 import pytest
+import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
 from app.broker.redis import RedisBroker
@@ -200,12 +201,14 @@ async def test_a_hung_redis_holds_neither_acks_nor_viewers(
     viewer = await WsViewer.open(gateway.ws_url, site, token(site), f"&since={epoch}-0")
     os.kill(redis.pid, signal.SIGSTOP)
     try:
-        await viewer.wait_notice("welcome")
+        welcome = await viewer.wait_notice("welcome")
         async with asyncio.timeout(20):  # a bound, not a speed check: the chaos suite times
             await post_events(ingest.url, site, 30)
         await viewer.wait_for(30, timeout=15)
         assert viewer.offsets == list(range(1, 31))
-        assert any(n.get("mode") == "storage" for n in viewer.notices)
+        # Told, in a notice or already in the welcome (when the stall was found before it).
+        told = [welcome.get("delivery"), *(n.get("mode") for n in viewer.notices)]
+        assert "storage" in told
     finally:
         os.kill(redis.pid, signal.SIGCONT)
         with contextlib.suppress(Exception):
@@ -371,14 +374,24 @@ async def _register(pg: DisposablePostgres, site: str) -> str:
         await conn.close()
 
 
-async def test_a_postgresql_that_went_back_is_found_and_its_viewers_told(
+async def _restore(pool: asyncpg.Pool, site: str, to: int) -> None:
+    """What restoring PostgreSQL to an earlier point leaves: the site's events after `to`
+    gone, their offsets to be handed out again."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("DELETE FROM events WHERE site = $1 AND site_offset > $2", site, to)
+        await conn.execute("DELETE FROM event_ids WHERE site = $1 AND site_offset > $2", site, to)
+        await conn.execute("UPDATE sites SET next_offset = $2 WHERE id = $1", site, to + 1)
+
+
+async def test_a_busy_site_whose_postgresql_went_back_is_found_and_its_viewers_told(
     spawn: Callable[..., AppProcess], site: str, pool: asyncpg.Pool
 ) -> None:
-    """PostgreSQL restored to an earlier point (here: its last 10 events and offsets taken
-    back, as a restore leaves it) hands those offsets to new events, which the gateway took for
-    repeats and dropped, silently. Now it finds the site delivered beyond storage's head, closes
-    its viewers with 4006, and their resume says so before the new events; a resume from
-    before the restore point gets storage's events, not the lost ones of the window."""
+    """PostgreSQL restored to an earlier point hands the lost events' offsets to new events,
+    which gateways took for repeats and dropped, silently. A review found a first fix (the
+    gateway's position check) blind to a busy site: its head passed the old one before the
+    second check. Ingest's publication now sees the reused offsets in the window at once: the
+    viewers are closed with 4006, and a resume from a cursor in the changed range replays the
+    new events from where storage went back, saying so."""
     ingest = spawn("ingest", **FAST)
     gateway = spawn("gateway", **FAST)
     epoch = await epoch_of(pool, site)
@@ -388,42 +401,69 @@ async def test_a_postgresql_that_went_back_is_found_and_its_viewers_told(
     try:
         await post_events(ingest.url, site, 30)
         await viewer.wait_for(30)
-        async with pool.acquire() as conn, conn.transaction():  # the restore
-            await conn.execute("DELETE FROM events WHERE site = $1 AND site_offset > 20", site)
-            await conn.execute("DELETE FROM event_ids WHERE site = $1 AND site_offset > 20", site)
-            await conn.execute("UPDATE sites SET next_offset = 21 WHERE id = $1", site)
-        await post_events(ingest.url, site, 5, start=100)  # offsets 21-25, again
+        await _restore(pool, site, 20)
+        await post_events(ingest.url, site, 15, start=100)  # offsets 21-35: past the old head
         assert await viewer.wait_closed(timeout=15) == CloseCode.STORAGE_BEHIND
-        assert viewer.offsets == list(range(1, 31))  # the new 21-25 never came as repeats
+        assert viewer.offsets == list(range(1, 31))  # no repeat of an offset, no new one
 
         again = await WsViewer.open(gateway.ws_url, site, token(site), f"&since={epoch}-30")
         welcome = await again.wait_notice("welcome")
-        assert (welcome["recovered"], welcome["reason"]) == (False, "cursor_ahead")
-        assert welcome["cursor"] == f"{epoch}-25"
-        await post_events(ingest.url, site, 5, start=200)
-        await again.wait_for(5)
-        assert again.offsets == [26, 27, 28, 29, 30]
-        assert [e["path"] for e in again.events] == [f"/p/{i}" for i in range(200, 205)]
+        assert (welcome["recovered"], welcome["reason"]) == (False, "storage_behind")
+        assert welcome["cursor"] == f"{epoch}-20"
+        await again.wait_for(15)
+        assert again.offsets == list(range(21, 36))
+        assert [e["path"] for e in again.events] == [f"/p/{i}" for i in range(100, 115)]
 
         # From before the restore point: storage's events, whatever the window held.
         fresh = await WsViewer.open(gateway.ws_url, site, token(site), f"&since={epoch}-18")
-        await fresh.wait_for(12)
+        await fresh.wait_for(17)
+        assert fresh.offsets == list(range(19, 36))
         paths = [e["path"] for e in fresh.events]
-        assert fresh.offsets == list(range(19, 31))
-        assert paths == [
-            "/p/18",
-            "/p/19",
-            *(f"/p/{i}" for i in (*range(100, 105), *range(200, 205))),
-        ]
+        assert paths == ["/p/18", "/p/19", *(f"/p/{i}" for i in range(100, 115))]
         async with httpx.AsyncClient(timeout=5) as client:
             metrics = (await client.get(f"{gateway.internal_url}/metrics")).text
-            # Ingest found it too, at the first publication that met a lost event's offset.
             found = (await client.get(f"{ingest.internal_url}/metrics")).text
         assert "sitewire_gateway_storage_behind_total 1.0" in metrics
         assert 'sitewire_gateway_closes_total{reason="storage_behind"} 1.0' in metrics
         assert "sitewire_ingest_storage_behind_total 1.0" in found
     finally:
         for v in (viewer, again, fresh):
+            if v is not None:
+                await v.close()
+
+
+async def test_a_quiet_site_whose_postgresql_went_back_without_its_window_is_found_too(
+    spawn: Callable[..., AppProcess],
+    site: str,
+    pool: asyncpg.Pool,
+    rclient: aioredis.Redis,
+    names: Names,
+) -> None:
+    """With the window gone too (Redis restarted), ingest cannot tell: the gateway's position
+    check sees the site's head below what it delivered, twice, and does the same; the resume
+    of a cursor beyond the head says `cursor_ahead`."""
+    ingest = spawn("ingest", **FAST)
+    gateway = spawn("gateway", **FAST)
+    epoch = await epoch_of(pool, site)
+    viewer = await WsViewer.open(gateway.ws_url, site, token(site), f"&since={epoch}-0")
+    again: WsViewer | None = None
+    try:
+        await post_events(ingest.url, site, 30)
+        await viewer.wait_for(30)
+        await _restore(pool, site, 20)
+        await rclient.delete(names.window(site))
+        await post_events(ingest.url, site, 5, start=100)  # offsets 21-25, again
+        assert await viewer.wait_closed(timeout=15) == CloseCode.STORAGE_BEHIND
+        assert viewer.offsets == list(range(1, 31))
+        again = await WsViewer.open(gateway.ws_url, site, token(site), f"&since={epoch}-30")
+        welcome = await again.wait_notice("welcome")
+        assert (welcome["recovered"], welcome["reason"]) == (False, "cursor_ahead")
+        assert welcome["cursor"] == f"{epoch}-25"
+        await post_events(ingest.url, site, 5, start=200)
+        await again.wait_for(5)
+        assert [e["path"] for e in again.events] == [f"/p/{i}" for i in range(200, 205)]
+    finally:
+        for v in (viewer, again):
             if v is not None:
                 await v.close()
 

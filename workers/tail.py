@@ -152,6 +152,8 @@ _RESUME_FAILED: dict[Any, str] = {
     "epoch_changed": "that cursor is from another offset sequence of this site: following "
     "from the newest",
     "expired": "resume incomplete (expired): retention removed some of the missed events",
+    "storage_behind": "storage went back to an earlier point: some events printed before are "
+    "gone, and the different events that took their offsets follow",
     None: "resume incomplete: some events may be missing",
 }
 

@@ -90,8 +90,10 @@ class Broker(Protocol):
       is idempotent: the same offset published twice is one event in the history, and
       subscribers drop an offset they already have.
     - An offset published again with another payload (storage handed it out again) is
-      reported in `reused`, and the history of that site from the offset on is replaced by
-      what is published now: a window never serves an event storage no longer has.
+      reported in `reused`: that site's history is dropped (a window never serves an event
+      storage no longer has), subscribers get a control message `{"went_back":R,"through":O}`
+      (app.wire.went_back) ahead of the new events, and `went_back(site)` answers (R, O) for
+      a day: the events after R up to O were other events than storage now has.
     - `window(site, first, last)` returns every event first..last in offset order, or None:
       the history is capped, can be lost (a restarted Redis), and is never partial.
     - `forget(site, after)` removes the site's history beyond `after` (storage went back to an
@@ -108,6 +110,10 @@ class Broker(Protocol):
     async def forget(self, site: str, after: int) -> bool:
         """Remove the site's history beyond offset `after`; False if the broker did not
         answer (bounded, as a window read)."""
+
+    async def went_back(self, site: str) -> tuple[int, int] | None:
+        """(R, O) when storage handed the site's offsets after R (up to O) out again lately;
+        None when not, or when the broker does not answer (bounded, as a window read)."""
 
     def subscriptions(
         self, on_burst: OnBurst, on_reconnect: OnReconnect, on_reconnect_attempt: Callable[[], None]

@@ -24,7 +24,7 @@ from app.broker.base import (
     Subscriptions,
 )
 from app.servers import Status
-from app.wire import Event
+from app.wire import Event, went_back_message
 
 
 class MemoryBroker:
@@ -32,40 +32,52 @@ class MemoryBroker:
         self._window_size = window
         #: Each site's history: offset -> payload, the newest `window` offsets.
         self._history: dict[str, dict[int, bytes]] = {}
+        #: Sites whose offsets were handed out again: (after, through), as `went_back` says.
+        self._went_back: dict[str, tuple[int, int]] = {}
         self._subscriptions: list[_MemorySubscriptions] = []
         self.available = True
 
     async def publish(self, events: Sequence[Publication]) -> PublishResult:
         if not self.available:
             return PublishResult(0, len(events), "broker cut off")
-        reused = self._reused(events)
         bursts: dict[_MemorySubscriptions, Burst] = {}
+        reused = self._reused(events)
+        for site in reused:  # the control message goes ahead of the site's new events
+            after, through = self._went_back[site]
+            self._deliver(bursts, site, went_back_message(after, through))
         for site, offset, payload in events:
             self._remember(site, offset, payload)
-            for subs in self._subscriptions:
-                if site in subs.confirmed:
-                    bursts.setdefault(subs, {}).setdefault(site, []).append(payload)
+            self._deliver(bursts, site, payload)
         # Handed over on a later turn of the loop, as a network broker's would be.
         loop = asyncio.get_running_loop()
         for subs, burst in bursts.items():
             loop.call_soon(subs.on_burst, burst)
         return PublishResult(len(events), reused=reused)
 
+    def _deliver(
+        self, bursts: dict[_MemorySubscriptions, Burst], site: str, payload: bytes
+    ) -> None:
+        for subs in self._subscriptions:
+            if site in subs.confirmed:
+                bursts.setdefault(subs, {}).setdefault(site, []).append(payload)
+
     def _reused(self, events: Sequence[Publication]) -> tuple[str, ...]:
-        """Sites whose offsets are held for other payloads: their history from the first
-        offset published now is dropped (as the Redis script does)."""
-        first: dict[str, int] = {}
-        found: list[str] = []
+        """Sites whose offsets are held for other payloads: their history goes and their
+        marker is set (as the Redis script does)."""
+        lowest: dict[str, int] = {}
         for site, offset, payload in events:
-            first.setdefault(site, offset)
             held = self._history.get(site, {}).get(offset)
-            if held is not None and held != payload and site not in found:
-                found.append(site)
-        for site in found:
-            history = self._history[site]
-            for offset in [o for o in history if o >= first[site]]:
-                del history[offset]
-        return tuple(found)
+            if held is not None and held != payload and offset < lowest.get(site, offset + 1):
+                lowest[site] = offset
+        for site, offset in lowest.items():
+            history = self._history.pop(site)
+            self._went_back[site] = (offset - 1, max(history))
+        return tuple(lowest)
+
+    async def went_back(self, site: str) -> tuple[int, int] | None:
+        if not self.available:
+            return None
+        return self._went_back.get(site)
 
     def _remember(self, site: str, offset: int, payload: bytes) -> None:
         history = self._history.setdefault(site, {})

@@ -15,8 +15,8 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
-from typing import cast
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, cast
 
 import redis.exceptions
 from redis.asyncio import Redis
@@ -69,19 +69,11 @@ class RedisBroker:
     async def window(self, site: str, first: int, last: int) -> list[Event] | None:
         if last < first:
             return []
-        index = self.shards.index(site)
-        try:
-            with self._windows.call(index) as allowed:
-                if not allowed:
-                    return None
-                async with asyncio.timeout(WINDOW_TIMEOUT_S):
-                    members = cast(
-                        list[tuple[bytes, float]],
-                        await self.shards.clients[index].zrangebyscore(
-                            self._names.window(site), first, last, withscores=True
-                        ),
-                    )
-        except REDIS_ERRORS:  # TimeoutError included
+        key = self._names.window(site)
+        members = await self._ask(
+            site, lambda client: client.zrangebyscore(key, first, last, withscores=True)
+        )
+        if members is None:
             return None
         events = [(int(score), payload) for payload, score in members]
         # The window is capped and Redis may have lost it: only a complete range is proof,
@@ -91,6 +83,28 @@ class RedisBroker:
         ):
             return None
         return events
+
+    async def went_back(self, site: str) -> tuple[int, int] | None:
+        key = self._names.went_back(site)
+        value = await self._ask(site, lambda client: client.get(key))
+        if value is None:
+            return None
+        after, through = value.split()
+        return int(after), int(through)
+
+    async def _ask(self, site: str, ask: Callable[[Any], Awaitable[Any]]) -> Any:
+        """`ask(client)` on the site's server, within WINDOW_TIMEOUT_S, and not while that
+        server is skipped after a failure; None when it did not answer (the caller reads
+        storage instead)."""
+        index = self.shards.index(site)
+        try:
+            with self._windows.call(index) as allowed:
+                if not allowed:
+                    return None
+                async with asyncio.timeout(WINDOW_TIMEOUT_S):
+                    return await ask(self.shards.clients[index])
+        except (*REDIS_ERRORS, *CLUSTER_CLIENT_ERRORS):  # TimeoutError included
+            return None
 
     async def forget(self, site: str, after: int) -> bool:
         index = self.shards.index(site)
@@ -164,29 +178,36 @@ class _Translated:
         return self._for(site).holds(site)
 
 
-#: KEYS[1] = window; ARGV[1] = channel, ARGV[2] = window size, ARGV[3] = window TTL in
-#: seconds, then offset/payload pairs in ascending offsets. The channel shares the window's hash
-#: tag, so in a Cluster both are in the script's slot. The TTL is renewed by every publication:
-#: only the windows of sites that received an event lately stay in memory.
+#: KEYS[1] = window, KEYS[2] = the site's went-back marker; ARGV[1] = channel, ARGV[2] =
+#: window size, ARGV[3] = window TTL in seconds, then offset/payload pairs. Every key and the
+#: channel share the site's hash tag, so in a Cluster they are in the script's slot. The TTL is
+#: renewed by every publication: only the windows of sites that received an event lately stay
+#: in memory.
 #:
 #: An offset the window already holds is a publication again (the same payload: harmless) or
 #: an offset handed out again by a PostgreSQL that went back to an earlier point (another
-#: payload): the window's events from there on are then no longer storage's, and go. One
-#: ZRANGE per call tells the usual case (every offset past the window's newest) at once.
-#: Returns {events published, offsets found reused}.
+#: payload). Then the window is no longer storage's and goes whole; the marker says which
+#: offsets changed ("R O": after R, up to the newest the window held), for resumes to read; and
+#: a control message `{"went_back":R,"through":O}` goes out on the channel ahead of the new
+#: events, for gateways to act on at once. One ZRANGE per call tells the usual case (every
+#: offset past the window's newest) at once. Returns {events published, 1 if reused else 0}.
 _SCRIPT = """
 local first = tonumber(ARGV[4])
 local newest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')[2]
-local reused = 0
+local reused = nil
 if first ~= nil and newest ~= nil and tonumber(newest) >= first then
   for i = 4, #ARGV, 2 do
     local held = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[i], ARGV[i], 'LIMIT', 0, 1)[1]
-    if held ~= nil and held ~= ARGV[i + 1] then
-      reused = reused + 1
+    local offset = tonumber(ARGV[i])
+    if held ~= nil and held ~= ARGV[i + 1] and (reused == nil or offset < reused) then
+      reused = offset
     end
   end
-  if reused > 0 then
-    redis.call('ZREMRANGEBYSCORE', KEYS[1], first, '+inf')
+  if reused ~= nil then
+    local through = tonumber(newest)
+    redis.call('DEL', KEYS[1])
+    redis.call('SET', KEYS[2], (reused - 1) .. ' ' .. through, 'EX', 86400)
+    redis.call('%s', ARGV[1], '{"went_back":' .. (reused - 1) .. ',"through":' .. through .. '}')
   end
 end
 local n = 0
@@ -197,11 +218,19 @@ for i = 4, #ARGV, 2 do
 end
 redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -tonumber(ARGV[2]) - 1)
 redis.call('EXPIRE', KEYS[1], ARGV[3])
-return {n, reused}
+if reused ~= nil then
+  return {n, 1}
+end
+return {n, 0}
 """
-PUBLISH_SCRIPT = _SCRIPT % "PUBLISH"
+PUBLISH_SCRIPT = _SCRIPT % ("PUBLISH", "PUBLISH")
 #: In a Cluster, classic PUBLISH is broadcast to every node; SPUBLISH stays in the slot's shard.
-SHARDED_PUBLISH_SCRIPT = _SCRIPT % "SPUBLISH"
+SHARDED_PUBLISH_SCRIPT = _SCRIPT % ("SPUBLISH", "SPUBLISH")
+
+
+def script_keys(names: Names, site: str) -> list[str]:
+    """The publish script's KEYS (see `_SCRIPT`)."""
+    return [names.window(site), names.went_back(site)]
 
 
 def script_args(
@@ -311,7 +340,8 @@ class Publisher:
         if len(sites) == 1 or isinstance(client, RedisCluster):
             # One call: EVALSHA, and EVAL only if the server lost its script cache.
             site = sites[0]
-            reply = await script(keys=[self._names.window(site)], args=self._args(site, by_site))
+            keys = script_keys(self._names, site)
+            reply = await script(keys=keys, args=self._args(site, by_site))
             return [cast(list[int], reply)]
         # Not redis-py's script-in-pipeline support: it asks SCRIPT EXISTS before every
         # pipeline, one more round trip per commit (profiled). Load only when told NOSCRIPT;
@@ -327,7 +357,7 @@ class Publisher:
     ) -> list[list[int]]:
         async with client.pipeline(transaction=False) as pipe:
             for site in sites:
-                pipe.evalsha(sha, 1, self._names.window(site), *self._args(site, by_site))
+                pipe.evalsha(sha, 2, *script_keys(self._names, site), *self._args(site, by_site))
             return cast(list[list[int]], await pipe.execute())
 
     def _args(self, site: str, by_site: Pairs) -> list[bytes | int | str]:

@@ -35,13 +35,14 @@ from app.codes import CloseCode
 from app.gateway.hub import Hub, Sequencer, Viewer
 from app.gateway.metrics import DeliveryStats, GatewayMetrics
 from app.gateway.replay import UNBOUNDED, Replayer, Start, StartRequest, welcome
+from app.logs import Repeats
 from app.names import Names
 from app.servers.postgres import STORAGE_ERRORS
 from app.settings import Settings
 from app.store.reads import site_heads
 from app.store.sites import get_site
 from app.tasks import cancel_and_wait
-from app.wire import Event, event_offset, format_cursor
+from app.wire import Event, event_offset, format_cursor, went_back
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +88,11 @@ class Feeds:
         self._epochs: dict[str, str] = {}
         self._unsubscribes: dict[str, asyncio.Task[None]] = {}
         self._repairs: dict[str, asyncio.Task[None]] = {}
-        #: Reconnected sites whose storage could not be read yet (`on_reconnect`).
+        #: Reconnected sites whose storage could not be read yet (`on_reconnect`), windows
+        #: being cleared (`_went_back`).
         self._later: set[asyncio.Task[None]] = set()
+        #: A restore finds every subscribed site at once: one line per 10 s, not per site.
+        self._behind_log = Repeats(log, level=logging.ERROR)
         self._checker: asyncio.Task[None] | None = None
         self._poller: asyncio.Task[None] | None = None
         #: Sites served from storage because their live events cannot arrive.
@@ -223,10 +227,20 @@ class Feeds:
         events: list[Event] = []
         for payload in payloads:
             offset = event_offset(payload)
-            if offset is None:
+            if offset is not None:
+                events.append((offset, payload))
+                continue
+            mark = went_back(payload)
+            if mark is None:
                 log.error("dropped a malformed publication", extra={"site": site})
                 continue
-            events.append((offset, payload))
+            # Ingest found the site's offsets handed out again: what came before goes out as
+            # it was, what follows through a feed that starts again where storage went back.
+            self._deliver(site, seq.offer_many(events))
+            events = []
+            if seq.last is not None and seq.last > mark[0]:
+                self._went_back(site, mark[0], seq.last)
+                seq = self._seq[site]
         self._deliver(site, seq.offer_many(events))
         if seq.missing() is not None and site not in self._repairs:
             self._repairs[site] = asyncio.create_task(self._repair(site), name=f"repair {site}")
@@ -410,69 +424,78 @@ class Feeds:
         one period lets events in flight arrive live first).
 
         The same check finds the opposite: a site delivered beyond PostgreSQL's head, which
-        only a PostgreSQL that went back can cause (`_storage_went_back`)."""
+        only a PostgreSQL that went back can cause (`_went_back`; ingest's control message
+        usually says so first, but not for a site whose window was gone)."""
         suspects: dict[str, int] = {}
         behind: set[str] = set()
         while True:
             await asyncio.sleep(POSITION_CHECK_S)
-            sites = list(self._seq)
-            if not sites:
-                continue
-            # Taken before the query: an event delivered by then was committed before it, so
-            # its head cannot be lower, whatever arrives while the query runs.
-            delivered = {s: last for s in sites if (last := self._seq[s].last) is not None}
             try:
-                heads = await site_heads(self._pool, sites)
-            except STORAGE_ERRORS:
-                continue
-            seen_behind = {s for s, head in heads.items() if head < delivered.get(s, head)}
-            # Twice in a row before anything is done: closing a site's viewers on one odd read
-            # (a pooler briefly on a lagging standby) would cost more than 2 s of waiting.
-            for site in seen_behind & behind:
-                try:
-                    await self._storage_went_back(site, heads[site], delivered[site])
-                except Exception:  # a bug: the check must go on for every other site
-                    log.exception("handling storage that went back failed", extra={"site": site})
-            behind = seen_behind - behind
-            for site, head in suspects.items():
-                seq = self._seq.get(site)
-                if seq is not None and seq.last is not None and seq.last < head:
-                    log.info("position check found missed events", extra={"site": site})
-                    await self.catch_up(site, head)
-            suspects = {
-                site: head
-                for site, head in heads.items()
-                if (seq := self._seq.get(site)) is not None
-                and seq.last is not None
-                and seq.last < head
-            }
+                suspects, behind = await self._check_once(suspects, behind)
+            except Exception:  # a bug, or a client error: the check must go on for every site
+                log.exception("position check failed")
 
-    async def _storage_went_back(self, site: str, head: int, delivered: int) -> None:
-        """PostgreSQL's head is below what this gateway delivered: it was restored to an earlier
-        point, or failed over to a replica that lagged. The events after `head` are gone from
-        storage, and the offsets after it are being handed out again, to new events that the
-        feed would drop as repeats. So: the feed starts again from `head`, the window forgets
-        what it held beyond it (another event, or none, now has each of those offsets), and
-        the site's viewers are closed with 4006 to resume, which tells each of them
-        (`recovered: false`, `cursor_ahead`) before the new events."""
-        seq = self._seq.get(site)
-        if seq is None:  # unsubscribed meanwhile: no viewer left here, the next feed starts anew
-            return
-        log.error(
+    async def _check_once(
+        self, suspects: dict[str, int], behind: set[str]
+    ) -> tuple[dict[str, int], set[str]]:
+        sites = list(self._seq)
+        if not sites:
+            return suspects, behind
+        # Taken before the query: an event delivered by then was committed before it, so its
+        # head cannot be lower, whatever arrives while the query runs.
+        delivered = {s: last for s in sites if (last := self._seq[s].last) is not None}
+        try:
+            heads = await site_heads(self._pool, sites)
+        except STORAGE_ERRORS:
+            return suspects, behind
+        seen_behind = {s for s, head in heads.items() if head < delivered.get(s, head)}
+        # Twice in a row before anything is done: closing a site's viewers on one odd read (a
+        # pooler briefly on a lagging standby) would cost more than 2 s of waiting.
+        for site in seen_behind & behind:
+            seq = self._seq.get(site)
+            if seq is not None and seq.last is not None and seq.last > heads[site]:
+                self._went_back(site, heads[site], seq.last)
+        behind = seen_behind - behind
+        for site, head in suspects.items():
+            seq = self._seq.get(site)
+            if seq is not None and seq.last is not None and seq.last < head:
+                log.info("position check found missed events", extra={"site": site})
+                await self.catch_up(site, head)
+        suspects = {
+            site: head
+            for site, head in heads.items()
+            if (seq := self._seq.get(site)) is not None and seq.last is not None and seq.last < head
+        }
+        return suspects, behind
+
+    def _went_back(self, site: str, head: int, delivered: int) -> None:
+        """Storage holds the site only up to `head`, below what this gateway delivered: it was
+        restored to an earlier point, or failed over to a replica that lagged. The events
+        after `head` are gone from storage and their offsets are being handed out again, to
+        new events the feed would drop as repeats. So the feed starts again from `head` and
+        the site's viewers are closed with 4006, at once (no await between: no viewer may get
+        an offset it already had); their resume is told (`storage_behind` or `cursor_ahead`).
+        The window is cleared beyond `head` in the background."""
+        self._behind_log.write(
             "storage is behind what this gateway delivered (PostgreSQL restored to an earlier "
             "point, or failed over to a replica that lagged); the site's viewers resume from "
             "its head",
-            extra={"site": site, "delivered": delivered, "head": head},
+            {"sites": 1},
+            site=site,
+            delivered=delivered,
+            head=head,
         )
         self._metrics.storage_behind.inc()
         repair = self._repairs.pop(site, None)
         if repair is not None:
             repair.cancel()
-        # The window's events from the first offset handed out again (the lowest this feed
-        # dropped as a repeat, when it saw one) are not storage's: a resume must not get them.
-        reused = seq.lowest_repeat
         self._seq[site] = Sequencer(head)
-        if not await self._replayer.forget(site, head if reused is None else min(head, reused - 1)):
-            log.warning("could not clear the site's window", extra={"site": site})
         for viewer in list(self.hub.viewers(site)):
             viewer.fail(CloseCode.STORAGE_BEHIND)
+        task = asyncio.create_task(self._forget(site, head), name=f"forget {site}")
+        self._later.add(task)
+        task.add_done_callback(self._later.discard)
+
+    async def _forget(self, site: str, head: int) -> None:
+        if not await self._replayer.forget(site, head):
+            log.warning("could not clear the site's window", extra={"site": site})

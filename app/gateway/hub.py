@@ -293,8 +293,6 @@ class Sequencer:
         self.last = last
         self.max_held = max_held
         self._held: dict[int, bytes] = {}
-        #: The lowest offset dropped as a repeat: after storage went back, where reuse began.
-        self.lowest_repeat: int | None = None
 
     def offer(self, offset: int, payload: bytes) -> list[tuple[int, bytes]]:
         if self.last is None:
@@ -302,11 +300,7 @@ class Sequencer:
         if offset == self.last + 1 and not self._held:  # the usual case, in order
             self.last = offset
             return [(offset, payload)]
-        if offset <= self.last:
-            if self.lowest_repeat is None or offset < self.lowest_repeat:
-                self.lowest_repeat = offset
-            return []
-        if offset in self._held:
+        if offset <= self.last or offset in self._held:
             return []
         self._held[offset] = payload
         ready = self._release()

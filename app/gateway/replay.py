@@ -128,6 +128,8 @@ class Replayer:
         self._reads = asyncio.Semaphore(MAX_CONCURRENT_READS)
         #: Pages recently read: key -> (kept until, events), oldest first.
         self._recent: OrderedDict[tuple[object, ...], tuple[float, list[Event]]] = OrderedDict()
+        #: Went-back markers recently read: site -> (kept until, marker), oldest first.
+        self._marks: dict[str, tuple[float, tuple[int, int] | None]] = {}
 
     async def _shared(
         self, key: tuple[object, ...], read: Callable[[], Awaitable[T]], *, count: bool = True
@@ -223,7 +225,25 @@ class Replayer:
         could not be cleared (resumes then read it, and take its events for the site's)."""
         for key in [k for k in self._recent if k[1] == site]:
             del self._recent[key]
+        self._marks.pop(site, None)
         return await self._broker.forget(site, after)
+
+    async def went_back(self, site: str) -> tuple[int, int] | None:
+        """The broker's went-back marker of the site (app.broker.base), read once a second at
+        most per site: every resume of a storm asks."""
+        now = time.monotonic()
+        kept = self._marks.get(site)
+        if kept is not None and kept[0] > now:
+            return kept[1]
+
+        async def read() -> tuple[int, int] | None:
+            mark = await self._broker.went_back(site)
+            self._marks[site] = (time.monotonic() + RECENT_PAGE_S, mark)
+            if len(self._marks) > RECENT_PAGES:
+                self._marks.pop(next(iter(self._marks)))
+            return mark
+
+        return await self._shared(("went_back", site), read, count=False)
 
     async def head(self, site: str, *, fresh: bool = False) -> int | None:
         """The site's last committed offset. Concurrent callers share one read, unless
@@ -311,6 +331,11 @@ class Replayer:
     ) -> Start:
         if cursor_epoch != epoch:
             return Start(head, False, "epoch_changed", head)
+        mark = await self.went_back(site)
+        if mark is not None and mark[0] < since <= mark[1]:
+            # Storage went back to mark[0]: the events this viewer had after it are gone, and
+            # their offsets now belong to others. Replay those others, and say so.
+            return Start(mark[0], False, "storage_behind", head)
         if since > head:  # beyond the committed head: no such event was ever acknowledged
             return Start(head, False, "cursor_ahead", head)
         if since == head or await self.stored(site, since + 1):

@@ -157,7 +157,7 @@ class Committer:
             outcomes = task.result()
         except STORAGE_ERRORS as exc:
             self._metrics.commit_failures.inc()
-            self._repeats.warning(
+            self._repeats.write(
                 "group commit failed; nothing in it is acknowledged",
                 {"events": len(events)},
                 error=describe_error(exc),

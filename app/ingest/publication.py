@@ -8,13 +8,17 @@ import contextlib
 import logging
 
 from app.broker.base import Broker, Publication
-from app.broker.redis import PUBLISH_TIMEOUT_S
 from app.ingest.metrics import IngestMetrics
 from app.logs import Repeats
 from app.store.writes import Stored
 
 log = logging.getLogger(__name__)
 
+
+#: How long a stopping ingest goes on publishing what is queued: several publications (each
+#: bounded by PUBLISH_TIMEOUT_S), so a rolling restart leaves little for the gateways' position
+#: check to find.
+CLOSE_S = 2.0
 
 #: Most events waiting for publication; beyond it the oldest are dropped (counted as a
 #: publish gap: gateways fill it from PostgreSQL). About 10 s of a busy ingest.
@@ -62,13 +66,13 @@ class PublishQueue:
         self._ready.set()
 
     async def close(self) -> None:
-        """Publish what is queued (for at most PUBLISH_TIMEOUT_S), then stop."""
+        """Publish what is queued (for at most CLOSE_S), then stop."""
         self._closing = True
         self._ready.set()
         if self._task is None:
             return
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(PUBLISH_TIMEOUT_S):
+            async with asyncio.timeout(CLOSE_S):
                 await asyncio.shield(self._task)
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -104,7 +108,7 @@ class PublishQueue:
 
     def _gap(self, count: int, why: str) -> None:
         self._metrics.publish_gap.inc(count)
-        self._repeats.warning("events stored but not published", {"events": count}, error=why)
+        self._repeats.write("events stored but not published", {"events": count}, error=why)
 
 
 def _log_crash(task: asyncio.Task[None]) -> None:
