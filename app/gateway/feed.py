@@ -238,6 +238,7 @@ class Feeds:
             # it was, what follows through a feed that starts again where storage went back.
             self._deliver(site, seq.offer_many(events))
             events = []
+            self._replayer.went_back_seen(site)
             if seq.last is not None and seq.last > mark[0]:
                 self._went_back(site, mark[0], seq.last)
                 seq = self._seq[site]

@@ -223,10 +223,16 @@ class Replayer:
         """Storage went back to `after` (app.gateway.feed): the pages kept of the site, and its
         window beyond `after`, may hold events storage no longer has. False when the window
         could not be cleared (resumes then read it, and take its events for the site's)."""
+        self.went_back_seen(site)
+        return await self._broker.forget(site, after)
+
+    def went_back_seen(self, site: str) -> None:
+        """Storage went back for the site: drop what is kept of it (pages, and the marker
+        read as absent a moment ago: the viewers closed elsewhere resume here within a
+        second, and must find it)."""
         for key in [k for k in self._recent if k[1] == site]:
             del self._recent[key]
         self._marks.pop(site, None)
-        return await self._broker.forget(site, after)
 
     async def went_back(self, site: str) -> tuple[int, int] | None:
         """The broker's went-back marker of the site (app.broker.base), read once a second at
