@@ -289,10 +289,12 @@ async def test_thousands_of_idle_sockets_are_closed_and_cost_others_little(
         for _ in range(5000):
             idle.append(await asyncio.open_connection("127.0.0.1", ingest.port))
         busy = await posting_latencies(ingest.url, site, 40)
-        p99 = busy[int(len(busy) * 0.99)]
-        quiet_p99 = quiet[int(len(quiet) * 0.99)]
-        print(f"idle sockets: p99 {quiet_p99 * 1000:.1f} ms quiet, {p99 * 1000:.1f} ms with 5,000")
-        assert p99 < 3 * quiet_p99 + 0.05  # a ratio within one run, with room for a noisy host
+        # The 90th percentile of 40: with 40 samples a "p99" is the slowest one, and one pause
+        # of the host (a CI run saw 180 ms against 18 ms quiet) failed the check.
+        p90 = busy[int(len(busy) * 0.9)]
+        quiet_p90 = quiet[int(len(quiet) * 0.9)]
+        print(f"idle sockets: p90 {quiet_p90 * 1000:.1f} ms quiet, {p90 * 1000:.1f} ms with 5,000")
+        assert p90 < 3 * quiet_p90 + 0.05  # a ratio within one run, with room for a noisy host
         await eventually(lambda: established(ingest.port) == 0, 20, 0.2, "idle sockets closed")
     finally:
         for _, writer in idle:
