@@ -40,6 +40,11 @@ from app.servers.redis import REDIS_ERRORS
 
 log = logging.getLogger(__name__)
 
+#: What redis-py's cluster client raises, besides its own errors, when a node dies under a
+#: command (an outside test saw both while killing masters): the command failed, as a
+#: connection error would have (re-homing retries; a publication loses that site's events).
+CLUSTER_CLIENT_ERRORS = (AttributeError, RuntimeError)
+
 #: A subscription refused because the slot lives elsewhere: refresh the map and try again.
 SUBSCRIBE_ATTEMPTS = 3
 #: How often every held channel is checked against its link and the slot map (no I/O: about
@@ -406,6 +411,8 @@ class ShardedSubscriber:
             for channel in sorted(self._lost):
                 if channel not in self._lost:  # unsubscribed, or subscribed afresh, meanwhile
                     continue
+                before = self._homes.get(channel)
+                kept = before is not None and before.holds(channel)  # flagged on a stale map
                 await self._home(channel, 5.0)
                 home = self._homes.get(channel)
                 if home is None or not home.holds(channel):
@@ -415,9 +422,9 @@ class ShardedSubscriber:
                 site = self._channels.get(channel)
                 if site is None:  # its last viewer left while we were subscribing it
                     await self._forget(channel)
-                else:
+                elif not (kept and home is before):  # nothing was lost: no catch-up, no notice
                     done.append(site)
-        except REDIS_ERRORS as exc:
+        except (*REDIS_ERRORS, *CLUSTER_CLIENT_ERRORS) as exc:
             log.warning("redis cluster resubscribe failed", extra={"error": repr(exc)})
             ok = False
         if not self._lost:

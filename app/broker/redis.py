@@ -30,7 +30,7 @@ from app.broker.base import (
     PublishResult,
     Subscriptions,
 )
-from app.broker.cluster import ShardedSubscriber
+from app.broker.cluster import CLUSTER_CLIENT_ERRORS, ShardedSubscriber
 from app.broker.pubsub import Subscriber
 from app.names import Names
 from app.servers import Status
@@ -43,11 +43,6 @@ log = logging.getLogger(__name__)
 WINDOW_TIMEOUT_S = 0.5
 #: After a failed or slow window read, skip that server's windows for this long.
 WINDOW_BACKOFF_S = 2.0
-
-#: What redis-py's cluster client raises, besides its own errors, when a node dies under a
-#: command (an outside test saw both while killing masters): that site's publication failed,
-#: not the others' in the same commit (they were all counted lost, with a traceback).
-CLUSTER_CLIENT_ERRORS = (AttributeError, RuntimeError)
 
 
 class RedisBroker:
