@@ -105,6 +105,13 @@ class Inbox:
         await eventually(what, timeout)
 
 
+def sharded_subscriber(shards: RedisShards, names: Names, inbox: Inbox) -> ShardedSubscriber:
+    """A gateway's sharded subscriber on the cluster's client, reporting to `inbox`."""
+    client = shards.clients[0]
+    assert isinstance(client, RedisCluster)
+    return ShardedSubscriber(client, shards.urls[0], names, inbox.on_burst, inbox.on_reconnect)
+
+
 async def test_sharded_publish_reaches_the_owning_node_and_follows_a_slot_move(
     cluster: LocalCluster, names: Names
 ) -> None:
@@ -113,11 +120,7 @@ async def test_sharded_publish_reaches_the_owning_node_and_follows_a_slot_move(
     site = site_on(cluster, names, first)
     channel = names.channel(site)
     inbox = Inbox()
-    client = shards.clients[0]
-    assert isinstance(client, RedisCluster)
-    subscriber = ShardedSubscriber(
-        client, shards.urls[0], names, inbox.on_burst, inbox.on_reconnect
-    )
+    subscriber = sharded_subscriber(shards, names, inbox)
     subscriber.start()
     publisher = Publisher(shards, names, 100)
     try:
@@ -160,11 +163,7 @@ async def test_a_channel_lost_again_right_after_its_resubscription_is_subscribed
     channel = names.channel(site)
     slot = cluster.slot(channel)
     inbox = Inbox()
-    client = shards.clients[0]
-    assert isinstance(client, RedisCluster)
-    subscriber = ShardedSubscriber(
-        client, shards.urls[0], names, inbox.on_burst, inbox.on_reconnect
-    )
+    subscriber = sharded_subscriber(shards, names, inbox)
     add = app.broker.cluster.NodeLink.add
     raced: list[str] = []
 
@@ -207,11 +206,7 @@ async def test_a_held_channel_subscribed_nowhere_is_found_and_subscribed_again(
     site = site_on(cluster, names, source)
     channel = names.channel(site)
     inbox = Inbox()
-    client = shards.clients[0]
-    assert isinstance(client, RedisCluster)
-    subscriber = ShardedSubscriber(
-        client, shards.urls[0], names, inbox.on_burst, inbox.on_reconnect
-    )
+    subscriber = sharded_subscriber(shards, names, inbox)
     slipped: list[str] = []
     if slip == "loss forgotten":
         on_lost = ShardedSubscriber._on_link_lost
@@ -383,11 +378,7 @@ async def test_a_node_that_stops_answering_is_detected_and_its_channels_resubscr
     port = cluster.ports[2]
     site = site_on(cluster, names, port)
     inbox = Inbox()
-    client = shards.clients[0]
-    assert isinstance(client, RedisCluster)
-    subscriber = ShardedSubscriber(
-        client, shards.urls[0], names, inbox.on_burst, inbox.on_reconnect
-    )
+    subscriber = sharded_subscriber(shards, names, inbox)
     subscriber.start()
     try:
         await subscriber.subscribe(site)
@@ -415,11 +406,7 @@ async def test_a_cluster_that_requires_a_password_is_subscribed_on_every_node(
     assert "s3cret%3A%2F%40x" in cluster.url
     shards = RedisShards(tuple(cluster.url.split(",")), cluster=True)
     inbox = Inbox()
-    client = shards.clients[0]
-    assert isinstance(client, RedisCluster)
-    subscriber = ShardedSubscriber(
-        client, shards.urls[0], names, inbox.on_burst, inbox.on_reconnect
-    )
+    subscriber = sharded_subscriber(shards, names, inbox)
     subscriber.start()
     publisher = Publisher(shards, names, 100)
     sites = [site_on(cluster, names, port) for port in cluster.ports]
