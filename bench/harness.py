@@ -222,6 +222,13 @@ def write_cost(quick: bool) -> dict[str, Any] | None:
     return result
 
 
+def host_cpu_s() -> float:
+    """CPU seconds every core of this host has spent busy since boot (/proc/stat: all but
+    idle and iowait), whoever spent them."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

@@ -49,13 +49,14 @@ from bench.harness import (
     LoadGen,
     Row,
     c_program,
+    host_cpu_s,
     pinned,
     rss_kib,
     stream_urls,
     write_cost,
 )
 from bench.loadgen import MARKER_ID, paced_post, percentile
-from bench.scale import scale_rows
+from bench.scale import cpu_s, scale_rows
 from bench.store import ceiling as store_ceiling
 from workers.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 
@@ -258,9 +259,17 @@ async def ingest(env: Env, quick: bool, batch: int, baseline: bool = False) -> d
         args += ["--body", body]
     args += ["--path", path, "--duration", "1" if quick else "8"]
     args += ["--connections", "16" if batch > 1 else "64"]
+    host0, server0 = host_cpu_s(), cpu_s(proc.pid)
     done = await asyncio.to_thread(subprocess.run, args, capture_output=True, check=True, cwd=ROOT)
+    host1, server1 = host_cpu_s(), cpu_s(proc.pid)
     result: dict[str, Any] = json.loads(done.stdout)
-    result["events_per_s"] = result["requests_ok"] * batch / result["seconds"]
+    events = result["requests_ok"] * batch
+    result["events_per_s"] = events / result["seconds"]
+    # What each event cost: the whole host (server, PostgreSQL, Redis, the poster) and the
+    # server process alone, in CPU microseconds. Two cores' worth of the first is the most
+    # events/s this host could take if the work spread perfectly.
+    result["host_us"] = (host1 - host0) / events * 1e6 if events else 0.0
+    result["server_us"] = (server1 - server0) / events * 1e6 if events else 0.0
     if baseline:
         env.stop(proc)
         return result
@@ -549,6 +558,9 @@ async def _ingest_rows(env: Env, quick: bool) -> list[Row]:
                 result["events_per_s"], base["events_per_s"],
                 target=f">= {share}x", met=ratio >= share),
             Row(f"4 ingest {label}", "p99 request ms", result["p99_ms"]),
+            Row(f"4 ingest {label}", "host CPU us per event", result["host_us"], base["host_us"]),
+            Row(f"4 ingest {label}", "server process CPU us per event", result["server_us"],
+                base["server_us"]),
             Row(f"4 ingest {label}", "acked == stored", float(result["acked"] <= result["stored"])),
         ]  # fmt: skip
     # What PostgreSQL alone allows: no ingest can store batches faster than one core of it.
