@@ -15,7 +15,7 @@ import pytest
 
 from tests.clients import CLOSE, CONT, PING, TEXT, RawClient, encode_frame, stream_path
 from tests.processes import AppProcess
-from tests.support import FAST
+from tests.support import FAST, metric
 
 pytestmark = pytest.mark.slow
 
@@ -71,6 +71,9 @@ async def test_an_unmasked_client_frame_is_refused_with_1002(
         ),
     }
     await assert_refused(gateway, site, cases, PROTOCOL_ERROR)
+    # The parser refused these itself; each is counted as the gateway's own closes are.
+    closes = 'sitewire_gateway_closes_total{reason="protocol_error"}'
+    assert await metric(gateway.internal_url, closes) == len(cases)
 
 
 # -- control frames ----------------------------------------------------------------------------

@@ -68,6 +68,8 @@ CLOSE_TIMEOUT_S = 5.0
 #: What a WebSocket upgrade on any other path gets: what the ASGI app answered before.
 NOT_A_STREAM = 403
 PONG = b'{"type":"pong"}'
+#: Close codes websockets' parser fails a connection with that the close table names.
+_COUNTED_PARSER_CODES = frozenset(StandardCloseCode)
 
 
 class StreamProtocol(TakesUpgrade):
@@ -126,7 +128,10 @@ class StreamProtocol(TakesUpgrade):
         ws = self.ws
         if ws is None:
             return
+        sent = ws.close_sent
         ws.receive_data(data)
+        if sent is None and ws.close_sent is not None and ws.close_rcvd is None:
+            self._parser_failed(ws.close_sent.code)
         events = ws.events_received()
         for event in events:
             if isinstance(event, Request):
@@ -361,6 +366,14 @@ class StreamProtocol(TakesUpgrade):
             viewer.fail(CloseCode.PROTOCOL)
             return
         viewer.push_notice(PONG)
+
+    def _parser_failed(self, code: int) -> None:
+        """websockets' parser failed the connection itself (a frame breaking RFC 6455, or a
+        message over the size limit): counted like the closes this module sends."""
+        if code in _COUNTED_PARSER_CODES:
+            count_close(self.state.metrics, code)
+        else:  # a code the close table does not name (the parser's own 1011): say so
+            log.warning("websocket parser closed a connection", extra={"code": code})
 
     def _fail(self, code: StandardCloseCode, reason: str) -> None:
         """Fail the connection (RFC 6455 section 7.1.7) for a frame that breaks the WebSocket
