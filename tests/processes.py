@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class AppProcess:
-    """One `sitewire ROLE` process. Its output goes to a log file shown when it fails."""
+    """One `sitewire ROLE` process. Its output goes to a log file shown when it fails. The
+    worker has no public port: it listens on its private one only, for /metrics."""
 
     def __init__(
         self, role: str, env: dict[str, str], log_dir: Path, port: int | None = None
@@ -48,7 +49,9 @@ class AppProcess:
         return f"ws://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30.0) -> AppProcess:
-        cmd = [sys.executable, "-m", "workers.cli", self.role, "--port", str(self.port)]
+        cmd = [sys.executable, "-m", "workers.cli", self.role]
+        if self.role != "worker":
+            cmd += ["--port", str(self.port)]
         cmd += ["--internal-port", str(self.internal_port)]
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
@@ -59,12 +62,13 @@ class AppProcess:
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
+        probe = f"{self.internal_url}/metrics" if self.role == "worker" else f"{self.url}/readyz"
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.role} exited early:\n{self.log()}")
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                if httpx.get(probe, timeout=1).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

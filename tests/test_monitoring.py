@@ -23,6 +23,7 @@ from app.gateway.metrics import GatewayMetrics
 from app.ingest.metrics import IngestMetrics
 from tests.processes import ROOT, AppProcess
 from tests.support import unavailable
+from workers.metrics import WorkerMetrics
 
 DEPLOY = ROOT / "deploy"
 PROMETHEUS = DEPLOY / "prometheus"
@@ -221,7 +222,11 @@ def declared() -> dict[str, set[str]]:
     """Label names of the roles' metrics, from the objects the apps build: a labelled metric
     is in /metrics only once some label value was used, so the text alone cannot say."""
     registry = CollectorRegistry()
-    objects = [*vars(IngestMetrics(registry)).values(), *vars(GatewayMetrics(registry)).values()]
+    objects = [
+        *vars(IngestMetrics(registry)).values(),
+        *vars(GatewayMetrics(registry)).values(),
+        *vars(WorkerMetrics(registry, 3600)).values(),
+    ]
     found: dict[str, set[str]] = {}
     for metric in objects:
         for family in metric.describe():
@@ -312,14 +317,14 @@ def test_queries_name_only_metrics_and_labels_the_processes_export(
 ) -> None:
     known: dict[str, set[str]] = {}
     texts = []
-    for role in ("ingest", "gateway"):
+    for role in ("ingest", "gateway", "worker"):
         text = httpx.get(f"{spawn(role).internal_url}/metrics", timeout=10).text
         texts.append(text)
         for name, labels in exposed(text).items():
             known.setdefault(name, set()).update(labels)
     # Exported before anything happened: a panel shows 0, not "No data", and a new gateway
     # pod reports its viewers to the autoscaler before its first one.
-    ingest, gateway = texts
+    ingest, gateway, _ = texts
     assert 'sitewire_ingest_rejected_events_total{code="storage_unavailable"} 0.0' in ingest
     assert 'sitewire_gateway_connections{transport="websocket"} 0.0' in gateway
     assert 'sitewire_gateway_closes_total{reason="stale"} 0.0' in gateway
@@ -329,7 +334,8 @@ def test_queries_name_only_metrics_and_labels_the_processes_export(
         known[name] |= labels
     frozen = {name: frozenset(labels) for name, labels in known.items()}
     # Label values: written in the code, or exported from the start (`reason="stale"`).
-    source = "\n".join([*(p.read_text() for p in (ROOT / "app").rglob("*.py")), *texts])
+    code_files = [*(ROOT / "app").rglob("*.py"), *(ROOT / "workers").rglob("*.py")]
+    source = "\n".join([*(p.read_text() for p in code_files), *texts])
     queries = [parse(q) for q in dashboard_queries() + adapter_queries()]
     queries += [parse(rule["expr"]) for rule in alert_rules()]
     for selector, label in variable_queries():

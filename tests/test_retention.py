@@ -4,6 +4,8 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -12,9 +14,9 @@ from app.servers.postgres import with_database
 from app.settings import Settings
 from app.store.salts import get_or_create
 from app.store.sites import create_site
-from tests.processes import ROOT
+from tests.processes import ROOT, AppProcess
 from tests.servers import Servers
-from tests.support import cover
+from tests.support import cover, eventually, metric
 from workers.retention import expire_events, run_once
 
 
@@ -94,3 +96,22 @@ def test_worker_command_runs_one_pass(database_url: str) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "background pass done" in result.stderr
+
+
+async def test_the_worker_reports_its_passes_on_its_internal_port(
+    spawn: Callable[..., AppProcess],
+) -> None:
+    worker = spawn("worker", SITEWIRE_WORKER_INTERVAL_S="1")
+    done = 'sitewire_worker_passes_total{outcome="done"}'
+    await eventually(
+        lambda: metric_at_least(worker.internal_url, done, 2), 30, 0.2, "two passes done"
+    )
+    assert await metric(worker.internal_url, "sitewire_worker_interval_seconds") == 1.0
+    last = await metric(worker.internal_url, "sitewire_worker_last_pass_timestamp_seconds")
+    assert abs(last - time.time()) < 30
+    failed = 'sitewire_worker_passes_total{outcome="failed"}'
+    assert await metric(worker.internal_url, failed) == 0.0
+
+
+async def metric_at_least(url: str, name: str, value: float) -> bool:
+    return await metric(url, name) >= value

@@ -198,19 +198,36 @@ main.add_command(_serve_command("gateway", 8001))
 
 @main.command(short_help="Run background jobs (partitions, retention, salts).")
 @click.option("--once", is_flag=True, help="Run one pass and exit.")
-def worker(once: bool) -> None:
+@click.option(
+    "--internal-port", type=PORT, help="Serve /metrics on this private port; off when unset."
+)
+@click.option("--internal-host", default="127.0.0.1", show_default=True)
+def worker(once: bool, internal_port: int | None, internal_host: str) -> None:
     """Run background jobs: partitions made ahead, event retention, salt expiry."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
     from app import logs
     from workers import retention
+    from workers.metrics import WorkerMetrics
 
     settings = _settings()
     _require(settings.database_url, "DATABASE_URL")
     logs.configure("worker", settings.log_level, settings.log_format)
+    metrics = None
+    if internal_port is not None:
+        registry = CollectorRegistry()
+        metrics = WorkerMetrics(registry, settings.worker_interval_s)
+        try:
+            start_http_server(internal_port, addr=internal_host, registry=registry)
+        except OSError as exc:
+            raise click.ClickException(
+                f"cannot serve metrics on {internal_host}:{internal_port}: {exc.strerror}"
+            ) from None
     if once:
-        _run(retention.run(settings, once=True))
+        _run(retention.run(settings, once=True, metrics=metrics))
         return
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(retention.run(settings))
+        asyncio.run(retention.run(settings, metrics=metrics))
 
 
 def _viewer_options(command: Callable[..., None]) -> Callable[..., None]:

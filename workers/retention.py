@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -29,6 +30,7 @@ import asyncpg
 from app.servers.postgres import STORAGE_ERRORS
 from app.settings import Settings
 from app.store import drops, partitions, salts
+from workers.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -114,22 +116,37 @@ async def _pass(pool: asyncpg.Pool, settings: Settings, now: datetime) -> PassRe
     return report
 
 
-async def run(settings: Settings, once: bool = False) -> None:
+async def run(settings: Settings, once: bool = False, metrics: WorkerMetrics | None = None) -> None:
     """One pass (`once`: a failure propagates), or a pass every SITEWIRE_WORKER_INTERVAL_S
-    until cancelled (a failed pass is logged and retried next time)."""
+    until cancelled (a failed pass is logged and retried next time). `metrics`, when given,
+    records each pass's outcome."""
     pool = await asyncpg.create_pool(settings.require_database(), min_size=0, max_size=3)
     assert pool is not None
     try:
         if once:
-            await run_once(pool, settings)
+            _record(metrics, await run_once(pool, settings))
             return
         while True:
             try:
-                await run_once(pool, settings)
+                _record(metrics, await run_once(pool, settings))
             except STORAGE_ERRORS as exc:
+                if metrics is not None:
+                    metrics.passes.labels("failed").inc()
                 log.warning(
                     "background pass failed; retrying next time", extra={"error": repr(exc)}
                 )
             await asyncio.sleep(settings.worker_interval_s)
     finally:
         await pool.close()
+
+
+def _record(metrics: WorkerMetrics | None, report: PassReport) -> None:
+    if metrics is None:
+        return
+    if report.skipped:
+        metrics.passes.labels("skipped").inc()
+        return
+    metrics.passes.labels("done").inc()
+    metrics.last_done.set(time.time())
+    metrics.partitions_created.inc(report.created_partitions)
+    metrics.partitions_dropped.inc(report.dropped_partitions)
