@@ -368,6 +368,15 @@ async def test_the_dashboard_holds_up_against_what_visitors_send(
         {"site": shop, "name": "pageview", "url": f"https://{shop}/q?{q}"} for q in odd
     ]
     bodies.append({"site": shop, "name": "pageview", "url": f"https://{shop}/{'long' * 400}"})
+    # A link between the shop's own pages: in no source, and no source filter shows it.
+    bodies.append(
+        {
+            "site": shop,
+            "name": "pageview",
+            "url": f"https://{shop}/b",
+            "referrer": f"https://{shop}/",
+        }
+    )
     props = {f"prop{i:02}-{'k' * 200}": "v" * 300 for i in range(25)}
     bodies.append({"site": shop, "name": "Signup", "url": f"https://{shop}/", "props": props})
     bodies += [
@@ -393,12 +402,15 @@ async def test_the_dashboard_holds_up_against_what_visitors_send(
     assert sorted(await _panel(page, "sources")) == sorted(s["value"] for s in stats["sources"])
     # Every source filters the log to the events (goals too) the server names so.
     for entry in stats["sources"]:
-        events = sum(_source({"url": b["url"]}) == entry["value"] for b in bodies)
+        events = sum(
+            _source({"url": b["url"], "referrer": b.get("referrer")}) == entry["value"]
+            for b in bodies
+        )
         await page.click(f"[data-testid=sources] li[data-filter={_css_string(entry['value'])}]")
         assert len(await wait_rows(page, events)) == events, entry
         await page.click("[data-testid=filters] .chip button")
     await page.fill("[data-testid=filter]", "pageview")
-    assert len(await wait_rows(page, 9)) == 9
+    assert len(await wait_rows(page, 10)) == 10
     shown = await page.eval_on_selector_all(
         "[data-testid=goals] li.props", "els => els.map(e => e.textContent)"
     )

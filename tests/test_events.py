@@ -37,6 +37,24 @@ def test_full_event() -> None:
 
 
 @pytest.mark.parametrize(
+    ("url", "referrer", "host"),
+    [
+        ("https://example.com/b", "https://example.com/a", None),  # the site's own page
+        ("https://www.example.com/b", "https://EXAMPLE.com:443/a", None),  # www. and case aside
+        ("https://example.com/b", "https://shop.example.com/a", "shop.example.com"),
+        ("https://example.com/b", "https://example.com.evil.test/", "example.com.evil.test"),
+    ],
+)
+def test_a_referrer_on_the_pages_own_host_has_no_host(
+    url: str, referrer: str, host: str | None
+) -> None:
+    """A link between the site's own pages is not where the visitor came from: the referrer is
+    kept as sent, its host left out, so no list ranks the site's own domain as a source."""
+    e = validate({**GOOD, "url": url, "referrer": referrer})
+    assert (e.referrer, e.referrer_host) == (referrer, host)
+
+
+@pytest.mark.parametrize(
     ("change", "field"),
     [
         ({"site": None}, "site"),

@@ -59,7 +59,9 @@ def mix(site: str) -> list[tuple[int, dict[str, Any]]]:
         sender = i % len(SENDERS)
         path = ["/", "/pricing", "/docs", "/blog/launch"][i % 4]
         url = f"https://{site}{path}" + ("?utm_source=Newsletter" if i % 7 == 0 else "")
-        referrer = [None, "https://news.ycombinator.com/", "https://www.google.com/"][i % 3]
+        # The last: a link between the site's own pages, which is no source.
+        referrers = [None, "https://news.ycombinator.com/", "https://www.google.com/"]
+        referrer = [*referrers, f"https://www.{site}/"][i % 4 if i % 5 == 0 else i % 3]
         events.append((sender, {"site": site, "name": "pageview", "url": url,
                                 "referrer": referrer}))  # fmt: skip
         if i % 6 == 0:
@@ -78,9 +80,16 @@ async def post_mix(ingest: str, site: str) -> int:
     return len(mix(site))
 
 
-def source(row: asyncpg.Record) -> str:
+def source(row: asyncpg.Record) -> str | None:
     utm = parse_qs(urlsplit(row["url"]).query).get("utm_source")
-    return utm[0].lower() if utm else row["referrer_host"] or "(direct)"
+    if utm:
+        return str(utm[0].lower())
+    if row["referrer"] and urlsplit(row["referrer"]).hostname in (
+        row["site"],
+        f"www.{row['site']}",
+    ):
+        return None  # a move between the site's own pages
+    return str(row["referrer_host"] or "(direct)")
 
 
 async def recomputed(
@@ -105,7 +114,7 @@ async def recomputed(
 
     goals = Counter(r["name"] for r in rows if r["name"] != "pageview")
     return {
-        "sources": top([source(r) for r in views]),
+        "sources": top([s for s in map(source, views) if s is not None]),
         "events": len(rows),
         "pageviews": len(views),
         "visitors": len({r["visitor_id"] for r in rows}),
@@ -307,21 +316,34 @@ def test_site_stats_count_a_known_mix() -> None:
     event(2, 20, "a", path="/a", country="GB")
     event(3, 3, "a", path="/b", country="GB")  # a's second pageview: /a was its entry
     event(4, 1, "b", path="/b", referrer_host="news.ycombinator.com")
-    event(5, 0, "b", name="Signup", props={"plan": "pro"})
-    event(5, 0, "b", name="Signup", props={"plan": "pro"})  # the same offset again: ignored
+    # b's next page, by a link on the site: no source ("referrer_host" is null: ingest drops it)
+    event(5, 1, "b", path="/c", referrer="https://example.com/b")
+    event(6, 0, "b", name="Signup", props={"plan": "pro"})
+    event(6, 0, "b", name="Signup", props={"plan": "pro"})  # the same offset again: ignored
     body = stats.snapshot(now)
     assert (body["events"], body["pageviews"], body["visitors"], body["visitors_now"]) == (
+        5,
         4,
-        3,
         2,
         2,
     )
     assert body["entry_pages"] == [{"value": "/a", "count": 1}, {"value": "/b", "count": 1}]
-    assert body["pages"] == [{"value": "/b", "count": 2}, {"value": "/a", "count": 1}]
-    assert body["sources"] == [
+    assert body["pages"] == [
+        {"value": "/b", "count": 2},
+        {"value": "/a", "count": 1},
+        {"value": "/c", "count": 1},
+    ]
+    assert body["sources"] == [  # the move to /c is in none
         {"value": "(direct)", "count": 2},
         {"value": "news.ycombinator.com", "count": 1},
     ]
+    # A source filter never matches it; "(direct)" means no referrer at all.
+    direct = SiteStats(filters=(("source", "(direct)"),))
+    for offset, ev in enumerate(
+        [{"path": "/b", "referrer": "https://example.com/"}, {"path": "/"}], 1
+    ):
+        direct.add({"ts": "2026-11-29T12:30:00Z", "visitor": "c", "name": "pageview", **ev}, offset)
+    assert direct.snapshot(now)["pages"] == [{"value": "/", "count": 1}]
     assert body["goals"] == [
         {"value": "Signup", "count": 1, "props": {"plan": [{"value": "pro", "count": 1}]}}
     ]

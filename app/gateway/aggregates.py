@@ -8,8 +8,9 @@ timestamp; buckets older than the window are dropped.
 What is counted: `events` (all), `pageviews` (name "pageview"), unique visitors per minute,
 in the last 5 minutes (`visitors_now`) and in the window; per value, pageviews for pages, entry
 pages (a visitor's first pageview in the window), sources (`utm_source` of the URL, else the
-referrer's host, else "(direct)"), countries, devices, browsers and OS; events per goal (any
-other name) and per value of each goal's props. Memory is bounded per minute: at most
+referrer's host, else "(direct)"; a link between the site's own pages is no source),
+countries, devices, browsers and OS; events per goal (any other name) and per value of each
+goal's props. Memory is bounded per minute: at most
 MAX_VALUES distinct values per list (the rest count under "(other)"), MAX_PROP_ENTRIES goal
 props (goal, prop, value) in all, and the visitor ids seen.
 
@@ -144,10 +145,12 @@ class SiteStats:
         if labels is None:
             labels = _labels(event)
         for label, list_name in FILTERS.items():
-            _count(lists[list_name], labels[label])
+            value = labels[label]
+            if value is not None:
+                _count(lists[list_name], value)
         previous = self._last_seen.get(visitor)
         if previous is None or previous < _window_start(key):
-            _count(lists["entry_pages"], labels["page"])
+            _count(lists["entry_pages"], str(labels["page"]))
         self._last_seen[visitor] = key
 
     def snapshot(self, now: datetime) -> dict[str, Any]:
@@ -246,8 +249,9 @@ def _count_props(minute: Minute, goal: str, props: dict[str, Any]) -> None:
             values[OTHER] += 1  # at most one more entry per prop counted
 
 
-def _labels(event: dict[str, Any]) -> dict[str, str]:
-    """The value the lists count for each filter name: what a filter is compared with."""
+def _labels(event: dict[str, Any]) -> dict[str, str | None]:
+    """The value the lists count for each filter name: what a filter is compared with (None:
+    not counted in that list, and no filter of it matches)."""
     return {
         "page": str(event.get("path")),
         "source": _source(event),
@@ -258,7 +262,7 @@ def _labels(event: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def _source(event: dict[str, Any]) -> str:
+def _source(event: dict[str, Any]) -> str | None:
     url = event.get("url")
     if isinstance(url, str) and "utm_source=" in url:
         found = parse_qs(urlsplit(url).query).get("utm_source")
@@ -267,7 +271,11 @@ def _source(event: dict[str, Any]) -> str:
             # here: `%E2%80%AEmoc.elgoog` showed as "google.com". The dashboard does the same.
             return UNSHOWN.sub("\ufffd", found[0].strip()[:PROP_VALUE_CHARS].lower())
     host = event.get("referrer_host")
-    return str(host) if host else DIRECT
+    if host:
+        return str(host)
+    # A referrer without a host is one on the page's own host (ingest leaves it out): a visitor
+    # moving between the site's pages, counted as no source rather than as "(direct)".
+    return None if event.get("referrer") else DIRECT
 
 
 def _top(counter: Counter[str]) -> list[dict[str, Any]]:

@@ -100,8 +100,12 @@ def validate(doc: Any) -> EventIn:
         raise _invalid("site", "site is required and must be a string")
     if not is_valid_site_id(site):
         raise _invalid("site", "site must be a registered site id (a lowercase domain)")
-    url, path = _url(doc.get("url"))
+    url, path, host = _url(doc.get("url"))
     referrer, referrer_host = _referrer(doc.get("referrer"))
+    if referrer_host == host.removeprefix("www."):
+        # A link between the site's own pages: where the visitor came from is not another
+        # site, and the site's own host must not rank as its top source (docs/protocol.md).
+        referrer_host = None
     return EventIn(
         site=site,
         name=_name(doc.get("name")),
@@ -146,14 +150,15 @@ def _http_url(value: str, field: str) -> tuple[SplitResult, str]:
     return parts, host
 
 
-def _url(value: Any) -> tuple[str, str]:
+def _url(value: Any) -> tuple[str, str, str]:
+    """The URL, its path (with a hash route), and its host."""
     if not isinstance(value, str):
         raise _invalid("url", "url is required and must be a string")
-    parts, _ = _http_url(value, "url")
+    parts, host = _http_url(value, "url")
     path = parts.path or "/"
     if parts.fragment.startswith("/"):  # hash routing (#/page) is a page of its own
         path = f"{path}#{parts.fragment}"
-    return value, path
+    return value, path, host
 
 
 def _referrer(value: Any) -> tuple[str | None, str | None]:
