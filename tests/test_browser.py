@@ -163,6 +163,31 @@ async def test_tracking_script_pageviews_spa_navigation_and_custom_events(
     assert '"plan": "pro"' in props["Signup"] and '"before-load"' in props["Early"]
 
 
+async def test_the_readme_snippet_sends_its_pageview_and_custom_event(
+    spawn: Callable[..., AppProcess], browser: Browser, pool: asyncpg.Pool, shop: str
+) -> None:
+    """The README's "Track a site" block as a page, as a newcomer pastes it (an outside tester
+    found its custom event thrown away: `sitewire` was called before the deferred script ran).
+    Only the ingest's address and the site are changed, and localhost allowed."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Track a site", 1)[1].split("```html\n", 1)[1].split("```", 1)[0]
+    ingest = spawn("ingest", **FAST)
+    page_html = block.replace("https://ingest.example.com", ingest.url).replace(
+        'data-site="example.com"', f'data-site="{shop}" data-allow-localhost'
+    )
+    assert shop in page_html and ingest.url in page_html
+    with CustomerPages({"/": page_html}) as pages:
+        context = await browser.new_context(user_agent=DESKTOP_UA)
+        page = await context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        await page.goto(pages.url + "/")
+        rows = await stored(pool, shop, 2)
+        await context.close()
+    assert sorted(r["name"] for r in rows) == ["Signup", "pageview"]
+    assert errors == []
+
+
 async def test_script_skips_automation_localhost_and_opted_out_visitors(
     spawn: Callable[..., AppProcess], browser: Browser, pool: asyncpg.Pool, shop: str
 ) -> None:
