@@ -30,11 +30,15 @@ TEXT_LINE = re.compile(r"^\d\d:\d\d:\d\d (debug|info|warning|error|critical) +(i
 
 
 @pytest.mark.parametrize(
-    "sig",
-    [signal.SIGINT, signal.SIGHUP],  # Ctrl-C; the terminal closed
-    ids=["ctrl-c", "hangup"],
+    ("sig", "background"),
+    # Ctrl-C; the terminal closed; SIGINT to a stack a script started with `&` (which starts
+    # it with SIGINT ignored: an outside tester's stack went on running)
+    [(signal.SIGINT, False), (signal.SIGHUP, False), (signal.SIGINT, True)],
+    ids=["ctrl-c", "hangup", "sigint-to-a-background-job"],
 )
-def test_ctrl_c_stops_everything_in_order_and_quietly(tmp_path: Path, sig: int) -> None:
+def test_ctrl_c_stops_everything_in_order_and_quietly(
+    tmp_path: Path, sig: int, background: bool
+) -> None:
     """`sitewire run` in a terminal, as a person runs it: readable logs, and a stop that
     leaves nothing running and logs nothing alarming."""
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
@@ -46,7 +50,7 @@ def test_ctrl_c_stops_everything_in_order_and_quietly(tmp_path: Path, sig: int) 
            "--demo-port", str(demo)]  # fmt: skip
     terminal = Terminal()
     # Its own process group, as a shell runs a foreground job: Ctrl-C signals that group.
-    proc = terminal.run(cmd, env)
+    proc = terminal.run(cmd, env, ignore_sigint=background)
     started: set[int] = set()
     try:
         _wait_for(lambda: "Press Ctrl-C to stop." in terminal.text(), proc, terminal)
@@ -105,11 +109,19 @@ class Terminal:
         self._chunks: list[bytes] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
 
-    def run(self, cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    def run(
+        self, cmd: list[str], env: dict[str, str], ignore_sigint: bool = False
+    ) -> subprocess.Popen[bytes]:
+        """`ignore_sigint`: started as a non-interactive shell starts a job with `&`."""
         slave = self._slave
+
+        def ignore() -> None:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
         proc = subprocess.Popen(
-            cmd, env=env, stdin=slave, stdout=slave, stderr=slave, start_new_session=True
-        )
+            cmd, env=env, stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+            preexec_fn=ignore if ignore_sigint else None,
+        )  # fmt: skip
         os.close(slave)
         self._reader.start()
         return proc

@@ -81,7 +81,10 @@ class Stack:
         self.internal_ports: dict[str, list[int]] = {"ingest": [], "gateway": []}
 
     def run(self) -> None:
-        # SIGTERM, and SIGHUP (the terminal closed), stop the stack the way Ctrl-C does.
+        # SIGTERM, and SIGHUP (the terminal closed), stop the stack the way Ctrl-C does. And
+        # Ctrl-C itself, whatever was inherited: a shell script's `make run &` starts it with
+        # SIGINT ignored, and Python then leaves it so (`kill -INT` did nothing).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, _interrupt)
         signal.signal(signal.SIGHUP, _interrupt)
         self._claim()  # before anything starts: one clear line if this stack is already up
