@@ -75,7 +75,8 @@ def test_sitewire_run_on_embedded_servers(tmp_path: Path) -> None:
             assert len(second.stderr.strip().splitlines()) == 1 and took < 10
         # Commands typed beside the stack, in its folder, with no variable set, reach it.
         bare = {k: v for k, v in env.items() if not k.startswith("SITEWIRE_")}
-        for args in (["sites", "create", "example.com"], ["sites", "token", "example.com"]):
+        commands = (["sites", "create", "example.com"], ["sites", "token", "example.com"])
+        for args in (*commands, ["worker", "--once"]):
             done = subprocess.run(
                 [sys.executable, "-m", "workers.cli", *args],
                 env=bare, capture_output=True, text=True, timeout=60, cwd=tmp_path,

@@ -210,7 +210,7 @@ def worker(once: bool, internal_port: int | None, internal_host: str) -> None:
     from workers import retention
     from workers.metrics import WorkerMetrics
 
-    settings = _settings()
+    settings = _client_settings()  # beside `make run`, its PostgreSQL (which runs no worker)
     _require(settings.database_url, "DATABASE_URL")
     logs.configure("worker", settings.log_level, settings.log_format)
     metrics = None

@@ -1,6 +1,6 @@
 """Finding the local stack `sitewire run` / `sitewire up` started, so that the commands a
-newcomer types next to it (`sitewire sites create`, `sites token`, `tail`, `top`, `migrate`)
-reach it without any variable set.
+newcomer types next to it (`sitewire sites create`, `sites token`, `tail`, `top`, `migrate`,
+`worker`) reach it without any variable set.
 
 The stack writes `stack.json` (its servers' URLs and its gateway) in its data folder and holds
 `stack.lock` there for its life. A command finds it only when that lock is held (the stack is
