@@ -331,7 +331,14 @@ async def test_dashboard_explains_a_missing_or_expired_token(
     expired = tokens.issue(SECRET, shop, ttl_s=-10)
     await page.goto(f"{gateway.url}/dashboard/{shop}?token={expired}")
     await page.wait_for_selector("[data-testid=status][data-state=error]")
-    assert "invalid or expired" in await page.inner_text("[data-testid=banner]")
+    assert "the token has expired" in await page.inner_text("[data-testid=banner]")
+    # Another site's token on this site's dashboard (an outside tester read "missing, invalid
+    # or expired" and looked for the fault in the wrong place).
+    other = tokens.issue(SECRET, "other.example.com", ttl_s=600)
+    await page.goto(f"{gateway.url}/dashboard/{shop}?token={other}")
+    await page.wait_for_selector("[data-testid=status][data-state=error]")
+    banner = await page.inner_text("[data-testid=banner]")
+    assert "not valid for this site" in banner and f"sitewire sites token {shop}" in banner
     await context.close()
 
 
