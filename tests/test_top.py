@@ -39,6 +39,25 @@ def test_render_shows_totals_sparkline_lists_and_goal_props() -> None:
     assert "Signup.plan: pro 1" in text
 
 
+def test_goal_props_keep_their_counts_in_80_columns() -> None:
+    """An outside tester's 80-column terminal showed `Signup.plan: pro 23, tea`: each value
+    must keep its count, a long one (an outbound URL) cut instead."""
+    url = "https://partner.example.org/deals/" + "x" * 120
+    goals = [
+        {"value": "Signup", "count": 30, "props": {"plan": [
+            {"value": "pro", "count": 23}, {"value": "team", "count": 5},
+            {"value": "starter", "count": 2}]}},
+        {"value": "Outbound Link: Click", "count": 3, "props": {"url": [
+            {"value": url, "count": 3}]}},
+    ]  # fmt: skip
+    text = render({**STATS, "goals": goals}, width=80)
+    lines = text.splitlines()
+    assert all(len(line) <= 80 for line in lines)
+    assert "Signup.plan: pro 23, team 5, starter 2" in lines
+    [outbound] = [line for line in lines if line.startswith("Outbound Link: Click.url: ")]
+    assert outbound.endswith("… 3") and "partner.example.org" in outbound
+
+
 def test_json_mode_prints_one_object_per_update() -> None:
     out = io.StringIO()
     screen = Top(out, io.StringIO(), as_json=True, in_place=False)

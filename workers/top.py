@@ -68,7 +68,7 @@ def render(stats: dict[str, Any], width: int | None = None) -> str:
         lines.append("(some events could not be recovered: counts may be low)")
     column = max(24, min(40, width // 3))
     blocks = [_block(title, stats.get(key, []), column) for title, key in PANELS]
-    blocks.append(_goals(stats.get("goals", []), column))
+    blocks.append(_block("Goals", stats.get("goals", []), column))
     per_row = max(1, width // (column + 2))
     for first in range(0, len(blocks), per_row):
         row = blocks[first : first + per_row]
@@ -76,6 +76,9 @@ def render(stats: dict[str, Any], width: int | None = None) -> str:
             cells = [(b[i] if i < len(b) else "").ljust(column) for b in row]
             lines.append("  ".join(cells).rstrip())
         lines.append("")
+    # Below the grid, as wide as the terminal: a column's width cut the values and their
+    # counts ("Signup.plan: pro 23, tea" in 80 columns).
+    lines += _goal_props(stats.get("goals", []), width)
     return "\n".join(lines).rstrip("\n")
 
 
@@ -95,10 +98,22 @@ def _block(title: str, entries: list[dict[str, Any]], column: int) -> list[str]:
     return lines if entries else [title, "-"]
 
 
-def _goals(goals: list[dict[str, Any]], column: int) -> list[str]:
-    lines = _block("Goals", goals, column)
+def _goal_props(goals: list[dict[str, Any]], width: int) -> list[str]:
+    """A line per goal and prop: its three most used values, each with its count. A value
+    too long for the line is cut to leave room for its count and those after it."""
+    lines = []
     for goal in goals[:SHOWN]:
         for prop, values in goal.get("props", {}).items():
-            shown = ", ".join(f"{printable(str(v['value']))} {v['count']}" for v in values[:3])
-            lines.append(f"  {printable(goal['value'])}.{printable(prop)}: {shown}"[:column])
+            head = f"{printable(goal['value'])}.{printable(prop)}: "
+            counts = [f" {v['count']}" for v in values[:3]]
+            room = max(8, (width - len(head) - sum(len(c) + 2 for c in counts)) // len(counts))
+            shown = ", ".join(
+                _cut(printable(str(v["value"])), room) + count
+                for v, count in zip(values, counts, strict=False)
+            )
+            lines.append((head + shown)[:width])
     return lines
+
+
+def _cut(text: str, room: int) -> str:
+    return text if len(text) <= room else text[: room - 1] + "…"
