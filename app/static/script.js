@@ -78,15 +78,17 @@
     });
   });
 
-  /* Outbound links and downloads: sent with keepalive, never delaying the navigation. */
+  /* Outbound links and downloads: sent with keepalive, never delaying the navigation. The
+     url without its query and fragment: a link's may hold a token or a signature. */
   var files = /\.(pdf|zip|dmg|exe|msi|csv|xlsx?|docx?|pptx?|mp3|mp4|gz|tgz|7z|apk|iso)$/i;
   d.addEventListener("click", function (e) {
     var a = e.target && e.target.closest && e.target.closest("a[href]");
     if (!a || !/^https?:/.test(a.href)) return;
+    var url = (a.origin + a.pathname).slice(0, 2000);
     if (attr("downloads") !== null && files.test(a.pathname)) {
-      send("File Download", { url: a.href.slice(0, 2000) });
+      send("File Download", { url: url });
     } else if (attr("outbound") !== null && a.host !== loc.host) {
-      send("Outbound Link: Click", { url: a.href.slice(0, 2000) });
+      send("Outbound Link: Click", { url: url });
     }
   }, true);
 
