@@ -97,8 +97,10 @@ sitewire("Early", {{props: {{when: "before-load"}}}});</script>
 <script defer data-site="{site}" data-api="{ingest}/api/event" {extra}
         data-outbound data-downloads src="{ingest}/script.js"></script></head>
 <body><h1>Shop</h1>
-<a id="out" href="https://partner.example.org/deal?token=s3cret#top" onclick="event.preventDefault()">partner</a>
-<a id="dl" href="/files/price-list.pdf?X-Amz-Signature=abc" onclick="event.preventDefault()">price list</a>
+<a id="out" href="https://partner.example.org/deal?token=s3cret#top"
+   onclick="event.preventDefault()">partner</a>
+<a id="dl" href="/files/price-list.pdf?X-Amz-Signature=abc"
+   onclick="event.preventDefault()">price list</a>
 </body></html>"""
 
 
