@@ -72,6 +72,7 @@ class StandardCloseCode(IntEnum):
     # continuation frame out of order, reserved bit or unknown opcode (the parser's checks)
     UNSUPPORTED_DATA = 1003  # a binary frame: the protocol is text JSON only
     INVALID_DATA = 1007  # a text message that is not valid UTF-8 (whole or fragmented)
+    POLICY_VIOLATION = 1008  # more than 50 frames (pings, pongs, fragments) in 10 s
     MESSAGE_TOO_BIG = 1009  # a message over 64 KiB, refused by the parser before it is read
     # Reconnect: the gateway stopped before its drain reached this connection.
     SERVICE_RESTART = 1012

@@ -20,7 +20,7 @@ from tests.support import FAST, metric
 pytestmark = pytest.mark.slow
 
 BINARY, PONG = 0x2, 0xA
-PROTOCOL_ERROR, UNSUPPORTED_DATA, INVALID_DATA = 1002, 1003, 1007
+PROTOCOL_ERROR, UNSUPPORTED_DATA, INVALID_DATA, POLICY_VIOLATION = 1002, 1003, 1007, 1008
 PING_MESSAGE = b'{"type":"ping"}'
 
 
@@ -242,3 +242,30 @@ async def test_a_pong_queued_just_before_the_close_is_dropped_without_error(
     other.close()
     log = gateway.log_path.read_text(errors="replace")
     assert "InvalidState" not in log and '"level":"error"' not in log, log[-2000:]
+
+
+# -- how many frames -----------------------------------------------------------------------------
+
+
+async def test_more_than_50_frames_in_10_seconds_fail_the_connection_with_1008(
+    spawn: Callable[..., AppProcess], site: str
+) -> None:
+    """From an outside test: 6-byte frames nothing else bounds (unasked pongs, empty fragments
+    of a message never finished, pings) held a gateway at 93 % of its core, other viewers'
+    events up to 29 s late. A viewer sends a ping message and answers a ping now and then."""
+    gateway = spawn("gateway", **FAST)
+    start = encode_frame(TEXT, b"", fin=False)
+    cases = {
+        "unasked pongs": encode_frame(PONG, b"") * 51,
+        "empty fragments of a message never finished": start
+        + encode_frame(CONT, b"", fin=False) * 50,
+        "pings": encode_frame(PING, b"x") * 51,
+    }
+    await assert_refused(gateway, site, cases, POLICY_VIOLATION)
+    closes = 'sitewire_gateway_closes_total{reason="policy_violation"}'
+    assert await metric(gateway.internal_url, closes) == len(cases)
+    # Fifty is allowed, whatever they are: the connection still works.
+    client = await welcomed(gateway, site)
+    client.write(encode_frame(PONG, b"") * 49)
+    await assert_answered(client)
+    client.close()

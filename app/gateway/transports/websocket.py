@@ -63,6 +63,10 @@ log = logging.getLogger(__name__)
 STREAM_PATH = re.compile(r"^/v1/sites/([^/]+)/stream$")
 #: Largest frame a viewer may send; viewers only ever send tiny control messages.
 MAX_CLIENT_FRAME = 4096
+#: Most frames (of any kind: pings, pongs, fragments) a client may send within
+#: CLIENT_FRAME_WINDOW_S; a viewer sends a ping message and answers a ping now and then.
+MAX_CLIENT_FRAMES = 50
+CLIENT_FRAME_WINDOW_S = 10.0
 #: Seconds a closing connection waits for the peer's close frame before it is dropped.
 CLOSE_TIMEOUT_S = 5.0
 #: What a WebSocket upgrade on any other path gets: what the ASGI app answered before.
@@ -76,9 +80,9 @@ class StreamProtocol(TakesUpgrade):
     """One viewer's WebSocket connection on `GET /v1/sites/{site}/stream`."""
 
     __slots__ = (
-        "_server", "abort_timer", "closing", "drained", "flush_pending", "fragments", "gone",
-        "paused", "ping_payload", "ping_unsent", "state", "task", "transport", "unsent", "viewer",
-        "write_started", "ws",
+        "_server", "abort_timer", "closing", "drained", "flush_pending", "fragments", "frames",
+        "frames_since", "gone", "paused", "ping_payload", "ping_unsent", "state", "task",
+        "transport", "unsent", "viewer", "write_started", "ws",
     )  # fmt: skip
 
     #: The transport this class serves; bound per process by `protocol_class`.
@@ -117,6 +121,9 @@ class StreamProtocol(TakesUpgrade):
         self.ping_unsent = 0
         #: A fragmented client message being put together (rare; None otherwise).
         self.fragments: bytearray | None = None
+        #: Client frames in the window that began at `frames_since` (loop time).
+        self.frames = 0
+        self.frames_since = 0.0
 
     # -- asyncio callbacks -----------------------------------------------------------------
 
@@ -133,6 +140,9 @@ class StreamProtocol(TakesUpgrade):
         if sent is None and ws.close_sent is not None and ws.close_rcvd is None:
             self._parser_failed(ws.close_sent.code)
         events = ws.events_received()
+        framed = len(events) > 1 or (events and isinstance(events[0], Frame))
+        if framed and self._too_many_frames(sum(isinstance(e, Frame) for e in events)):
+            events = []  # the rest is not looked at: the connection has failed
         for event in events:
             if isinstance(event, Request):
                 self._handshake(ws, event)
@@ -155,11 +165,19 @@ class StreamProtocol(TakesUpgrade):
 
     def pause_writing(self) -> None:
         self.paused = True
+        # Nothing more is read from a peer that does not read what it is sent: each ping it
+        # sends is answered with a pong, written past flow control (an outside test: one
+        # client sent 324 MB of pings in 10 s, and the gateway grew by 520 MB of pongs).
+        if self.viewer is not None and self.transport is not None:
+            self.transport.pause_reading()
         self._direct()
 
     def resume_writing(self) -> None:
         self.paused = False
         self.write_started = 0.0
+        transport = self.transport
+        if self.viewer is not None and transport is not None and not transport.is_closing():
+            transport.resume_reading()
         self._flush()
         self._direct()
 
@@ -286,7 +304,8 @@ class StreamProtocol(TakesUpgrade):
         self.host.connections.add(self)
         self.state.metrics.connections.labels("websocket").inc()
         assert self.transport is not None
-        self.transport.resume_reading()
+        if not self.paused:  # else `resume_writing` resumes reading too
+            self.transport.resume_reading()
         self._wake()  # the welcome was queued before `viewer` was set
         return True
 
@@ -314,6 +333,21 @@ class StreamProtocol(TakesUpgrade):
             self._fail(StandardCloseCode.UNSUPPORTED_DATA, "text frames only (JSON)")
         # PING and CLOSE are answered by `ServerProtocol` itself (see `_write_out`), which also
         # checks masking, control frame limits and the order of continuation frames (1002).
+
+    def _too_many_frames(self, count: int) -> bool:
+        """More than MAX_CLIENT_FRAMES frames of any kind within CLIENT_FRAME_WINDOW_S fail
+        the connection (1008): each costs the parser and the loop, and a viewer sends a ping
+        now and then. Without it one client sending empty continuation frames or unasked pongs
+        (which nothing else bounds) held a gateway at 93 % of its core, every other viewer's
+        events up to 29 s late."""
+        now = asyncio.get_running_loop().time()
+        if now - self.frames_since >= CLIENT_FRAME_WINDOW_S:
+            self.frames_since, self.frames = now, 0
+        self.frames += count
+        if self.frames <= MAX_CLIENT_FRAMES:
+            return False
+        self._fail(StandardCloseCode.POLICY_VIOLATION, "too many frames")
+        return True
 
     def _message_part(self, frame: Frame) -> None:
         """A text frame or a continuation of one (binary messages never get this far)."""
