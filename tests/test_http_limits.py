@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import signal
 import socket
 import subprocess
 import time
@@ -433,3 +434,35 @@ def _server_frame(data: bytes) -> tuple[int, bytes, bytes] | None:
     if len(data) < start + length:
         return None
     return data[0] & 0x0F, data[start : start + length], data[start + length :]
+
+
+async def test_requests_waiting_in_keep_alive_connections_survive_a_stalled_loop(
+    spawn: Callable[..., AppProcess], site: str, pool: asyncpg.Pool
+) -> None:
+    """From an outside test: ingest paused past its keep-alive timeout (SIGSTOP, as a long
+    stall of its loop would) while clients sent requests on their keep-alive connections;
+    on SIGCONT every one of those connections was reset before its request was read."""
+    ingest = spawn("ingest", **FAST, SITEWIRE_KEEPALIVE_S="5")
+    body = orjson.dumps({"site": site, "name": "pageview", "url": f"https://{site}/"})
+    request = (
+        f"POST /api/event HTTP/1.1\r\nHost: x\r\nUser-Agent: {BROWSER}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    async with contextlib.AsyncExitStack() as stack:
+        conns = [await stack.enter_async_context(connected(ingest.port)) for _ in range(8)]
+        for reader, writer in conns:  # each a keep-alive connection that served a request
+            writer.write(request)
+            assert (await response(reader))[0] == 202
+        ingest.signal(signal.SIGSTOP)
+        try:
+            await asyncio.sleep(7)  # past the 5 s keep-alive timeout
+            for _, writer in conns:
+                writer.write(request)
+                await writer.drain()
+            await asyncio.sleep(1)
+        finally:
+            ingest.signal(signal.SIGCONT)
+        statuses = [(await response(reader))[0] for reader, _ in conns]
+    assert statuses == [202] * len(conns)
+    stored = await pool.fetchval("SELECT count(*) FROM events WHERE site = $1", site)
+    assert stored == 2 * len(conns)

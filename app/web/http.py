@@ -78,6 +78,11 @@ Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
 Direct = Callable[[list[tuple[bytes, bytes]], str | None, Receive], Awaitable[Answer]]
 
 
+#: How long after its idle timeout a keep-alive connection is looked at again (one more loop
+#: iteration, so that a request already waiting in its socket is read first).
+KEEPALIVE_RECHECK_S = 0.01
+
+
 class TakesUpgrade(asyncio.Protocol):
     """A WebSocket protocol that takes its upgrade request as this protocol parsed it.
 
@@ -131,8 +136,25 @@ class BoundedHttp(HttpToolsProtocol):
         self._owed: tuple[ErrorCode, str] | None = None
         #: The scope extensions of every request on this connection (`connection_made`).
         self._extensions: dict[str, dict[object, object]] = {}
+        #: The keep-alive timer fired once already and looks again (`timeout_keep_alive_handler`).
+        self._keepalive_recheck = False
 
     # -- the request's phases ----------------------------------------------------------------
+
+    def timeout_keep_alive_handler(self) -> None:
+        """uvicorn closes an idle keep-alive connection here. But after a stall of the event
+        loop (a paused process, a long collection) this timer may fire before the loop has
+        read a request that came in time: uvloop runs due timers before it polls the sockets,
+        and an outside test had every keep-alive connection holding a request reset (nothing
+        answered, nothing stored). So the first time, look again just after the next poll:
+        `data_received` cancels this timer as it cancels uvicorn's."""
+        if not self._keepalive_recheck:
+            self._keepalive_recheck = True
+            self.timeout_keep_alive_task = self.loop.call_later(
+                KEEPALIVE_RECHECK_S, self.timeout_keep_alive_handler
+            )
+            return
+        super().timeout_keep_alive_handler()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -146,6 +168,7 @@ class BoundedHttp(HttpToolsProtocol):
         if self._refused:
             return
         super().on_message_begin()
+        self._keepalive_recheck = False
         if not self._in_headers:  # the next request on a keep-alive connection
             self._in_headers = True
             self._header_bytes = 0
