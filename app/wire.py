@@ -17,7 +17,11 @@ import orjson
 #: An encoded event with its offset: what history reads return and viewers' queues hold.
 Event = tuple[int, bytes]
 
-_CURSOR_RE = re.compile(r"^([0-9a-f]{8})-([0-9]{1,18})$")
+_CURSOR_RE = re.compile(r"([0-9a-f]{8})-([0-9]{1,18})")
+#: Numbers in query parameters as docs/protocol.md writes them: ASCII digits, no sign, no
+#: underscores (int() and float() take "+5", "1_0", "1e3" and other scripts' digits).
+_WHOLE_RE = re.compile(r"[0-9]{1,18}")
+_DECIMAL_RE = re.compile(r"[0-9]{1,9}(?:\.[0-9]{1,9})?")
 #: The start of an event as `with_position` lays it out; a cursor holds no quote or escape.
 _EVENT_HEAD = re.compile(rb'\{"cursor":"[^"\\]*","offset":([0-9]{1,18})[,}]').match
 
@@ -44,10 +48,24 @@ def event_offset(payload: bytes) -> int | None:
 
 def parse_cursor(value: str) -> tuple[str, int]:
     """`epoch-offset` -> (epoch, offset); ValueError when malformed."""
-    match = _CURSOR_RE.match(value)
+    match = _CURSOR_RE.fullmatch(value)
     if match is None:
         raise ValueError("a cursor looks like 1a2b3c4d-42 (epoch-offset)")
     return match.group(1), int(match.group(2))
+
+
+def parse_whole(value: str) -> int:
+    """A whole number from a query parameter (ASCII digits only); ValueError otherwise."""
+    if _WHOLE_RE.fullmatch(value) is None:
+        raise ValueError("not a whole number")
+    return int(value)
+
+
+def parse_decimal(value: str) -> float:
+    """A decimal number from a query parameter (`30`, `0.5`); ValueError otherwise."""
+    if _DECIMAL_RE.fullmatch(value) is None:
+        raise ValueError("not a decimal number")
+    return float(value)
 
 
 def with_position(epoch: str, offset: int, body: bytes) -> bytes:

@@ -302,6 +302,24 @@ async def test_history_pages_by_cursor_and_time(
         for name, value in (("token", token(site)), ("after", cursors[3]), ("limit", "5")):
             twice = await client.get(f"{url}?token={token(site)}&{name}={value}&{name}={value}")
             assert twice.status_code == 400 and twice.json()["error"]["field"] == name
+        # A client's mistake is a 400 naming the parameter, never storage's 503 (an outside
+        # test: a time past year 9999 in UTC was answered "history is unavailable").
+        for name, value in (
+            ("to", "9999-12-31T23:59:59-14:00"),
+            ("from", "0001-01-01T00:00:00+14:00"),
+            ("limit", "+5"),
+            ("limit", "1_0"),
+            ("limit", "\u0663"),  # an Arabic-Indic 3, which int() takes
+        ):
+            wrong = await client.get(url, params={"token": token(site), name: value})
+            assert wrong.status_code == 400, (name, value, wrong.text)
+            assert wrong.json()["error"]["field"] == name
+        # Two Last-Event-ID headers on the SSE stream: refused, as two Authorization are.
+        stream = f"{gateway.url}/v1/sites/{site}/events?token={token(site)}"
+        two = [("Last-Event-ID", cursors[1]), ("Last-Event-ID", cursors[2])]
+        refused = await client.get(stream, headers=two)
+        assert refused.status_code == 400
+        assert refused.json()["error"]["field"] == "last-event-id"
 
 
 async def test_history_page_is_indexed_on_a_big_site(pool: asyncpg.Pool, site: str) -> None:

@@ -5,11 +5,19 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from app.schema import NewEvent
-from app.wire import _EVENT_HEAD, event_offset, with_position
+from app.wire import (
+    _EVENT_HEAD,
+    event_offset,
+    parse_cursor,
+    parse_decimal,
+    parse_whole,
+    with_position,
+)
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(),
@@ -70,3 +78,26 @@ def test_position_prepended_to_a_body_gives_the_documented_layout() -> None:
     assert event["props"] == {"plan": "pro", "n": 3}
     assert event["visitor"] == f"{42:016x}"
     assert event["ts"].endswith("Z") and event["country"] == "NL"
+
+
+@pytest.mark.parametrize(
+    "text", ["+5", "-5", "1_0", "\uff15", "\u0663", " 5", "5\n", "", "1e3", "0x10", "5.0"]
+)
+def test_whole_numbers_are_ascii_digits_only(text: str) -> None:
+    """int() takes all of these; protocol.md's parameters are plain digits (an outside test
+    had `last=+5`, a full-width 5 and `minutes=1_0` accepted)."""
+    with pytest.raises(ValueError):
+        parse_whole(text)
+
+
+@pytest.mark.parametrize("text", ["1e3", "inf", "nan", "+1", "1_0", ".5", "5.", "\uff15"])
+def test_decimals_are_plain_too(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_decimal(text)
+
+
+def test_plain_numbers_and_cursors_parse() -> None:
+    assert (parse_whole("0"), parse_whole("1000"), parse_decimal("0.5")) == (0, 1000, 0.5)
+    assert parse_cursor("1a2b3c4d-42") == ("1a2b3c4d", 42)
+    with pytest.raises(ValueError):
+        parse_cursor("1a2b3c4d-42\n")  # `$` would have let a trailing newline through

@@ -47,7 +47,7 @@ from app.store.sites import Site, SiteCache
 from app.web.assets import Asset
 from app.web.health import Checks, Health
 from app.web.responses import API_OPTIONS, install_error_handlers, json_response
-from app.wire import format_cursor, parse_cursor
+from app.wire import format_cursor, parse_cursor, parse_whole
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,11 @@ def create_app(settings: Settings) -> GatewayApp:
         site_info = await viewers.authorize(state, secret, site, _token(request))
         # A browser's EventSource reconnects with its first URL (`last=`, `minutes=`) plus
         # Last-Event-ID, which wins; in the query itself, two start positions are an error.
-        resumed = request.headers.get("last-event-id")
+        resumed_all = request.headers.getlist("last-event-id")
+        if len(resumed_all) > 1:  # as for Authorization: which one would the client mean?
+            message = "Last-Event-ID is given more than once"
+            raise ApiError(ErrorCode.INVALID_REQUEST, message, "last-event-id")
+        resumed = resumed_all[0] if resumed_all else None
         try:
             if resumed:
                 req = parse_start(resumed, None, None)
@@ -223,7 +227,7 @@ def _token(request: Request) -> str | None:
 
 async def _history_page(state: GatewayState, site: Site, query: Mapping[str, str]) -> Response:
     try:
-        limit = int(query.get("limit", "100"))
+        limit = parse_whole(query.get("limit", "100"))
         if not 1 <= limit <= HISTORY_MAX_LIMIT:
             raise ValueError
     except ValueError:
@@ -275,8 +279,10 @@ def _timestamp(query: Mapping[str, str], name: str) -> datetime | None:
         return None
     try:
         value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
+        # In UTC now: a time that is not a UTC time (9999-12-31T23:59:59-14:00) is the
+        # client's error, not storage's (it failed in the query, answered 503).
+        return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+    except (ValueError, OverflowError):
         raise ApiError(
             ErrorCode.INVALID_REQUEST, f"{name} must be an ISO 8601 time", name
         ) from None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)

@@ -31,7 +31,7 @@ from app.gateway.hub import Viewer
 from app.gateway.metrics import GatewayMetrics
 from app.servers.postgres import STORAGE_ERRORS
 from app.store.reads import from_postgres
-from app.wire import Event, format_cursor, parse_cursor
+from app.wire import Event, format_cursor, parse_cursor, parse_decimal, parse_whole
 
 T = TypeVar("T")
 
@@ -91,7 +91,7 @@ def parse_start(since: str | None, last: str | None, minutes: str | None) -> Sta
             raise BadStart(f"bad start position: {exc}", "since") from None
     if last:
         try:
-            n = int(last)
+            n = parse_whole(last)
         except ValueError:
             n = -1
         if not 0 <= n <= MAX_LAST:
@@ -99,7 +99,7 @@ def parse_start(since: str | None, last: str | None, minutes: str | None) -> Sta
         return StartRequest(last=n)
     if minutes:
         try:
-            m = float(minutes)
+            m = parse_decimal(minutes)
         except ValueError:
             m = 0.0
         if not 0 < m <= MAX_MINUTES:  # NaN included

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import orjson
 
 from app.gateway.hub import EVENT, NOTICE, Item
-from app.wire import format_cursor
+from app.wire import format_cursor, parse_whole
 
 #: The fastest sample a viewer may ask for (events a second).
 MAX_SAMPLE = 1000
@@ -35,9 +35,13 @@ def parse_sample(value: str | None) -> int | None:
     """The `sample` query parameter: absent (every event) or events a second, 1..MAX_SAMPLE."""
     if value in (None, ""):
         return None
-    if not value.isdigit() or not 1 <= int(value) <= MAX_SAMPLE:
+    try:
+        sample = parse_whole(value)
+    except ValueError:
+        sample = 0
+    if not 1 <= sample <= MAX_SAMPLE:
         raise ValueError(f"sample is a whole number of events a second, 1 to {MAX_SAMPLE}")
-    return int(value)
+    return sample
 
 
 class Sampler:
