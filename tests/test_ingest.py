@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -207,6 +208,23 @@ async def test_rejections_store_nothing(
     assert r.json()["error"]["code"] == code
     assert r.json()["error"]["message"]
     assert await pool.fetchval("SELECT count(*) FROM events") == before
+
+
+@pytest.mark.parametrize("compressed", [True, False])
+async def test_a_compressed_body_is_refused_415_and_stores_nothing(
+    ingest: httpx.AsyncClient, pool: asyncpg.Pool, site: str, compressed: bool
+) -> None:
+    """From an outside test: a gzip body was refused as invalid JSON (surrogates), and a plain
+    one labelled gzip was stored. Neither is decoded: both are 415."""
+    body = orjson.dumps(event(site))
+    content = gzip.compress(body) if compressed else body
+    headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    r = await ingest.post("/api/event", content=content, headers=headers)
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+    assert "Content-Encoding" in r.json()["error"]["message"]
+    assert await pool.fetchval("SELECT count(*) FROM events WHERE site = $1", site) == 0
+    identity = {**headers, "Content-Encoding": "identity"}
+    assert (await ingest.post("/api/event", content=body, headers=identity)).status_code == 202
 
 
 async def test_unknown_site_is_404_and_stores_nothing(

@@ -9,7 +9,14 @@ from hypothesis import strategies as st
 
 from app import tokens
 from app.errors import InvalidSiteId
-from app.store.sites import SiteExists, create_site, get_site, is_valid_site_id, validate_site_id
+from app.store.sites import (
+    SiteCache,
+    SiteExists,
+    create_site,
+    get_site,
+    is_valid_site_id,
+    validate_site_id,
+)
 
 SECRET = "test-secret-" + "x" * 32
 
@@ -58,6 +65,28 @@ async def test_create_and_get(pool: asyncpg.Pool) -> None:
     assert fetched == created
     with pytest.raises(SiteExists):
         await create_site(pool, "create-test.example.org")
+
+
+async def test_the_cache_reads_many_sites_at_once_and_keeps_known_ones_under_a_flood(
+    pool: asyncpg.Pool,
+) -> None:
+    """A batch naming many sites costs one query for those not cached, and ids nobody
+    registered (from the internet) are evicted before the sites in use (an outside test: one
+    client inventing ids cleared the whole cache every ~1,000 requests)."""
+    known = [f"cache{i}-{os.getpid()}.example.org" for i in range(3)]
+    for site in known:
+        await create_site(pool, site)
+    cache = SiteCache(pool, max_entries=50)
+    unknown = [f"nobody{i}.example.org" for i in range(40)]
+    found = await cache.get_many([*known, *unknown])
+    assert {s for s, v in found.items() if v is not None} == set(known)
+    assert all(found[s] is None for s in unknown)
+    await pool.execute("DELETE FROM sites WHERE id = $1", known[0])  # cached: still answered
+    assert (await cache.get_many(known))[known[0]] is not None
+    for round_ in range(5):  # 200 more invented ids, 40 at a time
+        await cache.get_many([f"flood{round_}-{i}.example.org" for i in range(40)])
+    assert len(cache._entries) <= 50
+    assert all(cache._entries[s][1] is not None for s in known)
 
 
 async def test_database_refuses_invalid_id_even_bypassing_python(pool: asyncpg.Pool) -> None:

@@ -29,7 +29,14 @@ from app.errors import ApiError, StorageUnavailable, unknown_site
 from app.ingest import enrich
 from app.ingest.committer import Committer
 from app.ingest.drops import DropCounts
-from app.ingest.events import EventIn, check_media_type, decode_json, parse_batch, validate
+from app.ingest.events import (
+    EventIn,
+    check_content_encoding,
+    check_media_type,
+    decode_json,
+    parse_batch,
+    validate,
+)
 from app.ingest.geo import Countries
 from app.ingest.metrics import IngestMetrics
 from app.ingest.publication import PublishQueue
@@ -387,9 +394,22 @@ async def _refused_sites(
     """Why each refused site of a batch is refused (unknown, origin not allowed). Checked once
     per distinct site: the answer is the same for every event of the batch naming it."""
     refused: dict[str, ApiError] = {}
-    for site_id in sites:
+    if len(sites) == 1:
+        [site_id] = sites
         try:
             _check_origin(client, await _known_site(state, site_id))
+        except ApiError as exc:
+            refused[site_id] = exc
+        return refused
+    try:
+        known = await _guard_storage(state.sites.get_many(sites))
+    except ApiError as exc:  # the registry cannot be read: every site of the batch waits
+        return dict.fromkeys(sites, exc)
+    for site_id, site in known.items():
+        try:
+            if site is None:
+                raise unknown_site(site_id)
+            _check_origin(client, site)
         except ApiError as exc:
             refused[site_id] = exc
     return refused
@@ -417,6 +437,7 @@ def _accepted(outcome: Stored) -> dict[str, Any]:
 async def _read_json(incoming: Incoming, limit: int) -> Any:
     """The body, refused before it is read in full when it is over `limit` bytes."""
     check_media_type(incoming.headers.get("content-type"))
+    check_content_encoding(incoming.headers.get("content-encoding"))
     declared = incoming.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
