@@ -92,11 +92,39 @@ def _not_an_access_line(record: logging.LogRecord) -> bool:
     return '"WebSocket ' not in message and message not in ("connection open", "connection closed")
 
 
+class ClientCaused:
+    """uvicorn's lines about a malformed request, which any client causes at will (an outside
+    test wrote 2,000 a second, each with its traceback, from one client): each written at most
+    once per `every_s`; the next one written says how many were left out (`left_out`)."""
+
+    MESSAGES = frozenset({"Invalid HTTP request received.", "Unsupported upgrade request."})
+
+    def __init__(self, every_s: float = 10.0) -> None:
+        self._every_s = every_s
+        self._written: dict[str, float] = {}
+        self._left_out: dict[str, int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("uvicorn") or record.msg not in self.MESSAGES:
+            return True
+        message = str(record.msg)
+        now = time.monotonic()
+        if now - self._written.get(message, -self._every_s) < self._every_s:
+            self._left_out[message] = self._left_out.get(message, 0) + 1
+            return False
+        self._written[message] = now
+        left_out = self._left_out.pop(message, 0)
+        if left_out:
+            record.left_out = left_out
+        return True
+
+
 def configure(role: str, level: str, log_format: LogFormat = "auto") -> None:
     handler = logging.StreamHandler(sys.stderr)
     chosen = resolve(log_format, sys.stderr)
     handler.setFormatter(TextFormatter(role) if chosen == "text" else JsonFormatter(role))
     handler.addFilter(_not_an_access_line)
+    handler.addFilter(ClientCaused())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -7,7 +7,7 @@ import io
 import logging
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import orjson
 import pytest
@@ -15,6 +15,8 @@ import pytest
 from app import logs
 from app.logs import Repeats
 from app.settings import LogFormat
+from tests.processes import AppProcess
+from tests.support import eventually
 
 
 class _Terminal(io.StringIO):
@@ -134,3 +136,19 @@ async def test_a_warning_an_outage_repeats_is_written_once_per_period(
         ("events stored but not published", 40, 4),  # the four folded, when the period ended
         ("events stored but not published", 10, 1),  # folded, then said though none followed
     ]
+
+
+@pytest.mark.parametrize("role", ["ingest", "gateway"])
+async def test_malformed_requests_cost_one_log_line_per_period(
+    spawn: Callable[..., AppProcess], role: str
+) -> None:
+    """From an outside test: uvicorn's warning for each malformed request (with its
+    traceback) let one client write 2,000 lines a second into both roles' logs."""
+    server = spawn(role)
+    for _ in range(50):
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+        await reader.read()  # 400, then closed
+        writer.close()
+    await eventually(lambda: "Invalid HTTP request received." in server.log_path.read_text())
+    assert server.log_path.read_text().count("Invalid HTTP request received.") == 1
