@@ -98,6 +98,8 @@ class ClientCaused:
     once per `every_s`; the next one written says how many were left out (`left_out`)."""
 
     MESSAGES = frozenset({"Invalid HTTP request received.", "Unsupported upgrade request."})
+    #: websockets' lines for each refused upgrade (a wrong version, path or token).
+    PREFIXES = ("connection rejected (", "HTTP response sent (")
 
     def __init__(self, every_s: float = 10.0) -> None:
         self._every_s = every_s
@@ -105,7 +107,9 @@ class ClientCaused:
         self._left_out: dict[str, int] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not record.name.startswith("uvicorn") or record.msg not in self.MESSAGES:
+        if not record.name.startswith(("uvicorn", "websockets")):
+            return True
+        if record.msg not in self.MESSAGES and not str(record.msg).startswith(self.PREFIXES):
             return True
         message = str(record.msg)
         now = time.monotonic()

@@ -21,7 +21,7 @@ _CURSOR_RE = re.compile(r"([0-9a-f]{8})-([0-9]{1,18})")
 #: Numbers in query parameters as docs/protocol.md writes them: ASCII digits, no sign, no
 #: underscores (int() and float() take "+5", "1_0", "1e3" and other scripts' digits).
 _WHOLE_RE = re.compile(r"[0-9]{1,18}")
-_DECIMAL_RE = re.compile(r"[0-9]{1,9}(?:\.[0-9]{1,9})?")
+_DECIMAL_RE = re.compile(r"[0-9]{1,9}(?:\.[0-9]{1,18})?")
 #: The start of an event as `with_position` lays it out; a cursor holds no quote or escape.
 _EVENT_HEAD = re.compile(rb'\{"cursor":"[^"\\]*","offset":([0-9]{1,18})[,}]').match
 

@@ -225,6 +225,10 @@ async def test_a_compressed_body_is_refused_415_and_stores_nothing(
     assert await pool.fetchval("SELECT count(*) FROM events WHERE site = $1", site) == 0
     identity = {**headers, "Content-Encoding": "identity"}
     assert (await ingest.post("/api/event", content=body, headers=identity)).status_code == 202
+    # Given twice, the first is not hidden by the second.
+    twice = [("Content-Type", "application/json")]
+    twice += [("Content-Encoding", "gzip"), ("Content-Encoding", "identity")]
+    assert (await ingest.post("/api/event", content=content, headers=twice)).status_code == 415
 
 
 async def test_unknown_site_is_404_and_stores_nothing(

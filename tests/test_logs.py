@@ -152,3 +152,17 @@ async def test_malformed_requests_cost_one_log_line_per_period(
         writer.close()
     await eventually(lambda: "Invalid HTTP request received." in server.log_path.read_text())
     assert server.log_path.read_text().count("Invalid HTTP request received.") == 1
+    # A refused WebSocket upgrade (here a version nobody speaks) is another such line.
+    upgrade = (
+        b"GET /v1/sites/x.example/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 99\r\n\r\n"
+    )
+    for _ in range(30):
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(upgrade)
+        await reader.read(65536)
+        writer.close()
+    await asyncio.sleep(0.5)
+    text = server.log_path.read_text()
+    assert text.count("connection rejected") + text.count("HTTP response sent") <= 1, text[-2000:]

@@ -8,10 +8,13 @@ frame with the RFC's code and closes the TCP connection without waiting for an a
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from collections.abc import Callable
 
+import orjson
 import pytest
+from websockets.asyncio.client import connect
 
 from tests.clients import CLOSE, CONT, PING, TEXT, RawClient, encode_frame, stream_path
 from tests.processes import AppProcess
@@ -252,14 +255,17 @@ async def test_more_than_50_frames_in_10_seconds_fail_the_connection_with_1008(
 ) -> None:
     """From an outside test: 6-byte frames nothing else bounds (unasked pongs, empty fragments
     of a message never finished, pings) held a gateway at 93 % of its core, other viewers'
-    events up to 29 s late. A viewer sends a ping message and answers a ping now and then."""
+    events up to 29 s late. A viewer sends a ping message and answers a ping now and then: 50
+    frames, plus one per server ping in the window (one, at the default 20 s)."""
     gateway = spawn("gateway", **FAST)
     start = encode_frame(TEXT, b"", fin=False)
     cases = {
-        "unasked pongs": encode_frame(PONG, b"") * 51,
+        "unasked pongs": encode_frame(PONG, b"") * 60,
         "empty fragments of a message never finished": start
-        + encode_frame(CONT, b"", fin=False) * 50,
-        "pings": encode_frame(PING, b"x") * 51,
+        + encode_frame(CONT, b"", fin=False) * 60,
+        "pings": encode_frame(PING, b"x") * 60,
+        # One read of ~240 KB: parsed a slice at a time, refused at the first slice's count.
+        "forty thousand pongs in one write": encode_frame(PONG, b"") * 40_000,
     }
     await assert_refused(gateway, site, cases, POLICY_VIOLATION)
     closes = 'sitewire_gateway_closes_total{reason="policy_violation"}'
@@ -269,3 +275,16 @@ async def test_more_than_50_frames_in_10_seconds_fail_the_connection_with_1008(
     client.write(encode_frame(PONG, b"") * 49)
     await assert_answered(client)
     client.close()
+
+
+async def test_a_viewer_answering_frequent_pings_stays_under_the_frame_limit(
+    spawn: Callable[..., AppProcess], site: str
+) -> None:
+    """SITEWIRE_PING_INTERVAL_S may be as short as 0.1 s: 100 pongs in 10 s, which a fixed
+    limit of 50 cut off after 5 s (an outside tester's `sitewire tail`)."""
+    gateway = spawn("gateway", **FAST, SITEWIRE_PING_INTERVAL_S="0.1")
+    async with connect(f"{gateway.ws_url}{stream_path(site)}", ping_interval=None) as ws:
+        assert orjson.loads(await ws.recv())["type"] == "welcome"
+        await asyncio.sleep(7)
+        await ws.send(PING_MESSAGE.decode())
+        assert orjson.loads(await ws.recv())["type"] == "pong"

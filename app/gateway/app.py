@@ -140,7 +140,7 @@ def create_app(settings: Settings) -> GatewayApp:
         if len(resumed_all) > 1:  # as for Authorization: which one would the client mean?
             message = "Last-Event-ID is given more than once"
             raise ApiError(ErrorCode.INVALID_REQUEST, message, "last-event-id")
-        resumed = resumed_all[0] if resumed_all else None
+        resumed = resumed_all[0].strip() if resumed_all else None
         try:
             if resumed:
                 req = parse_start(resumed, None, None)

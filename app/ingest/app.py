@@ -266,7 +266,13 @@ class Incoming:
     def __init__(
         self, headers: list[tuple[bytes, bytes]], peer: str | None, receive: Receive
     ) -> None:
-        self.headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers}
+        self.headers: dict[str, str] = {}
+        for key, value in headers:
+            name, text = key.decode("latin-1"), value.decode("latin-1")
+            # A header given twice is one list (RFC 9110, 5.3): the last must not hide the
+            # first (`Content-Encoding: gzip` then `identity` was taken as not compressed).
+            known = self.headers.get(name)
+            self.headers[name] = text if known is None else f"{known}, {text}"
         self.peer = peer
         self.receive = receive
 

@@ -71,10 +71,11 @@ def check_media_type(content_type: str | None) -> None:
 def check_content_encoding(encoding: str | None) -> None:
     """Bodies come as they are: a compressed one was read as text and refused as invalid JSON
     (a gzip body), or stored when it only claimed to be compressed (RFC 9110: 415)."""
-    if encoding is not None and encoding.strip().lower() not in ("", "identity"):
+    given = (encoding or "").strip()
+    if any(coding.strip() not in ("", "identity") for coding in given.lower().split(",")):
         raise ApiError(
             ErrorCode.UNSUPPORTED_MEDIA_TYPE,
-            f"Content-Encoding {encoding.strip()[:40]!r} is not accepted: send the body as it is",
+            f"Content-Encoding {given[:40]!r} is not accepted: send the body as it is",
         )
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import os
 import re
 from collections import deque
@@ -63,10 +64,13 @@ log = logging.getLogger(__name__)
 STREAM_PATH = re.compile(r"^/v1/sites/([^/]+)/stream$")
 #: Largest frame a viewer may send; viewers only ever send tiny control messages.
 MAX_CLIENT_FRAME = 4096
-#: Most frames (of any kind: pings, pongs, fragments) a client may send within
-#: CLIENT_FRAME_WINDOW_S; a viewer sends a ping message and answers a ping now and then.
+#: Frames (of any kind: pings, pongs, fragments) a client may send within
+#: CLIENT_FRAME_WINDOW_S besides its answers to the server's pings (one per ping interval):
+#: a viewer sends a ping message now and then.
 MAX_CLIENT_FRAMES = 50
 CLIENT_FRAME_WINDOW_S = 10.0
+#: Bytes of one read parsed before the frame count is checked.
+READ_SLICE = 4096
 #: Seconds a closing connection waits for the peer's close frame before it is dropped.
 CLOSE_TIMEOUT_S = 5.0
 #: What a WebSocket upgrade on any other path gets: what the ASGI app answered before.
@@ -135,14 +139,27 @@ class StreamProtocol(TakesUpgrade):
         ws = self.ws
         if ws is None:
             return
+        # Parsed READ_SLICE bytes at a time, the frame count checked after each: one read may
+        # hold 256 KiB (~43,000 empty frames, ~40 ms of parsing) before any count could stop
+        # it, and a client reconnecting 31 times a second held a gateway at 99 % that way.
+        for start in range(0, len(data), READ_SLICE):
+            if not self._receive(ws, data[start : start + READ_SLICE], data):
+                break
+        if ws.state is CLOSING or ws.state is CLOSED:  # the peer's close, or a failed frame
+            self._closing()
+        self._write_out()
+
+    def _receive(self, ws: ServerProtocol, part: bytes, data: bytes) -> bool:
+        """Parse `part` of the read `data` and act on what it holds; False once the rest of
+        the read is not worth parsing (the connection failed or is closing)."""
         sent = ws.close_sent
-        ws.receive_data(data)
+        ws.receive_data(part)
         if sent is None and ws.close_sent is not None and ws.close_rcvd is None:
             self._parser_failed(ws.close_sent.code)
         events = ws.events_received()
         framed = len(events) > 1 or (events and isinstance(events[0], Frame))
         if framed and self._too_many_frames(sum(isinstance(e, Frame) for e in events)):
-            events = []  # the rest is not looked at: the connection has failed
+            return False  # the rest is not looked at: the connection has failed
         for event in events:
             if isinstance(event, Request):
                 self._handshake(ws, event)
@@ -150,9 +167,7 @@ class StreamProtocol(TakesUpgrade):
                     _forget_request(ws)
             elif isinstance(event, Frame):
                 self._frame(event)
-        if ws.state is CLOSING or ws.state is CLOSED:  # the peer's close, or a failed frame
-            self._closing()
-        self._write_out()
+        return ws.state is not CLOSING and ws.state is not CLOSED
 
     def eof_received(self) -> bool | None:
         if self.viewer is not None:  # the transport closes now: no more direct frames
@@ -335,16 +350,16 @@ class StreamProtocol(TakesUpgrade):
         # checks masking, control frame limits and the order of continuation frames (1002).
 
     def _too_many_frames(self, count: int) -> bool:
-        """More than MAX_CLIENT_FRAMES frames of any kind within CLIENT_FRAME_WINDOW_S fail
-        the connection (1008): each costs the parser and the loop, and a viewer sends a ping
-        now and then. Without it one client sending empty continuation frames or unasked pongs
-        (which nothing else bounds) held a gateway at 93 % of its core, every other viewer's
-        events up to 29 s late."""
+        """More than the transport's `frame_limit` frames of any kind within
+        CLIENT_FRAME_WINDOW_S fail the connection (1008): each costs the parser and the loop,
+        and a viewer sends a ping now and then. Without it one client sending empty
+        continuation frames or unasked pongs (which nothing else bounds) held a gateway at
+        93 % of its core, every other viewer's events up to 29 s late."""
         now = asyncio.get_running_loop().time()
         if now - self.frames_since >= CLIENT_FRAME_WINDOW_S:
             self.frames_since, self.frames = now, 0
         self.frames += count
-        if self.frames <= MAX_CLIENT_FRAMES:
+        if self.frames <= self.host.frame_limit:
             return False
         self._fail(StandardCloseCode.POLICY_VIOLATION, "too many frames")
         return True
@@ -657,6 +672,10 @@ class WebSocketTransport:
         self.state: GatewayState | None = None
         self.keepalive = Keepalive(ping_interval_s, ping_timeout_s)
         self.connections: set[StreamProtocol] = set()
+        #: Client frames allowed per CLIENT_FRAME_WINDOW_S: MAX_CLIENT_FRAMES, plus a pong
+        #: per ping this process sends meanwhile (SITEWIRE_PING_INTERVAL_S may be 0.1 s).
+        pongs = math.ceil(CLIENT_FRAME_WINDOW_S / ping_interval_s) if ping_interval_s > 0 else 0
+        self.frame_limit = MAX_CLIENT_FRAMES + pongs
 
     def start(self, state: GatewayState) -> None:
         self.state = state
