@@ -36,6 +36,7 @@ class ErrorCode(Enum):
     RATE_LIMITED = ("rate_limited", 429)
     HEADERS_TOO_LARGE = ("headers_too_large", 431)
     INTERNAL = ("internal", 500)
+    NOT_IMPLEMENTED = ("not_implemented", 501)
     STORAGE_UNAVAILABLE = ("storage_unavailable", 503)
     BUSY = ("busy", 503)
 

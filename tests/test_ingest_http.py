@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -240,3 +241,21 @@ async def test_an_h2c_upgrade_pipelined_behind_a_stored_event_is_refused_after_i
         refused = await response(reader)
     assert first[0] == 202 and refused[0] == 400
     assert await stored_count(database_url, site) == 1
+
+
+async def test_a_compressed_transfer_coding_is_refused_501(
+    ingest: AppProcess, site: str, database_url: str
+) -> None:
+    """From an outside test: `Transfer-Encoding: gzip, chunked` reached validation dechunked
+    but still compressed, and was refused as invalid JSON ("surrogates not allowed")."""
+    data = gzip.compress(orjson.dumps(event(site)))
+    head = ["POST /api/event HTTP/1.1", "Host: x", "Content-Type: application/json"]
+    head += [f"User-Agent: {BROWSER}", "Transfer-Encoding: gzip, chunked"]
+    chunked = f"{len(data):x}\r\n".encode() + data + b"\r\n0\r\n\r\n"
+    async with connected(ingest.port) as (reader, writer):
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + chunked)
+        status, _, body = await response(reader)
+    error = orjson.loads(body)["error"]
+    assert (status, error["code"]) == (501, "not_implemented")
+    assert "Transfer-Encoding" in error["message"]
+    assert await offsets_by_url(database_url, site) == []

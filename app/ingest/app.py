@@ -33,6 +33,7 @@ from app.ingest.events import (
     EventIn,
     check_content_encoding,
     check_media_type,
+    check_transfer_encoding,
     decode_json,
     parse_batch,
     validate,
@@ -444,6 +445,7 @@ async def _read_json(incoming: Incoming, limit: int) -> Any:
     """The body, refused before it is read in full when it is over `limit` bytes."""
     check_media_type(incoming.headers.get("content-type"))
     check_content_encoding(incoming.headers.get("content-encoding"))
+    check_transfer_encoding(incoming.headers.get("transfer-encoding"))
     declared = incoming.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():

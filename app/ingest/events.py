@@ -79,6 +79,19 @@ def check_content_encoding(encoding: str | None) -> None:
         )
 
 
+def check_transfer_encoding(encoding: str | None) -> None:
+    """Only `chunked` is decoded (by the HTTP parser): a body sent `gzip, chunked` was read as
+    text and refused as invalid JSON. RFC 9112 section 6.1: 501 for a coding not understood."""
+    given = (encoding or "").strip()
+    if any(
+        coding.strip() not in ("", "chunked", "identity") for coding in given.lower().split(",")
+    ):
+        raise ApiError(
+            ErrorCode.NOT_IMPLEMENTED,
+            f"Transfer-Encoding {given[:40]!r} is not supported: send the body chunked or as it is",
+        )
+
+
 def decode_json(body: bytes) -> Any:
     try:
         return orjson.loads(body)
