@@ -239,6 +239,8 @@ def test_incomplete_recovery_is_visible() -> None:
         ("10m", None, {"minutes": "10.0"}),
         ("2h", None, {"minutes": "120.0"}),
         ("30s", None, {"minutes": "0.5"}),
+        ("0.1s", None, {"minutes": "0.001666667"}),  # plain decimals: no 19 digits, no exponent
+        ("1d", None, {"minutes": "1440.0"}),
         (None, 50, {"last": "50"}),
     ],
 )

@@ -128,7 +128,10 @@ def start_from(since: str | None, last: int | None) -> dict[str, str]:
         return {}
     units = {"s": 1 / 60, "m": 1, "h": 60, "d": 1440}
     if since[-1:] in units and since[:-1].replace(".", "", 1).isdigit():
-        return {"minutes": str(float(since[:-1]) * units[since[-1]])}
+        # Plain decimals, as the gateway reads them: str() of 0.1 s in minutes is
+        # 0.0016666666666666668 (19 decimals), and of smaller ones an exponent.
+        minutes = f"{float(since[:-1]) * units[since[-1]]:.9f}".rstrip("0")
+        return {"minutes": minutes + "0" if minutes.endswith(".") else minutes}
     return {"since": since}
 
 
