@@ -143,15 +143,17 @@ class StreamProtocol(TakesUpgrade):
         # hold 256 KiB (~43,000 empty frames, ~40 ms of parsing) before any count could stop
         # it, and a client reconnecting 31 times a second held a gateway at 99 % that way.
         for start in range(0, len(data), READ_SLICE):
-            if not self._receive(ws, data[start : start + READ_SLICE], data):
+            end = start + READ_SLICE
+            if not self._receive(ws, data[start:end], data if end >= len(data) else b""):
                 break
         if ws.state is CLOSING or ws.state is CLOSED:  # the peer's close, or a failed frame
             self._closing()
         self._write_out()
 
-    def _receive(self, ws: ServerProtocol, part: bytes, data: bytes) -> bool:
-        """Parse `part` of the read `data` and act on what it holds; False once the rest of
-        the read is not worth parsing (the connection failed or is closing)."""
+    def _receive(self, ws: ServerProtocol, part: bytes, whole: bytes) -> bool:
+        """Parse `part` of a read and act on what it holds; False once the rest of the read
+        is not worth parsing (the connection failed or is closing). `whole`: the read, when
+        `part` is its last slice (else empty)."""
         sent = ws.close_sent
         ws.receive_data(part)
         if sent is None and ws.close_sent is not None and ws.close_rcvd is None:
@@ -163,7 +165,7 @@ class StreamProtocol(TakesUpgrade):
         for event in events:
             if isinstance(event, Request):
                 self._handshake(ws, event)
-                if len(events) == 1 and data.endswith(b"\r\n\r\n"):
+                if len(events) == 1 and whole.endswith(b"\r\n\r\n"):
                     _forget_request(ws)
             elif isinstance(event, Frame):
                 self._frame(event)
