@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import random
 import time
 
@@ -9,7 +10,7 @@ from crawlerdetect import CrawlerDetect
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.ingest.enrich import BotDetector, Crawlers
+from app.ingest.enrich import BotDetector, Crawlers, client_ip
 
 BROWSERS = [
     "Mozilla/5.0 (X11; Linux x86_64; rv:130.0) Gecko/20100101 Firefox/130.0",
@@ -80,3 +81,13 @@ def test_a_crafted_agent_costs_about_what_a_normal_one_does() -> None:
     normal = max(best_of(20, agent) for agent in BROWSERS[:4])
     for agent in CRAFTED:
         assert best_of(20, agent) < 3 * normal, agent[:40]
+
+
+def test_the_client_cannot_push_the_proxys_hop_out_of_forwarded_for() -> None:
+    """A client writes the left of X-Forwarded-For; a proxy adding its own header line puts
+    its hop on the right (ingest joins repeated headers). Only the right-most 32 hops count:
+    with the left-most 32, forty forged hops chose the client's IP (a review)."""
+    trusted = (ipaddress.ip_network("10.0.0.0/8"),)
+    forged = ", ".join(f"203.0.113.{i}" for i in range(40))
+    assert client_ip("10.0.0.5", f"{forged}, 198.51.100.7", trusted) == "198.51.100.7"
+    assert client_ip("10.0.0.5", f"{forged}, 198.51.100.7, 10.0.0.9", trusted) == "198.51.100.7"

@@ -35,7 +35,9 @@ def client_ip(peer: str | None, forwarded_for: str | None, trusted: tuple[IPNetw
         return "0.0.0.0"
     if not forwarded_for or not _is_trusted(peer, trusted):
         return peer
-    for hop in reversed([h.strip() for h in forwarded_for.split(",")][:32]):
+    # The right-most 32: those nearest to us. A client writes the left of the list itself, and
+    # a proxy that adds its own header line puts it after the client's (they are joined).
+    for hop in reversed([h.strip() for h in forwarded_for.split(",")][-32:]):
         try:
             ipaddress.ip_address(hop)
         except ValueError:
