@@ -181,20 +181,15 @@ class StreamProtocol(TakesUpgrade):
         return None  # close the transport: a viewer that half-closes is gone
 
     def pause_writing(self) -> None:
+        # Reading goes on: a slow reader's pongs must still be read. What a client that never
+        # reads can make us write past flow control (a pong per ping) is bounded by the frame
+        # limit (`_too_many_frames`) and by the keepalive, which closes it as stale.
         self.paused = True
-        # Nothing more is read from a peer that does not read what it is sent: each ping it
-        # sends is answered with a pong, written past flow control (an outside test: one
-        # client sent 324 MB of pings in 10 s, and the gateway grew by 520 MB of pongs).
-        if self.viewer is not None and self.transport is not None:
-            self.transport.pause_reading()
         self._direct()
 
     def resume_writing(self) -> None:
         self.paused = False
         self.write_started = 0.0
-        transport = self.transport
-        if self.viewer is not None and transport is not None and not transport.is_closing():
-            transport.resume_reading()
         self._flush()
         self._direct()
 
@@ -321,8 +316,7 @@ class StreamProtocol(TakesUpgrade):
         self.host.connections.add(self)
         self.state.metrics.connections.labels("websocket").inc()
         assert self.transport is not None
-        if not self.paused:  # else `resume_writing` resumes reading too
-            self.transport.resume_reading()
+        self.transport.resume_reading()
         self._wake()  # the welcome was queued before `viewer` was set
         return True
 
