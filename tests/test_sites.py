@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from app import tokens
 from app.errors import InvalidSiteId
+from app.settings import Settings
 from app.store.sites import (
     SiteCache,
     SiteExists,
@@ -17,6 +18,7 @@ from app.store.sites import (
     is_valid_site_id,
     validate_site_id,
 )
+from tests.support import BROWSER
 
 SECRET = "test-secret-" + "x" * 32
 
@@ -78,15 +80,39 @@ async def test_the_cache_reads_many_sites_at_once_and_keeps_known_ones_under_a_f
         await create_site(pool, site)
     cache = SiteCache(pool, max_entries=50)
     unknown = [f"nobody{i}.example.org" for i in range(40)]
-    found = await cache.get_many([*known, *unknown])
+    assert cache.cached([*known, *unknown]) == {}
+    found = await cache.read_many([*known, *unknown])
     assert {s for s, v in found.items() if v is not None} == set(known)
     assert all(found[s] is None for s in unknown)
     await pool.execute("DELETE FROM sites WHERE id = $1", known[0])  # cached: still answered
-    assert (await cache.get_many(known))[known[0]] is not None
+    assert cache.cached(known)[known[0]] is not None
     for round_ in range(5):  # 200 more invented ids, 40 at a time
-        await cache.get_many([f"flood{round_}-{i}.example.org" for i in range(40)])
+        await cache.read_many([f"flood{round_}-{i}.example.org" for i in range(40)])
     assert len(cache._entries) <= 50
     assert all(cache._entries[s][1] is not None for s in known)
+
+
+async def test_a_batch_with_an_unreadable_site_keeps_its_cached_ones(
+    pool: asyncpg.Pool, settings: Settings
+) -> None:
+    """A review: one site the registry could not be read for refused the whole batch 503,
+    cached sites included. Now only the unread sites wait; the others are answered."""
+    from app.ingest.app import Client, _refused_sites, create_app
+
+    site = f"cached-{os.getpid()}.example.org"
+    await create_site(pool, site)
+    app = create_app(settings)
+    async with app.api.router.lifespan_context(app.api):
+        state = app.state.ingest
+        # A registry read through a pool that is gone: cached sites still answer.
+        gone = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=1)
+        state.sites = SiteCache(gone)
+        await state.sites.read_many([site])  # cached now
+        await gone.close()
+        client = Client("203.0.113.9", BROWSER, None)
+        refused = await _refused_sites(state, client, {site, "typo.example"})
+    assert set(refused) == {"typo.example"}
+    assert refused["typo.example"].code.code == "storage_unavailable"
 
 
 async def test_database_refuses_invalid_id_even_bypassing_python(pool: asyncpg.Pool) -> None:

@@ -408,10 +408,13 @@ async def _refused_sites(
         except ApiError as exc:
             refused[site_id] = exc
         return refused
-    try:
-        known = await _guard_storage(state.sites.get_many(sites))
-    except ApiError as exc:  # the registry cannot be read: every site of the batch waits
-        return dict.fromkeys(sites, exc)
+    known = state.sites.cached(sites)
+    missing = [s for s in sites if s not in known]
+    if missing:
+        try:
+            known.update(await _guard_storage(state.sites.read_many(missing)))
+        except ApiError as exc:  # the registry cannot be read: only these sites wait
+            refused.update(dict.fromkeys(missing, exc))
     for site_id, site in known.items():
         try:
             if site is None:

@@ -8,6 +8,7 @@ used in `app.names`, so one site can never name another site's channel.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import secrets
 import time
@@ -159,25 +160,47 @@ class SiteCache:
         # connection waits for asyncpg's own cancellation. It goes on, and fills the cache.
         return await asyncio.wait_for(asyncio.shield(self._lookup(site)), self._timeout_s)
 
-    async def get_many(self, sites: Collection[str]) -> dict[str, Site | None]:
-        """`get` for each of `sites`, those not cached read in one query: a batch naming 100
-        sites nobody registered cost 100 lookups, one after another (an outside test)."""
+    def cached(self, sites: Collection[str]) -> dict[str, Site | None]:
+        """What the cache can answer at once of `sites` (a known site past its ttl too, while
+        it is refreshed in the background); the others are left out."""
         found: dict[str, Site | None] = {}
-        missing: list[str] = []
         now = time.monotonic()
         for site in sites:
             hit = self._entries.get(site)
-            if hit is not None and (hit[0] > now or hit[1] is not None):
-                found[site] = await self.get(site)  # cached: at once (or a stale known site)
-            else:
-                missing.append(site)
-        if len(missing) == 1:
-            found[missing[0]] = await self.get(missing[0])
-        elif missing:
-            read = asyncio.ensure_future(self._read_many(missing))
-            read.add_done_callback(_retrieved)
-            found.update(await asyncio.wait_for(asyncio.shield(read), self._timeout_s))
+            if hit is None:
+                continue
+            expires, known = hit
+            if expires > now:
+                found[site] = known
+            elif known is not None:
+                self._lookup(site)
+                found[site] = known
         return found
+
+    async def read_many(self, sites: Collection[str]) -> dict[str, Site | None]:
+        """`sites` read from the registry in one query (those already being read are
+        waited for instead), at most `timeout_s`: a batch naming 100 sites nobody registered
+        cost 100 lookups, one after another (an outside test)."""
+        pending = {site: self._lookups[site] for site in sites if site in self._lookups}
+        fresh = [site for site in sites if site not in pending]
+        if fresh:
+            loop = asyncio.get_running_loop()
+            many = asyncio.ensure_future(self._read_many(fresh))
+            mine: dict[str, asyncio.Future[Site | None]] = {}
+            for site in fresh:
+                one: asyncio.Future[Site | None] = loop.create_future()
+                one.add_done_callback(_retrieved)
+                one.add_done_callback(functools.partial(self._done_lookup, site))
+                self._lookups[site] = mine[site] = one
+            many.add_done_callback(lambda done: _settle(done, mine))
+            pending.update(mine)
+        # Not cancelled when this wait ends (as `get`): the query goes on and fills the cache.
+        waited = asyncio.gather(*pending.values())
+        values = await asyncio.wait_for(asyncio.shield(waited), self._timeout_s)
+        return dict(zip(pending, values, strict=True))
+
+    def _done_lookup(self, site: str, _: object) -> None:
+        self._lookups.pop(site, None)
 
     async def _read_many(self, sites: list[str]) -> dict[str, Site | None]:
         known = {s.id: s for s in await get_sites(self._pool, sites)}
@@ -221,6 +244,21 @@ class SiteCache:
         if len(entries) >= self._max_entries // 2:
             entries = dict(list(entries.items())[len(entries) // 2 :])
         self._entries = entries
+
+
+def _settle(
+    many: asyncio.Future[dict[str, Site | None]], each: dict[str, asyncio.Future[Site | None]]
+) -> None:
+    """Hand one query's answer (or its failure) to each site's own lookup."""
+    for site, one in each.items():
+        if one.done():
+            continue
+        if many.cancelled():
+            one.cancel()
+        elif (error := many.exception()) is not None:
+            one.set_exception(error)
+        else:
+            one.set_result(many.result()[site])
 
 
 def _retrieved(lookup: asyncio.Future[Any]) -> None:
