@@ -401,13 +401,6 @@ async def _refused_sites(
     """Why each refused site of a batch is refused (unknown, origin not allowed). Checked once
     per distinct site: the answer is the same for every event of the batch naming it."""
     refused: dict[str, ApiError] = {}
-    if len(sites) == 1:
-        [site_id] = sites
-        try:
-            _check_origin(client, await _known_site(state, site_id))
-        except ApiError as exc:
-            refused[site_id] = exc
-        return refused
     known = state.sites.cached(sites)
     missing = [s for s in sites if s not in known]
     if missing:

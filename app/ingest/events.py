@@ -71,25 +71,31 @@ def check_media_type(content_type: str | None) -> None:
 def check_content_encoding(encoding: str | None) -> None:
     """Bodies come as they are: a compressed one was read as text and refused as invalid JSON
     (a gzip body), or stored when it only claimed to be compressed (RFC 9110: 415)."""
-    given = (encoding or "").strip()
-    if any(coding.strip() not in ("", "identity") for coding in given.lower().split(",")):
+    if _foreign_codings(encoding, ("", "identity")):
         raise ApiError(
             ErrorCode.UNSUPPORTED_MEDIA_TYPE,
-            f"Content-Encoding {given[:40]!r} is not accepted: send the body as it is",
+            f"Content-Encoding {_shown(encoding)!r} is not accepted: send the body as it is",
         )
 
 
 def check_transfer_encoding(encoding: str | None) -> None:
     """Only `chunked` is decoded (by the HTTP parser): a body sent `gzip, chunked` was read as
     text and refused as invalid JSON. RFC 9112 section 6.1: 501 for a coding not understood."""
-    given = (encoding or "").strip()
-    if any(
-        coding.strip() not in ("", "chunked", "identity") for coding in given.lower().split(",")
-    ):
+    if _foreign_codings(encoding, ("", "chunked", "identity")):
         raise ApiError(
             ErrorCode.NOT_IMPLEMENTED,
-            f"Transfer-Encoding {given[:40]!r} is not supported: send the body chunked or as it is",
+            f"Transfer-Encoding {_shown(encoding)!r} is not supported: "
+            "send the body chunked or as it is",
         )
+
+
+def _foreign_codings(header: str | None, understood: tuple[str, ...]) -> bool:
+    """Whether a coding list header (`gzip, chunked`) names one not in `understood`."""
+    return any(c.strip() not in understood for c in (header or "").lower().split(","))
+
+
+def _shown(header: str | None) -> str:
+    return (header or "").strip()[:40]
 
 
 def decode_json(body: bytes) -> Any:
